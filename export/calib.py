@@ -1,0 +1,127 @@
+"""Calibration data: real inputs for parity, quantization and compression.
+
+``--calib`` takes a ``.npz`` of input arrays (one array per input, samples on the first axis), a
+text file (one sentence per line, tokenized with the model's tokenizer), or a folder of images
+(read with the model's preprocessing). Samples are shuffled with a fixed seed and capped.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from slimx._core.errors import UsageError, first_line
+
+_IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
+_TEXT_EXT = (".txt", ".text")
+
+
+@dataclass
+class CalibrationData:
+    batches: list[tuple]
+    source: str
+    kind: str  # npz | text | images | synthetic
+
+    @property
+    def synthetic(self) -> bool:
+        return self.kind == "synthetic"
+
+    def describe(self) -> str:
+        return f"{len(self.batches)} samples of {self.kind} from {self.source}"
+
+
+def load_calibration(path: str | Path, model, limit: int = 64, seed: int = 0) -> CalibrationData:
+    """Read calibration samples for ``model`` (a LoadedModel) from ``path``; batch size 1."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"--calib {path}", "no such file or folder",
+                         "give a .npz of input arrays, a text file of sentences, or a folder of images")
+    if path.is_dir():
+        batches = _images(path, model, limit, seed)
+        kind = "images"
+    elif path.suffix == ".npz":
+        batches = _npz(path, model, limit, seed)
+        kind = "npz"
+    elif path.suffix in _TEXT_EXT:
+        batches = _text(path, model, limit, seed)
+        kind = "text"
+    else:
+        raise UsageError(f"--calib {path}", f"slimx does not read {path.suffix or 'extension-less'} files",
+                         "give a .npz, a .txt with one sentence per line, or a folder of images")
+    if not batches:
+        raise UsageError(f"--calib {path}", "holds no samples", "add samples to it")
+    return CalibrationData(batches=batches, source=str(path), kind=kind)
+
+
+def _npz(path: Path, model, limit: int, seed: int) -> list[tuple]:
+    import numpy as np
+    import torch
+
+    try:
+        data = np.load(str(path), allow_pickle=False)
+        arrays = {k: data[k] for k in data.files}
+    except Exception as exc:
+        raise UsageError(f"--calib {path}", f"is not a readable .npz ({first_line(exc)})",
+                         "save it with numpy.savez(path, **{input_name: array})") from exc
+    names = [s.name for s in model.inputs]
+    if all(n in arrays for n in names):
+        ordered = [arrays[n] for n in names]
+    elif len(arrays) == len(names) and all(k.startswith("arr_") for k in arrays):
+        ordered = [arrays[f"arr_{i}"] for i in range(len(names))]
+    else:
+        raise UsageError(f"--calib {path}", f"has arrays {sorted(arrays)} but the model takes {names}",
+                         "name the arrays after the model's inputs")
+    count = {a.shape[0] for a in ordered}
+    if len(count) != 1:
+        raise UsageError(f"--calib {path}", "its arrays hold different numbers of samples",
+                         "put samples on the first axis of every array, the same count in each")
+    for spec, arr in zip(model.inputs, ordered, strict=True):
+        if tuple(arr.shape[1:]) != tuple(spec.shape[1:]):
+            raise UsageError(f"--calib {path}", f"array {spec.name!r} has samples of shape {list(arr.shape[1:])}, "
+                             f"the model takes {list(spec.shape[1:])}", "reshape the data or set --input-shape")
+    order = _order(count.pop(), limit, seed)
+    return [tuple(torch.from_numpy(np.ascontiguousarray(a[i:i + 1])).to(getattr(torch, s.dtype))
+                  for a, s in zip(ordered, model.inputs, strict=True)) for i in order]
+
+
+def _text(path: Path, model, limit: int, seed: int) -> list[tuple]:
+    if model.tokenizer is None:
+        raise UsageError(f"--calib {path}", "is text, but the model has no tokenizer",
+                         "use text with a text model (minilm, hf:DIR), or give a .npz of inputs")
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+    order = _order(len(lines), limit, seed)
+    seq = model.inputs[0].shape[-1]
+    batches = []
+    for i in order:
+        enc = model.tokenizer(lines[i], padding="max_length", max_length=seq, truncation=True, return_tensors="pt")
+        batches.append(tuple(enc[s.name] for s in model.inputs))
+    return batches
+
+
+def _images(path: Path, model, limit: int, seed: int) -> list[tuple]:
+    if model.data_config is None or len(model.inputs) != 1:
+        raise UsageError(f"--calib {path}", "is a folder of images, but the model is not an image model slimx "
+                         "knows the preprocessing of", "give a .npz of preprocessed inputs instead")
+    from PIL import Image
+    from timm.data import create_transform
+
+    cfg = dict(model.data_config)
+    cfg["input_size"] = tuple(model.inputs[0].shape[1:])
+    transform = create_transform(**cfg, is_training=False)
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in _IMAGE_EXT)
+    batches = []
+    for i in _order(len(files), limit, seed):
+        try:
+            with Image.open(files[i]) as img:
+                batches.append((transform(img.convert("RGB")).unsqueeze(0),))
+        except OSError as exc:
+            raise UsageError(f"--calib {files[i]}", f"is not a readable image ({first_line(exc)})",
+                             "remove it from the folder") from exc
+    return batches
+
+
+def _order(n: int, limit: int, seed: int) -> list[int]:
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return order[:limit]

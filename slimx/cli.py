@@ -1,0 +1,198 @@
+"""The ``slimx`` command: flags in, a config out, one pipeline call, one line per error.
+
+Exit codes: 0 success, 1 a failure while running, 2 a usage error (bad flag, unknown name, bad
+file). Tracebacks only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+
+from slimx import __version__
+from slimx._core.errors import SlimxError, UsageError
+
+EPILOG = ("MODEL forms: minilm (built in, the default), timm:NAME, hf:DIR, pkg.module:factory, "
+          "FILE.pt2, FILE.onnx")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        print(f"slimx: error: {message}; see '{self.prog} --help'", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
+
+    parser = _Parser(prog="slimx", description="Compress, compile and prove PyTorch models for edge devices.",
+                     parents=[common])
+    parser.add_argument("--version", action="version", version=f"slimx {__version__}")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    exp = sub.add_parser("export", parents=[common], help="export a model for a device and prove it",
+                         description="Export MODEL for a device: deployment form, torch.export, the target "
+                                     "format, parity against PyTorch and latency.", epilog=EPILOG)
+    exp.add_argument("model", nargs="?", default="minilm", help="the model (default: minilm)")
+    exp.add_argument("--target", "-t", default="host", help="device name or alias (default: host); see 'slimx devices'")
+    exp.add_argument("--format", "-f", default=None, help="artifact format; default: the device's (onnx, coreml, tflite, tensorrt)")
+    exp.add_argument("--out", "-o", default="", help="output folder (default: out/MODEL-DEVICE)")
+    exp.add_argument("--weights", default=None, help="weights to load: .safetensors, or a state dict (.pt/.pth/.bin)")
+    exp.add_argument("--input-shape", action="append", default=[], metavar="[NAME=]D1xD2[:DTYPE]",
+                     help="input shape, once per input (e.g. 1x3x224x224, input_ids=1x64)")
+    exp.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "int8-weights"])
+    exp.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    exp.add_argument("--calib", default=None, help="calibration data: .npz of inputs, text file, or image folder")
+    exp.add_argument("--calib-samples", type=int, default=16, help="samples to use from --calib (default 16)")
+    exp.add_argument("--parity-inputs", type=int, default=8, help="fresh random inputs for parity (default 8)")
+    exp.add_argument("--min-cosine", type=float, default=0.9999, help="parity fails below this cosine (default 0.9999)")
+    exp.add_argument("--max-rel-err", type=float, default=1e-3, help="parity fails above this relative error (default 1e-3)")
+    exp.add_argument("--runs", type=int, default=50, help="timed runs, at least 30 (default 50)")
+    exp.add_argument("--warmup", type=int, default=5, help="warm-up runs (default 5)")
+    exp.add_argument("--threads", type=int, default=None, help="runtime threads (default: all cores)")
+    exp.add_argument("--seed", type=int, default=0)
+    exp.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    exp.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
+
+    dev = sub.add_parser("devices", parents=[common], help="list device profiles, or show one",
+                         description="Device profiles: 'slimx devices' lists them, 'slimx devices show NAME' "
+                                     "prints one in full.")
+    dev.add_argument("action", nargs="?", default="list", choices=["list", "show"])
+    dev.add_argument("name", nargs="?", default=None)
+    dev.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if not args.debug:
+        _quiet_libraries()
+    try:
+        if args.command == "export":
+            return _export(args, argv)
+        return _devices(args)
+    except SlimxError as exc:
+        if args.debug:
+            raise
+        print(f"slimx: error: {exc.line()}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("slimx: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an unexpected failure still gets one line
+        if args.debug:
+            raise
+        from slimx._core.errors import first_line
+
+        print(f"slimx: error: {type(exc).__name__}: {first_line(exc)}; rerun with --debug for the trace",
+              file=sys.stderr)
+        return 1
+
+
+def _export(args, argv: list[str]) -> int:
+    from slimx._core.progress import Progress
+    from slimx.pipeline import ExportConfig, run_export
+    from slimx.report import summary
+
+    cfg = ExportConfig(
+        model=args.model, target=args.target, format=args.format, out=args.out, weights=args.weights,
+        input_shapes=tuple(args.input_shape), precision=args.precision, opset=args.opset, calib=args.calib,
+        calib_samples=args.calib_samples, parity_inputs=args.parity_inputs, min_cosine=args.min_cosine,
+        max_rel_err=args.max_rel_err, runs=args.runs, warmup=args.warmup, threads=args.threads, seed=args.seed,
+        command=("slimx", *argv),
+    )
+    report = run_export(cfg, Progress(total=7, enabled=not args.quiet))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(summary(report))
+        print(f"  report    {os.path.join(report['out'], 'report.json')}")
+    return 0
+
+
+def _devices(args) -> int:
+    from slimx.devices import list_devices, load_device
+
+    if args.action == "show":
+        if not args.name:
+            raise UsageError("slimx devices show", "needs a device name", "e.g. slimx devices show iphone12")
+        profile = load_device(args.name)
+        print(json.dumps(profile.to_dict(), indent=2) if args.json else _show(profile))
+        return 0
+    if args.name:
+        raise UsageError(f"slimx devices {args.name}", "is not an action", "use 'slimx devices show NAME'")
+    profiles = list_devices()
+    if args.json:
+        print(json.dumps([p.to_dict() for p in profiles], indent=2))
+        return 0
+    rows = [("device", "aliases", "format", "compute units", "peak (best unit)", "mem GB/s")]
+    for p in profiles:
+        mem = p.memory.get("mem_bandwidth_gbs")
+        rows.append((p.name, ", ".join(p.aliases), p.default_format, ", ".join(cu["name"] for cu in p.compute_units),
+                     _best_peak(p), f"{mem:g}" if mem else "-"))
+    print(_table(rows))
+    return 0
+
+
+def _best_peak(profile) -> str:
+    best = None
+    for cu in profile.compute_units:
+        for key, value in cu.items():
+            if key.startswith("peak_") and not key.endswith("_source") and isinstance(value, (int, float)):
+                unit, dtype = ("GOPS", key.split("_", 2)[2]) if "gops" in key else ("GFLOPS", key.split("_", 2)[2])
+                if best is None or value > best[0]:
+                    best = (value, f"{cu['name']} {value:g} {unit} {dtype}")
+    return best[1] if best else "-"
+
+
+def _show(profile) -> str:
+    lines = [f"{profile.name}: {profile.display_name}", f"  kind            {profile.kind}",
+             f"  aliases         {', '.join(profile.aliases) or '-'}", f"  default format  {profile.default_format}"]
+    for key, value in profile.memory.items():
+        if not key.endswith("_source"):
+            lines.append(f"  {key:<15} {value:g}   [{profile.memory.get(key + '_source', '')}]")
+    for cu in profile.compute_units:
+        lines.append(f"  unit {cu['name']} ({cu['kind']}): {cu.get('description', '')}")
+        for key, value in cu.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                lines.append(f"      {key:<24} {value:g}   [{cu.get(key + '_source', '')}]")
+    for key, value in profile.runtimes.items():
+        if not key.endswith("_source"):
+            lines.append(f"  runtime {key:<8} {value}")
+    for fmt, opts in profile.format_options.items():
+        lines.append(f"  {fmt} options  " + ", ".join(f"{k}={v}" for k, v in opts.items()))
+    return "\n".join(lines)
+
+
+def _table(rows: list[tuple]) -> str:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    out = []
+    for n, row in enumerate(rows):
+        out.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def _quiet_libraries() -> None:
+    """Keep converter chatter off the terminal; --debug shows it."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore")
+    for name in ("torch", "torch.utils._pytree", "torch.onnx", "onnxscript", "transformers", "absl"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

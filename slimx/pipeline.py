@@ -1,0 +1,292 @@
+"""The export pipeline: intake -> deployment form -> torch.export -> target -> parity -> latency -> report.
+
+Every stage is a plain function of the stages before; this module only strings them together and
+keeps the output folder clean: everything is written to a hidden staging folder inside OUT and moved
+into place at the end, so a failed run leaves no half-written file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from slimx._core.errors import SlimxFailure, UsageError
+from slimx._core.inputs import sample_inputs
+from slimx._core.progress import Progress
+from slimx._core.versions import tool_versions
+
+PARITY_SEED_BASE = 1000  # parity inputs are drawn from seeds the export example never used
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Everything ``slimx export`` needs; the CLI only fills this in."""
+
+    model: str = "minilm"
+    target: str = "host"
+    format: str | None = None
+    out: str = ""
+    weights: str | None = None
+    input_shapes: tuple[str, ...] = ()
+    precision: str = "fp32"
+    opset: int = 18
+    calib: str | None = None
+    calib_samples: int = 16
+    parity_inputs: int = 8
+    min_cosine: float = 0.9999
+    max_rel_err: float = 1e-3
+    warmup: int = 5
+    runs: int = 50
+    threads: int | None = None
+    seed: int = 0
+    command: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.parity_inputs < 1:
+            raise UsageError("--parity-inputs", "must be at least 1", "give a positive count (default 8)")
+        if self.runs < 30:
+            raise UsageError("--runs", f"{self.runs} is too few for a median and p90", "give at least 30")
+        if self.warmup < 0:
+            raise UsageError("--warmup", "must not be negative", "give 0 or more")
+        if not 0.0 < self.min_cosine <= 1.0:
+            raise UsageError("--min-cosine", f"{self.min_cosine} is outside (0, 1]", "e.g. --min-cosine 0.999")
+        if self.max_rel_err <= 0:
+            raise UsageError("--max-rel-err", "must be positive", "e.g. --max-rel-err 1e-3")
+        if self.threads is not None and self.threads < 1:
+            raise UsageError("--threads", "must be at least 1", "e.g. --threads 2")
+
+
+def default_out_dir(model: str, target: str) -> str:
+    slug = "".join(c if c.isalnum() or c in "-_" else "-" for c in Path(model).stem if c)
+    return str(Path("out") / f"{slug.strip('-') or 'model'}-{target}")
+
+
+def run_export(cfg: ExportConfig, progress: Progress | None = None) -> dict:
+    """Run the whole export and return the report (also written to ``OUT/report.json``)."""
+    from slimx.devices import load_device
+    from slimx.export import (
+        Program,
+        check_forward,
+        export_program,
+        load_calibration,
+        load_model,
+        to_deployment,
+    )
+    from slimx.targets import CompileOptions, get_target
+
+    progress = progress or Progress(total=7)
+    device = load_device(cfg.target)
+    fmt = cfg.format or device.default_format
+    target = get_target(fmt)
+    out = Path(cfg.out or default_out_dir(cfg.model, device.name))
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}", "exists and is not a folder", "give a folder path")
+    created_out = not out.exists()
+    staging = out / f".slimx-staging-{os.getpid()}"
+    report: dict = {}
+    try:
+        staging.mkdir(parents=True, exist_ok=False)
+        with progress.stage("intake", cfg.model):
+            loaded = load_model(cfg.model, weights=cfg.weights, input_shapes=list(cfg.input_shapes))
+            calib = None
+            if cfg.calib:
+                calib = load_calibration(cfg.calib, loaded, limit=cfg.calib_samples, seed=cfg.seed)
+                progress.note(calib.describe())
+        with progress.stage("deployment form"):
+            module, deploy_record, example = None, None, None
+            if loaded.module is not None:
+                example = loaded.example_inputs or sample_inputs(loaded.inputs, seed=cfg.seed)
+                shapes = ", ".join(f"{s.name}={'x'.join(map(str, s.shape))}" for s in loaded.inputs)
+                check_forward(loaded.module, example, shapes)
+                if loaded.source == "pt2":
+                    module = loaded.module
+                else:
+                    module, deploy_record = to_deployment(loaded.module, example)
+                    progress.note(f"reparameterized {len(deploy_record.reparameterized)} module(s), "
+                                  f"folded {len(deploy_record.folded)} batch norm(s)")
+        with progress.stage("torch.export"):
+            exported = None
+            if loaded.source == "pt2":
+                exported = loaded.program
+            elif module is not None:
+                exported = export_program(module, example)
+            program = Program(loaded.name, exported, module, loaded.inputs, loaded.output_names,
+                              onnx_source=loaded.onnx_path)
+            stats = model_stats(loaded, module, example)
+        with progress.stage("compile", f"{target.name} for {device.name}"):
+            coverage = target.check(program)
+            if not coverage.ok:
+                op, count = next(iter(coverage.unsupported.items()))
+                raise SlimxFailure(f"op {op} (x{count})", f"the {target.name} format cannot express it",
+                                   "replace the module that uses it, or pick another --format/--opset")
+            options = CompileOptions(precision=cfg.precision, opset=cfg.opset)
+            artifact = target.compile(program, device, options, staging)
+            progress.note(f"{artifact.path.name}: {artifact.bytes / 1e6:.1f} MB")
+        with progress.stage("parity", f"{cfg.parity_inputs} fresh inputs"):
+            parity = run_parity(program, target, artifact, cfg, calib)
+            if parity["measured"]:
+                progress.note(f"cosine {parity['cosine']:.6f}, max abs {parity['max_abs']:.2e}, "
+                              f"rel err {parity['rel_err']:.2e}")
+            else:
+                progress.note(f"not measured: {parity['reason']}")
+        with progress.stage("latency"):
+            latency, host_latency = run_latency(device, target, artifact, program, cfg)
+        with progress.stage("report"):
+            report = build_report(cfg, loaded, stats, device, target, deploy_record, coverage, artifact,
+                                  parity, latency, host_latency, progress)
+            report["out"] = str(out)
+            write_json(staging / "report.json", report)
+            publish(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created_out and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if parity.get("measured") and not parity["passed"]:
+        raise SlimxFailure(
+            f"parity of {artifact.path.name}",
+            f"cosine {parity['cosine']:.6f} / rel err {parity['rel_err']:.2e} is past the tolerance "
+            f"(min cosine {cfg.min_cosine}, max rel err {cfg.max_rel_err}); the report is in {out / 'report.json'}",
+            "inspect the report, or loosen --min-cosine / --max-rel-err if this drift is acceptable",
+        )
+    return report
+
+
+def run_parity(program, target, artifact, cfg: ExportConfig, calib) -> dict:
+    from slimx.export import ParityTolerance, check_parity, torch_outputs
+
+    runner = target.runner()
+    if runner is None:
+        return {"measured": False, "reason": target.runner_missing_reason()}
+    if program.module is None:
+        return {"measured": False, "reason": "the input was ONNX: there is no PyTorch model to compare against"}
+    tol = ParityTolerance(min_cosine=cfg.min_cosine, max_rel_err=cfg.max_rel_err)
+    batches = [sample_inputs(program.inputs, seed=PARITY_SEED_BASE + cfg.seed + i) for i in range(cfg.parity_inputs)]
+    session = runner.session(artifact.path) if hasattr(runner, "session") else None
+
+    def candidate(batch):
+        return runner.run(artifact, batch, session=session) if session is not None else runner.run(artifact, batch)
+
+    result = check_parity(lambda b: torch_outputs(program.module, b), candidate, batches, runner.name, tol).to_dict()
+    if calib is not None:
+        on_data = check_parity(lambda b: torch_outputs(program.module, b), candidate, calib.batches, runner.name,
+                               tol, data=calib.describe()).to_dict()
+        result["calibration"] = on_data
+        result["passed"] = result["passed"] and on_data["passed"]
+    return result
+
+
+def run_latency(device, target, artifact, program, cfg: ExportConfig) -> tuple[dict, dict | None]:
+    """Measure on the host when the artifact runs here; say plainly when the target device is not at hand."""
+    from slimx.targets.onnx import OrtRunner
+
+    inputs = sample_inputs(program.inputs, seed=cfg.seed + 7)
+    host = None
+    if artifact.format == "onnx":
+        timing = OrtRunner(threads=cfg.threads).time(artifact, inputs, warmup=cfg.warmup, runs=cfg.runs)
+        host = {"device": "host", "kind": "measured", "measured": True, **timing.to_dict()}
+    if device.name == "host":
+        if host is None:
+            return {"device": "host", "measured": False,
+                    "reason": f"no {artifact.format} runner on this host"}, None
+        return host, None
+    latency = {
+        "device": device.name,
+        "measured": False,
+        "reason": f"no {device.name} is attached and no runner for it exists here; the per-op latency "
+                  "estimator for devices not at hand comes in a later version",
+    }
+    return latency, host
+
+
+def model_stats(loaded, module, example) -> dict:
+    """Parameter count and multiply-accumulates of one forward pass (torch's FLOP counter / 2)."""
+    if module is None:
+        return {"params": _onnx_params(loaded.onnx_path), "macs": None,
+                "macs_note": "not counted for ONNX input"}
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    params = sum(p.numel() for p in module.parameters())
+    if params == 0 and hasattr(module, "state_dict"):
+        params = sum(t.numel() for t in module.state_dict().values() if t.is_floating_point())
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        module(*example)
+    return {"params": int(params), "macs": int(counter.get_total_flops() // 2)}
+
+
+def _onnx_params(path) -> int:
+    import numpy as np
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return int(sum(int(np.prod(init.dims)) for init in model.graph.initializer))
+
+
+def build_report(cfg, loaded, stats, device, target, deploy_record, coverage, artifact, parity, latency,
+                 host_latency, progress) -> dict:
+    from slimx.report import SCHEMA_VERSION
+
+    art = artifact.to_dict()
+    art["path"] = artifact.path.name
+    report = {
+        "schema_version": SCHEMA_VERSION,
+        "tool": "slimx",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": list(cfg.command) or None,
+        "config": {k: v for k, v in asdict(cfg).items() if k != "command"},
+        "model": {
+            "name": loaded.name,
+            "source": loaded.source,
+            **stats,
+            "inputs": [s.to_dict() for s in loaded.inputs],
+            "outputs": loaded.output_names,
+            "weights": loaded.weights,
+            "notes": loaded.notes,
+        },
+        "device": {"name": device.name, "display_name": device.display_name},
+        "target": {"format": target.name, "precision": cfg.precision, "opset": cfg.opset},
+        "deploy": deploy_record.to_dict() if deploy_record else None,
+        "coverage": coverage.to_dict(),
+        "artifacts": [art],
+        "parity": parity,
+        "latency": latency,
+        "passes": [],
+        "stages_s": dict(progress.timings),
+        "versions": tool_versions(),
+    }
+    if host_latency is not None:
+        report["host_latency"] = host_latency
+    return report
+
+
+def write_json(path: Path, data: dict) -> None:
+    import json
+
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_default(obj):
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot write {type(obj).__name__} to JSON")
+
+
+def publish(staging: Path, out: Path) -> None:
+    """Move every finished file from the staging folder into OUT, replacing older ones."""
+    for item in sorted(staging.iterdir()):
+        dest = out / item.name
+        if dest.is_dir() and not dest.is_symlink():
+            shutil.rmtree(dest)
+        os.replace(item, dest)
+

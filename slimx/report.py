@@ -1,0 +1,48 @@
+"""report.json (schema below) and its short terminal summary.
+
+Schema version 1.0: the keys ``schema_version``, ``model``, ``device``, ``target``, ``artifacts``,
+``parity``, ``latency``, ``passes`` and ``versions`` are always present; README.md documents each.
+Later versions only add keys; a consumer checks ``schema_version``'s major number.
+"""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = "1.0"
+
+
+def summary(report: dict) -> str:
+    """A few lines for the terminal."""
+    model, target = report["model"], report["target"]
+    lines = [f"slimx export: {model['name']} -> {report['device']['name']} ({target['format']}, {target['precision']})"]
+    macs = f"{model['macs'] / 1e9:.3f} GMACs" if model.get("macs") is not None else "MACs not counted"
+    lines.append(f"  model     {model['params'] / 1e6:.2f} M params, {macs}")
+    for art in report["artifacts"]:
+        lines.append(f"  artifact  {art['path']}  {art['bytes'] / 1e6:.2f} MB")
+    lines.append("  parity    " + _parity_line(report["parity"]))
+    lines.append("  latency   " + _latency_line(report["latency"]))
+    if report.get("host_latency"):
+        lines.append("  host      " + _latency_line(report["host_latency"]))
+    ops = (report.get("host_latency") or report["latency"]).get("per_op") or []
+    if ops:
+        top = ", ".join(f"{o['op']} {o['share'] * 100:.0f}%" for o in ops[:5])
+        lines.append(f"  top ops   {top}")
+    return "\n".join(lines)
+
+
+def _parity_line(parity: dict) -> str:
+    if not parity.get("measured"):
+        return f"not measured: {parity.get('reason', '')}"
+    verdict = "PASS" if parity["passed"] else "FAIL"
+    text = (f"{verdict} cosine {parity['cosine']:.6f}, max abs {parity['max_abs']:.2e}, rel err "
+            f"{parity['rel_err']:.2e} on {parity['n_inputs']} fresh inputs ({parity['runtime']})")
+    calib = parity.get("calibration")
+    if calib:
+        text += f"; on calibration data cosine {calib['cosine']:.6f}"
+    return text
+
+
+def _latency_line(lat: dict) -> str:
+    if not lat.get("measured", True) or "median_ms" not in lat:
+        return f"{lat.get('device')}: not measured: {lat.get('reason', '')}"
+    return (f"{lat['device']} {lat['kind']}: median {lat['median_ms']:.3f} ms, p90 {lat['p90_ms']:.3f} ms "
+            f"({lat['runs']} runs, {lat['threads']} threads, {lat['runtime']} {lat['runtime_version']})")

@@ -1,0 +1,212 @@
+"""ONNX: the dynamo exporter to write it, onnxruntime to run, time and profile it."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from slimx._core.errors import SlimxFailure, UsageError, first_line
+from slimx.targets.base import Artifact, CompileOptions, Coverage, Target, Timing, register_target, to_numpy_inputs
+
+_ONNX_DTYPE = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+               "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+
+
+@register_target
+class OnnxTarget(Target):
+    name = "onnx"
+    extension = ".onnx"
+
+    def check(self, program) -> Coverage:
+        """Which ATen ops the exporter can translate, after the same decompositions it applies."""
+        coverage = Coverage(target=self.name)
+        if program.exported is None:
+            coverage.notes.append("input is already ONNX: nothing to translate")
+            return coverage
+        try:  # the exporter's own op table and decomposition step (private API: degrade gracefully)
+            from torch.onnx._internal.exporter import _fx_passes
+            from torch.onnx._internal.exporter._registration import ONNXRegistry
+
+            from slimx.export.program import quiet
+
+            registry = ONNXRegistry.from_torchlib()
+            with quiet():
+                decomposed = _fx_passes.decompose_with_registry(program.exported, registry)
+        except Exception as exc:
+            coverage.notes.append(f"ops not checked ahead of conversion ({first_line(exc)})")
+            return coverage
+        for node in decomposed.graph.nodes:
+            if node.op != "call_function":
+                continue
+            key = str(node.target)
+            if _is_structural(key) or registry.is_registered(node.target):
+                coverage.supported[key] = coverage.supported.get(key, 0) + 1
+            else:
+                coverage.unsupported[key] = coverage.unsupported.get(key, 0) + 1
+        return coverage
+
+    def compile(self, program, device, options: CompileOptions, out_dir: Path) -> Artifact:
+        from slimx.export.program import program_to_onnx
+
+        if options.precision not in ("fp32",):
+            raise UsageError(f"--precision {options.precision}", "the onnx target writes fp32 in this version",
+                             "drop --precision, or use fp32")
+        path = Path(out_dir) / "model.onnx"
+        if program.exported is None:
+            if program.onnx_source is None:
+                raise SlimxFailure("onnx target", "the program has neither an exported graph nor an ONNX file",
+                                   "report this as a bug")
+            tmp = path.with_name(".model.onnx.partial")
+            shutil.copyfile(program.onnx_source, tmp)
+            os.replace(tmp, path)
+        else:
+            program_to_onnx(program.exported, path, program.input_names, program.output_names, opset=options.opset)
+        return Artifact(format=self.name, path=path, inputs=program.inputs, output_names=program.output_names,
+                        meta={"opset": _opset_of(path)})
+
+    def runner(self):
+        return OrtRunner()
+
+
+def _is_structural(op: str) -> bool:
+    """Python-level and assertion nodes the exporter drops or folds (no ONNX node of their own)."""
+    return op.startswith(("<built-in", "_operator", "aten._assert", "aten.sym_constrain_range", "aten.sym_size",
+                          "aten.sym_numel", "aten.sym_stride"))
+
+
+def _opset_of(path: Path) -> int | None:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+class OrtRunner:
+    """onnxruntime on this host's CPU (or the execution providers given).
+
+    Example:
+        >>> runner = OrtRunner(threads=1)  # doctest: +SKIP
+        >>> runner.time(artifact, inputs, warmup=5, runs=30).median_ms  # doctest: +SKIP
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, threads: int | None = None, providers: list[str] | None = None) -> None:
+        self.threads = threads or os.cpu_count() or 1
+        self.providers = providers or ["CPUExecutionProvider"]
+
+    @property
+    def version(self) -> str:
+        import onnxruntime
+
+        return onnxruntime.__version__
+
+    def session(self, path: Path, profile_dir: str | None = None):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        if profile_dir is not None:
+            opts.enable_profiling = True
+            opts.profile_file_prefix = os.path.join(profile_dir, "ort")
+        try:
+            return ort.InferenceSession(str(path), sess_options=opts, providers=self.providers)
+        except Exception as exc:
+            raise SlimxFailure(f"onnxruntime could not load {path}", first_line(exc),
+                               "check the model with onnx.checker, or try another --opset") from exc
+
+    def _feed(self, session, inputs: tuple) -> dict:
+        arrays = to_numpy_inputs(inputs)
+        feed = {}
+        for meta, arr in zip(session.get_inputs(), arrays, strict=True):
+            want = _ONNX_DTYPE.get(meta.type)
+            feed[meta.name] = arr.astype(want) if want is not None and arr.dtype != want else arr
+        return feed
+
+    def run(self, artifact: Artifact, inputs: tuple, session=None) -> list[np.ndarray]:
+        session = session or self.session(artifact.path)
+        return session.run(None, self._feed(session, inputs))
+
+    def time(self, artifact: Artifact, inputs: tuple, warmup: int = 5, runs: int = 50,
+             per_op: bool = True, profile_runs: int = 10) -> Timing:
+        """Median/p90 over ``runs`` timed calls after ``warmup``; per-op times from ORT's profiler.
+
+        The profiler runs in a separate session so that its overhead stays out of the timings.
+        """
+        session = self.session(artifact.path)
+        feed = self._feed(session, inputs)
+        for _ in range(warmup):
+            session.run(None, feed)
+        samples = []
+        for _ in range(runs):
+            start = time.perf_counter_ns()
+            session.run(None, feed)
+            samples.append((time.perf_counter_ns() - start) / 1e6)
+        ops, nodes = ([], [])
+        if per_op:
+            ops, nodes = self.profile(artifact, inputs, profile_runs)
+        return Timing.from_samples(samples, runtime=self.name, runtime_version=self.version, warmup=warmup,
+                                   threads=self.threads, per_op=ops, per_node=nodes)
+
+    def profile(self, artifact: Artifact, inputs: tuple, runs: int = 10, top: int = 15):
+        """Per-op-type and per-node times (ms per inference) from onnxruntime's own profiler."""
+        node_scopes = _node_scopes(artifact.path)
+        with tempfile.TemporaryDirectory(prefix="slimx-ortprof-") as tmp:
+            session = self.session(artifact.path, profile_dir=tmp)
+            feed = self._feed(session, inputs)
+            session.run(None, feed)  # warm-up, excluded below
+            session.end_profiling()
+            session = self.session(artifact.path, profile_dir=tmp)
+            for _ in range(runs):
+                session.run(None, feed)
+            trace = session.end_profiling()
+            with open(trace) as fh:
+                events = json.load(fh)
+        by_op: dict[str, dict] = {}
+        by_node: dict[str, dict] = {}
+        for ev in events:
+            if ev.get("cat") != "Node" or not ev.get("name", "").endswith("_kernel_time"):
+                continue
+            op = ev.get("args", {}).get("op_name", "?")
+            node = ev["name"][: -len("_kernel_time")]
+            dur_ms = ev.get("dur", 0) / 1000.0
+            entry = by_op.setdefault(op, {"op": op, "ms": 0.0, "calls": 0})
+            entry["ms"] += dur_ms
+            entry["calls"] += 1
+            n = by_node.setdefault(node, {"node": node, "op": op, "ms": 0.0,
+                                          "module": node_scopes.get(node.split("/")[0], "")})
+            n["ms"] += dur_ms
+        total = sum(e["ms"] for e in by_op.values()) or 1.0
+        ops = []
+        for e in sorted(by_op.values(), key=lambda e: -e["ms"]):
+            ops.append({"op": e["op"], "ms": round(e["ms"] / runs, 4), "share": round(e["ms"] / total, 4),
+                        "count": e["calls"] // runs})
+        nodes = [{**n, "ms": round(n["ms"] / runs, 4)} for n in sorted(by_node.values(), key=lambda n: -n["ms"])]
+        return ops, nodes[:top]
+
+
+def _node_scopes(path: Path) -> dict[str, str]:
+    """ONNX node name -> the PyTorch module path it came from (dynamo exporter metadata)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    out = {}
+    for node in model.graph.node:
+        for prop in node.metadata_props:
+            if prop.key.endswith("name_scopes"):
+                try:
+                    scopes = ast.literal_eval(prop.value)
+                except (ValueError, SyntaxError):
+                    continue
+                # scopes are cumulative ('', 'model', 'model.encoder', ..., fx node): take the deepest module
+                out[node.name] = next((s for s in reversed(scopes[:-1]) if s), "")
+    return out
