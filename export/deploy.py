@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
-from slimx._core.errors import first_line
+from slimx._core.errors import SlimxFailure, first_line
 
 _CONV_OPS = ("aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default", "aten.convolution.default")
 _LINEAR_OPS = ("aten.linear.default",)
@@ -17,9 +17,11 @@ class DeployRecord:
     reparameterized: list[str] = field(default_factory=list)
     folded: list[dict] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    check: dict | None = None
 
     def to_dict(self) -> dict:
-        return {"reparameterized": self.reparameterized, "bn_folded": self.folded, "notes": self.skipped}
+        return {"reparameterized": self.reparameterized, "bn_folded": self.folded, "notes": self.skipped,
+                "vs_original": self.check}
 
 
 def to_deployment(module, example_inputs: tuple, inplace: bool = False):
@@ -40,7 +42,30 @@ def to_deployment(module, example_inputs: tuple, inplace: bool = False):
         for pair in plan_bn_folds(model, example_inputs, record):
             _fold(model, pair)
             record.folded.append(pair)
+    if record.reparameterized or record.folded:
+        record.check = _check_same_function(module, model, example_inputs)
     return model, record
+
+
+# a rewrite that moves outputs by more than this is a bug, not rounding
+_MAX_REWRITE_REL_ERR = 1e-3
+
+
+def _check_same_function(original, deployed, example_inputs: tuple) -> dict:
+    """The deployment form must compute what the original computes (up to float rounding)."""
+    from slimx.export.parity import compare_outputs, torch_outputs
+
+    was_training = original.training
+    original.eval()
+    try:
+        stats = compare_outputs(torch_outputs(original, example_inputs), torch_outputs(deployed, example_inputs))
+    finally:
+        original.train(was_training)
+    stats.pop("per_output")
+    if stats["rel_err"] > _MAX_REWRITE_REL_ERR:
+        raise SlimxFailure("deployment form", f"reparameterization / batch-norm folding changed the outputs "
+                           f"(rel err {stats['rel_err']:.2e})", "report this model; run with --debug for details")
+    return stats
 
 
 def _reparameterize(module, prefix: str, record: DeployRecord) -> None:
@@ -102,7 +127,7 @@ def plan_bn_folds(model, example_inputs: tuple, record: DeployRecord) -> list[di
         kind = "linear" if target in _LINEAR_OPS else "conv"
         if kind == "linear" and (not isinstance(src, torch.nn.Linear) or src.out_features != bn.num_features):
             continue
-        if kind == "conv" and not isinstance(src, torch.nn.modules.conv._ConvNd) or (
+        if (kind == "conv" and not isinstance(src, torch.nn.modules.conv._ConvNd)) or (
                 kind == "conv" and getattr(src, "transposed", False)):
             continue
         plan.append({"into": src_path, "bn": bn_path, "kind": kind})

@@ -10,10 +10,10 @@ import re
 import warnings
 from pathlib import Path
 
-from slimx._core.errors import SlimxFailure, UsageError, first_line
+from slimx._core.errors import SlimxFailure, UsageError, first_line, root_cause
 
 DEFAULT_OPSET = 18
-_OP_RE = re.compile(r"(aten[.:]+[A-Za-z_0-9]+(?:\.[A-Za-z_0-9]+)?)")
+_OP_RE = re.compile(r"((?:aten|prims)[.:]+[A-Za-z_0-9]+(?:\.[A-Za-z_0-9]+)?)")
 
 
 def check_forward(module, example_inputs: tuple, input_desc: str):
@@ -41,7 +41,7 @@ def export_program(module, example_inputs: tuple):
     except Exception as exc:
         raise SlimxFailure(
             "torch.export",
-            f"could not capture the model{_where(exc)} ({first_line(exc, 160)})",
+            f"could not capture the model{_where(exc)} ({first_line(root_cause(exc), 160)})",
             "make the failing code path static (no data-dependent Python control flow), "
             "or run with --debug for the full trace",
         ) from exc
@@ -64,11 +64,11 @@ def program_to_onnx(program, path: Path, input_names: list[str], output_names: l
                                              optimize=True)
     except Exception as exc:
         op = _failing_op(exc)
-        where = _module_of_op(program, op) if op else None
+        where = module_of_op(program, op) if op else None
         what = f"op {op}" + (f" (from module {where})" if where else "") if op else "the model"
         raise SlimxFailure(
             f"ONNX export of {what}",
-            f"failed at opset {opset} ({first_line(exc, 160)})",
+            f"failed at opset {opset} ({first_line(root_cause(exc), 160)})",
             "try another --opset, replace the module with an exportable one, or run with --debug",
         ) from exc
     _rename_io(onnx_program.model.graph, input_names, output_names)
@@ -125,15 +125,22 @@ def _failing_op(exc: BaseException) -> str | None:
     return None
 
 
-def _module_of_op(program, op: str) -> str | None:
+def module_of_op(program, op: str) -> str | None:
+    """The module path (and class) of the first node calling ``op`` in an exported graph."""
     name = op.split(".")[1] if op.count(".") >= 1 else op
     for node in program.graph.nodes:
         if node.op == "call_function" and name in str(node.target):
-            stack = node.meta.get("nn_module_stack") or {}
-            if stack:
-                path, kind = list(stack.values())[-1]
-                return f"{path or '<root>'} ({str(kind).rsplit('.', 1)[-1]})"
+            return node_module_path(node)
     return None
+
+
+def node_module_path(node) -> str | None:
+    """``path (Class)`` of the innermost module a graph node was traced in, from torch.export metadata."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return None
+    path, kind = list(stack.values())[-1]
+    return f"{path or '<root>'} ({str(kind).rsplit('.', 1)[-1]})"
 
 
 def _where(exc: BaseException) -> str:
@@ -156,7 +163,7 @@ def quiet():
         lg.setLevel(logging.ERROR)
     sink = io.StringIO()
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
             warnings.simplefilter("ignore")
             yield
     finally:

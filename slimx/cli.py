@@ -39,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Export MODEL for a device: deployment form, torch.export, the target "
                                      "format, parity against PyTorch and latency.", epilog=EPILOG)
     exp.add_argument("model", nargs="?", default="minilm", help="the model (default: minilm)")
-    exp.add_argument("--target", "-t", default="host", help="device name or alias (default: host); see 'slimx devices'")
-    exp.add_argument("--format", "-f", default=None, help="artifact format; default: the device's (onnx, coreml, tflite, tensorrt)")
+    exp.add_argument("--target", "-t", default="host", help="device or alias (default: host); see 'slimx devices'")
+    exp.add_argument("--format", "-f", default=None, help="onnx, coreml, tflite or tensorrt (default: the device's)")
     exp.add_argument("--out", "-o", default="", help="output folder (default: out/MODEL-DEVICE)")
     exp.add_argument("--weights", default=None, help="weights to load: .safetensors, or a state dict (.pt/.pth/.bin)")
     exp.add_argument("--input-shape", action="append", default=[], metavar="[NAME=]D1xD2[:DTYPE]",
@@ -50,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--calib", default=None, help="calibration data: .npz of inputs, text file, or image folder")
     exp.add_argument("--calib-samples", type=int, default=16, help="samples to use from --calib (default 16)")
     exp.add_argument("--parity-inputs", type=int, default=8, help="fresh random inputs for parity (default 8)")
-    exp.add_argument("--min-cosine", type=float, default=0.9999, help="parity fails below this cosine (default 0.9999)")
-    exp.add_argument("--max-rel-err", type=float, default=1e-3, help="parity fails above this relative error (default 1e-3)")
+    exp.add_argument("--min-cosine", type=float, default=0.9999, help="parity fails below this (default 0.9999)")
+    exp.add_argument("--max-rel-err", type=float, default=1e-3, help="parity fails above this (default 1e-3)")
     exp.add_argument("--runs", type=int, default=50, help="timed runs, at least 30 (default 50)")
     exp.add_argument("--warmup", type=int, default=5, help="warm-up runs (default 5)")
     exp.add_argument("--threads", type=int, default=None, help="runtime threads (default: all cores)")

@@ -120,8 +120,12 @@ def run_export(cfg: ExportConfig, progress: Progress | None = None) -> dict:
             coverage = target.check(program)
             if not coverage.ok:
                 op, count = next(iter(coverage.unsupported.items()))
-                raise SlimxFailure(f"op {op} (x{count})", f"the {target.name} format cannot express it",
-                                   "replace the module that uses it, or pick another --format/--opset")
+                where = coverage.where.get(op)
+                more = f" (and {count - 1} more)" if count > 1 else ""
+                raise SlimxFailure(
+                    f"op {op}" + (f" from module {where}" if where else "") + more,
+                    f"the {target.name} format cannot express it at opset {cfg.opset}",
+                    "replace that module with an exportable one, try another --opset, or pick another --format")
             options = CompileOptions(precision=cfg.precision, opset=cfg.opset)
             artifact = target.compile(program, device, options, staging)
             progress.note(f"{artifact.path.name}: {artifact.bytes / 1e6:.1f} MB")

@@ -30,7 +30,15 @@ class Coverage:
     supported: dict[str, int] = field(default_factory=dict)
     fallback: dict[str, int] = field(default_factory=dict)
     unsupported: dict[str, int] = field(default_factory=dict)
+    where: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+
+    def add(self, kind: str, op: str, module_path: str | None = None) -> None:
+        """Count one node of ``op`` as supported, fallback or unsupported (and where it came from)."""
+        table = getattr(self, kind)
+        table[op] = table.get(op, 0) + 1
+        if kind != "supported" and module_path and op not in self.where:
+            self.where[op] = module_path
 
     @property
     def ok(self) -> bool:
@@ -38,7 +46,7 @@ class Coverage:
 
     def to_dict(self) -> dict:
         return {"target": self.target, "ok": self.ok, "supported": self.supported,
-                "fallback": self.fallback, "unsupported": self.unsupported, "notes": self.notes}
+                "fallback": self.fallback, "unsupported": self.unsupported, "where": self.where, "notes": self.notes}
 
 
 @dataclass

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from slimx._core.errors import SlimxFailure, UsageError, first_line
+from slimx.export.program import node_module_path
 from slimx.targets.base import Artifact, CompileOptions, Coverage, Target, Timing, register_target, to_numpy_inputs
 
 _ONNX_DTYPE = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
@@ -47,9 +48,9 @@ class OnnxTarget(Target):
                 continue
             key = str(node.target)
             if _is_structural(key) or registry.is_registered(node.target):
-                coverage.supported[key] = coverage.supported.get(key, 0) + 1
+                coverage.add("supported", key)
             else:
-                coverage.unsupported[key] = coverage.unsupported.get(key, 0) + 1
+                coverage.add("unsupported", key, node_module_path(node))
         return coverage
 
     def compile(self, program, device, options: CompileOptions, out_dir: Path) -> Artifact:

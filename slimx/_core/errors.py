@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class SlimxError(Exception):
     """A failure the CLI turns into one line and an exit code.
@@ -37,7 +39,21 @@ class SlimxFailure(SlimxError):
     exit_code = 1
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def first_line(exc: BaseException, limit: int = 200) -> str:
     """The first line of an exception's message, for a one-line report."""
-    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+    lines = [ln for ln in _ANSI.sub("", str(exc)).strip().splitlines() if ln.strip()]
     return lines[0].strip()[:limit] if lines else type(exc).__name__
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception of a chain (``raise ... from``), where the real reason usually is."""
+    seen = {id(exc)}
+    while True:
+        nxt = exc.__cause__ or exc.__context__
+        if nxt is None or id(nxt) in seen:
+            return exc
+        seen.add(id(nxt))
+        exc = nxt
