@@ -6,11 +6,10 @@ saying where it comes from; a profile without one is refused on load.
 
 from __future__ import annotations
 
+import tomllib
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-
-import tomllib
 
 from slimx._core.errors import UsageError
 from slimx._core.registry import Registry

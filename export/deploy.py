@@ -124,6 +124,9 @@ def plan_bn_folds(model, example_inputs: tuple, record: DeployRecord) -> list[di
         src = model.get_submodule(src_path)
         if bn.running_mean is None or bn.running_var is None:
             continue
+        if _bn_remainder(bn) is None:
+            record.skipped.append(f"{bn_path}: {type(bn).__name__} does more than normalize; not folded")
+            continue
         kind = "linear" if target in _LINEAR_OPS else "conv"
         if kind == "linear" and (not isinstance(src, torch.nn.Linear) or src.out_features != bn.num_features):
             continue
@@ -159,4 +162,19 @@ def _fold(model, pair: dict) -> None:
     src.bias = bias
     parent_path, _, name = pair["bn"].rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, name, torch.nn.Identity())
+    setattr(parent, name, _bn_remainder(bn))
+
+
+def _bn_remainder(bn):
+    """What is left of a batch norm module once its normalization is folded away, or None if unknown.
+
+    Plain ``BatchNorm1d/2d/3d`` leave nothing. timm's ``BatchNormAct2d`` also applies dropout and an
+    activation after normalizing; those stay. Any other subclass may do more, so it is not folded.
+    """
+    import torch
+
+    if type(bn) in (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d):
+        return torch.nn.Identity()
+    if type(bn).__name__ == "BatchNormAct2d" and hasattr(bn, "act") and hasattr(bn, "drop"):
+        return torch.nn.Sequential(bn.drop, bn.act)
+    return None

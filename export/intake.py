@@ -12,6 +12,7 @@ import inspect
 import json
 import os
 import re
+import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -251,6 +252,8 @@ def _load_factory(spec: str, shapes: list[str]) -> LoadedModel:
     import torch
 
     module_name, attr = spec.split(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` would: the user's own package beside them
     try:
         mod = importlib.import_module(module_name)
     except ImportError as exc:
@@ -424,8 +427,8 @@ def _load_onnx(path: Path, shapes: list[str]) -> LoadedModel:
     if not path.is_file():
         raise UsageError(f"model {path}", "no such file", "give the path of an .onnx model")
     try:
-        proto = onnx.load(str(path), load_external_data=False)
-        onnx.checker.check_model(proto)
+        proto = onnx.load(str(path), load_external_data=False)  # the graph; weights may live beside it
+        onnx.checker.check_model(str(path))  # by path: follows external data and large models
     except Exception as exc:
         raise UsageError(f"model {path}", f"is not a valid ONNX model ({first_line(exc)})",
                          "re-export it, or check that the file was copied whole") from exc

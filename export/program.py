@@ -75,7 +75,7 @@ def program_to_onnx(program, path: Path, input_names: list[str], output_names: l
     path = Path(path)
     tmp = path.with_name(f".{path.name}.partial")
     try:
-        onnx_program.save(str(tmp))
+        onnx_program.save(str(tmp), external_data=False)
         model = onnx.load(str(tmp))
         inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=False)
         onnx.checker.check_model(inferred, full_check=True)

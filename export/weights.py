@@ -34,12 +34,11 @@ def read_state_dict(path: str | Path) -> dict:
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as exc:  # pickle refusals and corrupt files both land here
-            text = first_line(exc)
-            if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            if _looks_like_torch_file(path):
                 why = "holds pickled Python objects beyond tensors, which slimx will not unpickle"
                 fix = "save only the state dict (torch.save(model.state_dict(), f)) or use safetensors"
             else:
-                why = f"is not a readable torch checkpoint ({text})"
+                why = f"is not a readable torch checkpoint ({first_line(exc, 120)})"
                 fix = "check the file, or convert it to .safetensors"
             raise UsageError(f"--weights {path}", why, fix) from exc
     for key in _NESTED_KEYS:
@@ -80,6 +79,16 @@ def apply_state_dict(module, state: dict, source: str) -> dict:
         "missing": list(result.missing_keys),
         "unexpected": list(result.unexpected_keys),
     }
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    """A torch.save zip archive or a pickle stream (protocol 2+), as opposed to random bytes."""
+    import zipfile
+
+    if zipfile.is_zipfile(path):
+        return True
+    with path.open("rb") as fh:
+        return fh.read(1) == b"\x80"
 
 
 def _is_tensor_dict(obj) -> bool:

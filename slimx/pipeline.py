@@ -17,6 +17,7 @@ from slimx._core.errors import SlimxFailure, UsageError
 from slimx._core.inputs import sample_inputs
 from slimx._core.progress import Progress
 from slimx._core.versions import tool_versions
+from slimx.report import human
 
 PARITY_SEED_BASE = 1000  # parity inputs are drawn from seeds the export example never used
 
@@ -128,7 +129,7 @@ def run_export(cfg: ExportConfig, progress: Progress | None = None) -> dict:
                     "replace that module with an exportable one, try another --opset, or pick another --format")
             options = CompileOptions(precision=cfg.precision, opset=cfg.opset)
             artifact = target.compile(program, device, options, staging)
-            progress.note(f"{artifact.path.name}: {artifact.bytes / 1e6:.1f} MB")
+            progress.note(f"{artifact.path.name}: {human(artifact.bytes)}B")
         with progress.stage("parity", f"{cfg.parity_inputs} fresh inputs"):
             parity = run_parity(program, target, artifact, cfg, calib)
             if parity["measured"]:
@@ -230,7 +231,9 @@ def _onnx_params(path) -> int:
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    return int(sum(int(np.prod(init.dims)) for init in model.graph.initializer))
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    # weights, not the scalar constants the exporter lifts into initializers
+    return int(sum(int(np.prod(i.dims)) for i in model.graph.initializer if i.dims and i.data_type in floats))
 
 
 def build_report(cfg, loaded, stats, device, target, deploy_record, coverage, artifact, parity, latency,

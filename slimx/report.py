@@ -14,10 +14,10 @@ def summary(report: dict) -> str:
     """A few lines for the terminal."""
     model, target = report["model"], report["target"]
     lines = [f"slimx export: {model['name']} -> {report['device']['name']} ({target['format']}, {target['precision']})"]
-    macs = f"{model['macs'] / 1e9:.3f} GMACs" if model.get("macs") is not None else "MACs not counted"
-    lines.append(f"  model     {model['params'] / 1e6:.2f} M params, {macs}")
+    macs = f"{human(model['macs'])}MACs" if model.get("macs") is not None else "MACs not counted"
+    lines.append(f"  model     {human(model['params'])}params, {macs}")
     for art in report["artifacts"]:
-        lines.append(f"  artifact  {art['path']}  {art['bytes'] / 1e6:.2f} MB")
+        lines.append(f"  artifact  {art['path']}  {human(art['bytes'])}B")
     lines.append("  parity    " + _parity_line(report["parity"]))
     lines.append("  latency   " + _latency_line(report["latency"]))
     if report.get("host_latency"):
@@ -27,6 +27,14 @@ def summary(report: dict) -> str:
         top = ", ".join(f"{o['op']} {o['share'] * 100:.0f}%" for o in ops[:5])
         lines.append(f"  top ops   {top}")
     return "\n".join(lines)
+
+
+def human(n: float) -> str:
+    """1234567 -> '1.23 M' (with a trailing space, so units can follow)."""
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:g} "
 
 
 def _parity_line(parity: dict) -> str:

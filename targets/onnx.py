@@ -5,7 +5,6 @@ from __future__ import annotations
 import ast
 import json
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -64,9 +63,14 @@ class OnnxTarget(Target):
             if program.onnx_source is None:
                 raise SlimxFailure("onnx target", "the program has neither an exported graph nor an ONNX file",
                                    "report this as a bug")
+            import onnx
+
             tmp = path.with_name(".model.onnx.partial")
-            shutil.copyfile(program.onnx_source, tmp)
-            os.replace(tmp, path)
+            try:  # one self-contained file, whether or not the source kept its weights beside it
+                onnx.save(onnx.load(str(program.onnx_source)), str(tmp))
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
         else:
             program_to_onnx(program.exported, path, program.input_names, program.output_names, opset=options.opset)
         return Artifact(format=self.name, path=path, inputs=program.inputs, output_names=program.output_names,

@@ -1,4 +1,8 @@
-"""A per-stage progress display on stderr, quiet when asked."""
+"""A per-stage progress display on stderr that never surrounds an error line.
+
+On a terminal the running stage shows as one line that is rewritten when it ends (and cleared if it
+fails, so the error stands alone). Off a terminal (logs, CI) only finished stages are printed.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,11 @@ import sys
 import time
 from contextlib import contextmanager
 
+_CLEAR = "\r\x1b[K"
+
 
 class Progress:
-    """Prints ``[i/n] stage ... done (1.2 s)`` lines to stderr.
+    """Prints ``[i/n] stage done (1.2 s)`` lines to stderr.
 
     Example:
         >>> p = Progress(total=1, enabled=False)
@@ -24,21 +30,35 @@ class Progress:
         self.stream = stream or sys.stderr
         self.index = 0
         self.timings: dict[str, float] = {}
+        self._open: str | None = None
+        self._notes: list[str] = []
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+
+    def _write(self, text: str) -> None:
+        self.stream.write(text)
+        self.stream.flush()
 
     def note(self, text: str) -> None:
+        """A detail line under the current stage (shown once the stage ends well)."""
         if self.enabled:
-            print(f"      {text}", file=self.stream, flush=True)
+            self._notes.append(text)
 
     def warn(self, text: str) -> None:
-        # warnings are always shown, even when progress lines are not
-        print(f"slimx: warning: {text}", file=self.stream, flush=True)
+        """Warnings are always shown, even when progress lines are not."""
+        if self._open and self.tty:
+            self._write(_CLEAR)
+        self._write(f"slimx: warning: {text}\n")
+        if self._open and self.tty:
+            self._write(self._open)
 
     @contextmanager
     def stage(self, name: str, detail: str = ""):
         self.index += 1
         label = f"[{self.index}/{self.total}] {name}" + (f" {detail}" if detail else "")
-        if self.enabled:
-            print(f"{label} ...", file=self.stream, flush=True)
+        self._notes = []
+        if self.enabled and self.tty:
+            self._open = f"{label} ..."
+            self._write(self._open)
         start = time.perf_counter()
         ok = False
         try:
@@ -48,6 +68,9 @@ class Progress:
             elapsed = time.perf_counter() - start
             self.timings[name] = round(elapsed, 3)
             if self.enabled:
-                state = "done" if ok else "failed"
-                print(f"[{self.index}/{self.total}] {name} {state} ({elapsed:.1f} s)",
-                      file=self.stream, flush=True)
+                if self.tty:
+                    self._write(_CLEAR)
+                if ok:
+                    lines = [f"{label} done ({elapsed:.1f} s)", *(f"      {n}" for n in self._notes)]
+                    self._write("\n".join(lines) + "\n")
+            self._open = None

@@ -1,0 +1,55 @@
+import tomllib
+
+import pytest
+
+from slimx._core.errors import UsageError
+from slimx.devices import device_names, load_device
+from slimx.devices.registry import PROFILE_DIR, check_sources, parse_profile
+
+REQUIRED = {"host": "onnx", "iphone12": "coreml", "iphone15pro": "coreml", "pixel7": "tflite",
+            "jetson-orin-nano": "tensorrt", "jetson-agx-orin": "tensorrt", "jetson-xavier-nx": "tensorrt",
+            "raspberry-pi-5": "tflite"}
+
+
+def test_required_devices_and_default_formats():
+    assert set(REQUIRED) <= set(device_names())
+    for name, fmt in REQUIRED.items():
+        assert load_device(name).default_format == fmt
+
+
+@pytest.mark.parametrize("path", sorted(PROFILE_DIR.glob("*.toml")), ids=lambda p: p.stem)
+def test_every_figure_has_a_source(path):
+    data = tomllib.loads(path.read_text())
+    assert check_sources(data) == []
+    assert path.stem == data["name"], "file named after the device"
+    for unit in data.get("compute_units", []):
+        assert {"name", "kind"} <= set(unit)
+
+
+def test_a_figure_without_source_is_refused():
+    data = {"name": "x", "display_name": "X", "kind": "phone", "default_format": "onnx",
+            "memory": {"mem_bandwidth_gbs": 10}}
+    with pytest.raises(ValueError, match=r"memory\.mem_bandwidth_gbs"):
+        parse_profile(data, "x.toml")
+
+
+def test_iphone12_compute_units():
+    dev = load_device("a14")  # alias
+    assert dev.name == "iphone12"
+    assert [cu["name"] for cu in dev.compute_units] == ["cpu", "gpu", "ane"]
+    assert dev.peak("ane", "fp16") == 11000
+    assert dev.format_options["coreml"]["minimum_deployment_target"] == "iOS14"
+
+
+def test_host_figures_are_measured_here():
+    host = load_device("host")
+    assert host.measured
+    cpu = host.compute_units[0]
+    assert cpu["peak_gflops_fp32"] > 1 and "measured by slimx" in cpu["peak_gflops_fp32_source"]
+    assert host.memory["mem_bandwidth_gbs"] > 0.5
+    assert "onnx" in host.runtimes
+
+
+def test_unknown_device():
+    with pytest.raises(UsageError, match="unknown device"):
+        load_device("iphone99")

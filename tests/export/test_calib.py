@@ -1,0 +1,57 @@
+import numpy as np
+import pytest
+import torch
+
+from slimx._core.errors import UsageError
+from slimx.export import load_calibration, load_model
+
+
+def test_npz(tmp_path):
+    loaded = load_model("tests.models:tiny_mlp")
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(0).standard_normal((5, 16)).astype(np.float32))
+    data = load_calibration(tmp_path / "c.npz", loaded, limit=3)
+    assert data.kind == "npz" and len(data.batches) == 3
+    assert data.batches[0][0].shape == (1, 16) and data.batches[0][0].dtype == torch.float32
+
+
+def test_npz_wrong_shape_and_names(tmp_path):
+    loaded = load_model("tests.models:tiny_mlp")
+    np.savez(tmp_path / "c.npz", x=np.zeros((5, 15), dtype=np.float32))
+    with pytest.raises(UsageError, match="samples of shape"):
+        load_calibration(tmp_path / "c.npz", loaded)
+    np.savez(tmp_path / "d.npz", y=np.zeros((5, 16), dtype=np.float32), z=np.zeros((5, 16), dtype=np.float32))
+    with pytest.raises(UsageError, match="takes"):
+        load_calibration(tmp_path / "d.npz", loaded)
+
+
+def test_text_is_tokenized_with_the_models_tokenizer(tmp_path, tiny_bert_dir):
+    loaded = load_model(f"hf:{tiny_bert_dir}", input_shapes=["1x12"])
+    (tmp_path / "t.txt").write_text("the cat sat on the mat\n\na dog runs\n")
+    data = load_calibration(tmp_path / "t.txt", loaded, seed=1)
+    assert data.kind == "text" and len(data.batches) == 2
+    ids, mask = data.batches[0]
+    assert ids.shape == (1, 12) and mask.shape == (1, 12)
+    assert int(mask.sum()) < 12, "padded to the model's sequence length"
+
+
+def test_text_needs_a_tokenizer(tmp_path):
+    (tmp_path / "t.txt").write_text("hello\n")
+    with pytest.raises(UsageError, match="no tokenizer"):
+        load_calibration(tmp_path / "t.txt", load_model("tests.models:tiny_mlp"))
+
+
+def test_image_folder_uses_the_models_preprocessing(tmp_path):
+    from PIL import Image
+
+    for i in range(3):
+        Image.fromarray(np.full((40, 50, 3), i * 60, dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    loaded = load_model("timm:test_vit")
+    data = load_calibration(tmp_path, loaded)
+    assert data.kind == "images" and len(data.batches) == 3
+    assert data.batches[0][0].shape == (1, 3, 160, 160)
+
+
+def test_unknown_calibration_file(tmp_path):
+    (tmp_path / "c.csv").write_text("1,2\n")
+    with pytest.raises(UsageError, match=r"does not read \.csv"):
+        load_calibration(tmp_path / "c.csv", load_model("tests.models:tiny_mlp"))

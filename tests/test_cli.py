@@ -1,0 +1,253 @@
+"""The slimx command: every MODEL form end to end, and every bad input as one line with its exit code."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from slimx.cli import main
+from tests.models import TinyMLP
+
+FAST = ["--runs", "30", "--warmup", "1", "-q"]
+SCHEMA_KEYS = {"schema_version", "model", "device", "target", "artifacts", "parity", "latency", "passes", "versions"}
+
+
+def export(capsys, *args):
+    code = main(["export", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def report_of(out_dir: Path) -> dict:
+    return json.loads((out_dir / "report.json").read_text())
+
+
+def assert_one_line_error(err: str, *needles: str):
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("slimx: error: ") and "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def assert_clean(out_dir: Path):
+    """A failed run leaves no folder it created and no staging or partial file."""
+    if out_dir.exists():
+        leftovers = [p.name for p in out_dir.iterdir() if p.name.startswith(".")]
+        assert leftovers == [], leftovers
+
+
+# --------------------------------------------------------------------------- MODEL forms
+
+
+def test_factory_model(tmp_path, capsys):
+    code, out, _ = export(capsys, "tests.models:tiny_mlp", "--out", str(tmp_path / "o"), *FAST)
+    assert code == 0, out
+    rep = report_of(tmp_path / "o")
+    assert SCHEMA_KEYS <= set(rep) and rep["schema_version"] == "1.0"
+    assert rep["model"]["params"] == 16 * 32 + 32 + 32 * 8 + 8
+    assert rep["model"]["macs"] == 2 * (16 * 32 + 32 * 8)
+    assert rep["artifacts"][0] == {"format": "onnx", "path": "model.onnx", "bytes": rep["artifacts"][0]["bytes"],
+                                   "opset": 18}
+    assert rep["parity"]["passed"] and rep["parity"]["n_inputs"] == 8 and rep["parity"]["cosine"] > 0.9999
+    lat = rep["latency"]
+    assert lat["device"] == "host" and lat["kind"] == "measured" and lat["runs"] == 30
+    assert lat["median_ms"] > 0 and lat["p90_ms"] >= lat["median_ms"] and lat["threads"] >= 1 and lat["per_op"]
+    assert rep["versions"]["onnxruntime"] and rep["versions"]["torch"]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["model.onnx", "report.json"]
+    assert "parity    PASS" in out and "median" in out
+
+
+def test_timm_model_with_input_shape_and_bn_folding(tmp_path, capsys):
+    code, _, err = export(capsys, "timm:test_efficientnet", "--input-shape", "1x3x96x96", "--out",
+                          str(tmp_path / "o"), *FAST)
+    assert code == 0, err
+    rep = report_of(tmp_path / "o")
+    assert rep["model"]["inputs"][0]["shape"] == [1, 3, 96, 96]
+    assert len(rep["deploy"]["bn_folded"]) > 5 and rep["deploy"]["vs_original"]["cosine"] > 0.9999
+    assert rep["parity"]["passed"]
+
+
+def test_hf_dir_with_text_calibration(tmp_path, capsys, tiny_st_dir):
+    text = tmp_path / "calib.txt"
+    text.write_text("the cat sat on the mat\nthe dog runs fast\na small phone\n")
+    code, _, err = export(capsys, f"hf:{tiny_st_dir}", "--input-shape", "1x16", "--calib", str(text),
+                          "--out", str(tmp_path / "o"), *FAST)
+    assert code == 0, err
+    rep = report_of(tmp_path / "o")
+    assert rep["model"]["outputs"] == ["embedding"]
+    assert rep["parity"]["calibration"]["n_inputs"] == 3 and rep["parity"]["calibration"]["passed"]
+
+
+def test_pt2_model(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = TinyMLP().eval()
+    torch.export.save(torch.export.export(model, model.example_inputs()), str(tmp_path / "m.pt2"))
+    code, _, err = export(capsys, str(tmp_path / "m.pt2"), "--out", str(tmp_path / "o"), *FAST)
+    assert code == 0, err
+    rep = report_of(tmp_path / "o")
+    assert rep["model"]["source"] == "pt2" and rep["parity"]["passed"]
+
+
+def test_onnx_model_starts_after_export(tmp_path, capsys):
+    code, _, _ = export(capsys, "tests.models:tiny_mlp", "--out", str(tmp_path / "a"), *FAST)
+    assert code == 0
+    code, out, err = export(capsys, str(tmp_path / "a" / "model.onnx"), "--out", str(tmp_path / "b"), *FAST)
+    assert code == 0, err
+    rep = report_of(tmp_path / "b")
+    assert rep["parity"] == {"measured": False,
+                             "reason": "the input was ONNX: there is no PyTorch model to compare against"}
+    assert rep["latency"]["kind"] == "measured"
+    assert rep["model"]["params"] == report_of(tmp_path / "a")["model"]["params"]
+    assert "not measured" in out
+
+
+def test_json_flag_prints_the_report(tmp_path, capsys):
+    code, out, _ = export(capsys, "tests.models:tiny_mlp", "--out", str(tmp_path / "o"), "--json", *FAST)
+    assert code == 0
+    assert json.loads(out) == report_of(tmp_path / "o")
+
+
+def test_non_host_target_says_latency_is_not_measured(tmp_path, capsys):
+    code, _, err = export(capsys, "tests.models:tiny_mlp", "--target", "iphone12", "--format", "onnx",
+                          "--out", str(tmp_path / "o"), *FAST)
+    assert code == 0, err
+    rep = report_of(tmp_path / "o")
+    assert rep["latency"]["device"] == "iphone12" and rep["latency"]["measured"] is False
+    assert "estimator" in rep["latency"]["reason"]
+    assert rep["host_latency"]["kind"] == "measured"
+
+
+def test_rerun_replaces_files_in_place(tmp_path, capsys):
+    out_dir = tmp_path / "o"
+    for _ in range(2):
+        assert export(capsys, "tests.models:tiny_mlp", "--out", str(out_dir), *FAST)[0] == 0
+    assert sorted(p.name for p in out_dir.iterdir()) == ["model.onnx", "report.json"]
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("args,code,needles", [
+    (["nosuchmodel"], 2, ["model 'nosuchmodel'", "minilm, timm:NAME"]),
+    (["timm:no_such_net"], 2, ["timm's registry"]),
+    (["tests.models:tiny_mlp", "--target", "iphone13"], 2, ["unknown device 'iphone13'"]),
+    (["tests.models:tiny_mlp", "--format", "tfjs"], 2, ["unknown format 'tfjs'"]),
+    (["tests.models:tiny_mlp", "--target", "iphone12"], 2, ["CoreML target is not available yet", "--format onnx"]),
+    (["tests.models:tiny_mlp", "--format", "tflite"], 2, ["TFLite target is not available yet"]),
+    (["tests.models:tiny_mlp", "--target", "jetson-orin-nano"], 2, ["TensorRT target is not available yet"]),
+    (["tests.models:tiny_mlp", "--input-shape", "1x15"], 2, ["do not fit the model", "--input-shape"]),
+    (["tests.models:tiny_mlp", "--input-shape", "1xq"], 2, ["is not a shape"]),
+    (["tests.models:tiny_mlp", "--runs", "5"], 2, ["--runs"]),
+    (["tests.models:eigh_model"], 1, ["aten._linalg_eigh", "Eigh", "onnx format cannot express it"]),
+    (["tests.models:data_dependent"], 1, ["torch.export", "models.py"]),
+    (["tests.models:tiny_no_examples"], 2, ["no example inputs", "--input-shape"]),
+])
+def test_bad_input_is_one_line(tmp_path, capsys, args, code, needles):
+    out_dir = tmp_path / "o"
+    got, _, err = export(capsys, *FAST, *args, "--out", str(out_dir))  # args last: they override FAST
+    assert got == code, err
+    assert_one_line_error(err, *needles)
+    assert not out_dir.exists(), "a failed run leaves no folder behind"
+
+
+@pytest.mark.parametrize("name,content,needle", [
+    ("missing.onnx", None, "no such file"),
+    ("bad.onnx", b"\x08\x01garbage", "not a valid ONNX model"),
+    ("missing.pt2", None, "no such file"),
+    ("bad.pt2", b"PK\x03\x04broken", "not a torch.export archive"),
+])
+def test_missing_or_corrupt_model_files(tmp_path, capsys, name, content, needle):
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    code, _, err = export(capsys, str(path), "--out", str(tmp_path / "o"), *FAST)
+    assert code == 2
+    assert_one_line_error(err, needle)
+
+
+@pytest.mark.parametrize("name,content,needle", [
+    ("w.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}", "not a readable safetensors file"),
+    ("w.pt", b"\x00\x01\x02 not a pickle", "not a readable torch checkpoint"),
+    ("nope.safetensors", None, "no such file"),
+])
+def test_bad_weights(tmp_path, capsys, name, content, needle):
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    code, _, err = export(capsys, "tests.models:tiny_mlp", "--weights", str(path), "--out", str(tmp_path / "o"), *FAST)
+    assert code == 2
+    assert_one_line_error(err, needle)
+
+
+def test_weights_report_keys(tmp_path, capsys):
+    state = TinyMLP().state_dict()
+    state.pop("fc2.bias")
+    save_file(state, str(tmp_path / "w.safetensors"))
+    code, _, _ = export(capsys, "tests.models:tiny_mlp", "--weights", str(tmp_path / "w.safetensors"),
+                        "--out", str(tmp_path / "o"), *FAST)
+    assert code == 0
+    assert report_of(tmp_path / "o")["model"]["weights"]["missing"] == ["fc2.bias"]
+
+
+def test_failed_run_keeps_an_existing_folder_clean(tmp_path, capsys):
+    out_dir = tmp_path / "o"
+    out_dir.mkdir()
+    (out_dir / "keep.txt").write_text("user file")
+    code, _, _ = export(capsys, "tests.models:eigh_model", "--out", str(out_dir), *FAST)
+    assert code == 1
+    assert sorted(p.name for p in out_dir.iterdir()) == ["keep.txt"]
+
+
+def test_parity_past_tolerance_fails_but_keeps_the_evidence(tmp_path, capsys):
+    # a relative-error ceiling that no float path can meet fails the run
+    code, _, err = export(capsys, "tests.models:tiny_mlp", "--max-rel-err", "1e-12", "--out", str(tmp_path / "o"),
+                          *FAST)
+    assert code == 1
+    assert_one_line_error(err, "past the tolerance", "report.json")
+    assert report_of(tmp_path / "o")["parity"]["passed"] is False
+
+
+def test_argparse_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["export", "--no-such-flag"])
+    assert info.value.code == 2
+    assert_one_line_error(capsys.readouterr().err, "unrecognized arguments")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    from slimx._core.errors import UsageError
+
+    with pytest.raises(UsageError):
+        main(["export", "nosuchmodel", "--debug", "--out", str(tmp_path / "o")])
+
+
+def test_console_script_exit_code_and_stderr(tmp_path):
+    exe = shutil.which("slimx", path=str(Path(sys.executable).parent))
+    assert exe, "the slimx console script is installed beside python"
+    proc = subprocess.run([exe, "export", "nosuchmodel", "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert_one_line_error(proc.stderr, "nosuchmodel")
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def test_devices_table_and_show(capsys):
+    assert main(["devices"]) == 0
+    table = capsys.readouterr().out
+    for name in ("host", "iphone12", "iphone15pro", "pixel7", "jetson-orin-nano", "jetson-agx-orin",
+                 "jetson-xavier-nx", "raspberry-pi-5"):
+        assert f"\n{name} " in table
+    assert main(["devices", "show", "iphone12"]) == 0
+    shown = capsys.readouterr().out
+    assert "16-core Neural Engine" in shown and "11 trillion" in shown
+    assert main(["devices", "show", "jetson-orin-nano", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["default_format"] == "tensorrt"
+    assert main(["devices", "show", "nope"]) == 2
+    assert_one_line_error(capsys.readouterr().err, "unknown device")

@@ -1,0 +1,16 @@
+"""The runnable examples in public docstrings stay true."""
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = ["slimx._core.inputs", "slimx._core.registry", "slimx._core.progress", "slimx.export.parity",
+           "slimx.devices.registry", "slimx.targets"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0, f"{name} has no examples"
+    assert result.failed == 0

