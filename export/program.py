@@ -205,3 +205,23 @@ class Program:
                 key = str(node.target)
                 counts[key] = counts.get(key, 0) + 1
         return counts
+
+
+def onnx_node_modules(path) -> dict[str, str]:
+    """ONNX node name -> the PyTorch module path it came from (dynamo exporter metadata)."""
+    import ast
+
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    out = {}
+    for node in model.graph.node:
+        for prop in node.metadata_props:
+            if prop.key.endswith("name_scopes"):
+                try:
+                    scopes = ast.literal_eval(prop.value)
+                except (ValueError, SyntaxError):
+                    continue
+                # scopes are cumulative ('', 'model', 'model.encoder', ..., fx node): take the deepest module
+                out[node.name] = next((s for s in reversed(scopes[:-1]) if s), "")
+    return out

@@ -45,19 +45,34 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--weights", default=None, help="weights to load: .safetensors, or a state dict (.pt/.pth/.bin)")
     exp.add_argument("--input-shape", action="append", default=[], metavar="[NAME=]D1xD2[:DTYPE]",
                      help="input shape, once per input (e.g. 1x3x224x224, input_ids=1x64)")
-    exp.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "int8-weights"])
+    exp.add_argument("--precision", default=None, choices=["fp32", "fp16", "int8", "int8-weights"],
+                     help="default: the target's (fp16 for coreml and tensorrt, fp32 otherwise)")
+    exp.add_argument("--deployment-target", default=None, metavar="iOSN",
+                     help="CoreML minimum deployment target (default: the device's, e.g. iOS14 for iphone12)")
+    exp.add_argument("--compute-units", default=None, choices=["all", "cpu_and_ne", "cpu_only", "cpu_and_gpu"],
+                     help="CoreML compute units (default: the device's)")
+    exp.add_argument("--palettize", type=int, default=None, metavar="BITS", help="CoreML: palettize weights (iOS16+)")
+    exp.add_argument("--dla-core", type=int, default=None, help="TensorRT: build for this DLA core, GPU fallback")
     exp.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     exp.add_argument("--calib", default=None, help="calibration data: .npz of inputs, text file, or image folder")
     exp.add_argument("--calib-samples", type=int, default=16, help="samples to use from --calib (default 16)")
     exp.add_argument("--parity-inputs", type=int, default=8, help="fresh random inputs for parity (default 8)")
-    exp.add_argument("--min-cosine", type=float, default=0.9999, help="parity fails below this (default 0.9999)")
-    exp.add_argument("--max-rel-err", type=float, default=1e-3, help="parity fails above this (default 1e-3)")
+    exp.add_argument("--min-cosine", type=float, default=None, help="parity fails below (fp32 default 0.9999)")
+    exp.add_argument("--max-rel-err", type=float, default=None, help="parity fails above (fp32 default 1e-3)")
     exp.add_argument("--runs", type=int, default=50, help="timed runs, at least 30 (default 50)")
     exp.add_argument("--warmup", type=int, default=5, help="warm-up runs (default 5)")
     exp.add_argument("--threads", type=int, default=None, help="runtime threads (default: all cores)")
     exp.add_argument("--seed", type=int, default=0)
     exp.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     exp.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
+
+    data = sub.add_parser("data", parents=[common], help="write calibration/evaluation data",
+                          description="Write real English text (Python standard-library docstrings), one sentence "
+                                      "per line, for --calib or evaluation.")
+    data.add_argument("kind", choices=["stdlib-text"])
+    data.add_argument("--out", "-o", required=True, help="text file to write")
+    data.add_argument("--count", type=int, default=256, help="sentences (default 256)")
+    data.add_argument("--offset", type=int, default=0, help="skip this many first (disjoint sets)")
 
     dev = sub.add_parser("devices", parents=[common], help="list device profiles, or show one",
                          description="Device profiles: 'slimx devices' lists them, 'slimx devices show NAME' "
@@ -80,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "export":
             return _export(args, argv)
+        if args.command == "data":
+            return _data(args)
         return _devices(args)
     except SlimxError as exc:
         if args.debug:
@@ -107,6 +124,8 @@ def _export(args, argv: list[str]) -> int:
     cfg = ExportConfig(
         model=args.model, target=args.target, format=args.format, out=args.out, weights=args.weights,
         input_shapes=tuple(args.input_shape), precision=args.precision, opset=args.opset, calib=args.calib,
+        deployment_target=args.deployment_target, compute_units=args.compute_units, palettize=args.palettize,
+        dla_core=args.dla_core,
         calib_samples=args.calib_samples, parity_inputs=args.parity_inputs, min_cosine=args.min_cosine,
         max_rel_err=args.max_rel_err, runs=args.runs, warmup=args.warmup, threads=args.threads, seed=args.seed,
         command=("slimx", *argv),
@@ -117,6 +136,22 @@ def _export(args, argv: list[str]) -> int:
     else:
         print(summary(report))
         print(f"  report    {os.path.join(report['out'], 'report.json')}")
+    return 0
+
+
+def _data(args) -> int:
+    from slimx.export.textdata import stdlib_sentences
+
+    if args.count < 1 or args.offset < 0:
+        raise UsageError("--count/--offset", "must be positive / non-negative", "e.g. --count 256 --offset 0")
+    lines = stdlib_sentences(args.count, args.offset)
+    if not lines:
+        raise UsageError("--offset", f"{args.offset} skips past every sentence there is", "give a smaller offset")
+    tmp = f"{args.out}.partial"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(lines) + "\n")
+    os.replace(tmp, args.out)
+    print(f"wrote {len(lines)} sentences to {args.out}")
     return 0
 
 
@@ -190,7 +225,7 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore")
-    for name in ("torch", "torch.utils._pytree", "torch.onnx", "onnxscript", "transformers", "absl"):
+    for name in ("torch", "torch.utils._pytree", "torch.onnx", "onnxscript", "transformers", "absl", "coremltools"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 

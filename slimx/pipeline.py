@@ -32,13 +32,17 @@ class ExportConfig:
     out: str = ""
     weights: str | None = None
     input_shapes: tuple[str, ...] = ()
-    precision: str = "fp32"
+    precision: str | None = None  # None: the target's default (fp16 for coreml and tensorrt, else fp32)
     opset: int = 18
+    deployment_target: str | None = None
+    compute_units: str | None = None
+    palettize: int | None = None
+    dla_core: int | None = None
     calib: str | None = None
     calib_samples: int = 16
     parity_inputs: int = 8
-    min_cosine: float = 0.9999
-    max_rel_err: float = 1e-3
+    min_cosine: float | None = None  # None: by precision (quant.DEFAULT_TOLERANCE)
+    max_rel_err: float | None = None
     warmup: int = 5
     runs: int = 50
     threads: int | None = None
@@ -52,12 +56,22 @@ class ExportConfig:
             raise UsageError("--runs", f"{self.runs} is too few for a median and p90", "give at least 30")
         if self.warmup < 0:
             raise UsageError("--warmup", "must not be negative", "give 0 or more")
-        if not 0.0 < self.min_cosine <= 1.0:
+        if self.min_cosine is not None and not 0.0 < self.min_cosine <= 1.0:
             raise UsageError("--min-cosine", f"{self.min_cosine} is outside (0, 1]", "e.g. --min-cosine 0.999")
-        if self.max_rel_err <= 0:
+        if self.max_rel_err is not None and self.max_rel_err <= 0:
             raise UsageError("--max-rel-err", "must be positive", "e.g. --max-rel-err 1e-3")
         if self.threads is not None and self.threads < 1:
             raise UsageError("--threads", "must be at least 1", "e.g. --threads 2")
+        if self.palettize is not None and self.palettize not in (1, 2, 3, 4, 6, 8):
+            raise UsageError("--palettize", f"{self.palettize} bits is not a CoreML palette size", "use 2, 4, 6 or 8")
+
+    def tolerance(self, precision: str):
+        from slimx.export import ParityTolerance
+        from slimx.quant import DEFAULT_TOLERANCE
+
+        cos, rel = DEFAULT_TOLERANCE[precision]
+        return ParityTolerance(min_cosine=self.min_cosine if self.min_cosine is not None else cos,
+                               max_rel_err=self.max_rel_err if self.max_rel_err is not None else rel)
 
 
 def default_out_dir(model: str, target: str) -> str:
@@ -76,12 +90,17 @@ def run_export(cfg: ExportConfig, progress: Progress | None = None) -> dict:
         load_model,
         to_deployment,
     )
+    from slimx.quant import calibration_batches, check_precision
     from slimx.targets import CompileOptions, get_target
 
     progress = progress or Progress(total=7)
     device = load_device(cfg.target)
     fmt = cfg.format or device.default_format
     target = get_target(fmt)
+    precision = check_precision(cfg.precision or target.default_precision)
+    if target.needs_torch and cfg.model.lower().endswith(".onnx"):
+        raise UsageError(f"model {cfg.model}", f"the {target.name} target converts from the PyTorch program, "
+                         "and an ONNX file has none", "start from the PyTorch model, or use --format onnx/tensorrt")
     out = Path(cfg.out or default_out_dir(cfg.model, device.name))
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}", "exists and is not a folder", "give a folder path")
@@ -127,11 +146,25 @@ def run_export(cfg: ExportConfig, progress: Progress | None = None) -> dict:
                     f"op {op}" + (f" from module {where}" if where else "") + more,
                     f"the {target.name} format cannot express it at opset {cfg.opset}",
                     "replace that module with an exportable one, try another --opset, or pick another --format")
-            options = CompileOptions(precision=cfg.precision, opset=cfg.opset)
-            artifact = target.compile(program, device, options, staging)
-            progress.note(f"{artifact.path.name}: {human(artifact.bytes)}B")
+            extra = {k: v for k, v in (("deployment_target", cfg.deployment_target),
+                                       ("compute_units", cfg.compute_units), ("palettize", cfg.palettize),
+                                       ("dla_core", cfg.dla_core)) if v is not None}
+            options = CompileOptions(precision=precision, opset=cfg.opset, extra=extra)
+            target.validate(device, options)
+            calib_record, batches = None, None
+            if precision == "int8":
+                batches, synthetic = calibration_batches(calib, program.inputs, count=cfg.calib_samples,
+                                                         seed=cfg.seed, warn=progress.warn)
+                calib_record = {"source": calib.source if calib else "synthetic random inputs",
+                                "kind": calib.kind if calib else "synthetic", "samples": len(batches),
+                                "synthetic": synthetic}
+            artifact = target.compile(program, device, options, staging, calib_batches=batches)
+            if calib_record:
+                artifact.meta["calibration"] = calib_record
+            for f in artifact.files():
+                progress.note(f"{f['path']}: {human(f['bytes'])}B")
         with progress.stage("parity", f"{cfg.parity_inputs} fresh inputs"):
-            parity = run_parity(program, target, artifact, cfg, calib)
+            parity = run_parity(program, target, artifact, cfg, calib, precision)
             if parity["measured"]:
                 progress.note(f"cosine {parity['cosine']:.6f}, max abs {parity['max_abs']:.2e}, "
                               f"rel err {parity['rel_err']:.2e}")
@@ -140,8 +173,8 @@ def run_export(cfg: ExportConfig, progress: Progress | None = None) -> dict:
         with progress.stage("latency"):
             latency, host_latency = run_latency(device, target, artifact, program, cfg)
         with progress.stage("report"):
-            report = build_report(cfg, loaded, stats, device, target, deploy_record, coverage, artifact,
-                                  parity, latency, host_latency, progress)
+            report = build_report(cfg, loaded, stats, device, target, precision, deploy_record, coverage,
+                                  artifact, parity, latency, host_latency, progress)
             report["out"] = str(out)
             write_json(staging / "report.json", report)
             publish(staging, out)
@@ -152,61 +185,92 @@ def run_export(cfg: ExportConfig, progress: Progress | None = None) -> dict:
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    proxy = parity.get("proxy") or {}
+    if not parity.get("measured") and proxy.get("measured") and not proxy["passed"]:
+        raise SlimxFailure(
+            f"parity of {proxy.get('what', 'the ONNX form')}",
+            f"cosine {proxy['cosine']:.6f} / rel err {proxy['rel_err']:.2e} is past the tolerance "
+            f"(min cosine {proxy['tolerance']['min_cosine']}, max rel err {proxy['tolerance']['max_rel_err']}); "
+            f"the report is in {out / 'report.json'}",
+            "use more or better --calib data, another --precision, or loosen --min-cosine / --max-rel-err",
+        )
     if parity.get("measured") and not parity["passed"]:
         raise SlimxFailure(
             f"parity of {artifact.path.name}",
             f"cosine {parity['cosine']:.6f} / rel err {parity['rel_err']:.2e} is past the tolerance "
-            f"(min cosine {cfg.min_cosine}, max rel err {cfg.max_rel_err}); the report is in {out / 'report.json'}",
+            f"(min cosine {parity['tolerance']['min_cosine']}, max rel err {parity['tolerance']['max_rel_err']}); "
+            f"the report is in {out / 'report.json'}",
             "inspect the report, or loosen --min-cosine / --max-rel-err if this drift is acceptable",
         )
     return report
 
 
-def run_parity(program, target, artifact, cfg: ExportConfig, calib) -> dict:
-    from slimx.export import ParityTolerance, check_parity, torch_outputs
+def run_parity(program, target, artifact, cfg: ExportConfig, calib, precision: str) -> dict:
+    """The artifact in its own runtime against the PyTorch model, on fresh inputs and on calibration data.
 
-    runner = target.runner()
-    if runner is None:
-        return {"measured": False, "reason": target.runner_missing_reason()}
+    For a quantized artifact this is its drift from the fp32 model. Where the target's runtime is
+    missing here but the artifact comes with an ONNX form (TensorRT), that ONNX is also run in
+    onnxruntime and reported as ``proxy``: evidence about the graph and its Q/DQ scales, not the engine.
+    """
+    from slimx.targets.onnx import OrtRunner
+
     if program.module is None:
         return {"measured": False, "reason": "the input was ONNX: there is no PyTorch model to compare against"}
-    tol = ParityTolerance(min_cosine=cfg.min_cosine, max_rel_err=cfg.max_rel_err)
+    tol = cfg.tolerance(precision)
     batches = [sample_inputs(program.inputs, seed=PARITY_SEED_BASE + cfg.seed + i) for i in range(cfg.parity_inputs)]
-    session = runner.session(artifact.path) if hasattr(runner, "session") else None
+    runner = target.runner()
+    if runner is not None:
+        result = _parity_in(runner, artifact, artifact.path, program, batches, calib, tol)
+    else:
+        result = {"measured": False, "reason": target.runner_missing_reason()}
+    proxy = artifact.meta.get("proxy_onnx")
+    if proxy and artifact.format != "onnx":
+        path = artifact.path.parent / proxy
+        result["proxy"] = _parity_in(OrtRunner(threads=cfg.threads), artifact, path, program, batches, calib, tol)
+        result["proxy"]["what"] = f"{proxy} in onnxruntime (the TensorRT-ready graph, not the engine)"
+    result["precision"] = precision
+    return result
+
+
+def _parity_in(runner, artifact, path, program, batches, calib, tol) -> dict:
+    from dataclasses import replace
+
+    from slimx.export import check_parity, torch_outputs
+
+    view = replace(artifact, path=path)
+    session = runner.session(path)
+
+    def reference(batch):
+        return torch_outputs(program.module, batch)
 
     def candidate(batch):
-        return runner.run(artifact, batch, session=session) if session is not None else runner.run(artifact, batch)
+        return runner.run(view, batch, session=session)
 
-    result = check_parity(lambda b: torch_outputs(program.module, b), candidate, batches, runner.name, tol).to_dict()
+    result = check_parity(reference, candidate, batches, runner.name, tol).to_dict()
     if calib is not None:
-        on_data = check_parity(lambda b: torch_outputs(program.module, b), candidate, calib.batches, runner.name,
-                               tol, data=calib.describe()).to_dict()
+        on_data = check_parity(reference, candidate, calib.batches, runner.name, tol, data=calib.describe()).to_dict()
         result["calibration"] = on_data
         result["passed"] = result["passed"] and on_data["passed"]
     return result
 
 
 def run_latency(device, target, artifact, program, cfg: ExportConfig) -> tuple[dict, dict | None]:
-    """Measure on the host when the artifact runs here; say plainly when the target device is not at hand."""
-    from slimx.targets.onnx import OrtRunner
-
+    """Measure with the target's own runtime when it runs here; say plainly when the device is not at hand."""
     inputs = sample_inputs(program.inputs, seed=cfg.seed + 7)
+    runner = target.runner()
     host = None
-    if artifact.format == "onnx":
-        timing = OrtRunner(threads=cfg.threads).time(artifact, inputs, warmup=cfg.warmup, runs=cfg.runs)
+    if runner is not None:
+        if hasattr(runner, "threads") and cfg.threads:
+            runner.threads = cfg.threads
+        timing = runner.time(artifact, inputs, warmup=cfg.warmup, runs=cfg.runs)
         host = {"device": "host", "kind": "measured", "measured": True, **timing.to_dict()}
     if device.name == "host":
         if host is None:
-            return {"device": "host", "measured": False,
-                    "reason": f"no {artifact.format} runner on this host"}, None
+            return {"device": "host", "measured": False, "reason": target.runner_missing_reason()}, None
         return host, None
-    latency = {
-        "device": device.name,
-        "measured": False,
-        "reason": f"no {device.name} is attached and no runner for it exists here; the per-op latency "
-                  "estimator for devices not at hand comes in a later version",
-    }
-    return latency, host
+    reason = (f"no {device.name} is attached and no runner for it exists here; the per-op latency estimator "
+              "for devices not at hand comes in a later version")
+    return {"device": device.name, "measured": False, "reason": reason}, host
 
 
 def model_stats(loaded, module, example) -> dict:
@@ -236,12 +300,10 @@ def _onnx_params(path) -> int:
     return int(sum(int(np.prod(i.dims)) for i in model.graph.initializer if i.dims and i.data_type in floats))
 
 
-def build_report(cfg, loaded, stats, device, target, deploy_record, coverage, artifact, parity, latency,
-                 host_latency, progress) -> dict:
+def build_report(cfg, loaded, stats, device, target, precision, deploy_record, coverage, artifact, parity,
+                 latency, host_latency, progress) -> dict:
     from slimx.report import SCHEMA_VERSION
 
-    art = artifact.to_dict()
-    art["path"] = artifact.path.name
     report = {
         "schema_version": SCHEMA_VERSION,
         "tool": "slimx",
@@ -258,10 +320,11 @@ def build_report(cfg, loaded, stats, device, target, deploy_record, coverage, ar
             "notes": loaded.notes,
         },
         "device": {"name": device.name, "display_name": device.display_name},
-        "target": {"format": target.name, "precision": cfg.precision, "opset": cfg.opset},
+        "target": {"format": target.name, "precision": precision, "opset": cfg.opset},
         "deploy": deploy_record.to_dict() if deploy_record else None,
         "coverage": coverage.to_dict(),
-        "artifacts": [art],
+        "artifacts": artifact.files(),
+        "compile": artifact.meta,
         "parity": parity,
         "latency": latency,
         "passes": [],

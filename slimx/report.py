@@ -17,8 +17,13 @@ def summary(report: dict) -> str:
     macs = f"{human(model['macs'])}MACs" if model.get("macs") is not None else "MACs not counted"
     lines.append(f"  model     {human(model['params'])}params, {macs}")
     for art in report["artifacts"]:
-        lines.append(f"  artifact  {art['path']}  {human(art['bytes'])}B")
+        lines.append(f"  artifact  {art['path']}  {human(art['bytes'])}B  ({art['format']})")
+    details = _compile_line(report.get("compile") or {})
+    if details:
+        lines.append(f"  compiled  {details}")
     lines.append("  parity    " + _parity_line(report["parity"]))
+    if report["parity"].get("proxy"):
+        lines.append("  proxy     " + _parity_line(report["parity"]["proxy"]) + " [TensorRT-ready ONNX]")
     lines.append("  latency   " + _latency_line(report["latency"]))
     if report.get("host_latency"):
         lines.append("  host      " + _latency_line(report["host_latency"]))
@@ -35,6 +40,26 @@ def human(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{n:g} "
+
+
+def _compile_line(meta: dict) -> str:
+    parts = []
+    for key in ("backend", "deployment_target", "compute_units", "compute_precision"):
+        if meta.get(key):
+            parts.append(str(meta[key]))
+    quant = meta.get("quantization") or {}
+    if quant.get("method") and quant["method"] != "none":
+        parts.append(quant["method"])
+    calib = meta.get("calibration")
+    if calib:
+        parts.append(f"calibrated on {calib['samples']} {'SYNTHETIC' if calib['synthetic'] else calib['kind']} samples")
+    engine = meta.get("engine")
+    if engine is not None:
+        parts.append("engine built" if engine.get("built") else f"engine NOT built: {engine.get('reason')}")
+    fallback = (meta.get("ane_fallback_likely") or {}).get("ops")
+    if fallback:
+        parts.append("likely off the Neural Engine: " + ", ".join(f"{k} x{v}" for k, v in fallback.items()))
+    return "; ".join(parts)
 
 
 def _parity_line(parity: dict) -> str:

@@ -6,8 +6,11 @@ Example:
     '.onnx'
 """
 
-from slimx.targets import onnx as _onnx  # noqa: F401  (registers the target)
-from slimx.targets import pending as _pending  # noqa: F401
+# importing each backend registers it; none imports its converter until it is used
+from slimx.targets import coreml as _coreml  # noqa: F401
+from slimx.targets import onnx as _onnx  # noqa: F401
+from slimx.targets import tensorrt as _tensorrt  # noqa: F401
+from slimx.targets import tflite as _tflite  # noqa: F401
 from slimx.targets.base import (
     TARGETS,
     Artifact,

@@ -58,6 +58,7 @@ class Artifact:
     inputs: list
     output_names: list[str]
     meta: dict = field(default_factory=dict)
+    extra_files: list[tuple[str, Path]] = field(default_factory=list)
 
     @property
     def bytes(self) -> int:
@@ -76,6 +77,14 @@ class Artifact:
 
     def to_dict(self) -> dict:
         return {"format": self.format, "path": str(self.path), "bytes": self.bytes, **self.meta}
+
+    def files(self) -> list[dict]:
+        """Every file this artifact consists of: {format, path (name in OUT), bytes}."""
+        out = [{"format": self.format, "path": self.path.name, "bytes": self.bytes}]
+        for kind, path in self.extra_files:
+            if path.exists():
+                out.append({"format": kind, "path": path.name, "bytes": path.stat().st_size})
+        return out
 
 
 @dataclass
@@ -121,13 +130,19 @@ class Target:
 
     name = ""
     extension = ""
+    default_precision = "fp32"
+    needs_torch = False  # True: converts from the PyTorch program, so an ONNX input cannot be used
     available = True
     unavailable_reason = ""
 
     def check(self, program) -> Coverage:
         raise NotImplementedError
 
-    def compile(self, program, device, options: CompileOptions, out_dir: Path) -> Artifact:
+    def validate(self, device, options: CompileOptions) -> None:
+        """Refuse (UsageError) a precision/option combination this target cannot build, before any work."""
+
+    def compile(self, program, device, options: CompileOptions, out_dir: Path, calib_batches=None) -> Artifact:
+        """Write the artifact into ``out_dir``; ``calib_batches`` are representative inputs for int8."""
         raise NotImplementedError
 
     def runner(self) -> Runner | None:
@@ -150,7 +165,7 @@ def get_target(name: str) -> Target:
     target = TARGETS.get(name)
     if not target.available:
         raise UsageError(f"format {target.name}", target.unavailable_reason,
-                         f"use --format onnx for now (available: {', '.join(available_formats())})")
+                         f"use one of {', '.join(available_formats())}")
     return target
 
 

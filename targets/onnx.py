@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import tempfile
@@ -11,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from slimx._core.errors import SlimxFailure, UsageError, first_line
-from slimx.export.program import node_module_path
+from slimx._core.errors import SlimxFailure, first_line
+from slimx.export.program import node_module_path, onnx_node_modules
 from slimx.targets.base import Artifact, CompileOptions, Coverage, Target, Timing, register_target, to_numpy_inputs
 
 _ONNX_DTYPE = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
@@ -52,12 +51,9 @@ class OnnxTarget(Target):
                 coverage.add("unsupported", key, node_module_path(node))
         return coverage
 
-    def compile(self, program, device, options: CompileOptions, out_dir: Path) -> Artifact:
+    def compile(self, program, device, options: CompileOptions, out_dir: Path, calib_batches=None) -> Artifact:
         from slimx.export.program import program_to_onnx
 
-        if options.precision not in ("fp32",):
-            raise UsageError(f"--precision {options.precision}", "the onnx target writes fp32 in this version",
-                             "drop --precision, or use fp32")
         path = Path(out_dir) / "model.onnx"
         if program.exported is None:
             if program.onnx_source is None:
@@ -73,8 +69,17 @@ class OnnxTarget(Target):
                 tmp.unlink(missing_ok=True)
         else:
             program_to_onnx(program.exported, path, program.input_names, program.output_names, opset=options.opset)
+        meta = {"opset": _opset_of(path)}
+        if options.precision != "fp32":
+            from slimx.quant.onnx import quantize_onnx, quantize_onnx_guarded
+
+            if options.precision == "int8":
+                meta["quantization"] = quantize_onnx_guarded(path, path, calib_batches, program.module,
+                                                             symmetric=False)
+            else:
+                meta["quantization"] = quantize_onnx(path, path, options.precision, calib_batches)
         return Artifact(format=self.name, path=path, inputs=program.inputs, output_names=program.output_names,
-                        meta={"opset": _opset_of(path)})
+                        meta=meta)
 
     def runner(self):
         return OrtRunner()
@@ -164,7 +169,7 @@ class OrtRunner:
 
     def profile(self, artifact: Artifact, inputs: tuple, runs: int = 10, top: int = 15):
         """Per-op-type and per-node times (ms per inference) from onnxruntime's own profiler."""
-        node_scopes = _node_scopes(artifact.path)
+        node_scopes = onnx_node_modules(artifact.path)
         with tempfile.TemporaryDirectory(prefix="slimx-ortprof-") as tmp:
             session = self.session(artifact.path, profile_dir=tmp)
             feed = self._feed(session, inputs)
@@ -197,21 +202,3 @@ class OrtRunner:
                         "count": e["calls"] // runs})
         nodes = [{**n, "ms": round(n["ms"] / runs, 4)} for n in sorted(by_node.values(), key=lambda n: -n["ms"])]
         return ops, nodes[:top]
-
-
-def _node_scopes(path: Path) -> dict[str, str]:
-    """ONNX node name -> the PyTorch module path it came from (dynamo exporter metadata)."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    out = {}
-    for node in model.graph.node:
-        for prop in node.metadata_props:
-            if prop.key.endswith("name_scopes"):
-                try:
-                    scopes = ast.literal_eval(prop.value)
-                except (ValueError, SyntaxError):
-                    continue
-                # scopes are cumulative ('', 'model', 'model.encoder', ..., fx node): take the deepest module
-                out[node.name] = next((s for s in reversed(scopes[:-1]) if s), "")
-    return out

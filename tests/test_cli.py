@@ -52,8 +52,8 @@ def test_factory_model(tmp_path, capsys):
     assert SCHEMA_KEYS <= set(rep) and rep["schema_version"] == "1.0"
     assert rep["model"]["params"] == 16 * 32 + 32 + 32 * 8 + 8
     assert rep["model"]["macs"] == 2 * (16 * 32 + 32 * 8)
-    assert rep["artifacts"][0] == {"format": "onnx", "path": "model.onnx", "bytes": rep["artifacts"][0]["bytes"],
-                                   "opset": 18}
+    assert rep["artifacts"] == [{"format": "onnx", "path": "model.onnx", "bytes": rep["artifacts"][0]["bytes"]}]
+    assert rep["compile"]["opset"] == 18 and rep["target"]["precision"] == "fp32"
     assert rep["parity"]["passed"] and rep["parity"]["n_inputs"] == 8 and rep["parity"]["cosine"] > 0.9999
     lat = rep["latency"]
     assert lat["device"] == "host" and lat["kind"] == "measured" and lat["runs"] == 30
@@ -107,6 +107,14 @@ def test_onnx_model_starts_after_export(tmp_path, capsys):
     assert "not measured" in out
 
 
+def test_onnx_input_cannot_feed_a_pytorch_converter(tmp_path, capsys):
+    assert export(capsys, "tests.models:tiny_mlp", "--out", str(tmp_path / "a"), *FAST)[0] == 0
+    code, _, err = export(capsys, str(tmp_path / "a" / "model.onnx"), "--target", "pixel7", "--out",
+                          str(tmp_path / "b"), *FAST)
+    assert code == 2
+    assert_one_line_error(err, "converts from the PyTorch program")
+
+
 def test_json_flag_prints_the_report(tmp_path, capsys):
     code, out, _ = export(capsys, "tests.models:tiny_mlp", "--out", str(tmp_path / "o"), "--json", *FAST)
     assert code == 0
@@ -138,9 +146,12 @@ def test_rerun_replaces_files_in_place(tmp_path, capsys):
     (["timm:no_such_net"], 2, ["timm's registry"]),
     (["tests.models:tiny_mlp", "--target", "iphone13"], 2, ["unknown device 'iphone13'"]),
     (["tests.models:tiny_mlp", "--format", "tfjs"], 2, ["unknown format 'tfjs'"]),
-    (["tests.models:tiny_mlp", "--target", "iphone12"], 2, ["CoreML target is not available yet", "--format onnx"]),
-    (["tests.models:tiny_mlp", "--format", "tflite"], 2, ["TFLite target is not available yet"]),
-    (["tests.models:tiny_mlp", "--target", "jetson-orin-nano"], 2, ["TensorRT target is not available yet"]),
+    (["tests.models:tiny_mlp", "--target", "jetson-orin-nano", "--precision", "int8-weights"], 2,
+     ["TensorRT has no weight-only int8"]),
+    (["tests.models:tiny_mlp", "--target", "iphone12", "--precision", "int8"], 2, ["cannot quantize activations"]),
+    (["tests.models:tiny_mlp", "--target", "iphone12", "--deployment-target", "fourteen"], 2, ["not an iOS version"]),
+    (["tests.models:tiny_mlp", "--target", "iphone15pro", "--deployment-target", "iOS15", "--precision",
+      "int8-weights"], 2, ["need iOS 16 or later"]),
     (["tests.models:tiny_mlp", "--input-shape", "1x15"], 2, ["do not fit the model", "--input-shape"]),
     (["tests.models:tiny_mlp", "--input-shape", "1xq"], 2, ["is not a shape"]),
     (["tests.models:tiny_mlp", "--runs", "5"], 2, ["--runs"]),

@@ -50,14 +50,11 @@ def test_compile_run_and_time(tmp_path, vit_program):
     assert any(n["module"] for n in timing.per_node), "node times map back to module paths"
 
 
-def test_pending_formats_answer_in_one_line():
-    assert available_formats() == ["onnx"]
-    for fmt in ("coreml", "tflite", "tensorrt"):
-        with pytest.raises(UsageError) as info:
-            get_target(fmt)
-        assert "not available yet" in info.value.line() and "\n" not in info.value.line()
-    with pytest.raises(UsageError, match="unknown format"):
+def test_every_format_is_registered_and_unknown_ones_answer_in_one_line():
+    assert available_formats() == ["coreml", "onnx", "tensorrt", "tflite"]
+    with pytest.raises(UsageError) as info:
         get_target("tfjs")
+    assert "unknown format 'tfjs'" in info.value.line() and "\n" not in info.value.line()
 
 
 def test_artifact_save_copies(tmp_path, vit_program):

@@ -1,0 +1,196 @@
+"""ONNX quantization with onnxruntime.quantization: static QDQ int8, dynamic int8, fp16."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from slimx._core.errors import SlimxFailure, UsageError, first_line
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader over slimx input batches."""
+
+    def __init__(self, names: list[str], dtypes: dict, batches: list[tuple]) -> None:
+        self._items = []
+        for batch in batches:
+            feed = {}
+            for name, value in zip(names, batch, strict=True):
+                arr = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+                feed[name] = arr.astype(dtypes.get(name, arr.dtype))
+            self._items.append(feed)
+        self._iter = iter(self._items)
+
+    def get_next(self):
+        return next(self._iter, None)
+
+    def rewind(self) -> None:
+        self._iter = iter(self._items)
+
+
+def quantize_onnx(src: Path, dst: Path, precision: str, batches: list[tuple] | None = None,
+                  symmetric: bool = False, op_types: tuple[str, ...] | None = None,
+                  keep_float_modules: dict[str, float] | None = None) -> dict:
+    """Write a quantized copy of ``src`` to ``dst``; return a record of what was done.
+
+    Args:
+        precision: ``int8`` (static QDQ from ``batches``), ``int8-weights`` (dynamic: int8 weights,
+            activations quantized at run time), ``fp16`` (float16 weights and compute, fp32 I/O).
+        symmetric: symmetric int8 activations and weights (what TensorRT's explicit quantization
+            expects); otherwise uint8 asymmetric activations, which suit onnxruntime's CPU kernels.
+        op_types: restrict quantization to these ONNX op types (e.g. MatMul, Gemm, Conv).
+        keep_float_modules: PyTorch module paths (from ``quant.sensitivity``) whose ONNX nodes stay float.
+    """
+    import onnx
+
+    tmp = dst.with_name(f".{dst.name}.partial")
+    try:
+        if precision == "fp16":
+            from onnxruntime.transformers.float16 import convert_float_to_float16
+
+            model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+            onnx.save(model, str(tmp))
+            record = {"method": "onnxruntime.transformers.float16 (fp32 I/O kept)"}
+        elif precision == "int8-weights":
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8, per_channel=True,
+                             op_types_to_quantize=list(op_types) if op_types else None)
+            record = {"method": "onnxruntime.quantization.quantize_dynamic (int8 per-channel weights)"}
+        elif precision == "int8":
+            if not batches:
+                raise UsageError("--precision int8", "needs calibration data", "give --calib")
+            from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+            model = onnx.load(str(src), load_external_data=False)
+            names = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+            dtypes = {i.name: _np_dtype(i.type.tensor_type.elem_type) for i in model.graph.input}
+            act = QuantType.QInt8 if symmetric else QuantType.QUInt8
+            excluded = _nodes_of_modules(src, keep_float_modules or {})
+            _quiet_root = logging.getLogger().level
+            logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's "consider pre-processing" notes
+            quantize_static(
+                str(src), str(tmp), _Reader(names, dtypes, batches), quant_format=QuantFormat.QDQ,
+                per_channel=True, activation_type=act, weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax,
+                op_types_to_quantize=list(op_types) if op_types else None,
+                nodes_to_exclude=excluded,
+                extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True},
+            )
+            logging.getLogger().setLevel(_quiet_root)
+            record = {"method": "onnxruntime.quantization.quantize_static, QDQ, per-channel int8 weights, "
+                                f"{'symmetric int8' if symmetric else 'asymmetric uint8'} activations (MinMax)",
+                      "calibration_samples": len(batches),
+                      "kept_float": {"modules": keep_float_modules or {}, "onnx_nodes": len(excluded),
+                                     "why": "input SQNR under per-tensor int8 below the floor (quant.sensitivity)"}}
+        else:
+            raise UsageError(f"--precision {precision}", "is not an ONNX quantization",
+                             "use fp16, int8 or int8-weights")
+        os.replace(tmp, dst)
+    except (UsageError, SlimxFailure):
+        raise
+    except Exception as exc:
+        raise SlimxFailure(f"ONNX {precision} quantization", first_line(exc),
+                           "try another --precision, or run with --debug") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+        for extra in dst.parent.glob(f".{dst.name}.partial*"):
+            extra.unlink(missing_ok=True)
+    record["qdq_nodes"] = count_qdq(dst)
+    return record
+
+
+def _nodes_of_modules(path: Path, modules: dict) -> list[str]:
+    """ONNX compute nodes that came from the given PyTorch modules (exporter metadata)."""
+    if not modules:
+        return []
+    import onnx
+
+    from slimx.export.program import onnx_node_modules
+
+    owners = onnx_node_modules(path)
+    compute = {n.name for n in onnx.load(str(path), load_external_data=False).graph.node
+               if n.op_type in ("MatMul", "Gemm", "Conv")}
+    return sorted(n for n, mod in owners.items() if n in compute and mod in modules)
+
+
+def count_qdq(path: Path) -> dict:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    counts = {"QuantizeLinear": 0, "DequantizeLinear": 0}
+    for node in model.graph.node:
+        if node.op_type in counts:
+            counts[node.op_type] += 1
+    return counts
+
+
+def _np_dtype(elem_type: int):
+    return {1: np.float32, 10: np.float16, 7: np.int64, 6: np.int32, 9: np.bool_}.get(elem_type, np.float32)
+
+
+def quantize_onnx_guarded(src: Path, dst: Path, batches: list[tuple], module, symmetric: bool,
+                          op_types: tuple[str, ...] | None = None, target_cosine: float = 0.98,
+                          step: int = 2, max_rounds: int = 4) -> dict:
+    """Static int8 with an accuracy guard: layers stay float, most sensitive first, until the quantized
+    graph's outputs on the calibration data reach ``target_cosine`` against the PyTorch model.
+
+    Round 0 keeps the layers under the SQNR floor (``quant.sensitivity``); each further round adds the
+    ``step`` next-lowest-SQNR layers. Every round is recorded.
+    """
+    from slimx.quant.sensitivity import DEFAULT_SQNR_FLOOR_DB, input_sqnr_db
+
+    sqnr = input_sqnr_db(module, batches) if module is not None else {}
+    keep = {k: round(v, 1) for k, v in sqnr.items() if v < DEFAULT_SQNR_FLOOR_DB}
+    rest = sorted((v, k) for k, v in sqnr.items() if v >= DEFAULT_SQNR_FLOOR_DB)
+    reference = [_torch_out(module, b) for b in batches] if module is not None else None
+    rounds = []
+    record = {}
+    float_copy = dst.with_name(f".{dst.name}.fp32")  # every round starts from the float graph
+    shutil.copyfile(src, float_copy)
+    try:
+        for _ in range(max_rounds + 1):
+            record = quantize_onnx(float_copy, dst, "int8", batches, symmetric=symmetric, op_types=op_types,
+                                   keep_float_modules=dict(keep))
+            if reference is None:
+                break
+            cosine = _mean_cosine(dst, batches, reference)
+            rounds.append({"kept_float": len(keep), "calibration_cosine": round(cosine, 5)})
+            if cosine >= target_cosine or not rest:
+                break
+            for _ in range(min(step, len(rest))):
+                value, name = rest.pop(0)
+                keep[name] = round(value, 1)
+    finally:
+        float_copy.unlink(missing_ok=True)
+    record["guard"] = {"target_cosine": target_cosine, "sqnr_floor_db": DEFAULT_SQNR_FLOOR_DB, "rounds": rounds}
+    return record
+
+
+def _torch_out(module, batch) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        out = module(*batch)
+    return (out[0] if isinstance(out, (tuple, list)) else out).detach().float().numpy().ravel()
+
+
+def _mean_cosine(path: Path, batches: list[tuple], reference: list[np.ndarray]) -> float:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    metas = session.get_inputs()
+    cosines = []
+    for batch, ref in zip(batches, reference, strict=True):
+        feed = {m.name: (b.detach().numpy() if hasattr(b, "detach") else np.asarray(b)) for m, b in zip(metas, batch,
+                                                                                                       strict=True)}
+        got = session.run(None, feed)[0].astype(np.float64).ravel()
+        denom = np.linalg.norm(got) * np.linalg.norm(ref)
+        cosines.append(float(got @ ref / denom) if denom else 0.0)
+    return float(np.mean(cosines))

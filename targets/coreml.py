@@ -1,0 +1,300 @@
+"""CoreML: an ``.mlpackage`` from the exported program (coremltools' torch.export path).
+
+Deployment targets before iOS 15 produce a neural-network model (ML Programs need iOS 15); iOS 15
+and later produce an ML Program. Prediction needs macOS: elsewhere the converted model is verified
+(inputs, outputs, op list, weight precision, size) and parity is reported as not measured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import re
+import shutil
+import sys
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from slimx._core.errors import SlimxFailure, UsageError, first_line, root_cause
+from slimx.export.program import node_module_path, quiet
+from slimx.targets.base import Artifact, CompileOptions, Coverage, Target, Timing, register_target, to_numpy_inputs
+
+ANE_SOURCE = ("hollance/neural-engine, docs/unsupported-layers.md (community findings: gather, dilated "
+              "convolutions, broadcastable/ND layers, RNNs and custom layers run off the ANE); Apple, 'Deploying "
+              "Transformers on the Apple Neural Engine' (2022): the ANE computes in fp16")
+COMPUTE_UNITS = {"all": "ALL", "cpu_and_ne": "CPU_AND_NE", "cpu_only": "CPU_ONLY", "cpu_and_gpu": "CPU_AND_GPU"}
+# ATen ops that lower to gathers with run-time indices, which the ANE does not run
+_ANE_UNFRIENDLY_MIL = ("gather", "gather_nd", "gather_along_axis", "lstm", "gru", "rnn")
+_GATHER_OPS = {"embedding", "index_select", "gather", "index", "take_along_dim"}
+
+
+def parse_ios(value: str) -> int:
+    match = re.fullmatch(r"(?i)ios\s*(\d+)", str(value).strip())
+    if not match:
+        raise UsageError(f"--deployment-target {value}", "is not an iOS version", "write it as iOS14, iOS17, ...")
+    return int(match.group(1))
+
+
+@register_target
+class CoreMLTarget(Target):
+    name = "coreml"
+    extension = ".mlpackage"
+    default_precision = "fp16"
+    needs_torch = True
+
+    def check(self, program) -> Coverage:
+        """Ops coremltools cannot convert, and ops likely to run off the Neural Engine."""
+        coverage = Coverage(target=self.name)
+        program_ep, label = decomposed_for_coreml(program.exported)
+        coverage.notes.append(f"decomposition: {label}")
+        for node in program_ep.graph.nodes:
+            if node.op != "call_function" or str(node.target).startswith(("<built-in", "_operator")):
+                continue
+            key = str(node.target)
+            short = key.split(".")[1] if key.startswith("aten.") else key
+            if not _converter_exists(key):
+                coverage.add("unsupported", key, node_module_path(node))
+            elif short in _GATHER_OPS or (short.startswith("conv") and _dilated(node)):
+                coverage.add("fallback", key, node_module_path(node))
+            else:
+                coverage.add("supported", key)
+        if coverage.fallback:
+            coverage.notes.append("ops in 'fallback' likely run on CPU/GPU rather than the Neural Engine "
+                                  f"({ANE_SOURCE})")
+        return coverage
+
+    def settings(self, device, options: CompileOptions) -> tuple[int, str, str]:
+        """(iOS version, compute units, backend) from the options, else the device profile."""
+        coreml_opts = device.format_options.get("coreml", {})
+        ios = parse_ios(options.extra.get("deployment_target") or coreml_opts.get("minimum_deployment_target",
+                                                                                    "iOS15"))
+        units = options.extra.get("compute_units") or coreml_opts.get("compute_units", "all")
+        return ios, units, "neuralnetwork" if ios < 15 else "mlprogram"
+
+    def validate(self, device, options: CompileOptions) -> None:
+        import coremltools as ct
+
+        ios, units, backend = self.settings(device, options)
+        if not hasattr(ct.target, f"iOS{ios}"):
+            raise UsageError(f"--deployment-target iOS{ios}", f"coremltools {ct.__version__} does not know it",
+                             "pick iOS13 to iOS18")
+        if units not in COMPUTE_UNITS:
+            raise UsageError(f"--compute-units {units}", "is not a CoreML compute-unit setting",
+                             f"use one of {', '.join(COMPUTE_UNITS)}")
+        from slimx.quant.coreml import check_coreml_precision
+
+        check_coreml_precision(options.precision, backend, ios, options.extra.get("palettize"))
+
+    def compile(self, program, device, options: CompileOptions, out_dir: Path, calib_batches=None) -> Artifact:
+        import coremltools as ct
+
+        self.validate(device, options)
+        ios, units, backend = self.settings(device, options)
+        precision = options.precision
+        inputs = [ct.TensorType(name=s.name, shape=s.shape,
+                                dtype=np.float32 if s.dtype.startswith("float") else np.int32) for s in program.inputs]
+        outputs = [ct.TensorType(name=n) for n in program.output_names]
+        kwargs = {"inputs": inputs, "outputs": outputs, "convert_to": backend,
+                  "minimum_deployment_target": getattr(ct.target, f"iOS{ios}"),
+                  "compute_units": getattr(ct.ComputeUnit, COMPUTE_UNITS[units])}
+        if backend == "mlprogram":
+            kwargs["compute_precision"] = ct.precision.FLOAT32 if precision == "fp32" else ct.precision.FLOAT16
+        model, notes, decomposition = self._convert(program, kwargs)
+        from slimx.quant.coreml import quantize_mlprogram, quantize_neuralnetwork
+
+        with quiet():  # the weight quantizers print a line per layer
+            if backend == "neuralnetwork":
+                model, qrecord = quantize_neuralnetwork(model, precision)
+            else:
+                feeds = None
+                if calib_batches:
+                    feeds = [{s.name: a for s, a in zip(program.inputs, to_numpy_inputs(b), strict=True)}
+                             for b in calib_batches]
+                model, qrecord = quantize_mlprogram(model, precision, feeds, options.extra.get("palettize"))
+        path = Path(out_dir) / "model.mlpackage"
+        tmp = path.with_name(".model.partial.mlpackage")  # coremltools insists on the extension
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            model.save(str(tmp))
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        meta = {
+            "backend": backend,
+            "deployment_target": f"iOS{ios}",
+            "compute_units": units,
+            "compute_precision": precision,
+            "decomposition": decomposition,
+            "quantization": qrecord,
+            "conversion_warnings": notes,
+        }
+        meta.update(verify_mlpackage(path, program, backend, precision))
+        return Artifact(format=self.name, path=path, inputs=program.inputs, output_names=program.output_names,
+                        meta=meta)
+
+    def _convert(self, program, kwargs):
+        import coremltools as ct
+
+        ep, decomposition = decomposed_for_coreml(program.exported)
+        log = io.StringIO()
+        handler = logging.StreamHandler(log)
+        ct_logger = logging.getLogger("coremltools")
+        saved = (ct_logger.level, ct_logger.propagate)
+        ct_logger.setLevel(logging.WARNING)
+        ct_logger.propagate = False  # its warnings go into the report, not the terminal
+        ct_logger.addHandler(handler)
+        try:
+            with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stderr(io.StringIO()):
+                warnings.simplefilter("always")
+                model = ct.convert(ep, **kwargs)
+        except Exception as exc:
+            cause = root_cause(exc)
+            raise SlimxFailure("CoreML conversion", first_line(cause, 160),
+                               "replace the failing module, try --precision fp32 or another --deployment-target, "
+                               "or run with --debug") from exc
+        finally:
+            ct_logger.removeHandler(handler)
+            ct_logger.setLevel(saved[0])
+            ct_logger.propagate = saved[1]
+        notes = sorted({first_line(w.message) for w in caught if _worth_reporting(str(w.message))} |
+                       {ln.strip() for ln in log.getvalue().splitlines() if _worth_reporting(ln)})
+        return model, notes, decomposition
+
+    def runner(self):
+        return CoreMLRunner() if sys.platform == "darwin" else None
+
+    def runner_missing_reason(self) -> str:
+        return f"CoreML runs only on macOS (this host is {sys.platform})"
+
+
+def _converter_exists(op: str) -> bool:
+    from coremltools.converters.mil.frontend.torch import ops as _ops  # noqa: F401  (fills the registry)
+    from coremltools.converters.mil.frontend.torch.torch_op_registry import _TORCH_OPS_REGISTRY
+
+    return _TORCH_OPS_REGISTRY.get_func(op) is not None
+
+
+def decomposed_for_coreml(exported):
+    """The core-ATen program coremltools converts: partial decomposition unless it leaves an op without a
+    converter (MiniLM keeps ``new_ones``), then the full one."""
+    with quiet():
+        partial = exported.run_decompositions({})
+    left = {str(n.target) for n in partial.graph.nodes if n.op == "call_function"
+            and not str(n.target).startswith(("<built-in", "_operator")) and not _converter_exists(str(n.target))}
+    if not left:
+        return partial, "run_decompositions({})"
+    with quiet():
+        return exported.run_decompositions(), f"run_decompositions() (the partial one left {', '.join(sorted(left))})"
+
+
+def _worth_reporting(text: str) -> bool:
+    text = text.lower()
+    return any(k in text for k in ("overflow", "precision", "not supported", "fall back", "lose"))
+
+
+def _dilated(node) -> bool:
+    args = list(node.args)
+    dilation = args[5] if len(args) > 5 else node.kwargs.get("dilation", 1)
+    values = dilation if isinstance(dilation, (list, tuple)) else [dilation]
+    return any(int(v) > 1 for v in values if isinstance(v, int))
+
+
+def verify_mlpackage(path: Path, program, backend: str, precision: str) -> dict:
+    """What can be checked without macOS: I/O names and shapes, ops, weight precision, size."""
+    import coremltools as ct
+
+    model = ct.models.MLModel(str(path), skip_model_load=sys.platform != "darwin")
+    spec = model.get_spec()
+    desc = spec.description
+    got_in = {i.name: list(i.type.multiArrayType.shape) for i in desc.input}
+    want_in = {s.name: list(s.shape) for s in program.inputs}
+    if got_in != want_in:
+        raise SlimxFailure("CoreML model", f"inputs {got_in} differ from the program's {want_in}", "report this")
+    got_out = [o.name for o in desc.output]
+    if got_out != list(program.output_names):
+        raise SlimxFailure("CoreML model", f"outputs {got_out} differ from {program.output_names}", "report this")
+    if backend == "neuralnetwork":
+        ops = Counter(layer.WhichOneof("layer") for layer in spec.neuralNetwork.layers)
+        ane = {op: n for op, n in ops.items() if _ane_unfriendly_layer(op)}
+        fp16 = sum(1 for layer in spec.neuralNetwork.layers for w in _layer_weights(layer) if len(w.float16Value))
+        fp32 = sum(1 for layer in spec.neuralNetwork.layers for w in _layer_weights(layer) if len(w.floatValue))
+        weights = {"fp16_tensors": fp16, "fp32_tensors": fp32}
+        if precision == "fp16" and fp32:
+            raise SlimxFailure("CoreML model", f"{fp32} weight tensors stayed fp32 after fp16 quantization",
+                               "report this")
+    else:
+        ops = Counter()
+        for function in spec.mlProgram.functions.values():
+            for block in function.block_specializations.values():
+                ops.update(op.type for op in block.operations)
+        ane = {op: n for op, n in ops.items() if op in _ANE_UNFRIENDLY_MIL}
+        weights = {"compute_precision": precision}
+    return {
+        "spec_version": spec.specificationVersion,
+        "verified": {"inputs": got_in, "outputs": got_out,
+                     "loaded_with": f"coremltools.models.MLModel {ct.__version__}"},
+        "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1])),
+        "weights": weights,
+        "ane_fallback_likely": {"ops": ane, "source": ANE_SOURCE} if ane else {},
+    }
+
+
+def _ane_unfriendly_layer(kind: str) -> bool:
+    low = kind.lower()
+    return ("broadcastable" in low or low.endswith("nd") or low.startswith(("gather", "embeddingnd")) or
+            low in ("uniDirectionalLSTM".lower(), "biDirectionalLSTM".lower(), "gru", "simpleRecurrent".lower(),
+                    "custom"))
+
+
+def _layer_weights(layer):
+    body = getattr(layer, layer.WhichOneof("layer"))
+    for field in ("weights", "bias"):
+        if hasattr(body, field):
+            yield getattr(body, field)
+
+
+class CoreMLRunner:
+    """CoreML prediction (macOS only): the Mac slimx runs on, not the iPhone."""
+
+    name = "coreml"
+
+    def __init__(self, compute_units: str = "all") -> None:
+        self.compute_units = compute_units
+
+    def _model(self, artifact: Artifact):
+        import coremltools as ct
+
+        units = getattr(ct.ComputeUnit, COMPUTE_UNITS[artifact.meta.get("compute_units", self.compute_units)])
+        return ct.models.MLModel(str(artifact.path), compute_units=units)
+
+    def run(self, artifact: Artifact, inputs: tuple, session=None) -> list[np.ndarray]:
+        model = session or self._model(artifact)
+        feed = {s.name: a.astype(np.float32 if s.dtype.startswith("float") else np.int32)
+                for s, a in zip(artifact.inputs, to_numpy_inputs(inputs), strict=True)}
+        out = model.predict(feed)
+        return [np.asarray(out[n]) for n in artifact.output_names]
+
+    def session(self, path):
+        import coremltools as ct
+
+        return ct.models.MLModel(str(path))
+
+    def time(self, artifact: Artifact, inputs: tuple, warmup: int = 5, runs: int = 50) -> Timing:
+        import coremltools as ct
+
+        model = self._model(artifact)
+        samples = []
+        for i in range(warmup + runs):
+            start = time.perf_counter_ns()
+            self.run(artifact, inputs, session=model)
+            if i >= warmup:
+                samples.append((time.perf_counter_ns() - start) / 1e6)
+        return Timing.from_samples(samples, runtime="coreml", runtime_version=ct.__version__, warmup=warmup,
+                                   threads=None)

@@ -1,0 +1,311 @@
+"""TensorRT: a TensorRT-ready ONNX, its ``trtexec`` build script, and the engine where TensorRT exists.
+
+The ONNX has static shapes, an opset the device's TensorRT parses, int8 as explicit symmetric Q/DQ
+nodes (TensorRT's quantization is symmetric) and, when the weights are 2:4 sparse, the build asks
+for sparse tactics. Where ``import tensorrt`` works (JetPack on a Jetson, x86 with TensorRT and a
+GPU) the engine is built with the builder API into ``model.plan`` with a timing cache; elsewhere the
+report says it was not built and why. A plan is never faked.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import time
+from pathlib import Path
+
+import numpy as np
+
+from slimx._core.errors import SlimxFailure, UsageError, first_line
+from slimx.targets.base import Artifact, CompileOptions, Coverage, Target, Timing, register_target, to_numpy_inputs
+
+
+def tensorrt_status() -> tuple[bool, str]:
+    """Whether TensorRT and a CUDA GPU are usable here, and if not, why."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError as exc:
+        return False, f"the tensorrt Python package is not importable here ({first_line(exc, 80)})"
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return False, "tensorrt imports but no CUDA GPU is visible"
+    except ImportError:
+        return False, "tensorrt imports but torch (used for device buffers) does not"
+    return True, ""
+
+
+@register_target
+class TensorRTTarget(Target):
+    name = "tensorrt"
+    extension = ".plan"
+    default_precision = "fp16"
+    needs_torch = False
+
+    def check(self, program) -> Coverage:
+        from slimx.targets.onnx import OnnxTarget
+
+        coverage = OnnxTarget().check(program)  # the same exporter writes the TensorRT-ready ONNX
+        coverage.target = self.name
+        return coverage
+
+    def validate(self, device, options: CompileOptions) -> None:
+        if options.precision == "int8-weights":
+            raise UsageError("--precision int8-weights", "TensorRT has no weight-only int8 path for these models",
+                             "use --precision int8 (explicit Q/DQ from --calib) or fp16")
+        dla = int(options.extra.get("dla_core", -1))
+        cores = int(device.format_options.get("tensorrt", {}).get("dla_cores", 0))
+        if dla >= cores:
+            raise UsageError(f"--dla-core {dla}", f"{device.name} has {cores} DLA core(s)",
+                             "drop --dla-core, or pick a core the device has")
+
+    def compile(self, program, device, options: CompileOptions, out_dir: Path, calib_batches=None) -> Artifact:
+        from slimx.targets.onnx import OnnxTarget
+
+        trt_opts = device.format_options.get("tensorrt", {})
+        max_opset = int(trt_opts.get("max_onnx_opset", 18))
+        opset = min(options.opset, max_opset)
+        self.validate(device, options)
+        precision = options.precision
+        out_dir = Path(out_dir)
+        onnx_artifact = OnnxTarget().compile(program, device, CompileOptions(precision="fp32", opset=opset), out_dir)
+        onnx_path = onnx_artifact.path
+        notes = []
+        if opset < options.opset:
+            runtime = device.runtimes.get("tensorrt", "this TensorRT")
+            notes.append(f"opset capped at {opset}: the ONNX parser of {runtime} reads up to {max_opset}")
+        quant = None
+        if precision == "int8":
+            from slimx.quant.onnx import quantize_onnx_guarded
+            quant = quantize_onnx_guarded(onnx_path, onnx_path, calib_batches, program.module, symmetric=True,
+                                          op_types=("MatMul", "Gemm", "Conv"))
+        sparse = sparse_24_weights(onnx_path)
+        dla = int(options.extra.get("dla_core", -1))
+        flags = trtexec_flags(precision, bool(sparse), dla)
+        script = write_build_script(out_dir, device, precision, flags, notes)
+        files = [("onnx", onnx_path), ("script", script)]
+        meta = {"opset": opset, "precision": precision, "trtexec_flags": flags, "sparse_2_4_weights": sparse,
+                "quantization": quant, "notes": notes}
+        ok, why = tensorrt_status()
+        if ok:
+            plan = build_engine(onnx_path, out_dir / "model.plan", precision, bool(sparse), out_dir / "timing.cache",
+                                dla)
+            meta["engine"] = {"built": True, **plan}
+            files.append(("timing-cache", out_dir / "timing.cache"))
+            primary = out_dir / "model.plan"
+        else:
+            meta["engine"] = {"built": False, "reason": f"{why}; run build_engine.sh on the device"}
+            primary = onnx_path
+        meta["proxy_onnx"] = onnx_path.name
+        return Artifact(format=self.name, path=primary, inputs=program.inputs, output_names=program.output_names,
+                        meta=meta, extra_files=[f for f in files if f[1] != primary])
+
+    def runner(self):
+        ok, _ = tensorrt_status()
+        return TensorRTRunner() if ok else None
+
+    def runner_missing_reason(self) -> str:
+        return tensorrt_status()[1] or "no TensorRT engine was built"
+
+
+def sparse_24_weights(onnx_path: Path, min_size: int = 1024) -> list[str]:
+    """Initializers whose every group of 4 along the input dimension has at least 2 zeros (2:4)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(onnx_path))
+    found = []
+    for init in model.graph.initializer:
+        if len(init.dims) < 2 or int(np.prod(init.dims)) < min_size or init.data_type != onnx.TensorProto.FLOAT:
+            continue
+        w = numpy_helper.to_array(init)
+        for axis in (w.ndim - 1, w.ndim - 2):  # MatMul weights are (in, out), Gemm/Conv (out, in, ...)
+            moved = np.moveaxis(w, axis, -1)
+            if moved.shape[-1] % 4:
+                continue
+            groups = moved.reshape(-1, 4)
+            if np.all((groups == 0).sum(axis=1) >= 2) and np.any(groups != 0):
+                found.append(init.name)
+                break
+    return found
+
+
+def trtexec_flags(precision: str, sparse: bool, dla_core: int = -1) -> list[str]:
+    flags = ["--onnx=model.onnx", "--saveEngine=model.plan", "--timingCacheFile=timing.cache"]
+    if precision in ("fp16", "int8"):
+        flags.append("--fp16")
+    if precision == "int8":
+        flags.append("--int8")  # the Q/DQ scales in the ONNX are used; no TensorRT calibrator runs
+    if sparse:
+        flags.append("--sparsity=enable")
+    if dla_core >= 0:
+        flags += [f"--useDLACore={dla_core}", "--allowGPUFallback"]
+    return flags
+
+
+def write_build_script(out_dir: Path, device, precision: str, flags: list[str], notes: list[str]) -> Path:
+    from slimx import __version__
+
+    runtime = device.runtimes.get("tensorrt", "TensorRT")
+    lines = [
+        "#!/usr/bin/env bash",
+        f"# Build the TensorRT engine for {device.display_name} ({runtime}), precision {precision}.",
+        f"# Written by slimx {__version__}. Run it on the device: the engine is specific to its GPU and TensorRT.",
+        "# Explicit Q/DQ networks: TensorRT >= 10 also accepts --stronglyTyped instead of --fp16/--int8",
+        "# (layers without Q/DQ then keep the ONNX's fp32).",
+        *(f"# note: {n}" for n in notes),
+        "set -euo pipefail",
+        'cd "$(dirname "$0")"',
+        'TRTEXEC="${TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)}"',
+        '"$TRTEXEC" ' + " ".join(shlex.quote(f) for f in flags) + ' "$@"',
+        "",
+    ]
+    path = out_dir / "build_engine.sh"
+    tmp = path.with_name(".build_engine.sh.partial")
+    tmp.write_text("\n".join(lines))
+    tmp.chmod(0o755)
+    os.replace(tmp, path)
+    return path
+
+
+def build_engine(onnx_path: Path, plan_path: Path, precision: str, sparse: bool, cache_path: Path,
+                 dla_core: int = -1, workspace_mib: int = 2048) -> dict:
+    """Build and serialize an engine with the TensorRT builder API (only where tensorrt imports)."""
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    major = int(trt.__version__.split(".")[0])
+    flags = 0
+    if major < 10:
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise SlimxFailure("TensorRT ONNX parser", errors[:300] or "failed", "check the ONNX opset for this TensorRT")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
+    if precision in ("fp16", "int8"):
+        config.set_flag(trt.BuilderFlag.FP16)
+    if precision == "int8":
+        config.set_flag(trt.BuilderFlag.INT8)
+    if sparse:
+        config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
+    if dla_core >= 0:
+        config.default_device_type = trt.DeviceType.DLA
+        config.DLA_core = dla_core
+        config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    start = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise SlimxFailure("TensorRT engine build", "the builder returned no engine", "run build_engine.sh --verbose")
+    tmp = plan_path.with_name(f".{plan_path.name}.partial")
+    tmp.write_bytes(bytes(serialized))
+    os.replace(tmp, plan_path)
+    cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    return {"tensorrt": trt.__version__, "build_s": round(time.perf_counter() - start, 2)}
+
+
+class TensorRTRunner:
+    """Runs a serialized engine on the local GPU (device buffers through torch.cuda)."""
+
+    name = "tensorrt"
+
+    def session(self, path):
+        import tensorrt as trt
+
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
+        if engine is None:
+            raise SlimxFailure(f"TensorRT engine {path}", "does not deserialize", "rebuild it on this device")
+        return engine, engine.create_execution_context()
+
+    def _bind(self, session, inputs: tuple):
+        import tensorrt as trt
+        import torch
+
+        engine, ctx = session
+        arrays = iter(to_numpy_inputs(inputs))
+        outputs = []
+        keep = []
+        for i in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(i)
+            dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
+            if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+                tensor = torch.from_numpy(np.ascontiguousarray(next(arrays).astype(dtype))).cuda()
+            else:
+                tensor = torch.empty(tuple(ctx.get_tensor_shape(name)), dtype=_torch_dtype(dtype), device="cuda")
+                outputs.append(tensor)
+            keep.append(tensor)
+            ctx.set_tensor_address(name, tensor.data_ptr())
+        return outputs, keep
+
+    def run(self, artifact: Artifact, inputs: tuple, session=None) -> list[np.ndarray]:
+        import torch
+
+        session = session or self.session(artifact.path)
+        outputs, _keep = self._bind(session, inputs)
+        stream = torch.cuda.current_stream()
+        session[1].execute_async_v3(stream.cuda_stream)
+        stream.synchronize()
+        return [t.float().cpu().numpy() for t in outputs]
+
+    def time(self, artifact: Artifact, inputs: tuple, warmup: int = 5, runs: int = 50) -> Timing:
+        import tensorrt as trt
+        import torch
+
+        session = self.session(artifact.path)
+        _outputs, _keep = self._bind(session, inputs)
+        ctx = session[1]
+        stream = torch.cuda.current_stream()
+        for _ in range(warmup):
+            ctx.execute_async_v3(stream.cuda_stream)
+        stream.synchronize()
+        samples = []
+        for _ in range(runs):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            ctx.execute_async_v3(stream.cuda_stream)
+            end.record(stream)
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+
+        class _Profiler(trt.IProfiler):
+            def __init__(self):
+                super().__init__()
+                self.layers: dict[str, float] = {}
+
+            def report_layer_time(self, layer_name, ms):
+                self.layers[layer_name] = self.layers.get(layer_name, 0.0) + ms
+
+        profiler = _Profiler()
+        ctx.profiler = profiler
+        profile_runs = 10
+        for _ in range(profile_runs):
+            ctx.execute_async_v3(stream.cuda_stream)
+            stream.synchronize()
+        total = sum(profiler.layers.values()) or 1.0
+        ranked = sorted(profiler.layers.items(), key=lambda kv: -kv[1])
+        per_layer = [{"node": name, "op": _layer_kind(name), "ms": round(ms / profile_runs, 4),
+                      "share": round(ms / total, 4)} for name, ms in ranked]
+        return Timing.from_samples(samples, runtime=self.name, runtime_version=trt.__version__, warmup=warmup,
+                                   threads=None, per_op=per_layer[:20], per_node=per_layer[:20])
+
+
+def _layer_kind(name: str) -> str:
+    match = re.match(r"([A-Za-z]+)", name)
+    return match.group(1) if match else name
+
+
+def _torch_dtype(dtype: np.dtype):
+    import torch
+
+    return {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16,
+            np.dtype(np.int32): torch.int32, np.dtype(np.int64): torch.int64, np.dtype(np.int8): torch.int8,
+            np.dtype(np.bool_): torch.bool}[np.dtype(dtype)]
