@@ -154,6 +154,27 @@ def _where(exc: BaseException) -> str:
 
 
 @contextlib.contextmanager
+def native_stderr_to_null():
+    """Silence what native libraries (TensorFlow/LiteRT C++ logging) write straight to file descriptor 2."""
+    import sys
+
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real descriptor (e.g. captured streams): nothing to silence
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+@contextlib.contextmanager
 def quiet():
     """Silence the exporters' chatter (progress prints, optimizer notes); errors still raise."""
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "torch.export", "torch._dynamo",

@@ -28,23 +28,86 @@ def tflite_quantization(module, example_kwargs: dict, precision: str, batches: l
         return module, quant_recipes.full_dynamic_recipe(), {
             "method": "LiteRT full_dynamic_recipe (dynamic range: int8 per-channel weights)"}
     if precision == "int8":
-        import torch
-        from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
-        from litert_torch.quantize.quant_config import QuantConfig
-        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
-        quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
-        try:
-            captured = torch.export.export(module, (), kwargs=example_kwargs, strict=False).module()
-            prepared = prepare_pt2e(captured, quantizer)
-            with torch.no_grad():
-                for batch in batches:
-                    prepared(**dict(zip(input_names, batch, strict=True)))
-            converted = convert_pt2e(prepared, fold_quantize=False)
-        except Exception as exc:
-            raise SlimxFailure("TFLite int8 (PT2E static) calibration", first_line(exc),
-                               "try --precision int8-weights (dynamic range), or run with --debug") from exc
-        return converted, QuantConfig(pt2e_quantizer=quantizer), {
-            "method": "PT2E static int8 (symmetric, per-channel weights, histogram observers)",
-            "calibration_samples": len(batches)}
+        return _static_int8(module, example_kwargs, batches, input_names)
     raise ValueError(precision)
+
+
+def _static_int8(module, example_kwargs: dict, batches: list[tuple], input_names: list[str],
+                 target_cosine: float = 0.98, step: int = 2, max_rounds: int = 4):
+    """PT2E static int8 with the accuracy guard of ``quant.sensitivity``: layers whose inputs lose too much
+    under int8 stay float, more of them (most sensitive first) while the quantized model's outputs on the
+    calibration data stay under ``target_cosine`` against the float model. Each round runs in PyTorch
+    (the converted PT2E model), so LiteRT converts once."""
+    import torch
+    from litert_torch.quantize.pt2e_quantizer import get_symmetric_quantization_config
+    from litert_torch.quantize.quant_config import QuantConfig
+
+    from slimx.quant.sensitivity import DEFAULT_SQNR_FLOOR_DB, input_sqnr_db
+
+    sqnr = input_sqnr_db(module, batches)
+    keep = {k: round(v, 1) for k, v in sqnr.items() if v < DEFAULT_SQNR_FLOOR_DB}
+    rest = sorted((v, k) for k, v in sqnr.items() if v >= DEFAULT_SQNR_FLOOR_DB)
+    with torch.no_grad():
+        reference = [_flat(module(*b)) for b in batches]
+    rounds = []
+    try:
+        captured = torch.export.export(module, (), kwargs=example_kwargs, strict=False)
+        for _ in range(max_rounds + 1):
+            quantizer = _quantizer_skipping(set(keep))
+            quantizer.set_global(get_symmetric_quantization_config(is_per_channel=True))
+            converted = _calibrated(captured.module(), quantizer, batches, input_names)
+            with torch.no_grad():
+                cosines = [_cosine(_flat(converted(**dict(zip(input_names, b, strict=True)))), ref)
+                           for b, ref in zip(batches, reference, strict=True)]
+            cosine = float(sum(cosines) / len(cosines))
+            rounds.append({"kept_float": len(keep), "calibration_cosine": round(cosine, 5)})
+            if cosine >= target_cosine or not rest:
+                break
+            for _ in range(min(step, len(rest))):
+                value, name = rest.pop(0)
+                keep[name] = round(value, 1)
+    except Exception as exc:
+        raise SlimxFailure("TFLite int8 (PT2E static) calibration", first_line(exc),
+                           "try --precision int8-weights (dynamic range), or run with --debug") from exc
+    return converted, QuantConfig(pt2e_quantizer=quantizer), {
+        "method": "PT2E static int8 (symmetric, per-channel weights, histogram observers)",
+        "calibration_samples": len(batches),
+        "kept_float": {"modules": keep, "why": "input SQNR under per-tensor int8 below the floor, or guard rounds"},
+        "guard": {"target_cosine": target_cosine, "sqnr_floor_db": DEFAULT_SQNR_FLOOR_DB, "rounds": rounds}}
+
+
+def _quantizer_skipping(skip: set[str]):
+    """LiteRT's PT2E quantizer, minus the annotations of nodes inside the ``skip`` modules (they stay float).
+    Its own set_module_name filter expects an older module-stack key format, so it is not used."""
+    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer
+
+    class SkippingQuantizer(PT2EQuantizer):
+        def annotate(self, model):
+            model = super().annotate(model)
+            for node in model.graph.nodes:
+                stack = node.meta.get("nn_module_stack") or {}
+                if stack and list(stack.values())[-1][0] in skip:
+                    node.meta.pop("quantization_annotation", None)
+            return model
+
+    return SkippingQuantizer()
+
+
+def _calibrated(graph_module, quantizer, batches, input_names):
+    import torch
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    prepared = prepare_pt2e(graph_module, quantizer)
+    with torch.no_grad():
+        for batch in batches:
+            prepared(**dict(zip(input_names, batch, strict=True)))
+    return convert_pt2e(prepared, fold_quantize=False)
+
+
+def _flat(out):
+    return (out[0] if isinstance(out, (tuple, list)) else out).detach().float().reshape(-1)
+
+
+def _cosine(a, b) -> float:
+    denom = float(a.norm() * b.norm())
+    return float(a @ b) / denom if denom else 0.0

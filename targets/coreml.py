@@ -99,13 +99,13 @@ class CoreMLTarget(Target):
         precision = options.precision
         inputs = [ct.TensorType(name=s.name, shape=s.shape,
                                 dtype=np.float32 if s.dtype.startswith("float") else np.int32) for s in program.inputs]
-        outputs = [ct.TensorType(name=n) for n in program.output_names]
-        kwargs = {"inputs": inputs, "outputs": outputs, "convert_to": backend,
+        kwargs = {"inputs": inputs, "convert_to": backend,
                   "minimum_deployment_target": getattr(ct.target, f"iOS{ios}"),
                   "compute_units": getattr(ct.ComputeUnit, COMPUTE_UNITS[units])}
         if backend == "mlprogram":
             kwargs["compute_precision"] = ct.precision.FLOAT32 if precision == "fp32" else ct.precision.FLOAT16
         model, notes, decomposition = self._convert(program, kwargs)
+        model = _rename_outputs(model, program.output_names)
         from slimx.quant.coreml import quantize_mlprogram, quantize_neuralnetwork
 
         with quiet():  # the weight quantizers print a line per layer
@@ -172,6 +172,24 @@ class CoreMLTarget(Target):
 
     def runner_missing_reason(self) -> str:
         return f"CoreML runs only on macOS (this host is {sys.platform})"
+
+
+def _rename_outputs(model, names: list[str]):
+    """Give the outputs slimx's names after conversion: naming them in ct.convert can clash with an
+    internal layer of the same name (MiniLM's output 'embedding' vs BERT's embedding layer)."""
+    import coremltools as ct
+
+    spec = model.get_spec()
+    current = [o.name for o in spec.description.output]
+    if current == list(names):
+        return model
+    if len(current) != len(names):
+        raise SlimxFailure("CoreML model", f"has {len(current)} outputs, the program {len(names)}", "report this")
+    for old, new in zip(current, names, strict=True):
+        if old != new:
+            ct.utils.rename_feature(spec, old, new, rename_inputs=False)
+    weights = getattr(model, "weights_dir", None) if spec.WhichOneof("Type") == "mlProgram" else None
+    return ct.models.MLModel(spec, weights_dir=weights, skip_model_load=sys.platform != "darwin")
 
 
 def _converter_exists(op: str) -> bool:

@@ -14,6 +14,7 @@ from slimx._core.errors import SlimxFailure, first_line
 from slimx.export.program import node_module_path, onnx_node_modules
 from slimx.targets.base import Artifact, CompileOptions, Coverage, Target, Timing, register_target, to_numpy_inputs
 
+COMPUTE_OPS = ("MatMul", "Gemm", "Conv")
 _ONNX_DTYPE = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
                "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
 
@@ -74,8 +75,10 @@ class OnnxTarget(Target):
             from slimx.quant.onnx import quantize_onnx, quantize_onnx_guarded
 
             if options.precision == "int8":
+                # the compute-heavy ops only: quantizing gathers, softmax and adds costs accuracy for no speed
                 meta["quantization"] = quantize_onnx_guarded(path, path, calib_batches, program.module,
-                                                             symmetric=False)
+                                                             symmetric=False, reduce_range=True,
+                                                             op_types=COMPUTE_OPS)
             else:
                 meta["quantization"] = quantize_onnx(path, path, options.precision, calib_batches)
         return Artifact(format=self.name, path=path, inputs=program.inputs, output_names=program.output_names,

@@ -62,7 +62,7 @@ class TensorRTTarget(Target):
                              "drop --dla-core, or pick a core the device has")
 
     def compile(self, program, device, options: CompileOptions, out_dir: Path, calib_batches=None) -> Artifact:
-        from slimx.targets.onnx import OnnxTarget
+        from slimx.targets.onnx import COMPUTE_OPS, OnnxTarget
 
         trt_opts = device.format_options.get("tensorrt", {})
         max_opset = int(trt_opts.get("max_onnx_opset", 18))
@@ -80,7 +80,7 @@ class TensorRTTarget(Target):
         if precision == "int8":
             from slimx.quant.onnx import quantize_onnx_guarded
             quant = quantize_onnx_guarded(onnx_path, onnx_path, calib_batches, program.module, symmetric=True,
-                                          op_types=("MatMul", "Gemm", "Conv"))
+                                          op_types=COMPUTE_OPS)
         sparse = sparse_24_weights(onnx_path)
         dla = int(options.extra.get("dla_core", -1))
         flags = trtexec_flags(precision, bool(sparse), dla)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import re
 import time
@@ -14,7 +13,7 @@ import numpy as np
 
 from slimx._core.errors import SlimxFailure, first_line, root_cause
 from slimx._core.inputs import sample_inputs
-from slimx.export.program import node_module_path, quiet
+from slimx.export.program import native_stderr_to_null, node_module_path, quiet
 from slimx.targets.base import Artifact, CompileOptions, Coverage, Target, Timing, register_target, to_numpy_inputs
 
 # ops that convert but do not load in the LiteRT interpreter (seen here; see shared FIELD-NOTES)
@@ -47,22 +46,24 @@ class TFLiteTarget(Target):
         return coverage
 
     def compile(self, program, device, options: CompileOptions, out_dir: Path, calib_batches=None) -> Artifact:
-        import litert_torch
-
         from slimx.quant.tflite import tflite_quantization
+
+        with native_stderr_to_null():  # LiteRT logs from C++ when it loads
+            import litert_torch
 
         names = program.input_names
         example = sample_inputs(program.inputs, seed=0)
         kwargs = dict(zip(names, example, strict=True))
-        module, quant_config, record = tflite_quantization(program.module, kwargs, options.precision,
-                                                           calib_batches, names)
+        with native_stderr_to_null():  # LiteRT's quantizer logs from C++ on import
+            module, quant_config, record = tflite_quantization(program.module, kwargs, options.precision,
+                                                               calib_batches, names)
         needs_decomps = any(str(n.target) in _NEEDS_TFL_DECOMPS for n in program.exported.graph.nodes
                             if n.op == "call_function")
         path = Path(out_dir) / "model.tflite"
         tmp = path.with_name(".model.tflite.partial")
         try:
             with _env("LITERT_TORCH_FULL_TFL_DECOMPS", "1" if needs_decomps else None), quiet(), \
-                    contextlib.redirect_stderr(io.StringIO()):
+                    native_stderr_to_null():
                 # the program's module is already in eval mode; a PT2E-converted graph refuses .eval()
                 converted = litert_torch.convert(module, (), sample_kwargs=kwargs, quant_config=quant_config)
                 converted.export(str(tmp))
@@ -102,8 +103,9 @@ def inspect_tflite(path: Path, program) -> dict:
     from ai_edge_litert.interpreter import Interpreter
 
     try:
-        interp = Interpreter(model_path=str(path), num_threads=1)
-        interp.allocate_tensors()
+        with native_stderr_to_null():  # "Created TensorFlow Lite XNNPACK delegate" on every load
+            interp = Interpreter(model_path=str(path), num_threads=1)
+            interp.allocate_tensors()
     except Exception as exc:
         op = re.search(r"([A-Z][A-Z0-9_]{3,})", str(exc))
         raise SlimxFailure(f"the converted .tflite{' (op ' + op.group(1) + ')' if op else ''}",
@@ -144,8 +146,9 @@ class LiteRTRunner:
     def session(self, path):
         from ai_edge_litert.interpreter import Interpreter
 
-        interp = Interpreter(model_path=str(path), num_threads=self.threads)
-        interp.allocate_tensors()
+        with native_stderr_to_null():
+            interp = Interpreter(model_path=str(path), num_threads=self.threads)
+            interp.allocate_tensors()
         return interp.get_signature_runner()
 
     def _feed(self, sig, artifact: Artifact, inputs: tuple) -> dict:

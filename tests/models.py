@@ -221,3 +221,21 @@ def make_tiny_bert_dir(path: Path, sentence_transformers: bool = False, seed: in
             {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
         ]))
     return path
+
+
+class SortTokens(nn.Module):
+    """Sorts its features: converts to TFLite but cannot load in the LiteRT interpreter (STABLEHLO_SORT)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.sort(self.proj(x), dim=-1).values
+
+
+def sort_model() -> nn.Module:
+    seeded(0)
+    model = SortTokens()
+    model.example_inputs = lambda: (torch.randn(1, 8),)
+    return model

@@ -262,3 +262,17 @@ def test_devices_table_and_show(capsys):
     assert json.loads(capsys.readouterr().out)["default_format"] == "tensorrt"
     assert main(["devices", "show", "nope"]) == 2
     assert_one_line_error(capsys.readouterr().err, "unknown device")
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["tests.models:sort_model", "--target", "pixel7"],
+     ["aten.sort", "SortTokens", "tflite format cannot express"]),
+    (["tests.models:eigh_model", "--target", "iphone12"],
+     ["aten._linalg_eigh", "Eigh", "coreml format cannot express"]),
+])
+def test_op_a_format_cannot_express(tmp_path, capsys, args, needles):
+    out_dir = tmp_path / "o"
+    code, _, err = export(capsys, *FAST, *args, "--out", str(out_dir))
+    assert code == 1
+    assert_one_line_error(err, *needles, "--format")
+    assert not out_dir.exists()

@@ -53,3 +53,48 @@ def test_timm_models_to_host_onnx(tmp_path, capsys, name):
     assert rep["latency"]["median_ms"] > 0
     if name == "efficientformer_l1":
         assert len(rep["deploy"]["bn_folded"]) > 20
+
+
+def test_minilm_to_pixel7_tflite(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["export", "minilm", "--target", "pixel7", "--out", str(out), "-q"]) == 0, capsys.readouterr().err
+    rep = json.loads((out / "report.json").read_text())
+    assert (out / "model.tflite").is_file() and rep["target"] == {"format": "tflite", "precision": "fp32", "opset": 18}
+    assert rep["parity"]["runtime"] == "litert" and rep["parity"]["cosine"] >= 0.999
+    assert rep["latency"]["device"] == "pixel7" and rep["latency"]["measured"] is False
+    assert rep["host_latency"]["runtime"] == "litert" and rep["host_latency"]["median_ms"] > 0
+
+
+def test_efficientformer_to_iphone12_coreml(tmp_path, capsys):
+    import coremltools as ct
+
+    out = tmp_path / "o"
+    code = main(["export", "timm:efficientformer_l1", "--target", "iphone12", "--out", str(out), "-q"])
+    assert code == 0, capsys.readouterr().err
+    rep = json.loads((out / "report.json").read_text())
+    model = ct.models.MLModel(str(out / "model.mlpackage"), skip_model_load=True)
+    assert model.get_spec().description.input[0].name == "pixel_values"
+    meta = rep["compile"]
+    assert meta["deployment_target"] == "iOS14" and meta["compute_precision"] == "fp16"
+    assert meta["weights"]["fp16_tensors"] > 50 and meta["weights"]["fp32_tensors"] == 0
+    assert rep["parity"] == {"measured": False, "reason": rep["parity"]["reason"], "precision": "fp16"}
+    assert "macOS" in rep["parity"]["reason"]
+
+
+def test_minilm_to_jetson_int8_with_text_calibration(tmp_path, capsys):
+    from slimx.export.textdata import stdlib_sentences
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(stdlib_sentences(48)))
+    out = tmp_path / "o"
+    code = main(["export", "minilm", "--target", "jetson-orin-nano", "--precision", "int8", "--calib", str(calib),
+                 "--calib-samples", "48", "--out", str(out), "-q"])
+    assert code == 0, capsys.readouterr().err
+    rep = json.loads((out / "report.json").read_text())
+    meta = rep["compile"]
+    assert meta["quantization"]["qdq_nodes"]["QuantizeLinear"] > 50
+    assert meta["calibration"] == {"source": str(calib), "kind": "text", "samples": 48, "synthetic": False}
+    assert meta["engine"]["built"] is False and "tensorrt" in meta["engine"]["reason"]
+    assert (out / "build_engine.sh").stat().st_mode & 0o111
+    assert not (out / "model.plan").exists(), "no fake plan"
+    assert rep["parity"]["proxy"]["calibration"]["cosine"] >= 0.95
