@@ -145,32 +145,22 @@ def quantize_onnx_guarded(src: Path, dst: Path, batches: list[tuple], module, sy
     Round 0 keeps the layers under the SQNR floor (``quant.sensitivity``); each further round adds the
     ``step`` next-lowest-SQNR layers. Every round is recorded.
     """
-    from slimx.quant.sensitivity import DEFAULT_SQNR_FLOOR_DB, input_sqnr_db
+    from slimx.quant.sensitivity import guarded_int8
 
-    sqnr = input_sqnr_db(module, batches) if module is not None else {}
-    keep = {k: round(v, 1) for k, v in sqnr.items() if v < DEFAULT_SQNR_FLOOR_DB}
-    rest = sorted((v, k) for k, v in sqnr.items() if v >= DEFAULT_SQNR_FLOOR_DB)
     reference = [_torch_out(module, b) for b in batches] if module is not None else None
-    rounds = []
-    record = {}
     float_copy = dst.with_name(f".{dst.name}.fp32")  # every round starts from the float graph
     shutil.copyfile(src, float_copy)
+
+    def quantize_and_score(keep):
+        record = quantize_onnx(float_copy, dst, "int8", batches, symmetric=symmetric, op_types=op_types,
+                               keep_float_modules=keep, reduce_range=reduce_range)
+        return record, (_mean_cosine(dst, batches, reference) if reference is not None else None)
+
     try:
-        for _ in range(max_rounds + 1):
-            record = quantize_onnx(float_copy, dst, "int8", batches, symmetric=symmetric, op_types=op_types,
-                                   keep_float_modules=dict(keep), reduce_range=reduce_range)
-            if reference is None:
-                break
-            cosine = _mean_cosine(dst, batches, reference)
-            rounds.append({"kept_float": len(keep), "calibration_cosine": round(cosine, 5)})
-            if cosine >= target_cosine or not rest:
-                break
-            for _ in range(min(step, len(rest))):
-                value, name = rest.pop(0)
-                keep[name] = round(value, 1)
+        record, _keep, guard = guarded_int8(module, batches, quantize_and_score, target_cosine, step, max_rounds)
     finally:
         float_copy.unlink(missing_ok=True)
-    record["guard"] = {"target_cosine": target_cosine, "sqnr_floor_db": DEFAULT_SQNR_FLOOR_DB, "rounds": rounds}
+    record["guard"] = guard
     return record
 
 

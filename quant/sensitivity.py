@@ -50,6 +50,32 @@ def input_sqnr_db(module, batches: list[tuple], max_values: int = 4_000_000) -> 
     return out
 
 
-def layers_to_keep_float(module, batches: list[tuple], floor_db: float = DEFAULT_SQNR_FLOOR_DB) -> dict[str, float]:
-    """Module paths whose input SQNR under int8 is below ``floor_db`` (with their SQNR)."""
-    return {name: round(db, 1) for name, db in input_sqnr_db(module, batches).items() if db < floor_db}
+def guarded_int8(module, batches: list[tuple], quantize_and_score, target_cosine: float = 0.98, step: int = 2,
+                 max_rounds: int = 4):
+    """Quantize with an accuracy guard; return ``(result, kept_float, guard_record)``.
+
+    Round 0 keeps the layers under the SQNR floor in float; while the quantized model's mean cosine to
+    the float model on ``batches`` stays under ``target_cosine``, each round keeps the ``step`` next most
+    sensitive layers (lowest SQNR) in float too.
+
+    Args:
+        quantize_and_score: ``keep -> (result, cosine)``: quantizes with the modules in ``keep`` left
+            float and scores the result on the calibration data (cosine None: cannot score, stop).
+    """
+    sqnr = input_sqnr_db(module, batches) if module is not None else {}
+    keep = {k: round(v, 1) for k, v in sqnr.items() if v < DEFAULT_SQNR_FLOOR_DB}
+    rest = sorted((v, k) for k, v in sqnr.items() if v >= DEFAULT_SQNR_FLOOR_DB)
+    rounds = []
+    result = None
+    for _ in range(max_rounds + 1):
+        result, cosine = quantize_and_score(dict(keep))
+        if cosine is None:
+            break
+        rounds.append({"kept_float": len(keep), "calibration_cosine": round(cosine, 5)})
+        if cosine >= target_cosine or not rest:
+            break
+        for _ in range(min(step, len(rest))):
+            value, name = rest.pop(0)
+            keep[name] = round(value, 1)
+    guard = {"target_cosine": target_cosine, "sqnr_floor_db": DEFAULT_SQNR_FLOOR_DB, "rounds": rounds}
+    return result, keep, guard

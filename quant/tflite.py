@@ -42,30 +42,24 @@ def _static_int8(module, example_kwargs: dict, batches: list[tuple], input_names
     from litert_torch.quantize.pt2e_quantizer import get_symmetric_quantization_config
     from litert_torch.quantize.quant_config import QuantConfig
 
-    from slimx.quant.sensitivity import DEFAULT_SQNR_FLOOR_DB, input_sqnr_db
+    from slimx.quant.sensitivity import guarded_int8
 
-    sqnr = input_sqnr_db(module, batches)
-    keep = {k: round(v, 1) for k, v in sqnr.items() if v < DEFAULT_SQNR_FLOOR_DB}
-    rest = sorted((v, k) for k, v in sqnr.items() if v >= DEFAULT_SQNR_FLOOR_DB)
     with torch.no_grad():
         reference = [_flat(module(*b)) for b in batches]
-    rounds = []
+    captured = torch.export.export(module, (), kwargs=example_kwargs, strict=False)
+
+    def quantize_and_score(keep):
+        quantizer = _quantizer_skipping(set(keep))
+        quantizer.set_global(get_symmetric_quantization_config(is_per_channel=True))
+        converted = _calibrated(captured.module(), quantizer, batches, input_names)
+        with torch.no_grad():
+            cosines = [_cosine(_flat(converted(**dict(zip(input_names, b, strict=True)))), ref)
+                       for b, ref in zip(batches, reference, strict=True)]
+        return (converted, quantizer), float(sum(cosines) / len(cosines))
+
     try:
-        captured = torch.export.export(module, (), kwargs=example_kwargs, strict=False)
-        for _ in range(max_rounds + 1):
-            quantizer = _quantizer_skipping(set(keep))
-            quantizer.set_global(get_symmetric_quantization_config(is_per_channel=True))
-            converted = _calibrated(captured.module(), quantizer, batches, input_names)
-            with torch.no_grad():
-                cosines = [_cosine(_flat(converted(**dict(zip(input_names, b, strict=True)))), ref)
-                           for b, ref in zip(batches, reference, strict=True)]
-            cosine = float(sum(cosines) / len(cosines))
-            rounds.append({"kept_float": len(keep), "calibration_cosine": round(cosine, 5)})
-            if cosine >= target_cosine or not rest:
-                break
-            for _ in range(min(step, len(rest))):
-                value, name = rest.pop(0)
-                keep[name] = round(value, 1)
+        (converted, quantizer), keep, guard = guarded_int8(module, batches, quantize_and_score, target_cosine,
+                                                           step, max_rounds)
     except Exception as exc:
         raise SlimxFailure("TFLite int8 (PT2E static) calibration", first_line(exc),
                            "try --precision int8-weights (dynamic range), or run with --debug") from exc
@@ -73,7 +67,7 @@ def _static_int8(module, example_kwargs: dict, batches: list[tuple], input_names
         "method": "PT2E static int8 (symmetric, per-channel weights, histogram observers)",
         "calibration_samples": len(batches),
         "kept_float": {"modules": keep, "why": "input SQNR under per-tensor int8 below the floor, or guard rounds"},
-        "guard": {"target_cosine": target_cosine, "sqnr_floor_db": DEFAULT_SQNR_FLOOR_DB, "rounds": rounds}}
+        "guard": guard}
 
 
 def _quantizer_skipping(skip: set[str]):
