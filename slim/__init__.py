@@ -1,11 +1,49 @@
-"""Compression passes from the papers (LRT, DSFormer, EcoFormer, AxFormer, EfficientFormer slimming).
+"""Compression passes from the papers, the distillation ("recover") step and fidelity measures.
 
-Each pass is a strict config plus a registered function
-``apply(model, cfg, ctx) -> PassResult``; the passes themselves land in later versions.
+Each pass is a strict config plus a registered function ``apply(model, cfg, ctx) -> PassResult``
+(``slimx.slim.base``). In this version: ``lowrank`` (LRT). ``dsformer``, ``ecoformer``,
+``axformer``, ``hard-attention`` and ``latency-slim`` come in later versions.
 """
 
-from slimx._core.registry import Registry
+from slimx.slim import lowrank as _lowrank  # noqa: F401  (registers the pass)
+from slimx.slim.base import (
+    PASSES,
+    LayerSelector,
+    PassContext,
+    PassResult,
+    PassSpec,
+    load_recipe,
+    parse_pass,
+    recipe_text,
+    register_pass,
+)
+from slimx.slim.fidelity import fidelity, torch_fidelity
+from slimx.slim.recover import RecoverConfig, recover
 
-PASSES: Registry = Registry("pass")
 
-__all__ = ["PASSES"]
+def apply(model, specs: list[PassSpec], ctx: PassContext) -> tuple:
+    """Run passes in order; return the final model and each pass's result."""
+    results = []
+    for spec in specs:
+        result = PASSES.get(spec.name).fn(model, spec.config, ctx)
+        results.append(result)
+        model = result.model
+    return model, results
+
+
+__all__ = [
+    "PASSES",
+    "LayerSelector",
+    "PassContext",
+    "PassResult",
+    "PassSpec",
+    "RecoverConfig",
+    "apply",
+    "fidelity",
+    "load_recipe",
+    "parse_pass",
+    "recipe_text",
+    "recover",
+    "register_pass",
+    "torch_fidelity",
+]

@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--parity-inputs", type=int, default=8, help="fresh random inputs for parity (default 8)")
     exp.add_argument("--min-cosine", type=float, default=None, help="parity fails below (fp32 default 0.9999)")
     exp.add_argument("--max-rel-err", type=float, default=None, help="parity fails above (fp32 default 1e-3)")
+    exp.add_argument("--pass", dest="passes", action="append", default=[], metavar="NAME:K=V,...",
+                     help="a compression pass, e.g. lowrank:rank_ratio=0.5 (repeatable, run in order)")
+    exp.add_argument("--recipe", default=None, help="a TOML file of [[pass]] tables")
+    exp.add_argument("--recover", default=None, metavar="K=V,...",
+                     help="distill from the original after the passes, e.g. steps=200,lr=5e-5")
     exp.add_argument("--runs", type=int, default=50, help="timed runs, at least 30 (default 50)")
     exp.add_argument("--warmup", type=int, default=5, help="warm-up runs (default 5)")
     exp.add_argument("--threads", type=int, default=None, help="runtime threads (default: all cores)")
@@ -125,7 +130,7 @@ def _export(args, argv: list[str]) -> int:
         model=args.model, target=args.target, format=args.format, out=args.out, weights=args.weights,
         input_shapes=tuple(args.input_shape), precision=args.precision, opset=args.opset, calib=args.calib,
         deployment_target=args.deployment_target, compute_units=args.compute_units, palettize=args.palettize,
-        dla_core=args.dla_core,
+        dla_core=args.dla_core, passes=tuple(args.passes), recipe=args.recipe, recover=args.recover,
         calib_samples=args.calib_samples, parity_inputs=args.parity_inputs, min_cosine=args.min_cosine,
         max_rel_err=args.max_rel_err, runs=args.runs, warmup=args.warmup, threads=args.threads, seed=args.seed,
         command=("slimx", *argv),

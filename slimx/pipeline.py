@@ -7,6 +7,7 @@ into place at the end, so a failed run leaves no half-written file.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import time
@@ -47,6 +48,9 @@ class ExportConfig:
     runs: int = 50
     threads: int | None = None
     seed: int = 0
+    passes: tuple[str, ...] = ()
+    recipe: str | None = None
+    recover: str | None = None
     command: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -91,14 +95,21 @@ def run_export(cfg: ExportConfig, progress: Progress | None = None) -> dict:
         to_deployment,
     )
     from slimx.quant import calibration_batches, check_precision
+    from slimx.slim import load_recipe, parse_pass
     from slimx.targets import CompileOptions, get_target
 
+    specs = [parse_pass(p) for p in cfg.passes] + (load_recipe(cfg.recipe) if cfg.recipe else [])
+    recover_cfg = _recover_config(cfg.recover) if cfg.recover else None
+    if recover_cfg and not specs:
+        raise UsageError("--recover", "recovers accuracy after a compression pass, and none was given",
+                         "add --pass NAME:... or --recipe FILE")
     progress = progress or Progress(total=7)
+    progress.total = 8 if specs else 7
     device = load_device(cfg.target)
     fmt = cfg.format or device.default_format
     target = get_target(fmt)
     precision = check_precision(cfg.precision or target.default_precision)
-    if target.needs_torch and cfg.model.lower().endswith(".onnx"):
+    if (target.needs_torch or specs) and cfg.model.lower().endswith(".onnx"):
         raise UsageError(f"model {cfg.model}", f"the {target.name} target converts from the PyTorch program, "
                          "and an ONNX file has none", "start from the PyTorch model, or use --format onnx/tensorrt")
     out = Path(cfg.out or default_out_dir(cfg.model, device.name))
@@ -127,6 +138,12 @@ def run_export(cfg: ExportConfig, progress: Progress | None = None) -> dict:
                     module, deploy_record = to_deployment(loaded.module, example)
                     progress.note(f"reparameterized {len(deploy_record.reparameterized)} module(s), "
                                   f"folded {len(deploy_record.folded)} batch norm(s)")
+        compression = None
+        if specs:
+            with progress.stage("compress", ", ".join(s.name for s in specs)):
+                compression = run_passes(module, specs, recover_cfg, calib, loaded, device, cfg, progress)
+                original_stats = model_stats(loaded, module, example)
+                module = compression.pop("model")
         with progress.stage("torch.export"):
             exported = None
             if loaded.source == "pt2":
@@ -136,6 +153,8 @@ def run_export(cfg: ExportConfig, progress: Progress | None = None) -> dict:
             program = Program(loaded.name, exported, module, loaded.inputs, loaded.output_names,
                               onnx_source=loaded.onnx_path)
             stats = model_stats(loaded, module, example)
+            if compression is not None:
+                stats["original"] = original_stats
         with progress.stage("compile", f"{target.name} for {device.name}"):
             coverage = target.check(program)
             if not coverage.ok:
@@ -172,10 +191,16 @@ def run_export(cfg: ExportConfig, progress: Progress | None = None) -> dict:
                 progress.note(f"not measured: {parity['reason']}")
         with progress.stage("latency"):
             latency, host_latency = run_latency(device, target, artifact, program, cfg)
+            if compression is not None:
+                compression["speedup"] = measure_speedup(target, device, options, artifact, loaded, example,
+                                                         program, cfg, staging, progress)
         with progress.stage("report"):
             report = build_report(cfg, loaded, stats, device, target, precision, deploy_record, coverage,
                                   artifact, parity, latency, host_latency, progress)
             report["out"] = str(out)
+            if compression is not None:
+                report["passes"] = compression["passes"]
+                report["compression"] = {k: v for k, v in compression.items() if k != "passes"}
             write_json(staging / "report.json", report)
             publish(staging, out)
     except BaseException:
@@ -271,6 +296,92 @@ def run_latency(device, target, artifact, program, cfg: ExportConfig) -> tuple[d
     reason = (f"no {device.name} is attached and no runner for it exists here; the per-op latency estimator "
               "for devices not at hand comes in a later version")
     return {"device": device.name, "measured": False, "reason": reason}, host
+
+
+def _recover_config(text: str):
+    from slimx.slim import RecoverConfig
+    from slimx.slim.base import config_from_dict
+
+    values = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--recover {text}", f"{item!r} is not KEY=VALUE", "e.g. --recover steps=200,lr=5e-5")
+        values[key.strip()] = value.strip()
+    return config_from_dict(RecoverConfig, values, "--recover")
+
+
+def run_passes(module, specs, recover_cfg, calib, loaded, device, cfg: ExportConfig, progress) -> dict:
+    """Apply the passes (then recovery) to the deployment-form model; fidelity on held-out samples after each."""
+    from slimx.quant import calibration_batches
+    from slimx.slim import PassContext, apply, recipe_text, recover, torch_fidelity
+
+    def warn(_):
+        progress.warn("compressing with SYNTHETIC calibration inputs: rank choices, recovery and fidelity "
+                      "figures do not reflect real data; give --calib")
+
+    batches, synthetic = calibration_batches(calib, loaded.inputs, count=max(cfg.calib_samples, 16), seed=cfg.seed,
+                                             warn=warn)
+    held = max(2, len(batches) // 4) if len(batches) >= 8 else 0
+    fit, heldout = (batches[:-held], batches[-held:]) if held else (batches, batches)
+    data = (f"{len(heldout)} held-out {'SYNTHETIC ' if synthetic else ''}samples of "
+            f"{calib.source if calib else 'random inputs'}")
+    if not held:
+        data += " (too few to hold any out: in-sample)"
+    ctx = PassContext(calib=fit, synthetic=synthetic, teacher=module, device=device, progress=progress)
+    teacher = module
+    model = module
+    records = []
+    for spec in specs:
+        model, (result,) = apply(model, [spec], ctx)
+        entry = result.to_dict()
+        entry["fidelity"] = torch_fidelity(teacher, model, heldout)
+        records.append(entry)
+        progress.note(f"{spec.name}: {result.summary}; held-out cosine {entry['fidelity']['cosine_mean']:.4f}")
+    out = {"model": model, "passes": records, "recipe": recipe_text(specs), "calibration": {
+        "source": calib.source if calib else "synthetic random inputs", "fit_samples": len(fit),
+        "heldout_samples": len(heldout), "synthetic": synthetic}}
+    out["fidelity"] = {"data": data, "after_passes": records[-1]["fidelity"]}
+    if recover_cfg is not None:
+        model, record = recover(model, teacher, fit, recover_cfg, progress)
+        out["recover"] = {"config": dataclasses.asdict(recover_cfg), **record}
+        out["fidelity"]["after_recover"] = torch_fidelity(teacher, model, heldout)
+        progress.note(f"recovered: held-out cosine {out['fidelity']['after_recover']['cosine_mean']:.4f}")
+    out["fidelity"]["final"] = out["fidelity"].get("after_recover", out["fidelity"]["after_passes"])
+    out["model"] = model
+    return out
+
+
+def measure_speedup(target, device, options, artifact, loaded, example, program, cfg: ExportConfig, staging,
+                    progress) -> dict:
+    """Compile the uncompressed model the same way and time both, interleaved, in the same run and runtime."""
+    from slimx.export import Program, export_program, to_deployment
+
+    runner = target.runner()
+    if runner is None:
+        return {"measured": False, "reason": target.runner_missing_reason()}
+    base_dir = staging / ".baseline"
+    base_dir.mkdir()
+    try:
+        base_module, _ = to_deployment(loaded.module, example)
+        base_program = Program(loaded.name, export_program(base_module, example), base_module, loaded.inputs,
+                               loaded.output_names)
+        base_options = type(options)(precision=options.precision if options.precision != "int8" else "fp32",
+                                     opset=options.opset, extra=options.extra)
+        baseline = target.compile(base_program, device, base_options, base_dir)
+        inputs = sample_inputs(program.inputs, seed=cfg.seed + 7)
+        runs = max(30, cfg.runs // 2)
+        base_ms, comp_ms = [], []
+        for _ in range(2):  # interleaved rounds, so drift in machine load hits both alike
+            base_ms.append(runner.time(baseline, inputs, warmup=cfg.warmup, runs=runs).median_ms)
+            comp_ms.append(runner.time(artifact, inputs, warmup=cfg.warmup, runs=runs).median_ms)
+    finally:
+        shutil.rmtree(base_dir, ignore_errors=True)
+    base, comp = min(base_ms), min(comp_ms)
+    progress.note(f"speedup {base / comp:.2f}x ({base:.3f} ms -> {comp:.3f} ms, {runner.name})")
+    return {"measured": True, "runtime": runner.name, "baseline_median_ms": round(base, 4),
+            "compressed_median_ms": round(comp, 4), "ratio": round(base / comp, 3),
+            "baseline_precision": base_options.precision, "method": "best of 2 interleaved rounds of medians"}
 
 
 def model_stats(loaded, module, example) -> dict:

@@ -276,3 +276,31 @@ def test_op_a_format_cannot_express(tmp_path, capsys, args, needles):
     assert code == 1
     assert_one_line_error(err, *needles, "--format")
     assert not out_dir.exists()
+
+
+def test_compression_pass_end_to_end(tmp_path, capsys, tiny_st_dir):
+    from slimx.export.textdata import stdlib_sentences
+
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(stdlib_sentences(24)))
+    code, out, err = export(capsys, f"hf:{tiny_st_dir}", "--input-shape", "1x16", "--calib", str(text),
+                            "--calib-samples", "24", "--pass", "lowrank:rank_ratio=0.25,min_features=16",
+                            "--recover", "steps=20,lr=1e-3", "--out", str(tmp_path / "o"), *FAST)
+    assert code == 0, err
+    rep = report_of(tmp_path / "o")
+    (entry,) = rep["passes"]
+    assert entry["name"] == "lowrank" and entry["summary"]["factorized"] > 0
+    assert all("rank" in layer or "skipped" in layer for layer in entry["layers"])
+    comp = rep["compression"]
+    assert comp["calibration"]["synthetic"] is False and comp["calibration"]["heldout_samples"] == 6
+    assert "after_recover" in comp["fidelity"] and comp["recover"]["steps_run"] >= 10
+    assert comp["speedup"]["measured"] and comp["speedup"]["ratio"] > 0
+    assert rep["model"]["params"] < rep["model"]["original"]["params"]
+    assert '[[pass]]\nname = "lowrank"' in comp["recipe"]
+
+
+def test_recover_without_a_pass_is_refused(tmp_path, capsys):
+    code, _, err = export(capsys, "tests.models:tiny_mlp", "--recover", "steps=5", "--out", str(tmp_path / "o"),
+                          *FAST)
+    assert code == 2
+    assert_one_line_error(err, "--recover", "--pass")

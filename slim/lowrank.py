@@ -1,0 +1,199 @@
+"""LRT (Greenformers' Low-Rank Transformer): each selected ``nn.Linear`` becomes two thin linears.
+
+W (out x in) ~= U_r S_r V_r^T from a truncated SVD; ``down = S_r^1/2 V_r^T`` (in -> r) and
+``up = U_r S_r^1/2`` (r -> out). Activation-aware: the SVD is taken of ``W diag(s)`` with ``s`` the RMS
+of each input channel over the calibration data (then undone on ``down``), so the truncation error is
+small where the inputs are large. Ranks come from a fixed ratio, retained energy, or a parameter budget,
+are rounded up to a hardware-friendly multiple, and a layer is skipped when the factorization would not
+reduce its MACs.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+
+from slimx.slim.base import LayerSelector, PassContext, PassResult, config_to_dict, register_pass
+
+
+@dataclass(frozen=True)
+class LowRankConfig:
+    """Options of the ``lowrank`` pass (exactly one of rank_ratio, energy, param_budget; default ratio 0.5).
+
+    Attributes:
+        rank_ratio: rank = ratio x min(in, out).
+        energy: smallest rank keeping this fraction of the (scaled) weight's squared singular values.
+        param_budget: each factorized layer keeps at most this fraction of its parameters.
+        activation_aware: weight the SVD by calibration input statistics.
+        multiple: round ranks up to a multiple of this (default: 8, or the device's ``rank_multiple``).
+        include, exclude: module-path regexes (include wins, then exclude); types: module class names.
+        min_features: leave layers with fewer input or output features alone.
+    """
+
+    rank_ratio: float | None = None
+    energy: float | None = None
+    param_budget: float | None = None
+    activation_aware: bool = True
+    multiple: int | None = None
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    types: tuple[str, ...] = ()
+    min_features: int = 32
+
+    def __post_init__(self) -> None:
+        modes = [m for m in ("rank_ratio", "energy", "param_budget") if getattr(self, m) is not None]
+        if len(modes) > 1:
+            raise ValueError(f"give one of rank_ratio, energy, param_budget (got {', '.join(modes)})")
+        if not modes:
+            object.__setattr__(self, "rank_ratio", 0.5)
+        for name in ("rank_ratio", "energy", "param_budget"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < value <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1], got {value}")
+        if self.multiple is not None and self.multiple < 1:
+            raise ValueError("multiple must be at least 1")
+
+    @property
+    def selector(self) -> LayerSelector:
+        return LayerSelector(include=self.include, exclude=self.exclude, types=self.types)
+
+
+class LowRankLinear(torch.nn.Module):
+    """``up(down(x))``: two linears through a rank-r bottleneck (exports as two MatMuls everywhere)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool) -> None:
+        super().__init__()
+        self.rank = rank
+        self.down = torch.nn.Linear(in_features, rank, bias=False)
+        self.up = torch.nn.Linear(rank, out_features, bias=bias)
+
+    def forward(self, x):
+        return self.up(self.down(x))
+
+
+def input_second_moments(model, paths: list[str], batches: list[tuple]):
+    """Input-channel second-moment matrices (X^T X) and row counts of the given linears on ``batches``."""
+    stats: dict[str, list] = {p: [None, 0] for p in paths}
+    hooks = []
+    for path in paths:
+        def record(_mod, inputs, _out, path=path):
+            x = inputs[0].detach().double().reshape(-1, inputs[0].shape[-1])
+            acc = stats[path]
+            acc[0] = x.T @ x if acc[0] is None else acc[0] + x.T @ x
+            acc[1] += x.shape[0]
+        hooks.append(model.get_submodule(path).register_forward_hook(record))
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(*batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {p: (c, n) for p, (c, n) in stats.items() if c is not None}
+
+
+def plan_lowrank(model, cfg: LowRankConfig, ctx: PassContext) -> list[dict]:
+    """Decide, per linear, whether and at which rank to factorize; nothing is changed yet."""
+    multiple = cfg.multiple or int(_device_multiple(ctx.device) or 8)
+    candidates = []
+    for path, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and path and cfg.selector.selects(path, mod):
+            candidates.append(path)
+    moments = input_second_moments(model, candidates, ctx.calib) if (cfg.activation_aware and ctx.calib) else {}
+    plan = []
+    for path in candidates:
+        lin = model.get_submodule(path)
+        out_f, in_f = lin.weight.shape
+        entry = {"layer": path, "in": in_f, "out": out_f, "params_before": lin.weight.numel(),
+                 "macs_per_token_before": in_f * out_f}
+        if min(in_f, out_f) < cfg.min_features:
+            plan.append({**entry, "skipped": f"fewer than {cfg.min_features} features"})
+            continue
+        weight = lin.weight.detach().double()
+        scale = None
+        if path in moments:
+            cov, rows = moments[path]
+            scale = torch.sqrt(torch.diagonal(cov) / max(rows, 1)).clamp(min=1e-6)
+        u, s, vt = torch.linalg.svd(weight * scale if scale is not None else weight, full_matrices=False)
+        rank = _choose_rank(cfg, s, in_f, out_f)
+        rank = min(int(math.ceil(rank / multiple) * multiple), min(in_f, out_f))
+        if rank * (in_f + out_f) >= in_f * out_f:
+            plan.append({**entry, "rank": rank,
+                         "skipped": f"rank {rank} would not reduce MACs ({rank * (in_f + out_f)} >= {in_f * out_f})"})
+            continue
+        root = torch.sqrt(s[:rank])
+        down = root[:, None] * vt[:rank]
+        if scale is not None:
+            down = down / scale[None, :]
+        up = u[:, :rank] * root[None, :]
+        factored = rank * (in_f + out_f)
+        entry.update({"rank": rank, "params_after": factored, "macs_per_token_after": factored,
+                      "rel_err": _relative_error(weight, up @ down, moments.get(path)),
+                      "error_on": "calibration activations" if path in moments else "weights",
+                      "_factors": (down.float(), up.float())})
+        plan.append(entry)
+    return plan
+
+
+def _choose_rank(cfg: LowRankConfig, s, in_f: int, out_f: int) -> int:
+    if cfg.rank_ratio is not None:
+        return max(1, round(cfg.rank_ratio * min(in_f, out_f)))
+    if cfg.energy is not None:
+        energy = (s**2).cumsum(0) / (s**2).sum()
+        return (energy < cfg.energy).sum().item() + 1
+    return max(1, int(cfg.param_budget * in_f * out_f / (in_f + out_f)))
+
+
+def _relative_error(weight, approx, moment) -> float:
+    diff = weight - approx
+    if moment is None:
+        return float(torch.linalg.norm(diff) / torch.linalg.norm(weight))
+    cov, _ = moment  # ||X D^T||^2 = trace(D C D^T)
+    num = torch.einsum("oi,ij,oj->", diff, cov, diff)
+    den = torch.einsum("oi,ij,oj->", weight, cov, weight)
+    return float(torch.sqrt(num.clamp(min=0) / den.clamp(min=1e-30)))
+
+
+def _device_multiple(device):
+    if device is None:
+        return None
+    return (device.raw or {}).get("rank_multiple")
+
+
+@register_pass("lowrank", LowRankConfig)
+def lowrank(model, cfg: LowRankConfig, ctx: PassContext) -> PassResult:
+    """Factorize the selected linears (a new model; the input is left as it was).
+
+    Example:
+        >>> from slimx.slim.base import PassContext
+        >>> m = torch.nn.Sequential(torch.nn.Linear(64, 64))
+        >>> r = lowrank(m, LowRankConfig(rank_ratio=0.25), PassContext())
+        >>> type(r.model[0]).__name__, r.model[0].rank
+        ('LowRankLinear', 16)
+    """
+    plan = plan_lowrank(model, cfg, ctx)
+    new = copy.deepcopy(model)
+    for entry in plan:
+        if "skipped" in entry:
+            continue
+        down, up = entry.pop("_factors")
+        old = new.get_submodule(entry["layer"])
+        repl = LowRankLinear(entry["in"], entry["out"], entry["rank"], bias=old.bias is not None)
+        with torch.no_grad():
+            repl.down.weight.copy_(down)
+            repl.up.weight.copy_(up)
+            if old.bias is not None:
+                repl.up.bias.copy_(old.bias)
+        parent_path, _, name = entry["layer"].rpartition(".")
+        setattr(new.get_submodule(parent_path) if parent_path else new, name, repl)
+    done = [e for e in plan if "skipped" not in e]
+    before = sum(e["params_before"] for e in done)
+    after = sum(e["params_after"] for e in done)
+    summary = {"factorized": len(done), "skipped": len(plan) - len(done),
+               "params_before": before, "params_after": after,
+               "param_ratio": round(after / before, 4) if before else None,
+               "mean_rel_err": round(sum(e["rel_err"] for e in done) / len(done), 5) if done else None}
+    return PassResult(model=new, name="lowrank", config=config_to_dict(cfg), layers=plan, summary=summary)

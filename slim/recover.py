@@ -1,0 +1,121 @@
+"""Recover: knowledge distillation from the original model on the calibration data, bounded and early-stopped."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from slimx._core.errors import UsageError
+
+
+@dataclass(frozen=True)
+class RecoverConfig:
+    """``--recover steps=N,lr=X,loss=mse|kl|cosine,batch_size=B,patience=P``.
+
+    Attributes:
+        steps: optimizer steps at most.
+        lr: AdamW learning rate.
+        loss: ``mse`` (outputs or embeddings), ``cosine`` (1 - cosine, for embeddings), ``kl`` (logits, T=2).
+        batch_size: samples per step, drawn from the calibration batches.
+        patience: stop after this many evaluations (every 10 steps) without a better held-out loss.
+        holdout: fraction of the calibration samples kept out of training, to judge early stopping.
+    """
+
+    steps: int = 100
+    lr: float = 5e-5
+    loss: str = "mse"
+    batch_size: int = 8
+    patience: int = 5
+    holdout: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.patience < 1:
+            raise ValueError("steps, batch_size and patience must be at least 1")
+        if self.loss not in ("mse", "kl", "cosine"):
+            raise ValueError(f"loss must be mse, kl or cosine, not {self.loss!r}")
+        if not 0.0 <= self.holdout < 1.0 or self.lr <= 0:
+            raise ValueError("holdout must be in [0, 1) and lr positive")
+
+
+def _stack(batches: list[tuple]) -> tuple:
+    return tuple(torch.cat([b[i] for b in batches]) for i in range(len(batches[0])))
+
+
+def _loss(student_out, teacher_out, kind: str):
+    s, t = student_out.float(), teacher_out.float()
+    if kind == "kl":
+        temp = 2.0
+        return torch.nn.functional.kl_div(torch.log_softmax(s / temp, -1), torch.softmax(t / temp, -1),
+                                          reduction="batchmean") * temp * temp
+    if kind == "cosine":
+        return (1 - torch.nn.functional.cosine_similarity(s.flatten(1), t.flatten(1), dim=-1)).mean()
+    return torch.nn.functional.mse_loss(s, t) / t.pow(2).mean().clamp(min=1e-12)  # relative, scale-free
+
+
+def recover(student, teacher, batches: list[tuple], cfg: RecoverConfig, progress=None) -> tuple:
+    """Distill ``teacher`` into ``student`` (trained in place); return (student, record)."""
+    if len(batches) < 2:
+        raise UsageError("--recover", "needs at least 2 calibration samples", "give --calib with more data")
+    held = max(1, round(len(batches) * cfg.holdout)) if cfg.holdout else 0
+    train, val = (batches[:-held], batches[-held:]) if held and len(batches) - held >= 1 else (batches, batches)
+    teacher.eval()
+    with torch.no_grad():
+        val_in = _stack(val)
+        val_target = teacher(*val_in)
+        train_targets = [teacher(*b) for b in train]
+    params = [p for p in student.parameters() if p.is_floating_point()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
+
+    def val_loss() -> float:
+        student.eval()
+        with torch.no_grad():
+            return float(_loss(student(*val_in), val_target, cfg.loss))
+
+    best = val_loss()
+    start_loss, best_state, stale, step = best, {k: v.detach().clone() for k, v in student.state_dict().items()}, 0, 0
+    gen = torch.Generator().manual_seed(0)
+    started = time.perf_counter()
+    for step in range(1, cfg.steps + 1):
+        student.train()
+        idx = torch.randint(0, len(train), (min(cfg.batch_size, len(train)),), generator=gen).tolist()
+        inputs = _stack([train[i] for i in idx])
+        target = torch.cat([train_targets[i] for i in idx])
+        loss = _loss(student(*inputs), target, cfg.loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 10 == 0 or step == cfg.steps:
+            current = val_loss()
+            _show(progress, step, cfg.steps, float(loss), current)
+            if current < best - 1e-6:
+                best, stale = current, 0
+                best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+            else:
+                stale += 1
+                if stale >= cfg.patience:
+                    break
+    student.load_state_dict(best_state)
+    student.eval()
+    for p in params:
+        p.requires_grad_(False)
+    return student, {"steps_run": step, "early_stopped": step < cfg.steps, "heldout_loss_before": round(start_loss, 6),
+                     "heldout_loss_after": round(best, 6), "loss": cfg.loss, "train_samples": len(train),
+                     "heldout_samples": len(val), "seconds": round(time.perf_counter() - started, 1)}
+
+
+def _show(progress, step: int, total: int, train_loss: float, val_loss: float) -> None:
+    text = f"recover: step {step}/{total}  train {train_loss:.4g}  held-out {val_loss:.4g}"
+    if progress is not None and getattr(progress, "tty", False):
+        print(f"\r\x1b[K{text}", end="", file=sys.stderr, flush=True)
+        if step == total:
+            print(file=sys.stderr)
+    elif progress is not None and progress.enabled and step % max(10, total // 4 // 10 * 10) == 0:
+        print(f"      {text}", file=sys.stderr, flush=True)
