@@ -1,10 +1,11 @@
 """Compression passes from the papers, the distillation ("recover") step and fidelity measures.
 
 Each pass is a strict config plus a registered function ``apply(model, cfg, ctx) -> PassResult``
-(``slimx.slim.base``). In this version: ``lowrank`` (LRT). ``dsformer``, ``ecoformer``,
+(``slimx.slim.base``). In this version: ``lowrank`` (LRT) and ``dsformer``. ``ecoformer``,
 ``axformer``, ``hard-attention`` and ``latency-slim`` come in later versions.
 """
 
+from slimx.slim import dsformer as _dsformer  # noqa: F401  (registers the pass)
 from slimx.slim import lowrank as _lowrank  # noqa: F401  (registers the pass)
 from slimx.slim.base import (
     PASSES,
@@ -17,6 +18,7 @@ from slimx.slim.base import (
     recipe_text,
     register_pass,
 )
+from slimx.slim.dsformer import finalize
 from slimx.slim.fidelity import fidelity, torch_fidelity
 from slimx.slim.recover import RecoverConfig, recover
 
@@ -40,6 +42,7 @@ __all__ = [
     "RecoverConfig",
     "apply",
     "fidelity",
+    "finalize",
     "load_recipe",
     "parse_pass",
     "recipe_text",

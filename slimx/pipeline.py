@@ -314,7 +314,7 @@ def _recover_config(text: str):
 def run_passes(module, specs, recover_cfg, calib, loaded, device, cfg: ExportConfig, progress) -> dict:
     """Apply the passes (then recovery) to the deployment-form model; fidelity on held-out samples after each."""
     from slimx.quant import calibration_batches
-    from slimx.slim import PassContext, apply, recipe_text, recover, torch_fidelity
+    from slimx.slim import PassContext, apply, finalize, recipe_text, recover, torch_fidelity
 
     def warn(_):
         progress.warn("compressing with SYNTHETIC calibration inputs: rank choices, recovery and fidelity "
@@ -348,7 +348,7 @@ def run_passes(module, specs, recover_cfg, calib, loaded, device, cfg: ExportCon
         out["fidelity"]["after_recover"] = torch_fidelity(teacher, model, heldout)
         progress.note(f"recovered: held-out cosine {out['fidelity']['after_recover']['cosine_mean']:.4f}")
     out["fidelity"]["final"] = out["fidelity"].get("after_recover", out["fidelity"]["after_passes"])
-    out["model"] = model
+    out["model"] = finalize(model)  # deployable form (e.g. dense-sparse layers as two plain linears)
     return out
 
 

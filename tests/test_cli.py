@@ -283,7 +283,7 @@ def test_compression_pass_end_to_end(tmp_path, capsys, tiny_st_dir):
 
     text = tmp_path / "calib.txt"
     text.write_text("\n".join(stdlib_sentences(24)))
-    code, out, err = export(capsys, f"hf:{tiny_st_dir}", "--input-shape", "1x16", "--calib", str(text),
+    code, _, err = export(capsys, f"hf:{tiny_st_dir}", "--input-shape", "1x16", "--calib", str(text),
                             "--calib-samples", "24", "--pass", "lowrank:rank_ratio=0.25,min_features=16",
                             "--recover", "steps=20,lr=1e-3", "--out", str(tmp_path / "o"), *FAST)
     assert code == 0, err
