@@ -5,9 +5,11 @@ import importlib
 
 import pytest
 
-MODULES = ["slimx._core.inputs", "slimx._core.registry", "slimx._core.progress", "slimx.export.parity",
-           "slimx.devices.registry", "slimx.targets", "slimx.slim.base", "slimx.slim.lowrank", "slimx.slim.fidelity", "slimx.slim.dsformer",
-           "slimx.export.textdata"]
+MODULES = [
+    "slimx._core.inputs", "slimx._core.registry", "slimx._core.progress", "slimx.export.parity",
+    "slimx.export.textdata", "slimx.devices.registry", "slimx.targets", "slimx.slim.base", "slimx.slim.lowrank",
+    "slimx.slim.fidelity", "slimx.slim.dsformer",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)
