@@ -71,6 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     exp.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
 
+    ev = sub.add_parser("eval", parents=[common], help="an exported artifact against the original on real data",
+                        description="Run the artifact in OUT_DIR and the original model on DATA: fidelity (cosine, "
+                                    "nearest-neighbour agreement, accuracy with --labels) and the measured latency "
+                                    "ratio original/artifact in the same run and runtime.")
+    ev.add_argument("out_dir")
+    ev.add_argument("--against", required=True, help="the original MODEL (same forms as slimx export)")
+    ev.add_argument("--data", required=True, help="text file, image folder or .npz of inputs")
+    ev.add_argument("--labels", default=None, help="one integer label per sample, whitespace-separated")
+    ev.add_argument("--weights", default=None, help="weights for the original model")
+    ev.add_argument("--samples", type=int, default=64)
+    ev.add_argument("--runs", type=int, default=30)
+    ev.add_argument("--json", action="store_true")
+
     data = sub.add_parser("data", parents=[common], help="write calibration/evaluation data",
                           description="Write real English text (Python standard-library docstrings), one sentence "
                                       "per line, for --calib or evaluation.")
@@ -102,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             return _export(args, argv)
         if args.command == "data":
             return _data(args)
+        if args.command == "eval":
+            return _eval(args)
         return _devices(args)
     except SlimxError as exc:
         if args.debug:
@@ -141,6 +156,15 @@ def _export(args, argv: list[str]) -> int:
     else:
         print(summary(report))
         print(f"  report    {os.path.join(report['out'], 'report.json')}")
+    return 0
+
+
+def _eval(args) -> int:
+    from slimx.evaluate import evaluate, summary
+
+    result = evaluate(args.out_dir, args.against, args.data, samples=args.samples, runs=args.runs,
+                      weights=args.weights, labels=args.labels)
+    print(json.dumps(result, indent=2) if args.json else summary(result))
     return 0
 
 

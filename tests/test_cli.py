@@ -298,6 +298,20 @@ def test_compression_pass_end_to_end(tmp_path, capsys, tiny_st_dir):
     assert rep["model"]["params"] < rep["model"]["original"]["params"]
     assert '[[pass]]\nname = "lowrank"' in comp["recipe"]
 
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text("\n".join(stdlib_sentences(12, offset=500)))
+    assert main(["eval", str(tmp_path / "o"), "--against", f"hf:{tiny_st_dir}", "--data", str(heldout),
+                 "--runs", "30", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["fidelity"]["samples"] == 12 and 0 < result["fidelity"]["cosine_mean"] <= 1
+    assert "nn_agreement" in result["fidelity"] and result["latency"]["ratio"] > 0
+    assert result["latency"]["runtime"] == "onnxruntime"
+
+
+def test_eval_needs_an_export_folder(tmp_path, capsys):
+    assert main(["eval", str(tmp_path), "--against", "minilm", "--data", str(tmp_path / "x.txt")]) == 2
+    assert_one_line_error(capsys.readouterr().err, "has no report.json")
+
 
 def test_recover_without_a_pass_is_refused(tmp_path, capsys):
     code, _, err = export(capsys, "tests.models:tiny_mlp", "--recover", "steps=5", "--out", str(tmp_path / "o"),
