@@ -143,13 +143,19 @@ def parse_pass(text: str) -> PassSpec:
     """
     name, _, opts = text.partition(":")
     entry = PASSES.get(name.strip())
+    values = parse_key_values(opts, f"--pass {text}", "--pass NAME:key=value,key=value")
+    return PassSpec(entry.name, config_from_dict(entry.config_cls, values, f"--pass {entry.name}"))
+
+
+def parse_key_values(text: str, where: str, example: str) -> dict[str, str]:
+    """``a=1,b=x`` -> {"a": "1", "b": "x"}; anything else is a usage error naming ``where``."""
     values = {}
-    for item in filter(None, (o.strip() for o in opts.split(","))):
+    for item in filter(None, (t.strip() for t in text.split(","))):
         key, sep, value = item.partition("=")
         if not sep:
-            raise UsageError(f"--pass {text}", f"{item!r} is not KEY=VALUE", "write --pass NAME:key=value,key=value")
+            raise UsageError(where, f"{item!r} is not KEY=VALUE", f"write {example}")
         values[key.strip()] = value.strip()
-    return PassSpec(entry.name, config_from_dict(entry.config_cls, values, f"--pass {entry.name}"))
+    return values
 
 
 def load_recipe(path: str | Path) -> list[PassSpec]:

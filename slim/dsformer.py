@@ -191,11 +191,19 @@ def dsformer(model, cfg: DSFormerConfig, ctx: PassContext) -> PassResult:
             layers.append({**entry, "k": k, "skipped": f"k={k} would not reduce MACs of the exported dense form"})
             continue
         weight = lin.weight.detach().double()
-        u, s, vt = torch.linalg.svd(weight, full_matrices=False)
+        chol = None
+        if path in moments:  # whitened SVD init: the least output error on the calibration inputs for rank k
+            cov, rows = moments[path]
+            cov = cov / max(rows, 1)
+            chol = torch.linalg.cholesky(cov + 1e-5 * torch.diagonal(cov).mean() * torch.eye(in_f, dtype=cov.dtype))
+        u, s, vt = torch.linalg.svd(weight @ chol if chol is not None else weight, full_matrices=False)
         root = torch.sqrt(s[:k])
         layer = DenseSparseLinear(in_f, out_f, k, cfg.nnz, nm, sparse_out, bias=lin.bias is not None)
         with torch.no_grad():
-            left, right = (u[:, :k] * root).float(), (root[:, None] * vt[:k]).float()
+            right = root[:, None] * vt[:k]
+            if chol is not None:
+                right = torch.linalg.solve_triangular(chol, right, upper=False, left=False)
+            left, right = (u[:, :k] * root).float(), right.float()
             if sparse_out:
                 layer.coeff.copy_(left)
                 layer.basis.copy_(right)
@@ -205,12 +213,7 @@ def dsformer(model, cfg: DSFormerConfig, ctx: PassContext) -> PassResult:
             if lin.bias is not None:
                 layer.bias.copy_(lin.bias)
             layer.mask.copy_(sparsity_mask(layer.coeff, cfg.nnz, nm))
-        chol = None
-        if path in moments:
-            cov, rows = moments[path]
-            cov = cov / max(rows, 1)
-            chol = torch.linalg.cholesky(cov + 1e-6 * torch.diagonal(cov).mean() * torch.eye(in_f,
-                                                                                           dtype=cov.dtype)).float()
+        chol = chol.float() if chol is not None else None
         with torch.no_grad():
             init_err = float(torch.linalg.norm((layer.weight() - lin.weight) @ (chol if chol is not None else
                                                                                  torch.eye(in_f))) /

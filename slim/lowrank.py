@@ -1,11 +1,12 @@
 """LRT (Greenformers' Low-Rank Transformer): each selected ``nn.Linear`` becomes two thin linears.
 
 W (out x in) ~= U_r S_r V_r^T from a truncated SVD; ``down = S_r^1/2 V_r^T`` (in -> r) and
-``up = U_r S_r^1/2`` (r -> out). Activation-aware: the SVD is taken of ``W diag(s)`` with ``s`` the RMS
-of each input channel over the calibration data (then undone on ``down``), so the truncation error is
-small where the inputs are large. Ranks come from a fixed ratio, retained energy, or a parameter budget,
-are rounded up to a hardware-friendly multiple, and a layer is skipped when the factorization would not
-reduce its MACs.
+``up = U_r S_r^1/2`` (r -> out). Activation-aware (``activation_aware="whiten"``, the default): the SVD
+is taken of ``W L`` with ``L L^T = X^T X / n`` the calibration inputs' second moment, then ``L`` is undone
+on ``down``; this is the rank-r factorization with the least output error on the calibration data
+(``|| X (W - W_r)^T ||``). ``"diag"`` scales by each input channel's RMS only; ``false`` is plain SVD.
+Ranks come from a fixed ratio, retained energy, or a parameter budget, are rounded up to a
+hardware-friendly multiple, and a layer is skipped when the factorization would not reduce its MACs.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class LowRankConfig:
         rank_ratio: rank = ratio x min(in, out).
         energy: smallest rank keeping this fraction of the (scaled) weight's squared singular values.
         param_budget: each factorized layer keeps at most this fraction of its parameters.
-        activation_aware: weight the SVD by calibration input statistics.
+        activation_aware: ``whiten`` (full input covariance), ``diag`` (per-channel RMS) or false.
         multiple: round ranks up to a multiple of this (default: 8, or the device's ``rank_multiple``).
         include, exclude: module-path regexes (include wins, then exclude); types: module class names.
         min_features: leave layers with fewer input or output features alone.
@@ -36,7 +37,7 @@ class LowRankConfig:
     rank_ratio: float | None = None
     energy: float | None = None
     param_budget: float | None = None
-    activation_aware: bool = True
+    activation_aware: str | bool = "whiten"
     multiple: int | None = None
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
@@ -53,6 +54,8 @@ class LowRankConfig:
             value = getattr(self, name)
             if value is not None and not 0.0 < value <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1], got {value}")
+        if self.activation_aware not in (True, False, "whiten", "diag"):
+            raise ValueError(f"activation_aware must be whiten, diag or false, not {self.activation_aware!r}")
         if self.multiple is not None and self.multiple < 1:
             raise ValueError("multiple must be at least 1")
 
@@ -113,11 +116,16 @@ def plan_lowrank(model, cfg: LowRankConfig, ctx: PassContext) -> list[dict]:
             plan.append({**entry, "skipped": f"fewer than {cfg.min_features} features"})
             continue
         weight = lin.weight.detach().double()
-        scale = None
+        right = None  # W -> W @ right before the SVD, undone on `down` after
         if path in moments:
             cov, rows = moments[path]
-            scale = torch.sqrt(torch.diagonal(cov) / max(rows, 1)).clamp(min=1e-6)
-        u, s, vt = torch.linalg.svd(weight * scale if scale is not None else weight, full_matrices=False)
+            cov = cov / max(rows, 1)
+            if cfg.activation_aware == "diag":
+                right = torch.diag(torch.sqrt(torch.diagonal(cov)).clamp(min=1e-6))
+            else:
+                damp = 1e-5 * torch.diagonal(cov).mean() * torch.eye(in_f, dtype=cov.dtype)
+                right = torch.linalg.cholesky(cov + damp)
+        u, s, vt = torch.linalg.svd(weight @ right if right is not None else weight, full_matrices=False)
         rank = _choose_rank(cfg, s, in_f, out_f)
         rank = min(int(math.ceil(rank / multiple) * multiple), min(in_f, out_f))
         if rank * (in_f + out_f) >= in_f * out_f:
@@ -126,8 +134,8 @@ def plan_lowrank(model, cfg: LowRankConfig, ctx: PassContext) -> list[dict]:
             continue
         root = torch.sqrt(s[:rank])
         down = root[:, None] * vt[:rank]
-        if scale is not None:
-            down = down / scale[None, :]
+        if right is not None:  # undo the input transform: down @ right^-1
+            down = torch.linalg.solve_triangular(right, down, upper=False, left=False)
         up = u[:, :rank] * root[None, :]
         factored = rank * (in_f + out_f)
         entry.update({"rank": rank, "params_after": factored, "macs_per_token_after": factored,

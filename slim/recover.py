@@ -23,6 +23,8 @@ class RecoverConfig:
         batch_size: samples per step, drawn from the calibration batches.
         patience: stop after this many evaluations (every 10 steps) without a better held-out loss.
         holdout: fraction of the calibration samples kept out of training, to judge early stopping.
+        hidden: also match every block's output (hidden-state MSE): the blocks are the children of
+            ModuleLists (``encoder.layer.N``, ``blocks.N``), found in teacher and student alike.
     """
 
     steps: int = 100
@@ -31,6 +33,7 @@ class RecoverConfig:
     batch_size: int = 8
     patience: int = 5
     holdout: float = 0.2
+    hidden: bool = True
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.patience < 1:
@@ -56,6 +59,34 @@ def _loss(student_out, teacher_out, kind: str):
     return torch.nn.functional.mse_loss(s, t) / t.pow(2).mean().clamp(min=1e-12)  # relative, scale-free
 
 
+def block_paths(model) -> list[str]:
+    """Paths of the modules held in ModuleLists: the repeated blocks of a transformer."""
+    return [f"{path}.{i}" if path else str(i) for path, mod in model.named_modules()
+            if isinstance(mod, torch.nn.ModuleList) for i in range(len(mod))]
+
+
+class _Taps:
+    """Forward hooks that keep the (first) output of each tapped module."""
+
+    def __init__(self, model, paths: list[str]) -> None:
+        self.out: dict[str, torch.Tensor] = {}
+        self.handles = []
+        for path in paths:
+            def keep(_mod, _inp, output, path=path):
+                self.out[path] = output[0] if isinstance(output, (tuple, list)) else output
+            self.handles.append(model.get_submodule(path).register_forward_hook(keep))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _hidden_loss(student_taps: _Taps, teacher_taps: dict, paths: list[str]):
+    losses = [torch.nn.functional.mse_loss(student_taps.out[p].float(), teacher_taps[p].float())
+              / teacher_taps[p].float().pow(2).mean().clamp(min=1e-12) for p in paths]
+    return torch.stack(losses).mean()
+
+
 def recover(student, teacher, batches: list[tuple], cfg: RecoverConfig, progress=None) -> tuple:
     """Distill ``teacher`` into ``student`` (trained in place); return (student, record)."""
     if len(batches) < 2:
@@ -63,10 +94,20 @@ def recover(student, teacher, batches: list[tuple], cfg: RecoverConfig, progress
     held = max(1, round(len(batches) * cfg.holdout)) if cfg.holdout else 0
     train, val = (batches[:-held], batches[-held:]) if held and len(batches) - held >= 1 else (batches, batches)
     teacher.eval()
-    with torch.no_grad():
-        val_in = _stack(val)
-        val_target = teacher(*val_in)
-        train_targets = [teacher(*b) for b in train]
+    paths = [p for p in block_paths(teacher) if p in dict(student.named_modules())] if cfg.hidden else []
+    teacher_taps = _Taps(teacher, paths)
+    try:
+        with torch.no_grad():
+            val_in = _stack(val)
+            val_target = teacher(*val_in)
+            train_targets = []
+            train_hidden = []
+            for b in train:
+                train_targets.append(teacher(*b))
+                train_hidden.append({p: t.detach() for p, t in teacher_taps.out.items()})
+    finally:
+        teacher_taps.remove()
+    student_taps = _Taps(student, paths)
     params = [p for p in student.parameters() if p.is_floating_point()]
     for p in params:
         p.requires_grad_(True)
@@ -88,13 +129,16 @@ def recover(student, teacher, batches: list[tuple], cfg: RecoverConfig, progress
         inputs = _stack([train[i] for i in idx])
         target = torch.cat([train_targets[i] for i in idx])
         loss = _loss(student(*inputs), target, cfg.loss)
+        if paths:
+            hidden = {p: torch.cat([train_hidden[i][p] for i in idx]) for p in paths}
+            loss = loss + _hidden_loss(student_taps, hidden, paths)
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
         if step % 10 == 0 or step == cfg.steps:
             current = val_loss()
-            _show(progress, step, cfg.steps, float(loss), current)
+            _show(progress, step, cfg.steps, loss.item(), current)
             if current < best - 1e-6:
                 best, stale = current, 0
                 best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
@@ -102,13 +146,15 @@ def recover(student, teacher, batches: list[tuple], cfg: RecoverConfig, progress
                 stale += 1
                 if stale >= cfg.patience:
                     break
+    student_taps.remove()
     student.load_state_dict(best_state)
     student.eval()
     for p in params:
         p.requires_grad_(False)
-    return student, {"steps_run": step, "early_stopped": step < cfg.steps, "heldout_loss_before": round(start_loss, 6),
-                     "heldout_loss_after": round(best, 6), "loss": cfg.loss, "train_samples": len(train),
-                     "heldout_samples": len(val), "seconds": round(time.perf_counter() - started, 1)}
+    return student, {
+        "steps_run": step, "early_stopped": step < cfg.steps, "hidden_states_matched": len(paths),
+        "heldout_loss_before": round(start_loss, 6), "heldout_loss_after": round(best, 6), "loss": cfg.loss,
+        "train_samples": len(train), "heldout_samples": len(val), "seconds": round(time.perf_counter() - started, 1)}
 
 
 def _show(progress, step: int, total: int, train_loss: float, val_loss: float) -> None:

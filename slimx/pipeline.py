@@ -300,14 +300,9 @@ def run_latency(device, target, artifact, program, cfg: ExportConfig) -> tuple[d
 
 def _recover_config(text: str):
     from slimx.slim import RecoverConfig
-    from slimx.slim.base import config_from_dict
+    from slimx.slim.base import config_from_dict, parse_key_values
 
-    values = {}
-    for item in filter(None, (t.strip() for t in text.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UsageError(f"--recover {text}", f"{item!r} is not KEY=VALUE", "e.g. --recover steps=200,lr=5e-5")
-        values[key.strip()] = value.strip()
+    values = parse_key_values(text, f"--recover {text}", "--recover steps=200,lr=5e-5")
     return config_from_dict(RecoverConfig, values, "--recover")
 
 

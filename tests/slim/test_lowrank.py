@@ -56,6 +56,9 @@ def test_activation_aware_beats_plain_svd_on_the_data():
     err_aware = (aware.model[0](x) - ref).norm() / ref.norm()
     err_plain = (plain.model[0](x) - ref).norm() / ref.norm()
     assert err_aware < 0.7 * err_plain, (float(err_aware), float(err_plain))
+    diag = lowrank(model, LowRankConfig(activation_aware="diag", **cfg), PassContext(calib=calib))
+    err_diag = (diag.model[0](x) - ref).norm() / ref.norm()
+    assert err_aware <= err_diag + 1e-6, "whitening is the least-output-error factorization"
     assert aware.layers[0]["error_on"] == "calibration activations"
     assert aware.layers[0]["rel_err"] == pytest.approx(float(err_aware), rel=1e-3)
 

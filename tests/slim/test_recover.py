@@ -31,3 +31,35 @@ def test_fidelity_nearest_neighbour_agreement():
     labelled = fidelity([np.array([1.0, 0.0]), np.array([0.0, 1.0])], [np.array([0.9, 0.1]), np.array([0.8, 0.2])],
                         labels=[0, 1])
     assert labelled["accuracy_reference"] == 1.0 and labelled["accuracy"] == 0.5
+
+
+class _Blocks(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = torch.nn.Linear(16, 32)
+        self.layers = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.GELU())
+                                           for _ in range(3)])
+        self.out = torch.nn.Linear(32, 8)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for layer in self.layers:
+            h = h + layer(h)
+        return self.out(h)
+
+
+def test_hidden_state_distillation_matches_every_block():
+    from slimx.slim.recover import block_paths
+
+    torch.manual_seed(0)
+    teacher = _Blocks().eval()
+    assert block_paths(teacher) == ["layers.0", "layers.1", "layers.2"]
+    gen = torch.Generator().manual_seed(0)
+    data = [(torch.randn(4, 16, generator=gen),) for _ in range(20)]
+    cfg = LowRankConfig(rank_ratio=0.25, multiple=1, min_features=8)
+    _, record = recover(lowrank(teacher, cfg, PassContext(calib=data)).model, teacher, data,
+                        RecoverConfig(steps=20, lr=1e-3))
+    assert record["hidden_states_matched"] == 3
+    _, plain = recover(lowrank(teacher, cfg, PassContext(calib=data)).model, teacher, data,
+                       RecoverConfig(steps=20, hidden=False))
+    assert plain["hidden_states_matched"] == 0
