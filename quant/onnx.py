@@ -50,6 +50,8 @@ def quantize_onnx(src: Path, dst: Path, precision: str, batches: list[tuple] | N
     import onnx
 
     tmp = dst.with_name(f".{dst.name}.partial")
+    root_level = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's "consider pre-processing" notes
     try:
         if precision == "fp16":
             from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -73,8 +75,6 @@ def quantize_onnx(src: Path, dst: Path, precision: str, batches: list[tuple] | N
             dtypes = {i.name: _np_dtype(i.type.tensor_type.elem_type) for i in model.graph.input}
             act = QuantType.QInt8 if symmetric else QuantType.QUInt8
             excluded = _nodes_of_modules(src, keep_float_modules or {})
-            _quiet_root = logging.getLogger().level
-            logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's "consider pre-processing" notes
             quantize_static(
                 str(src), str(tmp), _Reader(names, dtypes, batches), quant_format=QuantFormat.QDQ,
                 per_channel=True, activation_type=act, weight_type=QuantType.QInt8, reduce_range=reduce_range,
@@ -83,7 +83,6 @@ def quantize_onnx(src: Path, dst: Path, precision: str, batches: list[tuple] | N
                 nodes_to_exclude=excluded,
                 extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True},
             )
-            logging.getLogger().setLevel(_quiet_root)
             record = {"method": "onnxruntime.quantization.quantize_static, QDQ, per-channel int8 weights"
                                 f"{' (reduced range)' if reduce_range else ''}, "
                                 f"{'symmetric int8' if symmetric else 'asymmetric uint8'} activations (MinMax)",
@@ -100,6 +99,7 @@ def quantize_onnx(src: Path, dst: Path, precision: str, batches: list[tuple] | N
         raise SlimxFailure(f"ONNX {precision} quantization", first_line(exc),
                            "try another --precision, or run with --debug") from exc
     finally:
+        logging.getLogger().setLevel(root_level)
         tmp.unlink(missing_ok=True)
         for extra in dst.parent.glob(f".{dst.name}.partial*"):
             extra.unlink(missing_ok=True)

@@ -109,7 +109,10 @@ def run_export(cfg: ExportConfig, progress: Progress | None = None) -> dict:
     fmt = cfg.format or device.default_format
     target = get_target(fmt)
     precision = check_precision(cfg.precision or target.default_precision)
-    if (target.needs_torch or specs) and cfg.model.lower().endswith(".onnx"):
+    if cfg.model.lower().endswith(".onnx") and specs:
+        raise UsageError(f"model {cfg.model}", "compression passes change a PyTorch model, and an ONNX file has none",
+                         "start from the PyTorch model")
+    if target.needs_torch and cfg.model.lower().endswith(".onnx"):
         raise UsageError(f"model {cfg.model}", f"the {target.name} target converts from the PyTorch program, "
                          "and an ONNX file has none", "start from the PyTorch model, or use --format onnx/tensorrt")
     out = Path(cfg.out or default_out_dir(cfg.model, device.name))
@@ -138,7 +141,7 @@ def run_export(cfg: ExportConfig, progress: Progress | None = None) -> dict:
                     module, deploy_record = to_deployment(loaded.module, example)
                     progress.note(f"reparameterized {len(deploy_record.reparameterized)} module(s), "
                                   f"folded {len(deploy_record.folded)} batch norm(s)")
-        compression = None
+        compression, original_module = None, module
         if specs:
             with progress.stage("compress", ", ".join(s.name for s in specs)):
                 compression = run_passes(module, specs, recover_cfg, calib, loaded, device, cfg, progress)
@@ -192,8 +195,8 @@ def run_export(cfg: ExportConfig, progress: Progress | None = None) -> dict:
         with progress.stage("latency"):
             latency, host_latency = run_latency(device, target, artifact, program, cfg)
             if compression is not None:
-                compression["speedup"] = measure_speedup(target, device, options, artifact, loaded, example,
-                                                         program, cfg, staging, progress)
+                compression["speedup"] = measure_speedup(target, device, options, artifact, original_module, loaded,
+                                                         example, program, cfg, staging, progress)
         with progress.stage("report"):
             report = build_report(cfg, loaded, stats, device, target, precision, deploy_record, coverage,
                                   artifact, parity, latency, host_latency, progress)
@@ -347,10 +350,10 @@ def run_passes(module, specs, recover_cfg, calib, loaded, device, cfg: ExportCon
     return out
 
 
-def measure_speedup(target, device, options, artifact, loaded, example, program, cfg: ExportConfig, staging,
-                    progress) -> dict:
+def measure_speedup(target, device, options, artifact, base_module, loaded, example, program, cfg: ExportConfig,
+                    staging, progress) -> dict:
     """Compile the uncompressed model the same way and time both, interleaved, in the same run and runtime."""
-    from slimx.export import Program, export_program, to_deployment
+    from slimx.export import Program, export_program
 
     runner = target.runner()
     if runner is None:
@@ -358,7 +361,6 @@ def measure_speedup(target, device, options, artifact, loaded, example, program,
     base_dir = staging / ".baseline"
     base_dir.mkdir()
     try:
-        base_module, _ = to_deployment(loaded.module, example)
         base_program = Program(loaded.name, export_program(base_module, example), base_module, loaded.inputs,
                                loaded.output_names)
         base_options = type(options)(precision=options.precision if options.precision != "int8" else "fp32",

@@ -113,6 +113,10 @@ def test_onnx_input_cannot_feed_a_pytorch_converter(tmp_path, capsys):
                           str(tmp_path / "b"), *FAST)
     assert code == 2
     assert_one_line_error(err, "converts from the PyTorch program")
+    code, _, err = export(capsys, str(tmp_path / "a" / "model.onnx"), "--pass", "lowrank", "--out",
+                          str(tmp_path / "c"), *FAST)
+    assert code == 2
+    assert_one_line_error(err, "compression passes change a PyTorch model")
 
 
 def test_json_flag_prints_the_report(tmp_path, capsys):
