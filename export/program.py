@@ -211,6 +211,13 @@ class Program:
         self.inputs = list(inputs)
         self.output_names = list(output_names)
         self.onnx_source = onnx_source
+        self._derived: dict = {}
+
+    def derived(self, key: str, make):
+        """A value computed from the program once (e.g. a decomposition a target needs in check and compile)."""
+        if key not in self._derived:
+            self._derived[key] = make(self.exported)
+        return self._derived[key]
 
     @property
     def input_names(self) -> list[str]:

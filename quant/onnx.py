@@ -145,9 +145,10 @@ def quantize_onnx_guarded(src: Path, dst: Path, batches: list[tuple], module, sy
     Round 0 keeps the layers under the SQNR floor (``quant.sensitivity``); each further round adds the
     ``step`` next-lowest-SQNR layers. Every round is recorded.
     """
+    from slimx.export.parity import torch_outputs
     from slimx.quant.sensitivity import guarded_int8
 
-    reference = [_torch_out(module, b) for b in batches] if module is not None else None
+    reference = [torch_outputs(module, b) for b in batches] if module is not None else None
     float_copy = dst.with_name(f".{dst.name}.fp32")  # every round starts from the float graph
     shutil.copyfile(src, float_copy)
 
@@ -164,16 +165,11 @@ def quantize_onnx_guarded(src: Path, dst: Path, batches: list[tuple], module, sy
     return record
 
 
-def _torch_out(module, batch) -> np.ndarray:
-    import torch
-
-    with torch.no_grad():
-        out = module(*batch)
-    return (out[0] if isinstance(out, (tuple, list)) else out).detach().float().numpy().ravel()
-
-
-def _mean_cosine(path: Path, batches: list[tuple], reference: list[np.ndarray]) -> float:
+def _mean_cosine(path: Path, batches: list[tuple], reference: list[list[np.ndarray]]) -> float:
+    """Mean over batches of the first output's cosine to ``reference`` (the float model's outputs)."""
     import onnxruntime as ort
+
+    from slimx.export.parity import compare_outputs
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -183,7 +179,6 @@ def _mean_cosine(path: Path, batches: list[tuple], reference: list[np.ndarray]) 
     for batch, ref in zip(batches, reference, strict=True):
         feed = {m.name: (b.detach().numpy() if hasattr(b, "detach") else np.asarray(b)) for m, b in zip(metas, batch,
                                                                                                        strict=True)}
-        got = session.run(None, feed)[0].astype(np.float64).ravel()
-        denom = np.linalg.norm(got) * np.linalg.norm(ref)
-        cosines.append(float(got @ ref / denom) if denom else 0.0)
+        got = session.run(None, feed)
+        cosines.append(compare_outputs(ref[:1], got[:1])["cosine"])
     return float(np.mean(cosines))

@@ -42,10 +42,10 @@ def _static_int8(module, example_kwargs: dict, batches: list[tuple], input_names
     from litert_torch.quantize.pt2e_quantizer import get_symmetric_quantization_config
     from litert_torch.quantize.quant_config import QuantConfig
 
+    from slimx.export.parity import compare_outputs, torch_outputs
     from slimx.quant.sensitivity import guarded_int8
 
-    with torch.no_grad():
-        reference = [_flat(module(*b)) for b in batches]
+    reference = [torch_outputs(module, b) for b in batches]
     captured = torch.export.export(module, (), kwargs=example_kwargs, strict=False)
 
     def quantize_and_score(keep):
@@ -53,8 +53,8 @@ def _static_int8(module, example_kwargs: dict, batches: list[tuple], input_names
         quantizer.set_global(get_symmetric_quantization_config(is_per_channel=True))
         converted = _calibrated(captured.module(), quantizer, batches, input_names)
         with torch.no_grad():
-            cosines = [_cosine(_flat(converted(**dict(zip(input_names, b, strict=True)))), ref)
-                       for b, ref in zip(batches, reference, strict=True)]
+            cosines = [compare_outputs(ref[:1], [_first(converted(**dict(zip(input_names, b, strict=True))))])
+                       ["cosine"] for b, ref in zip(batches, reference, strict=True)]
         return (converted, quantizer), float(sum(cosines) / len(cosines))
 
     try:
@@ -98,10 +98,5 @@ def _calibrated(graph_module, quantizer, batches, input_names):
     return convert_pt2e(prepared, fold_quantize=False)
 
 
-def _flat(out):
-    return (out[0] if isinstance(out, (tuple, list)) else out).detach().float().reshape(-1)
-
-
-def _cosine(a, b) -> float:
-    denom = float(a.norm() * b.norm())
-    return float(a @ b) / denom if denom else 0.0
+def _first(out):
+    return (out[0] if isinstance(out, (tuple, list)) else out).detach().float().numpy()

@@ -15,6 +15,7 @@ import warnings
 
 from slimx import __version__
 from slimx._core.errors import SlimxError, UsageError
+from slimx.quant import PRECISIONS
 
 EPILOG = ("MODEL forms: minilm (built in, the default), timm:NAME, hf:DIR, pkg.module:factory, "
           "FILE.pt2, FILE.onnx")
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--weights", default=None, help="weights to load: .safetensors, or a state dict (.pt/.pth/.bin)")
     exp.add_argument("--input-shape", action="append", default=[], metavar="[NAME=]D1xD2[:DTYPE]",
                      help="input shape, once per input (e.g. 1x3x224x224, input_ids=1x64)")
-    exp.add_argument("--precision", default=None, choices=["fp32", "fp16", "int8", "int8-weights"],
+    exp.add_argument("--precision", default=None, choices=PRECISIONS,
                      help="default: the target's (fp16 for coreml and tensorrt, fp32 otherwise)")
     exp.add_argument("--deployment-target", default=None, metavar="iOSN",
                      help="CoreML minimum deployment target (default: the device's, e.g. iOS14 for iphone12)")

@@ -75,9 +75,6 @@ class Artifact:
             shutil.copyfile(self.path, path)
         return path
 
-    def to_dict(self) -> dict:
-        return {"format": self.format, "path": str(self.path), "bytes": self.bytes, **self.meta}
-
     def files(self) -> list[dict]:
         """Every file this artifact consists of: {format, path (name in OUT), bytes}."""
         out = [{"format": self.format, "path": self.path.name, "bytes": self.bytes}]

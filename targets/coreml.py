@@ -51,7 +51,7 @@ class CoreMLTarget(Target):
     def check(self, program) -> Coverage:
         """Ops coremltools cannot convert, and ops likely to run off the Neural Engine."""
         coverage = Coverage(target=self.name)
-        program_ep, label = decomposed_for_coreml(program.exported)
+        program_ep, label = program.derived("coreml_decomposition", decomposed_for_coreml)
         coverage.notes.append(f"decomposition: {label}")
         for node in program_ep.graph.nodes:
             if node.op != "call_function" or str(node.target).startswith(("<built-in", "_operator")):
@@ -142,7 +142,7 @@ class CoreMLTarget(Target):
     def _convert(self, program, kwargs):
         import coremltools as ct
 
-        ep, decomposition = decomposed_for_coreml(program.exported)
+        ep, decomposition = program.derived("coreml_decomposition", decomposed_for_coreml)
         log = io.StringIO()
         handler = logging.StreamHandler(log)
         ct_logger = logging.getLogger("coremltools")
