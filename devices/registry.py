@@ -87,14 +87,40 @@ def parse_profile(data: dict, origin: str) -> DeviceProfile:
     )
 
 
+def user_profile_dir() -> Path:
+    """Where calibrated copies of profiles go when the packaged file is not the place (the host, a wheel).
+
+    A profile there replaces the packaged one of the same name. ``SLIMX_DEVICES_DIR`` overrides it.
+    """
+    import os
+
+    from slimx.devices.host import cache_dir
+
+    return Path(os.environ.get("SLIMX_DEVICES_DIR") or cache_dir() / "devices")
+
+
+def profile_path(name: str) -> Path:
+    """The file a device's profile is loaded from (a user copy first, then the packaged one)."""
+    return _registry().get(name)
+
+
 @lru_cache(maxsize=1)
 def _registry() -> Registry[Path]:
     reg: Registry[Path] = Registry("device")
-    for path in sorted(PROFILE_DIR.glob("*.toml")):
+    paths = {p.name: p for p in sorted(PROFILE_DIR.glob("*.toml"))}
+    user = user_profile_dir()
+    if user.is_dir():
+        paths.update({p.name: p for p in sorted(user.glob("*.toml"))})
+    for path in paths.values():
         with path.open("rb") as fh:
             data = tomllib.load(fh)
         reg.add(data["name"], path, aliases=tuple(data.get("aliases", ())))
     return reg
+
+
+def reload_profiles() -> None:
+    """Forget the cached profile index (after a calibration wrote a file)."""
+    _registry.cache_clear()
 
 
 def device_names() -> list[str]:

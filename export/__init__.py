@@ -4,7 +4,14 @@ from slimx.export.calib import CalibrationData, load_calibration
 from slimx.export.deploy import to_deployment
 from slimx.export.intake import BUILTIN_MODELS, MODEL_FORMS, LoadedModel, load_model
 from slimx.export.parity import ParityResult, ParityTolerance, check_parity, compare_outputs, torch_outputs
-from slimx.export.program import DEFAULT_OPSET, Program, check_forward, export_program, program_to_onnx
+from slimx.export.program import (
+    DEFAULT_OPSET,
+    Program,
+    check_forward,
+    export_program,
+    prepare_program,
+    program_to_onnx,
+)
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -21,6 +28,7 @@ __all__ = [
     "export_program",
     "load_calibration",
     "load_model",
+    "prepare_program",
     "program_to_onnx",
     "to_deployment",
     "torch_outputs",

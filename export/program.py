@@ -253,3 +253,28 @@ def onnx_node_modules(path) -> dict[str, str]:
                 # scopes are cumulative ('', 'model', 'model.encoder', ..., fx node): take the deepest module
                 out[node.name] = next((s for s in reversed(scopes[:-1]) if s), "")
     return out
+
+
+def prepare_program(spec: str, input_shapes: list[str] | None = None, weights=None, seed: int = 0):
+    """MODEL spec -> (LoadedModel, Program in deployment form, example inputs): what export and profile share.
+
+    An ONNX input has no PyTorch graph: its Program carries only ``onnx_source``.
+    """
+    from slimx._core.inputs import sample_inputs
+    from slimx.export.deploy import to_deployment
+    from slimx.export.intake import load_model
+
+    loaded = load_model(spec, weights=weights, input_shapes=list(input_shapes or []))
+    module, example, exported = loaded.module, None, None
+    if module is not None:
+        example = loaded.example_inputs or sample_inputs(loaded.inputs, seed=seed)
+        shapes = ", ".join(f"{s.name}={'x'.join(map(str, s.shape))}" for s in loaded.inputs)
+        check_forward(module, example, shapes)
+        if loaded.source == "pt2":
+            exported = loaded.program
+        else:
+            module, _ = to_deployment(module, example)
+            exported = export_program(module, example)
+    program = Program(loaded.name, exported, module, loaded.inputs, loaded.output_names,
+                      onnx_source=loaded.onnx_path)
+    return loaded, program, example

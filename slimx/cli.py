@@ -93,12 +93,62 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--count", type=int, default=256, help="sentences (default 256)")
     data.add_argument("--offset", type=int, default=0, help="skip this many first (disjoint sets)")
 
-    dev = sub.add_parser("devices", parents=[common], help="list device profiles, or show one",
-                         description="Device profiles: 'slimx devices' lists them, 'slimx devices show NAME' "
-                                     "prints one in full.")
-    dev.add_argument("action", nargs="?", default="list", choices=["list", "show"])
+    dev = sub.add_parser("devices", parents=[common], help="device profiles: list, show, microbench, calibrate",
+                         description="Device profiles: 'slimx devices' lists them, 'slimx devices show NAME' prints "
+                                     "one in full; 'slimx devices microbench --runner R' times the standard op suite "
+                                     "and writes a measurements CSV; 'slimx devices calibrate NAME --measurements CSV' "
+                                     "fits the device's estimator settings (least squares on log latency, "
+                                     "cross-validated) and writes them into its profile.")
+    dev.add_argument("action", nargs="?", default="list", choices=["list", "show", "microbench", "calibrate"])
     dev.add_argument("name", nargs="?", default=None)
     dev.add_argument("--json", action="store_true")
+    dev.add_argument("--runner", default="onnxruntime", help="microbench: the runner to time with")
+    dev.add_argument("--out", "-o", default=None, help="microbench: CSV to write; calibrate: profile file to write")
+    dev.add_argument("--quick", action="store_true", help="microbench: a 12-case subset")
+    dev.add_argument("--rounds", type=int, default=3, help="microbench: interleaved timing rounds (default 3)")
+    dev.add_argument("--runs", type=int, default=50, help="microbench: timed runs per case and round (default 50)")
+    dev.add_argument("--threads", type=int, default=None, help="microbench: runtime threads (default: all cores)")
+    dev.add_argument("--measurements", default=None, help="calibrate: a microbench CSV or a published latency table")
+    dev.add_argument("--scale-from", default=None, metavar="DEVICE",
+                     help="calibrate: carry a calibrated device's efficiencies over by peak rates (same family)")
+
+    prof = sub.add_parser("profile", parents=[common], help="latency on a device: measured, or estimated per op",
+                          description="Latency of MODEL or ARTIFACT on a device: measured when a runner for it "
+                                      "exists here (the host) or through a slimx agent (--remote), estimated per op "
+                                      "from the device's calibrated profile otherwise. The output says which.",
+                          epilog=EPILOG + "; ARTIFACT: .onnx, .tflite, .mlpackage, .plan, or an export OUT folder")
+    prof.add_argument("target", nargs="?", default="minilm", help="MODEL or ARTIFACT (default: minilm)")
+    prof.add_argument("--device", "-d", default="host", help="device or alias (default: host)")
+    prof.add_argument("--remote", default=None, metavar="URL", help="a slimx agent on the device, e.g. http://jetson:8765")
+    prof.add_argument("--token-file", default=None, help="file holding the agent's token (with --remote)")
+    how = prof.add_mutually_exclusive_group()
+    how.add_argument("--estimate", action="store_true", help="use the estimator, also on the host")
+    how.add_argument("--measure", action="store_true", help="measure or fail; never estimate")
+    prof.add_argument("--input-shape", action="append", default=[], metavar="[NAME=]D1xD2[:DTYPE]")
+    prof.add_argument("--weights", default=None)
+    prof.add_argument("--precision", default=None, choices=PRECISIONS)
+    prof.add_argument("--setting", default=None,
+                      help="estimator setting of the device (e.g. tensorrt-dla-fp16; see 'slimx devices show D')")
+    prof.add_argument("--runs", type=int, default=50)
+    prof.add_argument("--warmup", type=int, default=5)
+    prof.add_argument("--threads", type=int, default=None)
+    prof.add_argument("--top", type=int, default=12, help="rows of the per-op breakdown (default 12)")
+    prof.add_argument("--json", action="store_true", help="print the report's latency object as JSON")
+    prof.add_argument("--quiet", "-q", action="store_true")
+
+    agent = sub.add_parser("agent", parents=[common], help="run the remote device agent",
+                           description="Serve this device to 'slimx profile --remote': accepts artifact uploads over "
+                                       "HTTP (token required), runs them with a local runner, returns timings; builds "
+                                       "TensorRT engines here from ONNX.")
+    agent.add_argument("action", choices=["serve"])
+    agent.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    agent.add_argument("--port", type=int, default=8765)
+    agent.add_argument("--token-file", required=True, help="file holding the shared token (16+ characters)")
+    agent.add_argument("--device", default="host", help="the device profile this agent runs on (default host)")
+    agent.add_argument("--max-upload-mb", type=float, default=512.0)
+    agent.add_argument("--job-timeout", type=float, default=300.0, help="seconds per job (default 300)")
+    agent.add_argument("--queue", type=int, default=8, help="jobs that may wait per runner (default 8)")
+    agent.add_argument("--threads", type=int, default=None)
     return parser
 
 
@@ -118,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
             return _data(args)
         if args.command == "eval":
             return _eval(args)
+        if args.command == "profile":
+            return _profile(args)
+        if args.command == "agent":
+            return _agent(args)
         return _devices(args)
     except SlimxError as exc:
         if args.debug:
@@ -185,9 +239,126 @@ def _data(args) -> int:
     return 0
 
 
+def _profile(args) -> int:
+    from slimx._core.progress import Progress
+    from slimx.profiling import ProfileRequest, profile, render
+
+    token = None
+    if args.remote:
+        if not args.token_file:
+            raise UsageError("--remote", "needs the agent's token", "add --token-file FILE")
+        from slimx.devices.agent import read_token
+
+        token = read_token(args.token_file)
+    elif args.token_file:
+        raise UsageError("--token-file", "is only used with --remote", "add --remote URL or drop it")
+    if args.runs < 1 or args.warmup < 0:
+        raise UsageError("--runs/--warmup", "must be at least 1 / not negative", "e.g. --runs 50 --warmup 5")
+    req = ProfileRequest(target=args.target, device=args.device, remote=args.remote, token=token,
+                         mode="estimate" if args.estimate else "measure" if args.measure else None,
+                         input_shapes=tuple(args.input_shape), weights=args.weights, precision=args.precision,
+                         setting=args.setting,
+                         runs=args.runs, warmup=args.warmup, threads=args.threads, top=args.top)
+    progress = Progress(total=1, enabled=not (args.quiet or args.json))
+    result = profile(req, progress)
+    print(json.dumps(result, indent=2) if args.json else render(result, top=args.top))
+    return 0
+
+
+def _agent(args) -> int:
+    from slimx.devices import load_device
+    from slimx.devices.agent import Agent, read_token, serve
+
+    token = read_token(args.token_file)
+    device = load_device(args.device, measure_host=False)
+    if args.max_upload_mb <= 0 or args.job_timeout <= 0 or args.queue < 0:
+        raise UsageError("--max-upload-mb/--job-timeout/--queue", "must be positive", "e.g. --max-upload-mb 512")
+    agent = Agent(token, device=device.name, max_upload=int(args.max_upload_mb * (1 << 20)),
+                  job_timeout=args.job_timeout, max_queue=args.queue, threads=args.threads)
+    try:
+        server = serve(agent, args.host, args.port)
+    except OSError as exc:
+        raise UsageError(f"--host {args.host} --port {args.port}", f"cannot listen there ({exc.strerror})",
+                         "pick a free port, or an address of this machine") from exc
+    info = agent.info()
+    print(f"slimx agent: serving {device.name} on http://{args.host}:{server.server_address[1]} "
+          f"(runners: {', '.join(info['runners'])}; upload limit {args.max_upload_mb:g} MB; "
+          f"job timeout {args.job_timeout:g} s)", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return 0
+
+
+def _microbench(args) -> int:
+    from pathlib import Path
+
+    from slimx._core.progress import Progress
+    from slimx.devices.microbench import run_microbench
+
+    if args.name:
+        raise UsageError(f"slimx devices microbench {args.name}", "takes no device name (it times this host)",
+                         "use --runner R --out CSV")
+    if args.rounds < 1 or args.runs < 1:
+        raise UsageError("--rounds/--runs", "must be at least 1", "e.g. --rounds 3 --runs 50")
+    out = Path(args.out or f"microbench-{args.runner}.csv")
+    progress = Progress(total=1, enabled=not args.json)
+    rows = run_microbench(args.runner, out, quick=args.quick, threads=args.threads, runs=args.runs,
+                          rounds=args.rounds, progress=progress)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(f"wrote {len(rows)} measurements ({args.runner}, setting {rows[0]['setting'] if rows else '-'}) to {out}")
+    return 0
+
+
+def _calibrate(args) -> int:
+    from pathlib import Path
+
+    from slimx._core.progress import Progress
+    from slimx.devices.calibrate import calibrate, scale_from
+
+    if not args.name:
+        raise UsageError("slimx devices calibrate", "needs a device name", "e.g. slimx devices calibrate host "
+                         "--measurements microbench.csv")
+    if bool(args.measurements) == bool(args.scale_from):
+        raise UsageError("slimx devices calibrate", "needs exactly one of --measurements CSV and --scale-from DEVICE",
+                         "give the measurements to fit, or the calibrated device of the same family")
+    out = Path(args.out) if args.out else None
+    if args.scale_from:
+        result = scale_from(args.name, args.scale_from, out=out)
+        print(f"{args.name}: settings {', '.join(result['settings'])} scaled from {args.scale_from}; "
+              f"wrote {result['path']}")
+        return 0
+    progress = Progress(total=1, enabled=not args.json)
+    result = calibrate(args.name, Path(args.measurements), out=out, progress=progress)
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "path"} | {"path": str(result["path"])},
+                         indent=2, default=float))
+        return 0
+    for key, fit in result["fits"].items():
+        cv = fit["cv"]
+        print(f"{args.name} / {key}: {fit['rows']} rows; fitted {', '.join(fit['free'])}")
+        print(f"  held-out error ({cv['method']}): mean {cv.get('mape_pct', float('nan')):.1f}%, "
+              f"max {cv.get('max_abs_pct', float('nan')):.1f}%, within ±15%: {cv.get('within_15pct', 0) * 100:.0f}%")
+        for row in fit["table"]:
+            held = row["held_out_error_pct"]
+            print(f"    {row['label']:<34} measured {row['measured_ms']:>9.3f}  fitted {row['fitted_ms']:>9.3f}  "
+                  f"held-out {'-' if held is None else f'{held:+.1f}%'}")
+    for why, n in result["skipped"].items():
+        print(f"  skipped {n} row(s): {why}")
+    print(f"wrote {result['path']}")
+    return 0
+
+
 def _devices(args) -> int:
     from slimx.devices import list_devices, load_device
 
+    if args.action == "microbench":
+        return _microbench(args)
+    if args.action == "calibrate":
+        return _calibrate(args)
     if args.action == "show":
         if not args.name:
             raise UsageError("slimx devices show", "needs a device name", "e.g. slimx devices show iphone12")

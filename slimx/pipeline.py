@@ -193,7 +193,7 @@ def run_export(cfg: ExportConfig, progress: Progress | None = None) -> dict:
             else:
                 progress.note(f"not measured: {parity['reason']}")
         with progress.stage("latency"):
-            latency, host_latency = run_latency(device, target, artifact, program, cfg)
+            latency, host_latency = run_latency(device, target, artifact, program, cfg, precision)
             if compression is not None:
                 compression["speedup"] = measure_speedup(target, device, options, artifact, original_module, loaded,
                                                          example, program, cfg, staging, progress)
@@ -282,7 +282,8 @@ def _parity_in(runner, artifact, path, program, batches, calib, tol) -> dict:
     return result
 
 
-def run_latency(device, target, artifact, program, cfg: ExportConfig) -> tuple[dict, dict | None]:
+def run_latency(device, target, artifact, program, cfg: ExportConfig,
+                precision: str = "fp32") -> tuple[dict, dict | None]:
     """Measure with the target's own runtime when it runs here; say plainly when the device is not at hand."""
     inputs = sample_inputs(program.inputs, seed=cfg.seed + 7)
     runner = target.runner()
@@ -296,8 +297,19 @@ def run_latency(device, target, artifact, program, cfg: ExportConfig) -> tuple[d
         if host is None:
             return {"device": "host", "measured": False, "reason": target.runner_missing_reason()}, None
         return host, None
-    reason = (f"no {device.name} is attached and no runner for it exists here; the per-op latency estimator "
-              "for devices not at hand comes in a later version")
+    reason = f"no {device.name} is attached and no runner for it exists here"
+    if program.exported is not None:
+        from slimx.devices.estimator import default_setting, describe, estimate_latency
+        from slimx.devices.opmix import op_mix
+
+        try:
+            est = estimate_latency(op_mix(program.exported), device, default_setting(device, precision))
+        except UsageError as exc:
+            reason += f"; no estimate either ({exc.line()})"
+        else:
+            est["label"] = describe(est, device)
+            est["not_measured"] = reason + " (measure it with `slimx profile OUT --device D --remote URL`)"
+            return est, host
     return {"device": device.name, "measured": False, "reason": reason}, host
 
 

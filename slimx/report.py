@@ -75,6 +75,11 @@ def _parity_line(parity: dict) -> str:
 
 
 def _latency_line(lat: dict) -> str:
+    if lat.get("kind") == "estimated":
+        err = lat.get("expected_error_pct")
+        err_text = f"±{err:.0f}%" if err is not None else "error unknown"
+        return (f"{lat['device']} estimated: {lat['total_ms']:.3f} ms ({err_text}, {lat['setting']}; "
+                f"not measured: no device here)")
     if not lat.get("measured", True) or "median_ms" not in lat:
         return f"{lat.get('device')}: not measured: {lat.get('reason', '')}"
     return (f"{lat['device']} {lat['kind']}: median {lat['median_ms']:.3f} ms, p90 {lat['p90_ms']:.3f} ms "

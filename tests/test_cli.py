@@ -125,13 +125,16 @@ def test_json_flag_prints_the_report(tmp_path, capsys):
     assert json.loads(out) == report_of(tmp_path / "o")
 
 
-def test_non_host_target_says_latency_is_not_measured(tmp_path, capsys):
-    code, _, err = export(capsys, "tests.models:tiny_mlp", "--target", "iphone12", "--format", "onnx",
-                          "--out", str(tmp_path / "o"), *FAST)
+def test_non_host_target_is_estimated_and_says_so(tmp_path, capsys):
+    code, out, err = export(capsys, "tests.models:tiny_mlp", "--target", "iphone12", "--format", "onnx",
+                            "--out", str(tmp_path / "o"), *FAST[:-1])
     assert code == 0, err
     rep = report_of(tmp_path / "o")
-    assert rep["latency"]["device"] == "iphone12" and rep["latency"]["measured"] is False
-    assert "estimator" in rep["latency"]["reason"]
+    lat = rep["latency"]
+    assert lat["device"] == "iphone12" and lat["measured"] is False and lat["kind"] == "estimated"
+    assert lat["label"].startswith("estimated for Apple iPhone 12") and "no iphone12 is attached" in lat["not_measured"]
+    assert lat["total_ms"] > 0 and lat["per_op"] and lat["expected_error_pct"] is not None
+    assert "iphone12 estimated:" in out
     assert rep["host_latency"]["kind"] == "measured"
 
 

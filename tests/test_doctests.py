@@ -8,7 +8,7 @@ import pytest
 MODULES = [
     "slimx._core.inputs", "slimx._core.registry", "slimx._core.progress", "slimx.export.parity",
     "slimx.export.textdata", "slimx.devices.registry", "slimx.targets", "slimx.slim.base", "slimx.slim.lowrank",
-    "slimx.slim.fidelity", "slimx.slim.dsformer",
+    "slimx.slim.fidelity", "slimx.slim.dsformer", "slimx.devices.opmix", "slimx.devices.estimator",
 ]
 
 

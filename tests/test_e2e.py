@@ -62,6 +62,7 @@ def test_minilm_to_pixel7_tflite(tmp_path, capsys):
     assert (out / "model.tflite").is_file() and rep["target"] == {"format": "tflite", "precision": "fp32", "opset": 18}
     assert rep["parity"]["runtime"] == "litert" and rep["parity"]["cosine"] >= 0.999
     assert rep["latency"]["device"] == "pixel7" and rep["latency"]["measured"] is False
+    assert rep["latency"]["kind"] == "estimated" and rep["latency"]["scaled_from"] == "pixel3"
     assert rep["host_latency"]["runtime"] == "litert" and rep["host_latency"]["median_ms"] > 0
 
 

@@ -1,0 +1,281 @@
+"""Per-op latency estimator: a roofline per op, with per-op-class efficiency and a fixed per-op overhead.
+
+For one op of class ``c`` on compute unit ``u``, with ``compute = flops / (peak[u, dtype] * eff[c])`` and
+``memory = bytes / (bandwidth * mem_eff)``::
+
+    t = overhead + max(compute, memory) + (1 - overlap) * min(compute, memory)
+
+(``overlap`` = 1 is the pure roofline; below 1, compute and memory traffic overlap only partly, as on
+small CPU kernels.)
+and the model's total is ``fixed + sum(t)`` plus ``switch`` for every hand-over between compute units
+(an op the fast unit cannot run falls back, e.g. a gather leaves the Neural Engine). The efficiencies
+and overheads are per device and per *setting* (runtime + compute unit + dtype): they are fitted from
+measurements (``slimx devices calibrate``) by least squares on log latency, and each fit stores its
+cross-validated error, which the estimate quotes as its expected error.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from slimx._core.errors import UsageError
+from slimx.devices.opmix import COMPUTE_CLASSES, OP_CLASSES, OpCost
+
+# the free parameters of a setting, in fit order, with the prior each fit is pulled towards (weakly)
+PARAMS = ("eff_matmul", "eff_conv", "eff_depthwise", "eff_attention", "eff_mask", "eff_vector", "mem_eff",
+          "overlap", "op_overhead_us", "fixed_overhead_us")
+PRIOR = {"eff_matmul": 0.5, "eff_conv": 0.4, "eff_depthwise": 0.05, "eff_attention": 0.2, "eff_mask": 0.02,
+         "eff_vector": 0.05, "mem_eff": 0.5, "overlap": 0.5, "op_overhead_us": 5.0, "fixed_overhead_us": 50.0,
+         "switch_us": 100.0}
+PRIOR_SOURCE = ("slimx prior (order of magnitude for CPUs, mobile GPUs and NPUs: dense matmul/conv well above "
+                "depthwise and vector ops); used only where no fit exists")
+_DTYPE_SCALE = {"fp32": 1.0, "fp16": 0.5, "int8": 0.25}
+# ops that leave a Neural Engine / DSP for the CPU: run-time-indexed gathers
+# (hollance/neural-engine docs/unsupported-layers.md; the CoreML target lists the same)
+_FALLBACK_OPS = {"embedding", "index", "index_select", "gather", "scatter", "index_put", "cumsum"}
+
+
+@dataclass
+class Setting:
+    """How a device runs a model: which runtime, on which compute unit, in which dtype, and the fitted figures."""
+
+    key: str
+    runtime: str
+    unit: str
+    dtype: str
+    fallback_unit: str | None = None
+    params: dict = field(default_factory=dict)
+    expected_error_pct: float | None = None
+    expected_error_source: str = ""
+    fit: dict = field(default_factory=dict)
+    scaled_from: str | None = None
+    fuse_add: bool = True  # conv + residual add fused (onnxruntime, TensorRT, CoreML); not in TFLite
+    fit_classes: frozenset = frozenset()  # op classes that had work in the fit's data
+    fit_host: str = ""  # for the measured host: the CPU the fit was made on
+    fallback_classes: frozenset = frozenset()  # op classes the unit cannot run (they go to fallback_unit)
+
+    def param(self, name: str) -> float:
+        return float(self.params.get(name, PRIOR[name]))
+
+    @property
+    def calibrated(self) -> bool:
+        return bool(self.params)
+
+
+def settings_of(device) -> dict[str, Setting]:
+    """The estimator settings a device profile declares (``[estimator.<key>]`` tables)."""
+    raw = device.raw.get("estimator", {})
+    out = {}
+    for key, table in raw.items():
+        if not isinstance(table, dict):
+            continue
+        params = {p: float(table[p]) for p in (*PARAMS, "switch_us") if p in table}
+        out[key] = Setting(key=key, runtime=table.get("runtime", device.default_format), unit=table.get("unit", "cpu"),
+                           dtype=table.get("dtype", "fp32"), fallback_unit=table.get("fallback_unit"),
+                           params=params, expected_error_pct=table.get("expected_error_pct"),
+                           expected_error_source=table.get("expected_error_pct_source", ""),
+                           fit={k: table[k] for k in ("fit_rows", "fit_data", "fit_date", "cv") if k in table},
+                           scaled_from=table.get("scaled_from"),
+                           fuse_add=bool(table.get("fuse_add",
+                                                   table.get("runtime", device.default_format) != "tflite")),
+                           fit_classes=frozenset(table.get("fit_classes", ())), fit_host=table.get("fit_host", ""),
+                           fallback_classes=frozenset(table.get("fallback_classes", ())))
+    return out
+
+
+def default_setting(device, precision: str | None = None) -> Setting:
+    """The setting an export for this device would run in: the profile's default, or one of that precision."""
+    settings = settings_of(device)
+    if not settings:
+        raise UsageError(f"device {device.name}", "its profile has no [estimator] settings, so no estimate is possible",
+                         f"run `slimx devices calibrate {device.name} --measurements CSV` first")
+    default = device.raw.get("estimator", {}).get("default")
+    if precision:
+        match = [s for s in settings.values() if s.dtype == precision and s.runtime == device.default_format]
+        if default in settings and settings[default].dtype == precision:
+            return settings[default]
+        if match:
+            return match[0]
+    return settings.get(default) or next(iter(settings.values()))
+
+
+def peak_gops(device, unit: str, dtype: str) -> float:
+    """Peak rate of ``unit`` in GOP/s for ``dtype``, falling back to a neighbouring dtype's figure."""
+    order = {"fp32": ("fp32", "fp16", "int8"), "fp16": ("fp16", "fp32", "int8"), "int8": ("int8", "fp16", "fp32")}
+    scale = {("fp16", "fp32"): 1.0, ("int8", "fp16"): 1.0, ("int8", "fp32"): 1.0, ("fp32", "fp16"): 0.5,
+             ("fp32", "int8"): 0.25, ("fp16", "int8"): 0.5}
+    for have in order.get(dtype, ("fp32",)):
+        value = device.peak(unit, have)
+        if value:
+            return float(value) * scale.get((dtype, have), 1.0)
+    raise UsageError(f"device {device.name}", f"compute unit {unit!r} has no peak rate",
+                     "add peak_gflops_fp32/fp16 or peak_gops_int8 to the profile")
+
+
+def bandwidth_gbs(device) -> float:
+    value = device.memory.get("mem_bandwidth_gbs")
+    if not value:
+        raise UsageError(f"device {device.name}", "the profile has no memory.mem_bandwidth_gbs",
+                         "add the memory bandwidth with its source")
+    return float(value)
+
+
+@dataclass
+class Features:
+    """A model's op mix as arrays, ready to be priced for one setting (fast enough to refit thousands of times)."""
+
+    cls: np.ndarray  # op class index into OP_CLASSES
+    flops: np.ndarray
+    bytes: np.ndarray
+    fallback: np.ndarray  # True where the op leaves the setting's main unit
+    switches: int
+
+    @classmethod
+    def of(cls, costs: list[OpCost], setting: Setting) -> Features:
+        scale = _DTYPE_SCALE.get(setting.dtype, 1.0)
+        idx = np.array([OP_CLASSES.index(c.op_class) for c in costs], dtype=np.int64)
+        flops = np.array([c.flops for c in costs], dtype=np.float64)
+        nbytes = np.array([c.bytes - c.float_bytes * (1 - scale) for c in costs], dtype=np.float64)
+        if setting.fuse_add:  # fused into the conv before it: no work of its own, no launch
+            fused = np.array([c.fusable for c in costs], dtype=bool)
+            keep = ~fused
+            idx, flops, nbytes = idx[keep], flops[keep], nbytes[keep]
+            costs = [c for c, k in zip(costs, keep, strict=True) if k]
+        fallback = np.array([bool(setting.fallback_unit) and (c.op in _FALLBACK_OPS or
+                                                              c.op_class in setting.fallback_classes)
+                             for c in costs], dtype=bool)
+        switches = int(np.count_nonzero(fallback[1:] != fallback[:-1])) if len(costs) > 1 else 0
+        return cls(idx, flops, nbytes, fallback, switches)
+
+
+def _class_eff(params: dict) -> np.ndarray:
+    eff = np.empty(len(OP_CLASSES))
+    for i, name in enumerate(OP_CLASSES):
+        eff[i] = params[f"eff_{name}"] if name in COMPUTE_CLASSES else params["eff_vector"]
+    return eff
+
+
+def price(features: Features, params: dict, peak: float, fallback_peak: float, bw: float) -> np.ndarray:
+    """Per-op milliseconds (without the fixed per-inference overhead)."""
+    eff = _class_eff(params)[features.cls]
+    peaks = np.where(features.fallback, fallback_peak, peak)
+    compute = features.flops / (peaks * 1e9 * eff)
+    memory = features.bytes / (bw * 1e9 * params["mem_eff"])
+    roof = np.maximum(compute, memory) + (1.0 - params["overlap"]) * np.minimum(compute, memory)
+    return (roof + params["op_overhead_us"] * 1e-6) * 1e3
+
+
+def total_ms(features: Features, params: dict, peak: float, fallback_peak: float, bw: float) -> float:
+    per_op = price(features, params, peak, fallback_peak, bw)
+    return float(per_op.sum() + params["fixed_overhead_us"] * 1e-3 + features.switches * params["switch_us"] * 1e-3)
+
+
+def rates(device, setting: Setting) -> tuple[float, float, float]:
+    peak = peak_gops(device, setting.unit, setting.dtype)
+    fallback = peak_gops(device, setting.fallback_unit, "fp32" if setting.dtype == "int8" else setting.dtype) \
+        if setting.fallback_unit else peak
+    return peak, fallback, bandwidth_gbs(device)
+
+
+def full_params(setting: Setting) -> dict:
+    return {p: setting.param(p) for p in (*PARAMS, "switch_us")}
+
+
+def estimate_latency(costs: list[OpCost], device, setting: Setting | None = None, top: int = 15) -> dict:
+    """Estimate a program's latency on ``device``: per op, per module path and total, with the expected error.
+
+    Example:
+        >>> import torch
+        >>> from slimx.devices import load_device
+        >>> from slimx.devices.opmix import op_mix
+        >>> ep = torch.export.export(torch.nn.Linear(384, 1536), (torch.randn(1, 128, 384),))
+        >>> est = estimate_latency(op_mix(ep), load_device("iphone12"))
+        >>> est["kind"], est["total_ms"] > 0
+        ('estimated', True)
+    """
+    setting = setting or default_setting(device)
+    if setting.fuse_add:
+        costs = [c for c in costs if not c.fusable]
+    params = full_params(setting)
+    peak, fallback_peak, bw = rates(device, setting)
+    feats = Features.of(costs, setting)
+    per_op_ms = price(feats, params, peak, fallback_peak, bw) if costs else np.zeros(0)
+    fixed_ms = params["fixed_overhead_us"] * 1e-3 + feats.switches * params["switch_us"] * 1e-3
+    total = float(per_op_ms.sum() + fixed_ms)
+    by_class: dict[str, dict] = {}
+    by_module: dict[str, float] = {}
+    rows = []
+    for cost, ms, fb in zip(costs, per_op_ms, feats.fallback, strict=True):
+        entry = by_class.setdefault(cost.op_class, {"op": cost.op_class, "ms": 0.0, "count": 0})
+        entry["ms"] += float(ms)
+        entry["count"] += 1
+        key = _module_group(cost.module)
+        by_module[key] = by_module.get(key, 0.0) + float(ms)
+        rows.append({"node": cost.node, "op": cost.op, "class": cost.op_class, "module": cost.module,
+                     "unit": setting.fallback_unit if fb else setting.unit, "gflop": cost.flops / 1e9,
+                     "mbytes": cost.bytes / 1e6, "ms": float(ms)})
+    per_op = [{**e, "ms": round(e["ms"], 4), "share": round(e["ms"] / total, 4) if total else 0.0}
+              for e in sorted(by_class.values(), key=lambda e: -e["ms"])]
+    per_module = [{"module": m, "ms": round(v, 4)} for m, v in sorted(by_module.items(), key=lambda kv: -kv[1])]
+    rows.sort(key=lambda r: -r["ms"])
+    prior_ms = sum(e["ms"] for e in by_class.values() if e["op"] not in setting.fit_classes)
+    error = setting.expected_error_pct
+    return {
+        "device": device.name,
+        "kind": "estimated",
+        "measured": False,
+        "setting": setting.key,
+        "runtime": setting.runtime,
+        "unit": setting.unit,
+        "dtype": setting.dtype,
+        "total_ms": round(total, 4),
+        "median_ms": round(total, 4),
+        "fixed_ms": round(fixed_ms, 4),
+        "expected_error_pct": None if error is None else round(float(error), 1),
+        "expected_error_source": setting.expected_error_source,
+        "calibrated": setting.calibrated,
+        "unfitted_share": round(prior_ms / total, 3) if total else 0.0,
+        "fit_host": setting.fit_host,
+        "scaled_from": setting.scaled_from,
+        "fit": setting.fit,
+        "ops": len(costs),
+        "gflops": round(sum(c.flops for c in costs) / 1e9, 4),
+        "per_op": per_op,
+        "per_module": per_module[:top],
+        "per_node": [{**r, "gflop": round(r["gflop"], 5), "mbytes": round(r["mbytes"], 4), "ms": round(r["ms"], 5)}
+                     for r in rows[:top]],
+    }
+
+
+def _module_group(path: str, depth: int = 3) -> str:
+    """Group module paths a few levels deep (``stages.2.blocks.1``), which is where users look for cost."""
+    if not path:
+        return "(model)"
+    parts = path.split(".")
+    return ".".join(parts[:depth])
+
+
+def describe(est: dict, device) -> str:
+    """One line saying what the estimate is and how far to trust it."""
+    error = est.get("expected_error_pct")
+    err = f"expected error ±{error:.0f}%" if error is not None else "expected error unknown (not calibrated)"
+    how = f", scaled from {est['scaled_from']} by peak rates" if est.get("scaled_from") else ""
+    basis = f" [{est['expected_error_source']}]" if est.get("expected_error_source") else ""
+    if est.get("fit_host") and device.measured:
+        from slimx.devices.host import cpu_model
+
+        if est["fit_host"] != cpu_model():
+            basis += (f"; fitted on another CPU ({est['fit_host']}): run `slimx devices microbench` and "
+                      "`slimx devices calibrate host` here for this machine's own figures")
+    if est.get("calibrated") and est.get("unfitted_share", 0) >= 0.1:
+        basis += (f"; {est['unfitted_share'] * 100:.0f}% of this estimate comes from op classes absent from the "
+                  "fit's data, so the error can be larger")
+    return f"estimated for {device.display_name} ({est['setting']}{how}): {est['total_ms']:.3f} ms, {err}{basis}"
+
+
+def log_error_pct(pred: float, meas: float) -> float:
+    """Signed error of ``pred`` against ``meas`` in percent."""
+    return (pred / meas - 1.0) * 100.0 if meas > 0 else math.nan

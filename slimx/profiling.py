@@ -1,0 +1,224 @@
+"""``slimx profile``: measured where a runner for the device exists (here or through an agent), else estimated.
+
+The answer is always labelled: ``measured on ...`` or ``estimated for ..., expected error ±x%``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from slimx._core.errors import UsageError
+
+ARTIFACT_SUFFIXES = (".tflite", ".mlpackage", ".plan", ".engine")
+_FORMAT_OF = {".onnx": "onnx", ".tflite": "tflite", ".mlpackage": "coreml", ".plan": "tensorrt", ".engine": "tensorrt"}
+_RUNNER_OF_FORMAT = {"onnx": "onnxruntime", "tflite": "litert", "coreml": "coreml", "tensorrt": "tensorrt"}
+
+
+@dataclass
+class ProfileRequest:
+    target: str  # MODEL spec, or an artifact path (.onnx, .tflite, .mlpackage, .plan), or an export OUT folder
+    device: str = "host"
+    remote: str | None = None
+    token: str | None = None
+    mode: str | None = None  # "estimate", "measure" or None (measure when possible)
+    input_shapes: tuple = ()
+    weights: str | None = None
+    precision: str | None = None
+    setting: str | None = None  # an estimator setting of the device (e.g. tensorrt-dla-fp16)
+    runs: int = 50
+    warmup: int = 5
+    threads: int | None = None
+    top: int = 12
+    notes: list = field(default_factory=list)
+
+
+def resolve_artifact(target: str) -> Path | None:
+    """The artifact file a target names, if it names one (an export OUT folder names the one in its report)."""
+    path = Path(target)
+    if path.is_dir() and (path / "report.json").is_file():
+        import json
+
+        report = json.loads((path / "report.json").read_text())
+        files = [f for f in report.get("artifacts", []) if Path(f.get("path", "")).suffix in _FORMAT_OF]
+        if not files:
+            raise UsageError(f"{target}", "has a report.json but no artifact slimx can run", "re-run slimx export")
+        return path / files[0]["path"]
+    if path.suffix.lower() in ARTIFACT_SUFFIXES:
+        if not path.exists():
+            raise UsageError(f"artifact {target}", "does not exist", "give the path of an exported file")
+        return path
+    return None
+
+
+def artifact_inputs(path: Path):
+    """Input specs read from the artifact itself (for timing a file that came without its model)."""
+    from slimx._core.inputs import InputSpec
+
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        from slimx.export.intake import load_model
+
+        return load_model(str(path)).inputs
+    if suffix == ".tflite":
+        from ai_edge_litert.interpreter import Interpreter
+
+        interp = Interpreter(model_path=str(path))
+        sig = interp.get_signature_runner()
+        specs = []
+        for name, d in sig.get_input_details().items():
+            dtype = str(d["dtype"].__name__ if hasattr(d["dtype"], "__name__") else d["dtype"])
+            kind = "tokens" if dtype.startswith("int") else "float"
+            specs.append(InputSpec(name, tuple(int(x) for x in d["shape"]), dtype if dtype in (
+                "float32", "float16", "int64", "int32") else "float32", kind=kind))
+        return specs
+    raise UsageError(f"artifact {path}", "carries no input description slimx can read here",
+                     "profile the MODEL instead (slimx profile MODEL --device ...)")
+
+
+def profile(req: ProfileRequest, progress=None) -> dict:
+    """Return the latency object (the report's ``latency``): measured or estimated, labelled."""
+    from slimx.devices import load_device
+
+    if req.mode not in (None, "estimate", "measure"):
+        raise UsageError(f"mode {req.mode}", "is not estimate or measure", "use --estimate or --measure")
+    if req.mode == "estimate" and req.remote:
+        raise UsageError("--estimate with --remote", "contradict each other", "drop one of them")
+    device = load_device(req.device)
+    artifact_path = resolve_artifact(req.target)
+    if artifact_path is None and req.target.lower().endswith(".onnx") and Path(req.target).is_file():
+        artifact_path = Path(req.target)  # an .onnx file is measured as it is (and estimated only from a model)
+    can_measure = req.remote is not None or device.name == "host"
+    if req.mode == "measure" and not can_measure:
+        raise UsageError(f"--measure on {device.name}", "no runner for that device exists on this host",
+                         "run `slimx agent serve` on the device and pass --remote URL --token-file F, "
+                         "or drop --measure to get an estimate")
+    if req.mode == "estimate" or not can_measure:
+        if artifact_path is not None:
+            raise UsageError(f"--estimate for {artifact_path.name}", "the estimator reads the PyTorch graph, and a "
+                             "compiled artifact has none", "profile the MODEL it came from, or measure the artifact "
+                             "with --remote or on the host")
+        return estimate(req, device, progress)
+    return measure(req, device, artifact_path, progress)
+
+
+def estimate(req: ProfileRequest, device, progress=None) -> dict:
+    from slimx.devices.calibrate import model_op_mix
+    from slimx.devices.estimator import describe, estimate_latency
+
+    if progress is not None:
+        progress.note(f"op mix of {req.target}")
+    costs = model_op_mix(req.target, list(req.input_shapes)) if not req.weights else _op_mix_with_weights(req)
+    setting = _setting(device, req)
+    est = estimate_latency(costs, device, setting, top=req.top)
+    est["label"] = describe(est, device)
+    return est
+
+
+def _setting(device, req: ProfileRequest):
+    from slimx.devices.estimator import default_setting, settings_of
+
+    if not req.setting:
+        return default_setting(device, req.precision)
+    settings = settings_of(device)
+    if req.setting not in settings:
+        raise UsageError(f"--setting {req.setting}", f"is not an estimator setting of {device.name}",
+                         f"use one of {', '.join(settings) or '(none)'}")
+    return settings[req.setting]
+
+
+def _op_mix_with_weights(req: ProfileRequest):
+    from slimx.devices.opmix import op_mix
+    from slimx.export.program import prepare_program
+
+    _, program, _ = prepare_program(req.target, list(req.input_shapes), weights=req.weights)
+    return op_mix(program.exported)
+
+
+def measure(req: ProfileRequest, device, artifact_path: Path | None, progress=None) -> dict:
+    from slimx._core.inputs import sample_inputs
+    from slimx.targets.base import Artifact
+
+    with tempfile.TemporaryDirectory(prefix="slimx-profile-") as tmp:
+        if artifact_path is not None:
+            fmt = _FORMAT_OF[artifact_path.suffix.lower()]
+            specs = artifact_inputs(artifact_path) if fmt in ("onnx", "tflite") else None
+            if specs is None:
+                raise UsageError(f"artifact {artifact_path.name}", "has no input description slimx reads here",
+                                 "profile the MODEL it came from instead")
+            artifact = Artifact(format=fmt, path=artifact_path, inputs=specs, output_names=[])
+        else:
+            artifact, fmt = _compile_model(req, device, Path(tmp), progress)
+        inputs = sample_inputs(artifact.inputs, seed=7)
+        if req.remote:
+            from slimx.devices.agent import RemoteRunner
+
+            build = fmt == "tensorrt" and artifact.path.suffix == ".onnx"
+            runner = RemoteRunner(req.remote, req.token or "", _RUNNER_OF_FORMAT[fmt])
+            if progress is not None:
+                progress.note(f"upload {artifact.path.name} to {req.remote}")
+            timing = runner.time(artifact, inputs, warmup=req.warmup, runs=req.runs, build=build,
+                                 precision=req.precision or "fp16")
+            where = f"{runner.last.get('device', device.name)} via agent {req.remote}"
+        else:
+            from slimx.devices.runners import get_runner
+
+            runner_name = _RUNNER_OF_FORMAT[fmt]
+            runner = get_runner(runner_name, threads=req.threads)
+            timing = runner.time(artifact, inputs, warmup=req.warmup, runs=req.runs)
+            from slimx.devices.host import cpu_model
+
+            where = f"this host ({cpu_model()})"
+    out = {"device": device.name, "kind": "measured", "measured": True, "where": where, **timing.to_dict()}
+    out["label"] = (f"measured on {where}: {timing.runtime} {timing.runtime_version}, "
+                    f"{timing.threads or '-'} threads: median {timing.median_ms:.3f} ms")
+    return out
+
+
+def _compile_model(req: ProfileRequest, device, out: Path, progress=None):
+    """MODEL -> the device's default format (TensorRT: the ONNX the agent builds its engine from)."""
+    from slimx.export.program import prepare_program
+    from slimx.targets import CompileOptions, get_target
+
+    if progress is not None:
+        progress.note(f"export {req.target} for {device.name}")
+    _, program, _ = prepare_program(req.target, list(req.input_shapes), weights=req.weights)
+    fmt = device.default_format if req.remote else "onnx"
+    if req.remote and fmt == "tensorrt":
+        fmt_target = get_target("onnx")  # the engine is built on the device, from ONNX
+        artifact = fmt_target.compile(program, device, CompileOptions(), out)
+        return artifact, "tensorrt"
+    target = get_target(fmt)
+    precision = req.precision if req.remote else (req.precision or "fp32")
+    options = CompileOptions(precision=precision or target.default_precision)
+    target.validate(device, options)
+    return target.compile(program, device, options, out), fmt
+
+
+def render(result: dict, top: int = 12) -> str:
+    """The human form: the label, then the per-op (and per-module) breakdown."""
+    lines = [result["label"]]
+    if result["kind"] == "measured":
+        lines.append(f"  min {result['min_ms']:.3f}  p50 {result['median_ms']:.3f}  p90 {result['p90_ms']:.3f}  "
+                     f"max {result['max_ms']:.3f} ms over {result['runs']} runs ({result['warmup']} warm-up)")
+        ops = result.get("per_op") or []
+        if ops:
+            lines.append("  per op (runtime profiler):")
+            lines += [f"    {o['op']:<28} {o['ms']:>9.4f} ms  {o.get('share', 0) * 100:5.1f}%  x{o.get('count', '')}"
+                      for o in ops[:top]]
+        nodes = [n for n in (result.get("per_node") or []) if n.get("module")]
+        if nodes:
+            lines.append("  slowest nodes -> module path:")
+            lines += [f"    {n['ms']:>9.4f} ms  {n.get('op', ''):<14} {n['module']}" for n in nodes[:top]]
+        return "\n".join(lines)
+    lines.append(f"  {result['ops']} ops, {result['gflops']:.3f} GFLOP; fixed per-inference overhead "
+                 f"{result['fixed_ms']:.3f} ms; unit {result['unit']} ({result['dtype']})")
+    lines.append("  per op class:")
+    lines += [f"    {o['op']:<12} {o['ms']:>9.4f} ms  {o['share'] * 100:5.1f}%  x{o['count']}"
+              for o in result["per_op"]]
+    lines.append("  per module:")
+    lines += [f"    {m['ms']:>9.4f} ms  {m['module']}" for m in result["per_module"][:top]]
+    lines.append("  slowest ops:")
+    lines += [f"    {n['ms']:>9.4f} ms  {n['op']:<22} {n['unit']:<4} {n['module']}" for n in result["per_node"][:top]]
+    return "\n".join(lines)

@@ -1,0 +1,38 @@
+"""Runners by name: the ones this host has, the reason for the ones it lacks, and the PyTorch eager runner."""
+
+import platform
+
+import pytest
+
+from slimx._core.errors import UsageError
+from slimx._core.inputs import InputSpec
+from slimx.devices.runners import available_runners, get_runner, runner_missing_reason
+from slimx.export.program import Program, export_program
+from tests.models import TinyConvBN, seeded
+
+
+def test_onnxruntime_and_torch_are_always_here():
+    assert {"onnxruntime", "torch"} <= set(available_runners())
+
+
+@pytest.mark.skipif(platform.system() == "Darwin", reason="CoreML prediction exists on macOS")
+def test_missing_runtime_names_itself():
+    assert "macOS" in runner_missing_reason("coreml")
+    with pytest.raises(UsageError, match="macOS"):
+        get_runner("coreml")
+    with pytest.raises(UsageError, match="not a runner"):
+        runner_missing_reason("nope")
+
+
+def test_torch_eager_runner_times_with_per_op_and_per_module():
+    seeded(0)
+    model = TinyConvBN().eval()
+    example = (model.example_inputs() if hasattr(model, "example_inputs") else None) or (
+        __import__("torch").randn(1, 3, 16, 16),)
+    program = Program("tiny", export_program(model, example), model, [InputSpec("x", tuple(example[0].shape))],
+                      ["y"])
+    timing = get_runner("torch", threads=1).time(program, example, warmup=2, runs=10)
+    assert timing.runtime == "torch" and timing.runs == 10 and timing.threads == 1
+    assert timing.min_ms <= timing.median_ms <= timing.p90_ms <= timing.max_ms
+    assert any(op["op"].startswith("aten::conv") for op in timing.per_op)
+    assert {"conv1", "conv2", "head"} <= {n["module"] for n in timing.per_node}

@@ -1,0 +1,116 @@
+"""slimx profile / devices calibrate / agent from the command line: labelled answers, one-line errors."""
+
+import json
+import re
+import threading
+
+import pytest
+
+from slimx.cli import main
+from tests.test_cli import assert_one_line_error
+
+TOKEN = "cli-loopback-token-0123456789"
+
+
+def run(capsys, *args):
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory):
+    out = tmp_path_factory.mktemp("exp")
+    assert main(["export", "tests.models:tiny_mlp", "--out", str(out), "--runs", "30", "--warmup", "1", "-q"]) == 0
+    return out
+
+
+def test_efficientformer_on_iphone12_is_estimated_near_the_published_figure(capsys):
+    code, out, _ = run(capsys, "profile", "timm:efficientformer_l1", "--device", "iphone12")
+    assert code == 0
+    first = out.splitlines()[0]
+    assert first.startswith("estimated for Apple iPhone 12") and "expected error ±" in first
+    assert "leave-one-out" in first
+    ms = float(re.search(r": ([0-9.]+) ms", first).group(1))
+    assert abs(ms / 1.6 - 1) <= 0.15, f"{ms} ms vs the published 1.6 ms"
+    assert "per op class:" in out and "per module:" in out and "stages." in out
+
+
+def test_host_artifact_is_measured(capsys, tiny_onnx):
+    code, out, _ = run(capsys, "profile", str(tiny_onnx), "--device", "host", "--runs", "20", "--json")
+    assert code == 0
+    latency = json.loads(out)
+    assert latency["kind"] == "measured" and latency["label"].startswith("measured on this host")
+    assert latency["runtime"] == "onnxruntime" and latency["runs"] == 20 and latency["per_op"]
+
+
+def test_estimate_forced_on_the_host(capsys):
+    code, out, _ = run(capsys, "profile", "tests.models:tiny_mlp", "--estimate", "--json")
+    assert code == 0
+    latency = json.loads(out)
+    assert latency["kind"] == "estimated" and latency["device"] == "host" and latency["total_ms"] > 0
+
+
+def test_measure_refuses_to_estimate(capsys):
+    code, _, err = run(capsys, "profile", "tests.models:tiny_mlp", "--device", "iphone12", "--measure")
+    assert code == 2
+    assert_one_line_error(err, "no runner for that device", "--remote")
+
+
+def test_artifact_cannot_be_estimated(capsys, tiny_onnx):
+    code, _, err = run(capsys, "profile", str(tiny_onnx / "model.onnx"), "--device", "iphone12")
+    assert code == 2
+    assert_one_line_error(err, "compiled artifact has none")
+
+
+def test_remote_needs_a_token_and_a_reachable_agent(capsys, tmp_path, tiny_onnx):
+    code, _, err = run(capsys, "profile", str(tiny_onnx), "--remote", "http://127.0.0.1:9")
+    assert code == 2
+    assert_one_line_error(err, "needs the agent's token")
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    code, _, err = run(capsys, "profile", str(tiny_onnx), "--remote", "http://127.0.0.1:9", "--token-file", str(token))
+    assert code == 1
+    assert_one_line_error(err, "unreachable")
+
+
+def test_profile_through_a_loopback_agent(capsys, tmp_path, tiny_onnx):
+    from slimx.devices.agent import Agent, serve
+
+    server = serve(Agent(TOKEN, log=lambda _m: None), "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        token = tmp_path / "token"
+        token.write_text(TOKEN + "\n")
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        code, out, _ = run(capsys, "profile", str(tiny_onnx), "--remote", url, "--token-file", str(token),
+                           "--runs", "10", "--json")
+        assert code == 0
+        latency = json.loads(out)
+        assert latency["measured"] and f"via agent {url}" in latency["where"] and latency["runs"] == 10
+        bad = tmp_path / "bad"
+        bad.write_text("x" * 20)
+        code, _, err = run(capsys, "profile", str(tiny_onnx), "--remote", url, "--token-file", str(bad))
+        assert code == 2
+        assert_one_line_error(err, "refused the token")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_calibrate_usage_errors(capsys, tmp_path):
+    code, _, err = run(capsys, "devices", "calibrate", "iphone12")
+    assert code == 2
+    assert_one_line_error(err, "exactly one of --measurements")
+    code, _, err = run(capsys, "devices", "calibrate", "iphone12", "--measurements", str(tmp_path / "none.csv"))
+    assert code == 2
+    assert_one_line_error(err, "does not exist")
+
+
+def test_agent_refuses_a_weak_token(capsys, tmp_path):
+    weak = tmp_path / "weak"
+    weak.write_text("short")
+    code, _, err = run(capsys, "agent", "serve", "--token-file", str(weak), "--port", "0")
+    assert code == 2
+    assert_one_line_error(err, "shorter than 16")
