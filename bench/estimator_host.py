@@ -141,11 +141,10 @@ def main() -> int:
     import warnings
 
     warnings.filterwarnings("ignore")
+    from _results import write_results
+
     result = run(args)
-    (RESULTS / "estimator_host.json").write_text(json.dumps(result, indent=2))
-    text = render(result)
-    (RESULTS / "estimator_host.md").write_text(text)
-    print(text)
+    write_results("estimator_host", result, render(result))
     return 0
 
 

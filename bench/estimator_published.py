@@ -10,7 +10,6 @@ are refreshed with `slimx devices calibrate DEVICE --measurements CSV`.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -18,7 +17,6 @@ import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-RESULTS = Path(__file__).parent / "results"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TABLES = (("iphone12", "iphone12_coreml.csv"), ("jetson-nano", "jetson_tensorrt_fp16.csv"),
           ("jetson-agx-xavier", "jetson_tensorrt_fp16.csv"), ("pixel3", "pixel3_tflite.csv"))
@@ -84,12 +82,10 @@ def render(result: dict) -> str:
 def main() -> int:
     warnings.filterwarnings("ignore")
     data_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else DATA
+    from _results import write_results
+
     result = run(data_dir)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "estimator_published.json").write_text(json.dumps(result, indent=2))
-    text = render(result)
-    (RESULTS / "estimator_published.md").write_text(text)
-    print(text)
+    write_results("estimator_published", result, render(result))
     return 0
 
 

@@ -37,7 +37,9 @@ class DSFormerConfig:
 
     Attributes:
         k_ratio: basis size k = ratio x min(in, out), rounded up to ``multiple``.
-        nnz: non-zeros per row of the sparse coefficients (ignored with ``nm``).
+        nnz: non-zeros per row of the sparse coefficients (ignored with ``nm`` or ``density``).
+        density: non-zeros per row as a fraction of the row's length (rows of the sparse factor are k long
+            when it maps the basis to the outputs, in_features long when it reads the inputs).
         nm: an N:M pattern for the coefficients, e.g. "2:4" (N non-zeros in every M along a row).
         steps, lr: Straight-Through Factorizer optimisation per layer.
         multiple: round k up to a multiple of this.
@@ -47,6 +49,7 @@ class DSFormerConfig:
     k_ratio: float = 0.5
     nnz: int = 16
     nm: str | None = None
+    density: float | None = None
     steps: int = 150
     lr: float = 1e-2
     multiple: int = 8
@@ -58,6 +61,8 @@ class DSFormerConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.k_ratio <= 1.0:
             raise ValueError(f"k_ratio must be in (0, 1], got {self.k_ratio}")
+        if self.density is not None and not 0.0 < self.density <= 1.0:
+            raise ValueError(f"density must be in (0, 1], got {self.density}")
         if self.nnz < 1 or self.steps < 0 or self.lr <= 0 or self.multiple < 1:
             raise ValueError("nnz and multiple must be at least 1, steps non-negative, lr positive")
         if self.nm is not None:
@@ -185,7 +190,13 @@ def dsformer(model, cfg: DSFormerConfig, ctx: PassContext) -> PassResult:
         if (nm is not None and k % nm[1] and sparse_out) or (nm is not None and in_f % nm[1] and not sparse_out):
             layers.append({**entry, "skipped": f"row length not a multiple of {nm[1]} for {cfg.nm}"})
             continue
-        per_row = nm[0] * (k if sparse_out else in_f) // nm[1] if nm else min(cfg.nnz, k if sparse_out else in_f)
+        row_len = k if sparse_out else in_f
+        if nm:
+            per_row = nm[0] * row_len // nm[1]
+        elif cfg.density is not None:
+            per_row = max(1, round(cfg.density * row_len))
+        else:
+            per_row = min(cfg.nnz, row_len)
         dense_cost = k * in_f + out_f * k  # MACs per token of the exported form, either orientation
         if dense_cost >= in_f * out_f:
             layers.append({**entry, "k": k, "skipped": f"k={k} would not reduce MACs of the exported dense form"})
