@@ -209,7 +209,7 @@ def dsformer(model, cfg: DSFormerConfig, ctx: PassContext) -> PassResult:
             chol = torch.linalg.cholesky(cov + 1e-5 * torch.diagonal(cov).mean() * torch.eye(in_f, dtype=cov.dtype))
         u, s, vt = torch.linalg.svd(weight @ chol if chol is not None else weight, full_matrices=False)
         root = torch.sqrt(s[:k])
-        layer = DenseSparseLinear(in_f, out_f, k, cfg.nnz, nm, sparse_out, bias=lin.bias is not None)
+        layer = DenseSparseLinear(in_f, out_f, k, per_row, nm, sparse_out, bias=lin.bias is not None)
         with torch.no_grad():
             right = root[:, None] * vt[:k]
             if chol is not None:
@@ -223,7 +223,7 @@ def dsformer(model, cfg: DSFormerConfig, ctx: PassContext) -> PassResult:
                 layer.coeff.copy_(right)
             if lin.bias is not None:
                 layer.bias.copy_(lin.bias)
-            layer.mask.copy_(sparsity_mask(layer.coeff, cfg.nnz, nm))
+            layer.mask.copy_(sparsity_mask(layer.coeff, per_row, nm))
         chol = chol.float() if chol is not None else None
         with torch.no_grad():
             init_err = float(torch.linalg.norm((layer.weight() - lin.weight) @ (chol if chol is not None else

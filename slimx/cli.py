@@ -407,6 +407,19 @@ def _show(profile) -> str:
             lines.append(f"  runtime {key:<8} {value}")
     for fmt, opts in profile.format_options.items():
         lines.append(f"  {fmt} options  " + ", ".join(f"{k}={v}" for k, v in opts.items()))
+    from slimx.devices.estimator import settings_of
+
+    default = profile.raw.get("estimator", {}).get("default")
+    for key, setting in settings_of(profile).items():
+        if setting.scaled_from:
+            how = f"scaled from {setting.scaled_from}, expected error ±{setting.expected_error_pct:.0f}%"
+        elif setting.calibrated:
+            rows = setting.fit.get("fit_rows", "?")
+            how = f"fitted on {rows} rows, expected error ±{setting.expected_error_pct:.0f}%"
+        else:
+            how = "not calibrated"
+        mark = " (default)" if key == default else ""
+        lines.append(f"  estimator {key}{mark}: {setting.runtime} on {setting.unit}, {setting.dtype}; {how}")
     return "\n".join(lines)
 
 

@@ -44,6 +44,22 @@ def test_host_artifact_is_measured(capsys, tiny_onnx):
     assert latency["runtime"] == "onnxruntime" and latency["runs"] == 20 and latency["per_op"]
 
 
+def test_tflite_artifact_is_measured_in_litert(capsys, tmp_path):
+    pytest.importorskip("ai_edge_litert", reason="LiteRT runtime not installed")
+    out = tmp_path / "t"
+    assert main(["export", "tests.models:tiny_mlp", "--format", "tflite", "--out", str(out), "--runs", "30",
+                 "--warmup", "1", "-q"]) == 0
+    capsys.readouterr()
+    code, text, _ = run(capsys, "profile", str(out / "model.tflite"), "--runs", "10")
+    assert code == 0 and text.startswith("measured on this host") and "litert" in text
+
+
+def test_devices_show_lists_estimator_settings(capsys):
+    code, text, _ = run(capsys, "devices", "show", "pixel7")
+    assert code == 0
+    assert "estimator tflite-cpu-fp32 (default): tflite on cpu, fp32; scaled from pixel3" in text
+
+
 def test_estimate_forced_on_the_host(capsys):
     code, out, _ = run(capsys, "profile", "tests.models:tiny_mlp", "--estimate", "--json")
     assert code == 0

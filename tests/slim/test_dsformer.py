@@ -50,6 +50,19 @@ def test_export_form_computes_the_same_and_is_plain_linears():
     assert int((sparse != 0).sum(1).max()) <= 8
 
 
+def test_density_scales_with_the_row_it_applies_to():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Linear(128, 64))
+    result = dsformer(model, DSFormerConfig(k_ratio=0.5, density=0.25, steps=0, min_features=32), PassContext())
+    up, down = result.layers
+    assert up["sparse_side"] == "out" and up["nonzeros_per_row"] == 8  # rows of k = 32
+    assert down["nonzeros_per_row"] == 32  # rows of in_features = 128
+    assert result.model[0].mask.sum(1).eq(8).all() and result.model[1].mask.sum(1).eq(32).all()
+    assert up["stored_values"] == 32 * 64 + 128 * 8 + 128  # basis + non-zeros + bias
+    with pytest.raises(UsageError):
+        parse_pass("dsformer:density=1.5")
+
+
 def test_config_is_strict():
     with pytest.raises(UsageError, match="nm must look like"):
         parse_pass("dsformer:nm=4:2")
