@@ -31,10 +31,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
-ARTIFACT_SUFFIXES = (".onnx", ".tflite", ".plan", ".engine", ".mlpackage")
-RUNNER_FORMATS = {"onnxruntime": ".onnx", "onnxruntime-cuda": ".onnx", "onnxruntime-tensorrt": ".onnx",
-                  "litert": ".tflite",
-                  "tensorrt": (".plan", ".engine"), "coreml": ".mlpackage"}
+from slimx.devices.runners import FORMAT_OF_SUFFIX, FORMAT_SUFFIXES, RUNNERS
+
+ARTIFACT_SUFFIXES = tuple(FORMAT_OF_SUFFIX)
+RUNNER_FORMATS = {name: FORMAT_SUFFIXES[info.format] for name, info in RUNNERS.items()
+                  if info.format in FORMAT_SUFFIXES}  # the PyTorch eager runner takes no uploads
 READ_CHUNK = 1 << 16
 
 
@@ -157,11 +158,10 @@ class Agent:
         if why:
             raise JobError(HTTPStatus.NOT_IMPLEMENTED, f"runner {runner} is not available on this agent: {why}")
         archive, root = check_archive(data, self.max_upload * 4)
-        want = RUNNER_FORMATS[runner]
-        if build:
-            want = ".onnx"
+        want = (".onnx",) if build else RUNNER_FORMATS[runner]
         if not root.lower().endswith(want):
-            raise JobError(HTTPStatus.UNPROCESSABLE_ENTITY, f"runner {runner} runs {want} files, not {root!r}")
+            raise JobError(HTTPStatus.UNPROCESSABLE_ENTITY,
+                           f"runner {runner} runs {'/'.join(want)} files, not {root!r}")
         with self.guard:
             if self.waiting[runner] >= self.max_queue:
                 raise JobError(HTTPStatus.SERVICE_UNAVAILABLE, f"the {runner} queue is full ({self.max_queue} jobs)")
@@ -234,7 +234,7 @@ def _job_main(job_path: str) -> int:
         plan = work / "model.plan"
         build = build_engine(artifact_path, plan, job["precision"], sparse=False, cache_path=work / "timing.cache")
         artifact_path, runner_name = plan, "tensorrt"
-    fmt = {".onnx": "onnx", ".tflite": "tflite", ".mlpackage": "coreml"}.get(artifact_path.suffix, "tensorrt")
+    fmt = FORMAT_OF_SUFFIX[artifact_path.suffix.lower()]
     artifact = Artifact(format=fmt, path=artifact_path, inputs=specs, output_names=[])
     runner = get_runner(runner_name, threads=job.get("threads"))
     outputs = runner.run(artifact, tuple(arrays))

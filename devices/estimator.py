@@ -132,6 +132,7 @@ class Features:
     bytes: np.ndarray
     fallback: np.ndarray  # True where the op leaves the setting's main unit
     switches: int
+    costs: list  # the ops priced (fused ones dropped), in order
 
     @classmethod
     def of(cls, costs: list[OpCost], setting: Setting) -> Features:
@@ -148,7 +149,7 @@ class Features:
                                                               c.op_class in setting.fallback_classes)
                              for c in costs], dtype=bool)
         switches = int(np.count_nonzero(fallback[1:] != fallback[:-1])) if len(costs) > 1 else 0
-        return cls(idx, flops, nbytes, fallback, switches)
+        return cls(idx, flops, nbytes, fallback, switches, costs)
 
 
 def _class_eff(params: dict) -> np.ndarray:
@@ -197,11 +198,10 @@ def estimate_latency(costs: list[OpCost], device, setting: Setting | None = None
         ('estimated', True)
     """
     setting = setting or default_setting(device)
-    if setting.fuse_add:
-        costs = [c for c in costs if not c.fusable]
     params = full_params(setting)
     peak, fallback_peak, bw = rates(device, setting)
     feats = Features.of(costs, setting)
+    costs = feats.costs
     per_op_ms = price(feats, params, peak, fallback_peak, bw) if costs else np.zeros(0)
     fixed_ms = params["fixed_overhead_us"] * 1e-3 + feats.switches * params["switch_us"] * 1e-3
     total = float(per_op_ms.sum() + fixed_ms)

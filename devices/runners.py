@@ -99,12 +99,11 @@ def get_runner(name: str, threads: int | None = None):
     return TorchEagerRunner(threads=threads)
 
 
-def runner_for_format(fmt: str) -> str:
-    for info in RUNNERS.values():
-        if info.format == fmt and runner_missing_reason(info.name) is None:
-            return info.name
-    raise UsageError(f"format {fmt}", "no runner for it exists on this host",
-                     "measure on the device through `slimx agent serve` and --remote URL, or use --estimate")
+# artifact formats: the file suffixes they come in, and the runner that runs each by default
+FORMAT_SUFFIXES = {"onnx": (".onnx",), "tflite": (".tflite",), "coreml": (".mlpackage",),
+                   "tensorrt": (".plan", ".engine")}
+FORMAT_OF_SUFFIX = {suffix: fmt for fmt, suffixes in FORMAT_SUFFIXES.items() for suffix in suffixes}
+DEFAULT_RUNNER = {"onnx": "onnxruntime", "tflite": "litert", "coreml": "coreml", "tensorrt": "tensorrt"}
 
 
 class TorchEagerRunner:

@@ -10,10 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slimx._core.errors import UsageError
+from slimx.devices.runners import DEFAULT_RUNNER, FORMAT_OF_SUFFIX
 
-ARTIFACT_SUFFIXES = (".tflite", ".mlpackage", ".plan", ".engine")
-_FORMAT_OF = {".onnx": "onnx", ".tflite": "tflite", ".mlpackage": "coreml", ".plan": "tensorrt", ".engine": "tensorrt"}
-_RUNNER_OF_FORMAT = {"onnx": "onnxruntime", "tflite": "litert", "coreml": "coreml", "tensorrt": "tensorrt"}
+ARTIFACT_SUFFIXES = tuple(s for s in FORMAT_OF_SUFFIX if s != ".onnx")  # .onnx is a MODEL form too
 
 
 @dataclass
@@ -41,7 +40,7 @@ def resolve_artifact(target: str) -> Path | None:
         import json
 
         report = json.loads((path / "report.json").read_text())
-        files = [f for f in report.get("artifacts", []) if Path(f.get("path", "")).suffix in _FORMAT_OF]
+        files = [f for f in report.get("artifacts", []) if Path(f.get("path", "")).suffix in FORMAT_OF_SUFFIX]
         if not files:
             raise UsageError(f"{target}", "has a report.json but no artifact slimx can run", "re-run slimx export")
         return path / files[0]["path"]
@@ -142,7 +141,7 @@ def measure(req: ProfileRequest, device, artifact_path: Path | None, progress=No
 
     with tempfile.TemporaryDirectory(prefix="slimx-profile-") as tmp:
         if artifact_path is not None:
-            fmt = _FORMAT_OF[artifact_path.suffix.lower()]
+            fmt = FORMAT_OF_SUFFIX[artifact_path.suffix.lower()]
             specs = artifact_inputs(artifact_path) if fmt in ("onnx", "tflite") else None
             if specs is None:
                 raise UsageError(f"artifact {artifact_path.name}", "has no input description slimx reads here",
@@ -155,7 +154,7 @@ def measure(req: ProfileRequest, device, artifact_path: Path | None, progress=No
             from slimx.devices.agent import RemoteRunner
 
             build = fmt == "tensorrt" and artifact.path.suffix == ".onnx"
-            runner = RemoteRunner(req.remote, req.token or "", _RUNNER_OF_FORMAT[fmt])
+            runner = RemoteRunner(req.remote, req.token or "", DEFAULT_RUNNER[fmt])
             if progress is not None:
                 progress.note(f"upload {artifact.path.name} to {req.remote}")
             timing = runner.time(artifact, inputs, warmup=req.warmup, runs=req.runs, build=build,
@@ -164,7 +163,7 @@ def measure(req: ProfileRequest, device, artifact_path: Path | None, progress=No
         else:
             from slimx.devices.runners import get_runner
 
-            runner_name = _RUNNER_OF_FORMAT[fmt]
+            runner_name = DEFAULT_RUNNER[fmt]
             runner = get_runner(runner_name, threads=req.threads)
             timing = runner.time(artifact, inputs, warmup=req.warmup, runs=req.runs)
             from slimx.devices.host import cpu_model
