@@ -16,7 +16,6 @@ cross-validated error, which the estimate quotes as its expected error.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,8 +29,6 @@ PARAMS = ("eff_matmul", "eff_conv", "eff_depthwise", "eff_attention", "eff_mask"
 PRIOR = {"eff_matmul": 0.5, "eff_conv": 0.4, "eff_depthwise": 0.05, "eff_attention": 0.2, "eff_mask": 0.02,
          "eff_vector": 0.05, "mem_eff": 0.5, "overlap": 0.5, "op_overhead_us": 5.0, "fixed_overhead_us": 50.0,
          "switch_us": 100.0}
-PRIOR_SOURCE = ("slimx prior (order of magnitude for CPUs, mobile GPUs and NPUs: dense matmul/conv well above "
-                "depthwise and vector ops); used only where no fit exists")
 _DTYPE_SCALE = {"fp32": 1.0, "fp16": 0.5, "int8": 0.25}
 # ops that leave a Neural Engine / DSP for the CPU: run-time-indexed gathers
 # (hollance/neural-engine docs/unsupported-layers.md; the CoreML target lists the same)
@@ -274,8 +271,3 @@ def describe(est: dict, device) -> str:
         basis += (f"; {est['unfitted_share'] * 100:.0f}% of this estimate comes from op classes absent from the "
                   "fit's data, so the error can be larger")
     return f"estimated for {device.display_name} ({est['setting']}{how}): {est['total_ms']:.3f} ms, {err}{basis}"
-
-
-def log_error_pct(pred: float, meas: float) -> float:
-    """Signed error of ``pred`` against ``meas`` in percent."""
-    return (pred / meas - 1.0) * 100.0 if meas > 0 else math.nan
