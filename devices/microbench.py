@@ -193,13 +193,13 @@ def case_by_name(name: str) -> Case:
 
 def case_program(case: Case):
     """Export a case to a Program (module, example inputs, ExportedProgram)."""
-    from slimx._core.inputs import InputSpec
+    from slimx.export.intake import spec_from_tensor
     from slimx.export.program import Program, export_program
 
     module, inputs = case.build()
     module.eval()
     exported = export_program(module, inputs)
-    specs = [InputSpec(f"x{i}", tuple(t.shape), str(t.dtype).replace("torch.", "")) for i, t in enumerate(inputs)]
+    specs = [spec_from_tensor(f"x{i}", t) for i, t in enumerate(inputs)]
     return Program(case.name, exported, module, specs, ["y"]), inputs
 
 

@@ -275,7 +275,7 @@ def _load_factory(spec: str, shapes: list[str]) -> LoadedModel:
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     examples = _example_inputs(module, factory)
     if examples is not None:
-        inputs = [_spec_from_tensor(params[i] if i < len(params) else f"input_{i}", t)
+        inputs = [spec_from_tensor(params[i] if i < len(params) else f"input_{i}", t)
                   for i, t in enumerate(examples)]
     elif shapes:
         inputs = []
@@ -314,7 +314,8 @@ def _example_inputs(module, factory) -> tuple | None:
     return None
 
 
-def _spec_from_tensor(name: str, tensor) -> InputSpec:
+def spec_from_tensor(name: str, tensor) -> InputSpec:
+    """The InputSpec that draws fresh inputs like ``tensor`` (float, token ids, or a 0/1 mask)."""
     dtype = str(tensor.dtype).replace("torch.", "")
     if tensor.dtype.is_floating_point:
         return InputSpec(name, tuple(tensor.shape), dtype if dtype in ("float32", "float16") else "float32")
