@@ -59,7 +59,7 @@ def run(args) -> dict:
         for i, spec in enumerate(args.models):
             print(f"prepare {spec} ...", file=sys.stderr)
             _, program, _ = prepare_program(spec)
-            costs = model_op_mix(spec)
+            costs = model_op_mix(spec, program=program)
             models.append(Prepared(spec, "model", compile_for(program, "onnx", Path(tmp) / f"model{i}"),
                                    sample_inputs(program.inputs, seed=7), sum(c.flops for c in costs) / 1e9,
                                    sum(c.bytes for c in costs) / 1e6, []))

@@ -123,18 +123,23 @@ def cached_op_mix(key: str, make) -> list[OpCost]:
     return costs
 
 
-def model_op_mix(spec: str, input_shapes: list[str] | None = None) -> list[OpCost]:
-    """Op mix of a MODEL spec in its deployment form (cached for timm/builtin specs)."""
+def model_op_mix(spec: str, input_shapes: list[str] | None = None, weights=None, program=None) -> list[OpCost]:
+    """Op mix of a MODEL spec in its deployment form (cached for timm/builtin specs given without weights).
+
+    ``program``: the spec's Program when the caller has already prepared it (saves a second export).
+    """
     from slimx.export.program import prepare_program
 
     def make():
-        _, program, _ = prepare_program(spec, input_shapes=input_shapes)
+        nonlocal program
+        if program is None:
+            _, program, _ = prepare_program(spec, input_shapes=input_shapes, weights=weights)
         if program.exported is None:
             raise UsageError(f"model {spec}", "the estimator reads the PyTorch graph, and an ONNX file has none",
                              "pass the PyTorch model, or measure the file with --measure")
         return op_mix(program.exported)
 
-    cacheable = spec.startswith("timm:") or spec == "minilm"
+    cacheable = weights is None and (spec.startswith("timm:") or spec == "minilm")
     return cached_op_mix(f"{spec}|{input_shapes}", make) if cacheable else make()
 
 
@@ -274,13 +279,14 @@ def cross_validate(features: list[Features], measured: np.ndarray, device, setti
             "max_abs_pct": round(float(np.max(np.abs(errors))), 2)}
 
 
-def free_params_for(n_rows: int, features: list[Features]) -> tuple[str, ...]:
-    """Which parameters the data can pin down: classes with no work in any row stay at the prior."""
+def classes_in(features: list[Features]) -> list[str]:
+    """The op classes that have work in at least one row."""
+    return sorted({OP_CLASSES[i] for f in features for i in np.unique(f.cls)})
 
-    used = set()
-    for f in features:
-        used |= {OP_CLASSES[i] for i in np.unique(f.cls)}
-    free = [p for p in PARAMS if not p.startswith("eff_") or p == "eff_vector" or p[4:] in used]
+
+def free_params_for(n_rows: int, classes: list[str]) -> tuple[str, ...]:
+    """Which parameters the data can pin down: classes with no work in any row stay at the prior."""
+    free = [p for p in PARAMS if not p.startswith("eff_") or p == "eff_vector" or p[4:] in classes]
     if n_rows < 20:  # few rows: fit the dominant terms only, keep the rest at the prior
         free = [p for p in free if p in ("eff_matmul", "eff_conv", "eff_depthwise", "mem_eff", "op_overhead_us",
                                          "fixed_overhead_us")]
@@ -302,12 +308,12 @@ def calibrate_device(device, rows: list[dict], data_name: str, progress=None) ->
         feats = [Features.of(s.costs, setting) for s in samples]
         measured = np.array([s.measured_ms for s in samples])
         setups, setup_names = setup_groups(group)
-        free = free_params_for(len(samples), feats)
+        classes = classes_in(feats)
+        free = free_params_for(len(samples), classes)
         params = fit_params(feats, measured, device, setting, free, setups=setups)
+        pred = predict(feats, params, device, setting, setups)
         offsets = params.pop("setup_offsets")
-        pred = predict(feats, {**params, "setup_offsets": offsets}, device, setting, setups)
         cv = cross_validate(feats, measured, device, setting, free, setups=setups)
-        classes = sorted({OP_CLASSES[i] for f in feats for i in np.unique(f.cls)})
         fits[key] = {"params": params, "free": list(free), "cv": cv, "rows": len(samples), "data": data_name,
                      "classes": classes,
                      "setups": [{"setup": name, "factor": round(math.exp(off), 4), "rows": int(np.sum(setups == i))}

@@ -74,7 +74,7 @@ def settings_of(device) -> dict[str, Setting]:
                            dtype=table.get("dtype", "fp32"), fallback_unit=table.get("fallback_unit"),
                            params=params, expected_error_pct=table.get("expected_error_pct"),
                            expected_error_source=table.get("expected_error_pct_source", ""),
-                           fit={k: table[k] for k in ("fit_rows", "fit_data", "fit_date", "cv") if k in table},
+                           fit={"fit_rows": table["fit_rows"]} if "fit_rows" in table else {},
                            scaled_from=table.get("scaled_from"),
                            fuse_add=bool(table.get("fuse_add",
                                                    table.get("runtime", device.default_format) != "tflite")),
@@ -134,14 +134,11 @@ class Features:
     @classmethod
     def of(cls, costs: list[OpCost], setting: Setting) -> Features:
         scale = _DTYPE_SCALE.get(setting.dtype, 1.0)
+        if setting.fuse_add:  # fused into the conv before it: no work of its own, no launch
+            costs = [c for c in costs if not c.fusable]
         idx = np.array([OP_CLASSES.index(c.op_class) for c in costs], dtype=np.int64)
         flops = np.array([c.flops for c in costs], dtype=np.float64)
         nbytes = np.array([c.bytes - c.float_bytes * (1 - scale) for c in costs], dtype=np.float64)
-        if setting.fuse_add:  # fused into the conv before it: no work of its own, no launch
-            fused = np.array([c.fusable for c in costs], dtype=bool)
-            keep = ~fused
-            idx, flops, nbytes = idx[keep], flops[keep], nbytes[keep]
-            costs = [c for c, k in zip(costs, keep, strict=True) if k]
         fallback = np.array([bool(setting.fallback_unit) and (c.op in _FALLBACK_OPS or
                                                               c.op_class in setting.fallback_classes)
                              for c in costs], dtype=bool)

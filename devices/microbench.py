@@ -218,6 +218,7 @@ class Prepared:
 
 def prepare_cases(runner_name: str, cases: list[Case], workdir: Path, progress=None) -> list[Prepared]:
     """Export and compile every case once for the runner's format."""
+    from slimx.devices.calibrate import cached_op_mix
     from slimx.devices.opmix import op_mix
     from slimx.devices.runners import RUNNERS
 
@@ -227,7 +228,8 @@ def prepare_cases(runner_name: str, cases: list[Case], workdir: Path, progress=N
         if progress is not None:
             progress.note(f"[{i + 1}/{len(cases)}] prepare {case.name}")
         program, inputs = case_program(case)
-        costs = op_mix(program.exported)
+        # the same cache entry calibration reads, so the case is exported once
+        costs = cached_op_mix(f"case:{case.name}", lambda program=program: op_mix(program.exported))
         out.append(Prepared(case.name, case.group, compile_for(program, fmt, Path(workdir) / f"case{i}"), inputs,
                             sum(c.flops for c in costs) / 1e9, sum(c.bytes for c in costs) / 1e6, []))
     return out

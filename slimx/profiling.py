@@ -108,7 +108,7 @@ def estimate(req: ProfileRequest, device, progress=None) -> dict:
 
     if progress is not None:
         progress.note(f"op mix of {req.target}")
-    costs = model_op_mix(req.target, list(req.input_shapes)) if not req.weights else _op_mix_with_weights(req)
+    costs = model_op_mix(req.target, list(req.input_shapes), weights=req.weights)
     setting = _setting(device, req)
     est = estimate_latency(costs, device, setting, top=req.top)
     est["label"] = describe(est, device)
@@ -125,14 +125,6 @@ def _setting(device, req: ProfileRequest):
         raise UsageError(f"--setting {req.setting}", f"is not an estimator setting of {device.name}",
                          f"use one of {', '.join(settings) or '(none)'}")
     return settings[req.setting]
-
-
-def _op_mix_with_weights(req: ProfileRequest):
-    from slimx.devices.opmix import op_mix
-    from slimx.export.program import prepare_program
-
-    _, program, _ = prepare_program(req.target, list(req.input_shapes), weights=req.weights)
-    return op_mix(program.exported)
 
 
 def measure(req: ProfileRequest, device, artifact_path: Path | None, progress=None) -> dict:
