@@ -63,8 +63,9 @@ def quantize_onnx(src: Path, dst: Path, precision: str, batches: list[tuple] | N
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
             quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8, per_channel=True,
-                             op_types_to_quantize=list(op_types) if op_types else None)
-            record = {"method": "onnxruntime.quantization.quantize_dynamic (int8 per-channel weights)"}
+                             reduce_range=reduce_range, op_types_to_quantize=list(op_types) if op_types else None)
+            record = {"method": "onnxruntime.quantization.quantize_dynamic (int8 per-channel weights"
+                                f"{', reduced range' if reduce_range else ''})"}
         elif precision == "int8":
             if not batches:
                 raise UsageError("--precision int8", "needs calibration data", "give --calib")
@@ -138,12 +139,14 @@ def _np_dtype(elem_type: int):
 
 def quantize_onnx_guarded(src: Path, dst: Path, batches: list[tuple], module, symmetric: bool,
                           op_types: tuple[str, ...] | None = None, target_cosine: float = 0.98,
-                          step: int = 2, max_rounds: int = 4, reduce_range: bool = False) -> dict:
+                          step: int = 2, max_rounds: int = 4, reduce_range: bool = False,
+                          simulate_qdq: bool = False) -> dict:
     """Static int8 with an accuracy guard: layers stay float, most sensitive first, until the quantized
     graph's outputs on the calibration data reach ``target_cosine`` against the PyTorch model.
 
     Round 0 keeps the layers under the SQNR floor (``quant.sensitivity``); each further round adds the
-    ``step`` next-lowest-SQNR layers. Every round is recorded.
+    ``step`` next-lowest-SQNR layers. Every round is recorded. ``simulate_qdq`` scores the graph with its
+    Q/DQ pairs unfused (TensorRT's arithmetic, see ``OrtRunner``) rather than in onnxruntime's int8 kernels.
     """
     from slimx.export.parity import torch_outputs
     from slimx.quant.sensitivity import guarded_int8
@@ -155,7 +158,7 @@ def quantize_onnx_guarded(src: Path, dst: Path, batches: list[tuple], module, sy
     def quantize_and_score(keep):
         record = quantize_onnx(float_copy, dst, "int8", batches, symmetric=symmetric, op_types=op_types,
                                keep_float_modules=keep, reduce_range=reduce_range)
-        return record, (_mean_cosine(dst, batches, reference) if reference is not None else None)
+        return record, (_mean_cosine(dst, batches, reference, simulate_qdq) if reference is not None else None)
 
     try:
         record, _keep, guard = guarded_int8(module, batches, quantize_and_score, target_cosine, step, max_rounds)
@@ -165,15 +168,12 @@ def quantize_onnx_guarded(src: Path, dst: Path, batches: list[tuple], module, sy
     return record
 
 
-def _mean_cosine(path: Path, batches: list[tuple], reference: list[list[np.ndarray]]) -> float:
+def _mean_cosine(path: Path, batches: list[tuple], reference: list[list[np.ndarray]], simulate_qdq: bool) -> float:
     """Mean over batches of the first output's cosine to ``reference`` (the float model's outputs)."""
-    import onnxruntime as ort
-
     from slimx.export.parity import compare_outputs
+    from slimx.targets.onnx import OrtRunner
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    session = OrtRunner(simulate_qdq=simulate_qdq).session(path)
     metas = session.get_inputs()
     cosines = []
     for batch, ref in zip(batches, reference, strict=True):

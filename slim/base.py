@@ -30,6 +30,9 @@ class PassContext:
         device: the target device profile (hardware-friendly rank multiples), if any.
         latency_model: a latency estimator for latency-driven passes, if any.
         progress: a Progress for long steps, if any.
+        mask_index: position of the attention-mask input in each calibration tuple (text models), or None.
+            Where given, statistics and distillation losses count real tokens only, and batches are cut to
+            their longest real sequence: with sentences padded to a fixed length, padding is most positions.
     """
 
     calib: list[tuple] = field(default_factory=list)
@@ -38,6 +41,42 @@ class PassContext:
     device: Any = None
     latency_model: Any = None
     progress: Any = None
+    mask_index: int | None = None
+
+
+def mask_index_of(input_names: list[str]) -> int | None:
+    """Where the attention mask sits among a model's inputs (by its conventional name), or None."""
+    return input_names.index("attention_mask") if "attention_mask" in input_names else None
+
+
+def token_mask(batch: tuple, mask_index: int | None):
+    """The (batch, seq) boolean mask of real tokens of one calibration batch, or None without a mask input."""
+    if mask_index is None:
+        return None
+    return batch[mask_index].bool()
+
+
+def trim_padding(batch: tuple, mask_index: int | None) -> tuple:
+    """Cut the positions past the longest real sequence of the batch from every (batch, seq, ...) input.
+
+    A model that masks its padding gives the same outputs for the real tokens (up to rounding), at the cost
+    of the real length instead of the padded one.
+    """
+    mask = token_mask(batch, mask_index)
+    if mask is None or mask.dim() != 2:
+        return batch
+    real = mask.any(0).nonzero()
+    length = int(real.max()) + 1 if len(real) else 1
+    if length == mask.shape[1]:
+        return batch
+    return tuple(t[:, :length] if t.dim() >= 2 and t.shape[:2] == mask.shape else t for t in batch)
+
+
+def real_rows(x, mask):
+    """``x`` (batch, seq, features) as (real tokens, features) under ``mask``; any other shape as rows."""
+    if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
+        return x[mask]
+    return x.reshape(-1, x.shape[-1])
 
 
 @dataclass

@@ -28,7 +28,7 @@ import torch
 from torch.nn import functional as F
 
 from slimx.slim.base import LayerSelector, PassContext, PassResult, config_to_dict, register_pass
-from slimx.slim.lowrank import input_second_moments
+from slimx.slim.lowrank import LowRankLinear, input_second_moments
 
 
 @dataclass(frozen=True)
@@ -175,7 +175,7 @@ def dsformer(model, cfg: DSFormerConfig, ctx: PassContext) -> PassResult:
     nm = tuple(int(v) for v in cfg.nm.split(":")) if cfg.nm else None
     candidates = [p for p, m in model.named_modules()
                   if isinstance(m, torch.nn.Linear) and p and cfg.selector.selects(p, m)]
-    moments = input_second_moments(model, candidates, ctx.calib) if ctx.calib else {}
+    moments = input_second_moments(model, candidates, ctx.calib, ctx.mask_index) if ctx.calib else {}
     new = copy.deepcopy(model)
     layers = []
     for path in candidates:
@@ -252,8 +252,14 @@ def dsformer(model, cfg: DSFormerConfig, ctx: PassContext) -> PassResult:
 
 
 def finalize(model):
-    """Replace every DenseSparseLinear by its exported form (two plain linears); in place, returns the model."""
+    """The deployable form, in place (returns the model).
+
+    Every DenseSparseLinear becomes its exported form (two plain linears); every LowRankLinear's bottleneck
+    is rotated so that int8 quantization downstream has no outlier channel to lose precision to.
+    """
     for path, mod in list(model.named_modules()):
+        if isinstance(mod, LowRankLinear):
+            mod.spread_()
         if isinstance(mod, DenseSparseLinear):
             parent, _, name = path.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, name, mod.to_export())

@@ -17,7 +17,16 @@ from dataclasses import dataclass
 
 import torch
 
-from slimx.slim.base import LayerSelector, PassContext, PassResult, config_to_dict, register_pass
+from slimx.slim.base import (
+    LayerSelector,
+    PassContext,
+    PassResult,
+    config_to_dict,
+    real_rows,
+    register_pass,
+    token_mask,
+    trim_padding,
+)
 
 
 @dataclass(frozen=True)
@@ -29,6 +38,8 @@ class LowRankConfig:
         energy: smallest rank keeping this fraction of the (scaled) weight's squared singular values.
         param_budget: each factorized layer keeps at most this fraction of its parameters.
         activation_aware: ``whiten`` (full input covariance), ``diag`` (per-channel RMS) or false.
+        damping: ridge added to the input covariance before whitening, as a fraction of its mean diagonal.
+            Larger values keep the factors' ranges close to the weight's (friendlier to int8 afterwards).
         multiple: round ranks up to a multiple of this (default: 8, or the device's ``rank_multiple``).
         include, exclude: module-path regexes (include wins, then exclude); types: module class names.
         min_features: leave layers with fewer input or output features alone.
@@ -38,6 +49,7 @@ class LowRankConfig:
     energy: float | None = None
     param_budget: float | None = None
     activation_aware: str | bool = "whiten"
+    damping: float = 1e-5
     multiple: int | None = None
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
@@ -56,6 +68,8 @@ class LowRankConfig:
                 raise ValueError(f"{name} must be in (0, 1], got {value}")
         if self.activation_aware not in (True, False, "whiten", "diag"):
             raise ValueError(f"activation_aware must be whiten, diag or false, not {self.activation_aware!r}")
+        if not 0.0 <= self.damping <= 10.0:
+            raise ValueError(f"damping must be in [0, 10], got {self.damping}")
         if self.multiple is not None and self.multiple < 1:
             raise ValueError("multiple must be at least 1")
 
@@ -76,14 +90,35 @@ class LowRankLinear(torch.nn.Module):
     def forward(self, x):
         return self.up(self.down(x))
 
+    def spread_(self, seed: int = 0) -> LowRankLinear:
+        """Rotate the bottleneck by a fixed random orthogonal Q (``down <- Q^T down``, ``up <- up Q``).
 
-def input_second_moments(model, paths: list[str], batches: list[tuple]):
-    """Input-channel second-moment matrices (X^T X) and row counts of the given linears on ``batches``."""
+        The product ``up @ down`` is unchanged, but an outlier channel of the rank-r activations (the top
+        singular direction often carries most of their range) is spread over all r channels, so a per-tensor
+        int8 quantizer downstream (onnxruntime dynamic quantization, TFLite) keeps the small ones. In a trial
+        on MiniLM's FFN at rank 0.5 this took int8's cosine from 0.59 to 0.90 (fp32: 0.91), the idea that
+        QuaRot (Ashkboos et al., 2024) applies to whole hidden states.
+        """
+        gen = torch.Generator().manual_seed(seed)
+        q, r = torch.linalg.qr(torch.randn(self.rank, self.rank, generator=gen, dtype=torch.float64))
+        q = q * torch.sign(torch.diagonal(r))[None, :]  # a uniformly random rotation, fixed by the seed
+        with torch.no_grad():
+            self.down.weight.copy_((q.T @ self.down.weight.double()).to(self.down.weight.dtype))
+            self.up.weight.copy_((self.up.weight.double() @ q).to(self.up.weight.dtype))
+        return self
+
+
+def input_second_moments(model, paths: list[str], batches: list[tuple], mask_index: int | None = None):
+    """Input-channel second-moment matrices (X^T X) and row counts of the given linears on ``batches``.
+
+    With ``mask_index`` (the attention-mask input), only real tokens count, not padding.
+    """
     stats: dict[str, list] = {p: [None, 0] for p in paths}
+    current = {"mask": None}
     hooks = []
     for path in paths:
         def record(_mod, inputs, _out, path=path):
-            x = inputs[0].detach().double().reshape(-1, inputs[0].shape[-1])
+            x = real_rows(inputs[0].detach().double(), current["mask"])
             acc = stats[path]
             acc[0] = x.T @ x if acc[0] is None else acc[0] + x.T @ x
             acc[1] += x.shape[0]
@@ -91,6 +126,8 @@ def input_second_moments(model, paths: list[str], batches: list[tuple]):
     try:
         with torch.no_grad():
             for batch in batches:
+                batch = trim_padding(batch, mask_index)
+                current["mask"] = token_mask(batch, mask_index)
                 model(*batch)
     finally:
         for h in hooks:
@@ -105,7 +142,8 @@ def plan_lowrank(model, cfg: LowRankConfig, ctx: PassContext) -> list[dict]:
     for path, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear) and path and cfg.selector.selects(path, mod):
             candidates.append(path)
-    moments = input_second_moments(model, candidates, ctx.calib) if (cfg.activation_aware and ctx.calib) else {}
+    moments = (input_second_moments(model, candidates, ctx.calib, ctx.mask_index)
+               if (cfg.activation_aware and ctx.calib) else {})
     plan = []
     for path in candidates:
         lin = model.get_submodule(path)
@@ -123,7 +161,7 @@ def plan_lowrank(model, cfg: LowRankConfig, ctx: PassContext) -> list[dict]:
             if cfg.activation_aware == "diag":
                 right = torch.diag(torch.sqrt(torch.diagonal(cov)).clamp(min=1e-6))
             else:
-                damp = 1e-5 * torch.diagonal(cov).mean() * torch.eye(in_f, dtype=cov.dtype)
+                damp = cfg.damping * torch.diagonal(cov).mean() * torch.eye(in_f, dtype=cov.dtype)
                 right = torch.linalg.cholesky(cov + damp)
         u, s, vt = torch.linalg.svd(weight @ right if right is not None else weight, full_matrices=False)
         rank = _choose_rank(cfg, s, in_f, out_f)

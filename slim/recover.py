@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from slimx._core.errors import UsageError
+from slimx.slim.base import real_rows, token_mask, trim_padding
 
 
 @dataclass(frozen=True)
@@ -81,14 +82,22 @@ class _Taps:
             h.remove()
 
 
-def _hidden_loss(student_taps: _Taps, teacher_taps: dict, paths: list[str]):
-    losses = [torch.nn.functional.mse_loss(student_taps.out[p].float(), teacher_taps[p].float())
-              / teacher_taps[p].float().pow(2).mean().clamp(min=1e-12) for p in paths]
+def _hidden_loss(student_taps: _Taps, teacher_taps: _Taps, paths: list[str], mask):
+    losses = []
+    for p in paths:
+        s, t = real_rows(student_taps.out[p].float(), mask), real_rows(teacher_taps.out[p].float(), mask)
+        losses.append(torch.nn.functional.mse_loss(s, t) / t.pow(2).mean().clamp(min=1e-12))
     return torch.stack(losses).mean()
 
 
-def recover(student, teacher, batches: list[tuple], cfg: RecoverConfig, progress=None) -> tuple:
-    """Distill ``teacher`` into ``student`` (trained in place); return (student, record)."""
+def recover(student, teacher, batches: list[tuple], cfg: RecoverConfig, progress=None,
+            mask_index: int | None = None) -> tuple:
+    """Distill ``teacher`` into ``student`` (trained in place); return (student, record).
+
+    The teacher runs alongside on each drawn batch (no stored targets, so the calibration set can be large).
+    With ``mask_index`` (the attention-mask input of a text model), batches are cut to their longest real
+    sequence and hidden states are compared on real tokens only.
+    """
     if len(batches) < 2:
         raise UsageError("--recover", "needs at least 2 calibration samples", "give --calib with more data")
     held = max(1, round(len(batches) * cfg.holdout)) if cfg.holdout else 0
@@ -96,17 +105,9 @@ def recover(student, teacher, batches: list[tuple], cfg: RecoverConfig, progress
     teacher.eval()
     paths = [p for p in block_paths(teacher) if p in dict(student.named_modules())] if cfg.hidden else []
     teacher_taps = _Taps(teacher, paths)
-    try:
-        with torch.no_grad():
-            val_in = _stack(val)
-            val_target = teacher(*val_in)
-            train_targets = []
-            train_hidden = []
-            for b in train:
-                train_targets.append(teacher(*b))
-                train_hidden.append({p: t.detach() for p, t in teacher_taps.out.items()})
-    finally:
-        teacher_taps.remove()
+    val_chunks = [trim_padding(_stack(val[i:i + 32]), mask_index) for i in range(0, len(val), 32)]
+    with torch.no_grad():
+        val_targets = [teacher(*chunk) for chunk in val_chunks]
     student_taps = _Taps(student, paths)
     params = [p for p in student.parameters() if p.is_floating_point()]
     for p in params:
@@ -117,36 +118,42 @@ def recover(student, teacher, batches: list[tuple], cfg: RecoverConfig, progress
     def val_loss() -> float:
         student.eval()
         with torch.no_grad():
-            return float(_loss(student(*val_in), val_target, cfg.loss))
+            total = sum(float(_loss(student(*c), t, cfg.loss)) * len(t) for c, t in zip(val_chunks, val_targets,
+                                                                                          strict=True))
+        return total / sum(len(t) for t in val_targets)
 
-    best = val_loss()
-    start_loss, best_state, stale, step = best, {k: v.detach().clone() for k, v in student.state_dict().items()}, 0, 0
-    gen = torch.Generator().manual_seed(0)
-    started = time.perf_counter()
-    for step in range(1, cfg.steps + 1):
-        student.train()
-        idx = torch.randint(0, len(train), (min(cfg.batch_size, len(train)),), generator=gen).tolist()
-        inputs = _stack([train[i] for i in idx])
-        target = torch.cat([train_targets[i] for i in idx])
-        loss = _loss(student(*inputs), target, cfg.loss)
-        if paths:
-            hidden = {p: torch.cat([train_hidden[i][p] for i in idx]) for p in paths}
-            loss = loss + _hidden_loss(student_taps, hidden, paths)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 10 == 0 or step == cfg.steps:
-            current = val_loss()
-            _show(progress, step, cfg.steps, loss.item(), current)
-            if current < best - 1e-6:
-                best, stale = current, 0
-                best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
-            else:
-                stale += 1
-                if stale >= cfg.patience:
-                    break
-    student_taps.remove()
+    try:
+        best = val_loss()
+        start_loss, stale, step = best, 0, 0
+        best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+        gen = torch.Generator().manual_seed(0)
+        started = time.perf_counter()
+        for step in range(1, cfg.steps + 1):
+            student.train()
+            idx = torch.randint(0, len(train), (min(cfg.batch_size, len(train)),), generator=gen).tolist()
+            inputs = trim_padding(_stack([train[i] for i in idx]), mask_index)
+            with torch.no_grad():
+                target = teacher(*inputs)
+            loss = _loss(student(*inputs), target, cfg.loss)
+            if paths:
+                loss = loss + _hidden_loss(student_taps, teacher_taps, paths, token_mask(inputs, mask_index))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            if step % 10 == 0 or step == cfg.steps:
+                current = val_loss()
+                _show(progress, step, cfg.steps, loss.item(), current)
+                if current < best - 1e-6:
+                    best, stale = current, 0
+                    best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+                else:
+                    stale += 1
+                    if stale >= cfg.patience:
+                        break
+    finally:
+        student_taps.remove()
+        teacher_taps.remove()
     student.load_state_dict(best_state)
     student.eval()
     for p in params:
@@ -154,7 +161,8 @@ def recover(student, teacher, batches: list[tuple], cfg: RecoverConfig, progress
     return student, {
         "steps_run": step, "early_stopped": step < cfg.steps, "hidden_states_matched": len(paths),
         "heldout_loss_before": round(start_loss, 6), "heldout_loss_after": round(best, 6), "loss": cfg.loss,
-        "train_samples": len(train), "heldout_samples": len(val), "seconds": round(time.perf_counter() - started, 1)}
+        "train_samples": len(train), "heldout_samples": len(val), "real_tokens_only": mask_index is not None,
+        "seconds": round(time.perf_counter() - started, 1)}
 
 
 def _show(progress, step: int, total: int, train_loss: float, val_loss: float) -> None:

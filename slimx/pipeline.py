@@ -254,7 +254,8 @@ def run_parity(program, target, artifact, cfg: ExportConfig, calib, precision: s
     proxy = artifact.meta.get("proxy_onnx")
     if proxy and artifact.format != "onnx":
         path = artifact.path.parent / proxy
-        result["proxy"] = _parity_in(OrtRunner(threads=cfg.threads), artifact, path, program, batches, calib, tol)
+        runner = OrtRunner(threads=cfg.threads, simulate_qdq=True)  # the engine's int8 arithmetic, not ORT's kernels
+        result["proxy"] = _parity_in(runner, artifact, path, program, batches, calib, tol)
         result["proxy"]["what"] = f"{proxy} in onnxruntime (the TensorRT-ready graph, not the engine)"
     result["precision"] = precision
     return result
@@ -325,6 +326,7 @@ def run_passes(module, specs, recover_cfg, calib, loaded, device, cfg: ExportCon
     """Apply the passes (then recovery) to the deployment-form model; fidelity on held-out samples after each."""
     from slimx.quant import calibration_batches
     from slimx.slim import PassContext, apply, finalize, recipe_text, recover, torch_fidelity
+    from slimx.slim.base import mask_index_of
 
     def warn(_):
         progress.warn("compressing with SYNTHETIC calibration inputs: rank choices, recovery and fidelity "
@@ -338,7 +340,9 @@ def run_passes(module, specs, recover_cfg, calib, loaded, device, cfg: ExportCon
             f"{calib.source if calib else 'random inputs'}")
     if not held:
         data += " (too few to hold any out: in-sample)"
-    ctx = PassContext(calib=fit, synthetic=synthetic, teacher=module, device=device, progress=progress)
+    mask_index = mask_index_of([s.name for s in loaded.inputs])
+    ctx = PassContext(calib=fit, synthetic=synthetic, teacher=module, device=device, progress=progress,
+                      mask_index=mask_index)
     teacher = module
     model = module
     records = []
@@ -353,7 +357,7 @@ def run_passes(module, specs, recover_cfg, calib, loaded, device, cfg: ExportCon
         "heldout_samples": len(heldout), "synthetic": synthetic}}
     out["fidelity"] = {"data": data, "after_passes": records[-1]["fidelity"]}
     if recover_cfg is not None:
-        model, record = recover(model, teacher, fit, recover_cfg, progress)
+        model, record = recover(model, teacher, fit, recover_cfg, progress, mask_index=mask_index)
         out["recover"] = {"config": dataclasses.asdict(recover_cfg), **record}
         out["fidelity"]["after_recover"] = torch_fidelity(teacher, model, heldout)
         progress.note(f"recovered: held-out cosine {out['fidelity']['after_recover']['cosine_mean']:.4f}")

@@ -80,7 +80,7 @@ class TensorRTTarget(Target):
         if precision == "int8":
             from slimx.quant.onnx import quantize_onnx_guarded
             quant = quantize_onnx_guarded(onnx_path, onnx_path, calib_batches, program.module, symmetric=True,
-                                          op_types=COMPUTE_OPS)
+                                          op_types=COMPUTE_OPS, simulate_qdq=True)
         sparse = sparse_24_weights(onnx_path)
         dla = int(options.extra.get("dla_core", -1))
         flags = trtexec_flags(precision, bool(sparse), dla)

@@ -100,3 +100,18 @@ def test_apply_runs_passes_in_order():
     model, results = apply(_mlp(), specs, PassContext())
     assert [r.summary["factorized"] for r in results] == [1, 1]
     assert isinstance(model[0], LowRankLinear) and isinstance(model[2], LowRankLinear)
+
+
+def test_spread_keeps_the_product_and_flattens_an_outlier_channel():
+    torch.manual_seed(0)
+    layer = LowRankLinear(64, 48, 16, bias=True)
+    with torch.no_grad():
+        layer.down.weight[0] *= 50.0  # one bottleneck channel carries most of the range
+    x = torch.randn(32, 64)
+    before, peak_before = layer(x), layer.down(x).abs().amax(0)
+    layer.spread_()
+    torch.testing.assert_close(layer(x), before, rtol=1e-4, atol=1e-4)
+    peak_after = layer.down(x).abs().amax(0)
+    # per-tensor int8 resolution is set by the largest channel: the smallest channels' peaks rise toward it
+    assert peak_after.max() < 0.6 * peak_before.max()
+    assert (peak_after.min() / peak_after.max()) > 5 * (peak_before.min() / peak_before.max())

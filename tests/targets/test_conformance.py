@@ -84,7 +84,7 @@ def test_conformance(fmt, device, model, precision, programs, tmp_path):
     _structure(fmt, artifact, program, precision)
     if fmt == "tensorrt":  # the TensorRT-ready ONNX runs in onnxruntime here even where TensorRT does not
         proxy = artifact.path.parent / artifact.meta["proxy_onnx"]
-        runner = OrtRunner(threads=1)
+        runner = OrtRunner(threads=1, simulate_qdq=True)
         session = runner.session(proxy)
         result = check_parity(lambda b: torch_outputs(program.module, b),
                               lambda b: runner.run(artifact, b, session=session), batches, "onnxruntime", tol)
