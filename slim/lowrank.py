@@ -38,8 +38,9 @@ class LowRankConfig:
         energy: smallest rank keeping this fraction of the (scaled) weight's squared singular values.
         param_budget: each factorized layer keeps at most this fraction of its parameters.
         activation_aware: ``whiten`` (full input covariance), ``diag`` (per-channel RMS) or false.
-        damping: ridge added to the input covariance before whitening, as a fraction of its mean diagonal.
-            Larger values keep the factors' ranges close to the weight's (friendlier to int8 afterwards).
+        damping: ridge added to the input covariance before whitening, as a fraction of its mean diagonal;
+            raise it when the calibration set has fewer real tokens than the layer has input features (the
+            second moment is then singular and the factorization would trust directions it never saw).
         multiple: round ranks up to a multiple of this (default: 8, or the device's ``rank_multiple``).
         include, exclude: module-path regexes (include wins, then exclude); types: module class names.
         min_features: leave layers with fewer input or output features alone.
