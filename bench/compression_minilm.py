@@ -48,6 +48,18 @@ ROWS = [
 ]
 
 
+HELDOUT_OFFSET = 2000  # evaluation sentences start here: disjoint from, and far past, the fit slice
+
+
+def encode(tokenizer, lines: list[str]) -> list[tuple]:
+    """One (input_ids, attention_mask) pair per sentence, padded to the bench's 128 tokens."""
+    out = []
+    for line in lines:
+        enc = tokenizer(line, padding="max_length", max_length=128, truncation=True, return_tensors="pt")
+        out.append((enc["input_ids"], enc["attention_mask"]))
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fit", type=int, default=1024, help="calibration/distillation sentences")
@@ -79,22 +91,15 @@ def main() -> int:
     from slimx.export.textdata import stdlib_sentences
     from slimx.quant.onnx import quantize_onnx
     from slimx.slim import PassContext, RecoverConfig, apply, fidelity, finalize, parse_pass, recover
+    from slimx.slim.base import mask_index_of
     from slimx.targets import Artifact
     from slimx.targets.onnx import OrtRunner
 
     torch.manual_seed(0)
     loaded = load_model("minilm")
-    tok = loaded.tokenizer
-
-    def encode(lines):
-        out = []
-        for line in lines:
-            enc = tok(line, padding="max_length", max_length=128, truncation=True, return_tensors="pt")
-            out.append((enc["input_ids"], enc["attention_mask"]))
-        return out
-
-    fit = encode(stdlib_sentences(args.fit))
-    heldout = encode(stdlib_sentences(args.heldout, offset=2000))  # disjoint: far past the fit slice
+    mask_index = mask_index_of([s.name for s in loaded.inputs])
+    fit = encode(loaded.tokenizer, stdlib_sentences(args.fit))
+    heldout = encode(loaded.tokenizer, stdlib_sentences(args.heldout, offset=HELDOUT_OFFSET))
     base, _ = to_deployment(loaded.module, fit[0])
     with torch.no_grad():
         reference = [base(*b).numpy()[0] for b in heldout]
@@ -113,13 +118,13 @@ def main() -> int:
         if passes and key in built:
             model, summary = built[key]
         elif passes:
-            ctx = PassContext(calib=fit[:128], teacher=base, mask_index=1)
+            ctx = PassContext(calib=fit[:128], teacher=base, mask_index=mask_index)
             model, res = apply(base, [parse_pass(p) for p in passes], ctx)
             summary = res[-1].summary
             if do_recover:
                 model, rec = recover(model, base, fit, RecoverConfig(steps=args.steps, lr=args.lr, loss="cosine",
                                                                       batch_size=args.batch, patience=8,
-                                                                      holdout=0.1), mask_index=1)
+                                                                      holdout=0.1), mask_index=mask_index)
                 summary["recover"] = rec
             model = finalize(model)
             built[key] = (model, summary)
@@ -205,11 +210,10 @@ def retime(args) -> int:
         print(f"bench: {missing[0]} is missing; --retime needs the folder a --keep run wrote", file=sys.stderr)
         return 2
     loaded = load_model("minilm")
-    enc = loaded.tokenizer(stdlib_sentences(1, offset=2000)[0], padding="max_length", max_length=128,
-                           truncation=True, return_tensors="pt")
+    inputs = encode(loaded.tokenizer, stdlib_sentences(1, offset=HELDOUT_OFFSET))[0]  # what the full run timed
     runner = OrtRunner()
     artifacts = [Artifact("onnx", f, loaded.inputs, ["embedding"]) for f in files]
-    time_rows(runner, artifacts, data["rows"], (enc["input_ids"], enc["attention_mask"]), args)
+    time_rows(runner, artifacts, data["rows"], inputs, args)
     data["meta"]["timed"] = time.strftime("%Y-%m-%d %H:%M")
     write(out, data["meta"], data["rows"])
     return 0

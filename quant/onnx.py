@@ -173,12 +173,10 @@ def _mean_cosine(path: Path, batches: list[tuple], reference: list[list[np.ndarr
     from slimx.export.parity import compare_outputs
     from slimx.targets.onnx import OrtRunner
 
-    session = OrtRunner(simulate_qdq=simulate_qdq).session(path)
-    metas = session.get_inputs()
+    runner = OrtRunner(simulate_qdq=simulate_qdq)
+    session = runner.session(path)
     cosines = []
     for batch, ref in zip(batches, reference, strict=True):
-        feed = {m.name: (b.detach().numpy() if hasattr(b, "detach") else np.asarray(b)) for m, b in zip(metas, batch,
-                                                                                                       strict=True)}
-        got = session.run(None, feed)
+        got = session.run(None, runner.feed(session, batch))
         cosines.append(compare_outputs(ref[:1], got[:1])["cosine"])
     return float(np.mean(cosines))

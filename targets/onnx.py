@@ -146,7 +146,8 @@ class OrtRunner:
             raise SlimxFailure(f"onnxruntime could not load {path}", first_line(exc),
                                "check the model with onnx.checker, or try another --opset") from exc
 
-    def _feed(self, session, inputs: tuple) -> dict:
+    def feed(self, session, inputs: tuple) -> dict:
+        """The session's input dict for ``inputs`` (tensors or arrays), cast to the dtypes the graph declares."""
         arrays = to_numpy_inputs(inputs)
         feed = {}
         for meta, arr in zip(session.get_inputs(), arrays, strict=True):
@@ -156,7 +157,7 @@ class OrtRunner:
 
     def run(self, artifact: Artifact, inputs: tuple, session=None) -> list[np.ndarray]:
         session = session or self.session(artifact.path)
-        return session.run(None, self._feed(session, inputs))
+        return session.run(None, self.feed(session, inputs))
 
     def time(self, artifact: Artifact, inputs: tuple, warmup: int = 5, runs: int = 50,
              per_op: bool = True, profile_runs: int = 10) -> Timing:
@@ -165,7 +166,7 @@ class OrtRunner:
         The profiler runs in a separate session so that its overhead stays out of the timings.
         """
         session = self.session(artifact.path)
-        feed = self._feed(session, inputs)
+        feed = self.feed(session, inputs)
         for _ in range(warmup):
             session.run(None, feed)
         samples = []
@@ -184,7 +185,7 @@ class OrtRunner:
         node_scopes = onnx_node_modules(artifact.path)
         with tempfile.TemporaryDirectory(prefix="slimx-ortprof-") as tmp:
             session = self.session(artifact.path, profile_dir=tmp)
-            feed = self._feed(session, inputs)
+            feed = self.feed(session, inputs)
             session.run(None, feed)  # warm-up, excluded below
             session.end_profiling()
             session = self.session(artifact.path, profile_dir=tmp)
