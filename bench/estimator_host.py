@@ -46,7 +46,7 @@ def run(args) -> dict:
         write_csv,
     )
     from slimx.devices.registry import reload_profiles
-    from slimx.devices.runners import RUNNERS, get_runner
+    from slimx.devices.runners import get_runner, runner_info
     from slimx.export.program import prepare_program
 
     start = time.time()
@@ -69,8 +69,8 @@ def run(args) -> dict:
             time_round(runner, models, warmup=5, runs=args.runs)
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
     csv_path = RESULTS / "host_microbench.csv"
-    write_csv(csv_path, [microbench_row(c, RUNNERS["onnxruntime"], "onnxruntime", timing, 10, args.runs, cpu_model())
-                         for c in cases])
+    info = runner_info("onnxruntime")
+    write_csv(csv_path, [microbench_row(c, info, "onnxruntime", timing, 10, args.runs, cpu_model()) for c in cases])
     print(f"calibrate host from {len(cases)} microbenchmarks ...", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="slimx-profiles-") as profiles:
         os.environ["SLIMX_DEVICES_DIR"] = profiles  # the fit goes to a scratch copy, not the user's profile

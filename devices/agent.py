@@ -31,12 +31,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
-from slimx.devices.runners import FORMAT_OF_SUFFIX, FORMAT_SUFFIXES, RUNNERS
-
-ARTIFACT_SUFFIXES = tuple(FORMAT_OF_SUFFIX)
-RUNNER_FORMATS = {name: FORMAT_SUFFIXES[info.format] for name, info in RUNNERS.items()
-                  if info.format in FORMAT_SUFFIXES}  # the PyTorch eager runner takes no uploads
 READ_CHUNK = 1 << 16
+
+
+def runner_suffixes() -> dict[str, tuple[str, ...]]:
+    """Runner name -> the artifact suffixes it runs, from the registered targets (PyTorch eager takes no uploads)."""
+    from slimx.targets import all_targets
+
+    return {info.name: target.suffixes for target in all_targets() for info in target.runners}
 
 
 class JobError(Exception):
@@ -85,36 +87,23 @@ def check_archive(data: bytes, max_unpacked: int) -> tuple[zipfile.ZipFile, str]
         raise JobError(HTTPStatus.UNPROCESSABLE_ENTITY,
                        f"the archive must hold exactly one artifact, found {len(roots)}")
     root = roots.pop()
-    if not root.lower().endswith(ARTIFACT_SUFFIXES):
+    from slimx.targets import artifact_suffixes
+
+    suffixes = artifact_suffixes()
+    if not root.lower().endswith(suffixes):
         raise JobError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
-                       f"{root!r} is not an artifact format this agent runs ({', '.join(ARTIFACT_SUFFIXES)})")
+                       f"{root!r} is not an artifact format this agent runs ({', '.join(suffixes)})")
     return archive, root
 
 
 def check_artifact(path: Path) -> None:
     """Refuse a file that is not what its name says (before any runtime parses it in earnest)."""
-    suffix = path.suffix.lower()
-    if suffix == ".onnx":
-        import onnx
+    from slimx.targets import target_for_path
 
-        try:
-            model = onnx.load(str(path), load_external_data=False)
-            onnx.checker.check_model(model)
-        except Exception as exc:
-            raise JobError(HTTPStatus.UNPROCESSABLE_ENTITY,
-                           f"corrupt ONNX artifact ({str(exc).splitlines()[0][:160]})") from None
-        if any(t.data_location == 1 for t in model.graph.initializer):
-            raise JobError(HTTPStatus.UNPROCESSABLE_ENTITY, "the ONNX file refers to external data; send one file")
-    elif suffix == ".tflite":
-        head = path.read_bytes()[:8]
-        if len(head) < 8 or head[4:8] != b"TFL3":
-            raise JobError(HTTPStatus.UNPROCESSABLE_ENTITY, "corrupt TFLite artifact (no TFL3 flatbuffer identifier)")
-    elif suffix == ".mlpackage":
-        if not (path / "Manifest.json").is_file():
-            raise JobError(HTTPStatus.UNPROCESSABLE_ENTITY, "corrupt CoreML package (no Manifest.json)")
-    elif suffix in (".plan", ".engine"):
-        if path.stat().st_size < 64:
-            raise JobError(HTTPStatus.UNPROCESSABLE_ENTITY, "corrupt TensorRT plan (too small)")
+    target = target_for_path(path)
+    why = target.verify_file(path) if target is not None else f"{path.name} is not an artifact of a known format"
+    if why:
+        raise JobError(HTTPStatus.UNPROCESSABLE_ENTITY, why)
 
 
 class Agent:
@@ -122,7 +111,7 @@ class Agent:
 
     def __init__(self, token: str, device: str = "host", max_upload: int = 512 << 20, job_timeout: float = 300.0,
                  max_queue: int = 8, threads: int | None = None, log=None) -> None:
-        from slimx.devices.runners import RUNNERS
+        from slimx.devices.runners import runner_infos
 
         self.token = token
         self.device = device
@@ -130,8 +119,8 @@ class Agent:
         self.job_timeout = job_timeout
         self.max_queue = max_queue
         self.threads = threads
-        self.locks = {name: threading.Lock() for name in RUNNERS}
-        self.waiting = {name: 0 for name in RUNNERS}
+        self.locks = {name: threading.Lock() for name in runner_infos()}
+        self.waiting = dict.fromkeys(self.locks, 0)
         self.guard = threading.Lock()
         self.log = log or (lambda msg: print(f"slimx agent: {msg}", file=sys.stderr, flush=True))
         self.jobs_done = 0
@@ -151,14 +140,15 @@ class Agent:
     def run_job(self, runner: str, data: bytes, params: dict, build: bool = False) -> dict:
         from slimx.devices.runners import runner_missing_reason
 
-        if runner not in RUNNER_FORMATS:
+        formats = runner_suffixes()
+        if runner not in formats or runner not in self.locks:
             raise JobError(HTTPStatus.BAD_REQUEST,
-                           f"unknown runner {runner!r} (use one of {', '.join(RUNNER_FORMATS)})")
+                           f"unknown runner {runner!r} (use one of {', '.join(formats)})")
         why = runner_missing_reason(runner)
         if why:
             raise JobError(HTTPStatus.NOT_IMPLEMENTED, f"runner {runner} is not available on this agent: {why}")
         archive, root = check_archive(data, self.max_upload * 4)
-        want = (".onnx",) if build else RUNNER_FORMATS[runner]
+        want = _build_suffixes(runner) if build else formats[runner]
         if not root.lower().endswith(want):
             raise JobError(HTTPStatus.UNPROCESSABLE_ENTITY,
                            f"runner {runner} runs {'/'.join(want)} files, not {root!r}")
@@ -205,6 +195,16 @@ class Agent:
             shutil.rmtree(work, ignore_errors=True)
 
 
+def _build_suffixes(runner: str) -> tuple[str, ...]:
+    """What a build job for ``runner``'s format is built from (TensorRT: an ONNX file)."""
+    from slimx.targets import all_targets, get_target
+
+    for target in all_targets():
+        if target.runner_info(runner) is not None and target.builds_on_device_from:
+            return get_target(target.builds_on_device_from).suffixes
+    raise JobError(HTTPStatus.BAD_REQUEST, f"runner {runner} builds nothing on the device")
+
+
 def _job_main(job_path: str) -> int:
     """The child process of one job: load inputs (no pickles), run and time, write result.json."""
     import numpy as np
@@ -229,13 +229,14 @@ def _job_main(job_path: str) -> int:
     runner_name = job["runner"]
     build = {}
     if job["build"]:
-        from slimx.targets.tensorrt import build_engine
+        from slimx.targets import all_targets
 
-        plan = work / "model.plan"
-        build = build_engine(artifact_path, plan, job["precision"], sparse=False, cache_path=work / "timing.cache")
-        artifact_path, runner_name = plan, "tensorrt"
-    fmt = FORMAT_OF_SUFFIX[artifact_path.suffix.lower()]
-    artifact = Artifact(format=fmt, path=artifact_path, inputs=specs, output_names=[])
+        target = next(t for t in all_targets() if t.runner_info(runner_name) is not None)
+        artifact_path, build = target.build_on_device(artifact_path, work, job["precision"])
+    from slimx.targets import target_for_path
+
+    artifact = Artifact(format=target_for_path(artifact_path).name, path=artifact_path, inputs=specs,
+                        output_names=[])
     runner = get_runner(runner_name, threads=job.get("threads"))
     outputs = runner.run(artifact, tuple(arrays))
     timing = runner.time(artifact, tuple(arrays), warmup=int(job["warmup"]), runs=int(job["runs"]))

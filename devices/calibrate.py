@@ -17,7 +17,6 @@ import datetime as _dt
 import hashlib
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -330,31 +329,31 @@ def calibrate_device(device, rows: list[dict], data_name: str, progress=None) ->
 
 # --- writing the profile ---------------------------------------------------------------------------------
 
-BEGIN = "# >>> estimator settings: written by `slimx devices calibrate`; hand edits to match/unit/dtype are kept"
-END = "# <<< estimator settings"
+BEGIN = ">>> estimator settings: written by `slimx devices calibrate`; hand edits to match/unit/dtype are kept"
 
 
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(round(value, 6)) if isinstance(value, float) else str(value)
+def _plain(value):
+    """A value as TOML writes it here: floats to 6 decimals, tuples as arrays."""
+    if isinstance(value, float):
+        return round(value, 6)
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return json.dumps(str(value), ensure_ascii=False)
+        return [_plain(v) for v in value]
+    return value
 
 
-def estimator_toml(estimator: dict, default: str | None) -> str:
-    lines = [BEGIN, "[estimator]"]
+def estimator_table(estimator: dict, default: str | None):
+    """The ``[estimator]`` table (a tomlkit table: written into a profile file, its comments kept)."""
+    import tomlkit
+
+    table = tomlkit.table()
     if default:
-        lines.append(f"default = {_toml_value(default)}")
-    for key, table in estimator.items():
-        lines.append("")
-        lines.append(f"[estimator.{key}]")
-        for name, value in table.items():
-            lines.append(f"{name} = {_toml_value(value)}")
-    lines.append(END)
-    return "\n".join(lines) + "\n"
+        table.add("default", default)
+    for key, settings in estimator.items():
+        sub = tomlkit.table()
+        for name, value in settings.items():
+            sub.add(name, _plain(value))
+        table.add(key, sub)
+    return table
 
 
 _FIT_KEYS = (*PARAMS, "switch_us", "expected_error_pct", "fit_rows", "fit_classes", "fit_setups", "fit_host")
@@ -401,13 +400,19 @@ PRIOR_NOTE = "slimx prior, not fitted (the data has too few rows or no work of t
 
 
 def write_profile(path: Path, source_text: str, estimator: dict, default: str | None) -> Path:
-    """Replace (or append) the generated estimator block of a profile file; written atomically."""
-    block = estimator_toml(estimator, default)
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END) + r"\n?", re.S)
-    text = pattern.sub(lambda _m: block, source_text) if pattern.search(source_text) else \
-        source_text.rstrip("\n") + "\n\n" + block
+    """Replace (or add) the estimator tables of a profile file, keeping every other line and comment (tomlkit);
+    written atomically."""
     import tomllib
 
+    import tomlkit
+
+    tomllib.loads(source_text)  # a broken profile is refused as TOML's own error, before anything is written
+    doc = tomlkit.parse(source_text)
+    if "estimator" not in doc:
+        doc.add(tomlkit.nl())
+        doc.add(tomlkit.comment(BEGIN))
+    doc["estimator"] = estimator_table(estimator, default)
+    text = tomlkit.dumps(doc)
     tomllib.loads(text)  # never write a profile that does not parse
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

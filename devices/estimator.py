@@ -22,6 +22,7 @@ import numpy as np
 
 from slimx._core.errors import UsageError
 from slimx.devices.opmix import COMPUTE_CLASSES, OP_CLASSES, OpCost
+from slimx.targets.coreml import NPU_FALLBACK_OPS
 
 # the free parameters of a setting, in fit order, with the prior each fit is pulled towards (weakly)
 PARAMS = ("eff_matmul", "eff_conv", "eff_depthwise", "eff_attention", "eff_mask", "eff_vector", "mem_eff",
@@ -30,9 +31,6 @@ PRIOR = {"eff_matmul": 0.5, "eff_conv": 0.4, "eff_depthwise": 0.05, "eff_attenti
          "eff_vector": 0.05, "mem_eff": 0.5, "overlap": 0.5, "op_overhead_us": 5.0, "fixed_overhead_us": 50.0,
          "switch_us": 100.0}
 _DTYPE_SCALE = {"fp32": 1.0, "fp16": 0.5, "int8": 0.25}
-# ops that leave a Neural Engine / DSP for the CPU: run-time-indexed gathers
-# (hollance/neural-engine docs/unsupported-layers.md; the CoreML target lists the same)
-_FALLBACK_OPS = {"embedding", "index", "index_select", "gather", "scatter", "index_put", "cumsum"}
 
 
 @dataclass
@@ -139,7 +137,7 @@ class Features:
         idx = np.array([OP_CLASSES.index(c.op_class) for c in costs], dtype=np.int64)
         flops = np.array([c.flops for c in costs], dtype=np.float64)
         nbytes = np.array([c.bytes - c.float_bytes * (1 - scale) for c in costs], dtype=np.float64)
-        fallback = np.array([bool(setting.fallback_unit) and (c.op in _FALLBACK_OPS or
+        fallback = np.array([bool(setting.fallback_unit) and (c.op in NPU_FALLBACK_OPS or
                                                               c.op_class in setting.fallback_classes)
                              for c in costs], dtype=bool)
         switches = int(np.count_nonzero(fallback[1:] != fallback[:-1])) if len(costs) > 1 else 0
@@ -242,6 +240,43 @@ def estimate_latency(costs: list[OpCost], device, setting: Setting | None = None
         "per_node": [{**r, "gflop": round(r["gflop"], 5), "mbytes": round(r["mbytes"], 4), "ms": round(r["ms"], 5)}
                      for r in rows[:top]],
     }
+
+
+class EstimatorLatencyModel:
+    """The per-op estimator as a ``slim.base.LatencyModel``: a module's latency on a device not at hand.
+
+    Example:
+        >>> import torch
+        >>> from slimx.devices import load_device
+        >>> model = EstimatorLatencyModel.for_device(load_device("iphone12"), "fp16")
+        >>> got = model.latency(torch.nn.Linear(64, 64), (torch.randn(1, 64),))
+        >>> got["kind"], got["ms"] > 0, got["interval_ms"][0] < got["ms"] < got["interval_ms"][1]
+        ('estimated', True, True)
+    """
+
+    kind = "estimated"
+
+    def __init__(self, device, setting: Setting) -> None:
+        self.profile = device
+        self.device = device.name
+        self.setting = setting
+
+    @classmethod
+    def for_device(cls, device, precision: str | None = None) -> EstimatorLatencyModel:
+        """The device's setting for ``precision`` (UsageError when its profile has no estimator settings)."""
+        return cls(device, default_setting(device, precision))
+
+    def latency(self, module, example_inputs: tuple) -> dict:
+        from slimx.devices.opmix import op_mix
+        from slimx.export.program import export_program
+
+        est = estimate_latency(op_mix(export_program(module, example_inputs)), self.profile, self.setting, top=0)
+        out = {"ms": est["total_ms"], "kind": self.kind, "device": self.device, "setting": self.setting.key}
+        error = est["expected_error_pct"]
+        if error is not None:
+            out["interval_ms"] = [round(est["total_ms"] * (1 - error / 100), 4),
+                                  round(est["total_ms"] * (1 + error / 100), 4)]
+        return out
 
 
 def _module_group(path: str, depth: int = 3) -> str:

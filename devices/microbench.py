@@ -220,9 +220,9 @@ def prepare_cases(runner_name: str, cases: list[Case], workdir: Path, progress=N
     """Export and compile every case once for the runner's format."""
     from slimx.devices.calibrate import cached_op_mix
     from slimx.devices.opmix import op_mix
-    from slimx.devices.runners import RUNNERS
+    from slimx.devices.runners import runner_info
 
-    fmt = RUNNERS[runner_name].format
+    fmt = runner_info(runner_name).format
     out = []
     for i, case in enumerate(cases):
         if progress is not None:
@@ -265,10 +265,10 @@ def run_microbench(runner_name: str, out_csv: Path, quick: bool = False, threads
     """
 
     from slimx.devices.host import cpu_model
-    from slimx.devices.runners import RUNNERS, get_runner
+    from slimx.devices.runners import get_runner, runner_info
 
     runner = get_runner(runner_name, threads=threads)
-    info = RUNNERS[runner_name]
+    info = runner_info(runner_name)
     cases = [c for c in suite(quick) if not only or any(o in c.name for o in only)]
     with tempfile.TemporaryDirectory(prefix="slimx-microbench-") as tmp:
         prepared = prepare_cases(runner_name, cases, Path(tmp), progress)

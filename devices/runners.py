@@ -1,109 +1,105 @@
 """The runners this host has, by name: each runs an artifact in its own runtime and times it.
 
-All share the protocol of ``targets.base.Runner``: ``run(artifact, inputs)`` and
+All share the protocol of ``targets.base.Runner``: ``session(path)``, ``run(artifact, inputs)`` and
 ``time(artifact, inputs, warmup, runs) -> Timing`` (min/p50/p90/max, threads, runtime version, per-op
-times where the runtime gives them). The PyTorch eager runner takes the Program itself as its artifact.
+times where the runtime gives them). Each target declares its own runners (``Target.runners``); this
+module only adds PyTorch eager, which takes the Program itself as its artifact.
 """
 
 from __future__ import annotations
 
 import os
-import platform
 import time
-from dataclasses import dataclass
 
 from slimx._core.errors import UsageError
-from slimx.targets.base import Timing, to_numpy_inputs
+from slimx.targets.base import RunnerInfo, Timing, timed_calls, to_numpy_inputs
+
+TORCH_RUNNER = RunnerInfo("torch", "torch", "torch-cpu-fp32", "PyTorch eager on the CPU",
+                          make=lambda threads=None: TorchEagerRunner(threads=threads))
 
 
-@dataclass(frozen=True)
-class RunnerInfo:
-    name: str
-    format: str  # the artifact format it runs ("torch": the Program itself)
-    setting: str  # the estimator setting its measurements calibrate on the host
-    description: str
+def runner_infos() -> dict[str, RunnerInfo]:
+    """Every runner by name: the ones each registered target declares, then PyTorch eager."""
+    from slimx.targets import all_targets
+
+    out = {}
+    for target in all_targets():
+        for info in target.runners:
+            out.setdefault(info.name, info)
+    out[TORCH_RUNNER.name] = TORCH_RUNNER
+    return out
 
 
-RUNNERS = {
-    "onnxruntime": RunnerInfo("onnxruntime", "onnx", "onnxruntime-cpu-fp32", "onnxruntime, CPU execution provider"),
-    "onnxruntime-cuda": RunnerInfo("onnxruntime-cuda", "onnx", "onnxruntime-cuda-fp32",
-                                   "onnxruntime, CUDA execution provider"),
-    "onnxruntime-tensorrt": RunnerInfo("onnxruntime-tensorrt", "onnx", "onnxruntime-tensorrt-fp32",
-                                       "onnxruntime, TensorRT execution provider"),
-    "litert": RunnerInfo("litert", "tflite", "tflite-cpu-fp32", "LiteRT interpreter, XNNPACK CPU"),
-    "tensorrt": RunnerInfo("tensorrt", "tensorrt", "tensorrt-gpu-fp16", "TensorRT engine on the local GPU"),
-    "coreml": RunnerInfo("coreml", "coreml", "coreml-all-fp16", "CoreML prediction (macOS)"),
-    "torch": RunnerInfo("torch", "torch", "torch-cpu-fp32", "PyTorch eager on the CPU"),
-}
+def runner_info(name: str) -> RunnerInfo:
+    infos = runner_infos()
+    if name not in infos:
+        raise UsageError(f"runner {name!r}", "is not a runner slimx knows", f"use one of {', '.join(infos)}")
+    return infos[name]
 
 
 def runner_missing_reason(name: str) -> str | None:
     """None when runner ``name`` can run on this host, else why not."""
-    if name not in RUNNERS:
-        raise UsageError(f"runner {name!r}", "is not a runner slimx knows", f"use one of {', '.join(RUNNERS)}")
-    if name == "onnxruntime":
-        return None
-    if name in ("onnxruntime-cuda", "onnxruntime-tensorrt"):
-        import onnxruntime
-
-        provider = "CUDAExecutionProvider" if name.endswith("cuda") else "TensorrtExecutionProvider"
-        if provider not in onnxruntime.get_available_providers():
-            return f"onnxruntime on this host has no {provider} (install onnxruntime-gpu with CUDA/TensorRT)"
-        return None
-    if name == "litert":
-        try:
-            import ai_edge_litert  # noqa: F401
-        except ImportError:
-            return "ai-edge-litert is not installed (pip install 'slimx[tflite]')"
-        return None
-    if name == "tensorrt":
-        from slimx.targets.tensorrt import tensorrt_status
-
-        ok, why = tensorrt_status()
-        return None if ok else why
-    if name == "coreml":
-        if platform.system() != "Darwin":
-            return "CoreML runs predictions only on macOS"
-        return None
-    return None
+    return runner_info(name).missing()
 
 
 def available_runners() -> list[str]:
-    return [n for n in RUNNERS if runner_missing_reason(n) is None]
+    return [n for n, info in runner_infos().items() if info.missing() is None]
 
 
 def get_runner(name: str, threads: int | None = None):
     """A runner instance by name; UsageError with the reason when it cannot run here."""
-    why = runner_missing_reason(name)
+    info = runner_info(name)
+    why = info.missing()
     if why:
         raise UsageError(f"runner {name}", why, f"use one of {', '.join(available_runners())}")
-    if name.startswith("onnxruntime"):
-        from slimx.targets.onnx import OrtRunner
-
-        providers = {"onnxruntime-cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-                     "onnxruntime-tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider",
-                                              "CPUExecutionProvider"]}.get(name)
-        return OrtRunner(threads=threads, providers=providers)
-    if name == "litert":
-        from slimx.targets.tflite import LiteRTRunner
-
-        return LiteRTRunner(threads=threads)
-    if name == "tensorrt":
-        from slimx.targets.tensorrt import TensorRTRunner
-
-        return TensorRTRunner()
-    if name == "coreml":
-        from slimx.targets.coreml import CoreMLRunner
-
-        return CoreMLRunner()
-    return TorchEagerRunner(threads=threads)
+    return info.make(threads=threads)
 
 
-# artifact formats: the file suffixes they come in, and the runner that runs each by default
-FORMAT_SUFFIXES = {"onnx": (".onnx",), "tflite": (".tflite",), "coreml": (".mlpackage",),
-                   "tensorrt": (".plan", ".engine")}
-FORMAT_OF_SUFFIX = {suffix: fmt for fmt, suffixes in FORMAT_SUFFIXES.items() for suffix in suffixes}
-DEFAULT_RUNNER = {"onnx": "onnxruntime", "tflite": "litert", "coreml": "coreml", "tensorrt": "tensorrt"}
+def default_runner_of(fmt: str) -> str:
+    """The runner that runs artifacts of format ``fmt`` by default."""
+    from slimx.targets import get_target
+
+    target = get_target(fmt)
+    if target.default_runner is None:
+        raise UsageError(f"format {fmt}", "declares no runner", "profile it through an agent that has one")
+    return target.default_runner
+
+
+class RunnerLatencyModel:
+    """A runner as a ``slim.base.LatencyModel``: a module compiled to the runner's format and timed here.
+
+    Example:
+        >>> import torch
+        >>> got = RunnerLatencyModel("onnxruntime", threads=1, runs=5).latency(torch.nn.Linear(8, 8),
+        ...                                                                   (torch.randn(1, 8),))  # doctest: +SKIP
+        >>> got["kind"]  # doctest: +SKIP
+        'measured'
+    """
+
+    kind = "measured"
+    device = "host"
+
+    def __init__(self, runner: str = "onnxruntime", threads: int | None = None, warmup: int = 3,
+                 runs: int = 30) -> None:
+        self.runner = get_runner(runner, threads=threads)
+        self.format = runner_info(runner).format
+        self.warmup, self.runs = warmup, runs
+
+    def latency(self, module, example_inputs: tuple) -> dict:
+        import tempfile
+        from pathlib import Path
+
+        from slimx.devices.microbench import compile_for
+        from slimx.export.intake import spec_from_tensor
+        from slimx.export.program import Program, export_program
+
+        specs = [spec_from_tensor(f"input_{i}", t) for i, t in enumerate(example_inputs)]
+        program = Program("model", export_program(module, example_inputs), module, specs, ["output"])
+        with tempfile.TemporaryDirectory(prefix="slimx-latency-") as tmp:
+            artifact = compile_for(program, self.format, Path(tmp))
+            timing = self.runner.time(artifact, tuple(example_inputs), warmup=self.warmup, runs=self.runs)
+        return {"ms": round(timing.median_ms, 4), "kind": self.kind, "device": self.device,
+                "interval_ms": [round(timing.min_ms, 4), round(timing.p90_ms, 4)], "runtime": timing.runtime}
 
 
 class TorchEagerRunner:
@@ -132,6 +128,9 @@ class TorchEagerRunner:
                              "pass the MODEL, not an exported file")
         return module
 
+    def session(self, artifact):
+        return self._module(artifact)
+
     def run(self, artifact, inputs: tuple, session=None):
         import torch
 
@@ -148,13 +147,7 @@ class TorchEagerRunner:
         torch.set_num_threads(self.threads)
         try:
             with torch.inference_mode():
-                for _ in range(warmup):
-                    module(*inputs)
-                samples = []
-                for _ in range(runs):
-                    start = time.perf_counter_ns()
-                    module(*inputs)
-                    samples.append((time.perf_counter_ns() - start) / 1e6)
+                samples = timed_calls(lambda: module(*inputs), warmup, runs)
                 ops, nodes = self.profile(module, inputs) if per_op else ([], [])
         finally:
             torch.set_num_threads(old_threads)

@@ -79,7 +79,7 @@ def load_model(spec: str, weights: str | Path | None = None, input_shapes: list[
     elif spec.lower().endswith(".pt2"):
         loaded = _load_pt2(Path(spec))
     elif spec.lower().endswith(".onnx"):
-        loaded = _load_onnx(Path(spec), shapes)
+        loaded = load_onnx_file(Path(spec), shapes)
         shapes = []  # already applied: ONNX inputs may need them to become static
     elif re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", spec):
         loaded = _load_factory(spec, shapes)
@@ -422,7 +422,9 @@ def _spec_from_meta(name: str, val) -> InputSpec:
 _ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64", 6: "int32", 9: "bool"}
 
 
-def _load_onnx(path: Path, shapes: list[str]) -> LoadedModel:
+def load_onnx_file(path: Path, shapes: list[str]) -> LoadedModel:
+    """An ONNX file as a LoadedModel (no PyTorch module): its input specs read from the graph, whatever the
+    file is called."""
     import onnx
 
     if not path.is_file():

@@ -8,7 +8,9 @@ import logging
 import os
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from slimx._core.errors import SlimxFailure, UsageError, first_line, root_cause
 
@@ -223,6 +225,19 @@ class Program:
     def input_names(self) -> list[str]:
         return [s.name for s in self.inputs]
 
+    def named_module(self):
+        """The module taking its inputs by the spec's names (what keyword-passing converters trace):
+        every target that binds inputs by name goes through this one wrapper (``export.binding``)."""
+        if "named_module" not in self._derived:
+            from slimx.export.binding import NamedInputs
+
+            self._derived["named_module"] = NamedInputs(self.module, self.input_names)
+        return self._derived["named_module"]
+
+    def as_kwargs(self, batch: tuple) -> dict:
+        """One batch of inputs (in call order) keyed by the spec's input names."""
+        return dict(zip(self.input_names, batch, strict=True))
+
     def op_counts(self) -> dict[str, int]:
         """ATen op -> count in the exported graph (empty when there is none)."""
         counts: dict[str, int] = {}
@@ -255,26 +270,59 @@ def onnx_node_modules(path) -> dict[str, str]:
     return out
 
 
+@dataclass
+class Deployable:
+    """A loaded model in its deployment form: what export, profile and eval all start from.
+
+    Attributes:
+        loaded: the model as intake received it.
+        module: the deployment-form module (None for ONNX input; a ``.pt2`` program's own module).
+        example: example inputs (None for ONNX input).
+        record: the deployment step's record (reparameterized modules, folded norms), or None.
+    """
+
+    loaded: Any
+    module: Any
+    example: tuple | None
+    record: Any = None
+
+
+def deployment_form(loaded, seed: int = 0) -> Deployable:
+    """Check the model runs on its inputs, then put it in deployment form (a ``.pt2`` program is already)."""
+    from slimx._core.inputs import sample_inputs
+    from slimx.export.deploy import to_deployment
+
+    if loaded.module is None:
+        return Deployable(loaded, None, None)
+    example = loaded.example_inputs or sample_inputs(loaded.inputs, seed=seed)
+    shapes = ", ".join(f"{s.name}={'x'.join(map(str, s.shape))}" for s in loaded.inputs)
+    check_forward(loaded.module, example, shapes)
+    if loaded.source == "pt2":
+        return Deployable(loaded, loaded.module, example)
+    module, record = to_deployment(loaded.module, example)
+    return Deployable(loaded, module, example, record)
+
+
+def program_of(deployable: Deployable, module=None) -> Program:
+    """The Program of a deployable model (or of ``module``, a compressed copy of it): captured with torch.export,
+    except a ``.pt2`` input, whose program is used as it came, and an ONNX input, which has none."""
+    loaded = deployable.loaded
+    module = deployable.module if module is None else module
+    if loaded.source == "pt2":
+        exported = loaded.program
+    elif module is not None:
+        exported = export_program(module, deployable.example)
+    else:
+        exported = None
+    return Program(loaded.name, exported, module, loaded.inputs, loaded.output_names, onnx_source=loaded.onnx_path)
+
+
 def prepare_program(spec: str, input_shapes: list[str] | None = None, weights=None, seed: int = 0):
     """MODEL spec -> (LoadedModel, Program in deployment form, example inputs): what export and profile share.
 
     An ONNX input has no PyTorch graph: its Program carries only ``onnx_source``.
     """
-    from slimx._core.inputs import sample_inputs
-    from slimx.export.deploy import to_deployment
     from slimx.export.intake import load_model
 
-    loaded = load_model(spec, weights=weights, input_shapes=list(input_shapes or []))
-    module, example, exported = loaded.module, None, None
-    if module is not None:
-        example = loaded.example_inputs or sample_inputs(loaded.inputs, seed=seed)
-        shapes = ", ".join(f"{s.name}={'x'.join(map(str, s.shape))}" for s in loaded.inputs)
-        check_forward(module, example, shapes)
-        if loaded.source == "pt2":
-            exported = loaded.program
-        else:
-            module, _ = to_deployment(module, example)
-            exported = export_program(module, example)
-    program = Program(loaded.name, exported, module, loaded.inputs, loaded.output_names,
-                      onnx_source=loaded.onnx_path)
-    return loaded, program, example
+    deployable = deployment_form(load_model(spec, weights=weights, input_shapes=list(input_shapes or [])), seed)
+    return deployable.loaded, program_of(deployable), deployable.example

@@ -1,15 +1,28 @@
 """fp16 / int8 / weight-only quantization, each through the target's own tool.
 
-``quant.onnx`` uses onnxruntime.quantization, ``quant.tflite`` LiteRT's recipes and PT2E,
-``quant.coreml`` coremltools. Calibration data comes from ``slimx.export.load_calibration``; when a
-user gives none, ``calibration_batches`` draws synthetic inputs and says so loudly.
+One stage with a config: ``quantize(format, subject, QuantConfig, QuantContext)`` (``quant.base``), with the
+handlers registered per (format, scheme): ``quant.onnx`` uses onnxruntime.quantization (ONNX and the
+TensorRT-ready ONNX), ``quant.tflite`` LiteRT's recipes and PT2E, ``quant.coreml`` coremltools. Calibration
+data comes from ``slimx.export.load_calibration``; when a user gives none, ``calibration_batches`` draws
+synthetic inputs and says so loudly.
 """
 
 from __future__ import annotations
 
 from slimx._core.errors import UsageError
-
-PRECISIONS = ("fp32", "fp16", "int8", "int8-weights")
+from slimx.quant import coreml as _coreml  # noqa: F401  (registers its schemes; no SDK imported)
+from slimx.quant import onnx as _onnx  # noqa: F401
+from slimx.quant import tflite as _tflite  # noqa: F401
+from slimx.quant.base import (
+    PRECISIONS,
+    QUANTIZERS,
+    QuantConfig,
+    QuantContext,
+    quantize,
+    quantizer_for,
+    register_quantizer,
+    schemes,
+)
 
 # how far a quantized artifact may drift from the fp32 PyTorch model before parity fails
 # (cosine floor, relative-error ceiling); the user's --min-cosine / --max-rel-err override these
@@ -46,4 +59,5 @@ def calibration_batches(calib, inputs, count: int = 16, seed: int = 0, warn=None
     return [sample_inputs(inputs, seed=seed + 5000 + i) for i in range(count)], True
 
 
-__all__ = ["DEFAULT_TOLERANCE", "PRECISIONS", "SYNTHETIC_WARNING", "calibration_batches", "check_precision"]
+__all__ = ["DEFAULT_TOLERANCE", "PRECISIONS", "QUANTIZERS", "SYNTHETIC_WARNING", "QuantConfig", "QuantContext",
+           "calibration_batches", "check_precision", "quantize", "quantizer_for", "register_quantizer", "schemes"]

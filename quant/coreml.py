@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 
 from slimx._core.errors import UsageError
+from slimx.quant.base import QuantConfig, QuantContext, register_quantizer
 
 FP16_MAX = 65504.0
 
@@ -112,3 +113,41 @@ def quantize_mlprogram(model, precision: str, batches: list[dict] | None, palett
         model = cto.linear_quantize_weights(model, cfg)
         record["method"] += "; coremltools.optimize linear_quantize_weights (int8, symmetric, per-channel)"
     return model, record
+
+
+# --- the registered schemes: a neural network (before iOS 15) and an ML Program are quantized differently ------
+
+
+def _nn(precision: str, doc: str):
+    def handler(model, cfg: QuantConfig, ctx: QuantContext):
+        return quantize_neuralnetwork(model, cfg.precision)
+
+    handler.__doc__ = doc
+    return handler
+
+
+register_quantizer("coreml-neuralnetwork", "none", "fp32")(_nn("fp32", "fp32 weights, as converted"))
+register_quantizer("coreml-neuralnetwork", "weights-fp16", "fp16")(_nn("fp16", "quantize_weights(nbits=16)"))
+register_quantizer("coreml-neuralnetwork", "weights-int8", "int8-weights")(
+    _nn("int8-weights", "quantize_weights(nbits=8, linear)"))
+
+
+def _mlprogram(doc: str):
+    def handler(model, cfg: QuantConfig, ctx: QuantContext):
+        feeds = None
+        if ctx.batches and cfg.precision == "int8":
+            from slimx._core.inputs import to_numpy_inputs
+
+            feeds = [dict(zip(ctx.input_names, to_numpy_inputs(b), strict=True)) for b in ctx.batches]
+        return quantize_mlprogram(model, cfg.precision, feeds, getattr(ctx.options, "palettize", None))
+
+    handler.__doc__ = doc
+    return handler
+
+
+register_quantizer("coreml-mlprogram", "fp32-compute", "fp32")(_mlprogram("fp32 compute (palettized if asked)"))
+register_quantizer("coreml-mlprogram", "fp16-compute", "fp16")(_mlprogram("fp16 compute precision"))
+register_quantizer("coreml-mlprogram", "linear-weights", "int8-weights")(
+    _mlprogram("coremltools.optimize linear_quantize_weights (int8, symmetric, per-channel)"))
+register_quantizer("coreml-mlprogram", "w8a8", "int8")(
+    _mlprogram("int8 activations (calibrated, macOS only) and int8 weights"))

@@ -10,6 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from slimx._core.errors import SlimxFailure, UsageError, first_line
+from slimx.quant.base import QuantConfig, QuantContext, register_quantizer
+
+# the compute-heavy ops: quantizing gathers, softmax and adds costs accuracy for no speed
+COMPUTE_OPS = ("MatMul", "Gemm", "Conv")
 
 
 class _Reader:
@@ -34,7 +38,8 @@ class _Reader:
 
 def quantize_onnx(src: Path, dst: Path, precision: str, batches: list[tuple] | None = None,
                   symmetric: bool = False, op_types: tuple[str, ...] | None = None,
-                  keep_float_modules: dict[str, float] | None = None, reduce_range: bool = False) -> dict:
+                  keep_float_modules: dict[str, float] | None = None, reduce_range: bool = False,
+                  per_channel: bool = True) -> dict:
     """Write a quantized copy of ``src`` to ``dst``; return a record of what was done.
 
     Args:
@@ -44,6 +49,7 @@ def quantize_onnx(src: Path, dst: Path, precision: str, batches: list[tuple] | N
             expects); otherwise uint8 asymmetric activations, which suit onnxruntime's CPU kernels.
         op_types: restrict quantization to these ONNX op types (e.g. MatMul, Gemm, Conv).
         keep_float_modules: PyTorch module paths (from ``quant.sensitivity``) whose ONNX nodes stay float.
+        per_channel: per-channel weight scales (else per tensor).
         reduce_range: 7-bit weights, onnxruntime's remedy for u8s8 saturation in its x86 CPU kernels (in a
             trial here MiniLM u8s8 fell to cosine 0.37 without it, 0.93 with it, before the guard).
     """
@@ -62,9 +68,9 @@ def quantize_onnx(src: Path, dst: Path, precision: str, batches: list[tuple] | N
         elif precision == "int8-weights":
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
-            quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8, per_channel=True,
+            quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8, per_channel=per_channel,
                              reduce_range=reduce_range, op_types_to_quantize=list(op_types) if op_types else None)
-            record = {"method": "onnxruntime.quantization.quantize_dynamic (int8 per-channel weights"
+            record = {"method": f"onnxruntime.quantization.quantize_dynamic (int8 {_granularity(per_channel)} weights"
                                 f"{', reduced range' if reduce_range else ''})"}
         elif precision == "int8":
             if not batches:
@@ -78,13 +84,14 @@ def quantize_onnx(src: Path, dst: Path, precision: str, batches: list[tuple] | N
             excluded = _nodes_of_modules(src, keep_float_modules or {})
             quantize_static(
                 str(src), str(tmp), _Reader(names, dtypes, batches), quant_format=QuantFormat.QDQ,
-                per_channel=True, activation_type=act, weight_type=QuantType.QInt8, reduce_range=reduce_range,
+                per_channel=per_channel, activation_type=act, weight_type=QuantType.QInt8, reduce_range=reduce_range,
                 calibrate_method=CalibrationMethod.MinMax,
                 op_types_to_quantize=list(op_types) if op_types else None,
                 nodes_to_exclude=excluded,
                 extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True},
             )
-            record = {"method": "onnxruntime.quantization.quantize_static, QDQ, per-channel int8 weights"
+            record = {"method": "onnxruntime.quantization.quantize_static, QDQ, "
+                                f"{_granularity(per_channel)} int8 weights"
                                 f"{' (reduced range)' if reduce_range else ''}, "
                                 f"{'symmetric int8' if symmetric else 'asymmetric uint8'} activations (MinMax)",
                       "calibration_samples": len(batches),
@@ -137,16 +144,21 @@ def _np_dtype(elem_type: int):
     return {1: np.float32, 10: np.float16, 7: np.int64, 6: np.int32, 9: np.bool_}.get(elem_type, np.float32)
 
 
-def quantize_onnx_guarded(src: Path, dst: Path, batches: list[tuple], module, symmetric: bool,
-                          op_types: tuple[str, ...] | None = None, target_cosine: float = 0.98,
-                          step: int = 2, max_rounds: int = 4, reduce_range: bool = False,
-                          simulate_qdq: bool = False) -> dict:
-    """Static int8 with an accuracy guard: layers stay float, most sensitive first, until the quantized
-    graph's outputs on the calibration data reach ``target_cosine`` against the PyTorch model.
+def _granularity(per_channel: bool) -> str:
+    return "per-channel" if per_channel else "per-tensor"
 
-    Round 0 keeps the layers under the SQNR floor (``quant.sensitivity``); each further round adds the
-    ``step`` next-lowest-SQNR layers. Every round is recorded. ``simulate_qdq`` scores the graph with its
-    Q/DQ pairs unfused (TensorRT's arithmetic, see ``OrtRunner``) rather than in onnxruntime's int8 kernels.
+
+def quantize_onnx_guarded(src: Path, dst: Path, batches: list[tuple], module, cfg: QuantConfig, *, symmetric: bool,
+                          reduce_range: bool = False, op_types: tuple[str, ...] | None = None,
+                          score_runner=None) -> dict:
+    """Static int8 with an accuracy guard: layers stay float, most sensitive first, until the quantized
+    graph's outputs on the calibration data reach ``cfg.target_cosine`` against the PyTorch model.
+
+    Round 0 keeps the layers under the SQNR floor (``quant.sensitivity``) and those ``cfg.keep_float`` names;
+    each further round adds the ``cfg.guard_step`` next-lowest-SQNR layers. Every round is recorded.
+    ``score_runner()`` makes the runner that scores each round's graph (the calling target's: TensorRT's runs
+    Q/DQ pairs unfused, its engine's arithmetic, rather than onnxruntime's int8 kernels); without one the
+    guard cannot score and keeps round 0.
     """
     from slimx.export.parity import torch_outputs
     from slimx.quant.sensitivity import guarded_int8
@@ -157,26 +169,68 @@ def quantize_onnx_guarded(src: Path, dst: Path, batches: list[tuple], module, sy
 
     def quantize_and_score(keep):
         record = quantize_onnx(float_copy, dst, "int8", batches, symmetric=symmetric, op_types=op_types,
-                               keep_float_modules=keep, reduce_range=reduce_range)
-        return record, (_mean_cosine(dst, batches, reference, simulate_qdq) if reference is not None else None)
+                               keep_float_modules=keep, reduce_range=reduce_range, per_channel=cfg.per_channel)
+        if reference is None or score_runner is None:
+            return record, None
+        return record, _mean_cosine(dst, batches, reference, score_runner())
 
     try:
-        record, _keep, guard = guarded_int8(module, batches, quantize_and_score, target_cosine, step, max_rounds)
+        record, _keep, guard = guarded_int8(module, batches, quantize_and_score, cfg.target_cosine, cfg.guard_step,
+                                            cfg.guard_rounds, always_float=cfg.kept_by_user(module))
     finally:
         float_copy.unlink(missing_ok=True)
     record["guard"] = guard
     return record
 
 
-def _mean_cosine(path: Path, batches: list[tuple], reference: list[list[np.ndarray]], simulate_qdq: bool) -> float:
+def _mean_cosine(path: Path, batches: list[tuple], reference: list[list[np.ndarray]], runner) -> float:
     """Mean over batches of the first output's cosine to ``reference`` (the float model's outputs)."""
     from slimx.export.parity import compare_outputs
-    from slimx.targets.onnx import OrtRunner
 
-    runner = OrtRunner(simulate_qdq=simulate_qdq)
     session = runner.session(path)
     cosines = []
     for batch, ref in zip(batches, reference, strict=True):
         got = session.run(None, runner.feed(session, batch))
         cosines.append(compare_outputs(ref[:1], got[:1])["cosine"])
     return float(np.mean(cosines))
+
+
+# --- the registered schemes -------------------------------------------------------------------------------
+
+
+@register_quantizer("onnx", "fp16", "fp16")
+def onnx_fp16(path: Path, cfg: QuantConfig, ctx: QuantContext):
+    """float16 graph (onnxruntime's converter), fp32 inputs and outputs kept."""
+    return path, quantize_onnx(path, path, "fp16")
+
+
+@register_quantizer("onnx", "dynamic", "int8-weights")
+def onnx_dynamic(path: Path, cfg: QuantConfig, ctx: QuantContext):
+    """int8 weights, activations quantized at run time; reduced range by default: u8s8 saturates in x86 kernels
+    without VNNI (AVX2 hosts)."""
+    reduce = True if cfg.reduce_range is None else cfg.reduce_range
+    return path, quantize_onnx(path, path, "int8-weights", reduce_range=reduce, per_channel=cfg.per_channel)
+
+
+@register_quantizer("onnx", "static-qdq", "int8")
+def onnx_static(path: Path, cfg: QuantConfig, ctx: QuantContext):
+    """Static QDQ on the compute ops with the accuracy guard: asymmetric uint8 activations and reduced-range
+    weights by default, what onnxruntime's CPU kernels run well."""
+    if not ctx.batches:
+        raise UsageError("--precision int8", "needs calibration data", "give --calib")
+    return path, quantize_onnx_guarded(path, path, ctx.batches, ctx.module, cfg, symmetric=bool(cfg.symmetric),
+                                       reduce_range=True if cfg.reduce_range is None else cfg.reduce_range,
+                                       op_types=COMPUTE_OPS, score_runner=ctx.score_runner)
+
+
+@register_quantizer("tensorrt", "qdq", "int8")
+def tensorrt_qdq(path: Path, cfg: QuantConfig, ctx: QuantContext):
+    """Explicit symmetric Q/DQ on the compute ops with the accuracy guard (TensorRT's quantization is
+    symmetric; its builder takes the scales as written)."""
+    if cfg.symmetric is False:
+        raise UsageError("quant symmetric = false", "TensorRT's int8 is symmetric", "drop symmetric, or set it true")
+    if not ctx.batches:
+        raise UsageError("--precision int8", "needs calibration data", "give --calib")
+    return path, quantize_onnx_guarded(path, path, ctx.batches, ctx.module, cfg, symmetric=True,
+                                       reduce_range=bool(cfg.reduce_range), op_types=COMPUTE_OPS,
+                                       score_runner=ctx.score_runner)

@@ -51,7 +51,7 @@ def input_sqnr_db(module, batches: list[tuple], max_values: int = 4_000_000) -> 
 
 
 def guarded_int8(module, batches: list[tuple], quantize_and_score, target_cosine: float = 0.98, step: int = 2,
-                 max_rounds: int = 4):
+                 max_rounds: int = 4, always_float: list[str] = ()):
     """Quantize with an accuracy guard; return ``(result, kept_float, guard_record)``.
 
     Round 0 keeps the layers under the SQNR floor in float; while the quantized model's mean cosine to
@@ -61,10 +61,11 @@ def guarded_int8(module, batches: list[tuple], quantize_and_score, target_cosine
     Args:
         quantize_and_score: ``keep -> (result, cosine)``: quantizes with the modules in ``keep`` left
             float and scores the result on the calibration data (cosine None: cannot score, stop).
+        always_float: module paths the user keeps float whatever their SQNR (``QuantConfig.keep_float``).
     """
     sqnr = input_sqnr_db(module, batches) if module is not None else {}
-    keep = {k: round(v, 1) for k, v in sqnr.items() if v < DEFAULT_SQNR_FLOOR_DB}
-    rest = sorted((v, k) for k, v in sqnr.items() if v >= DEFAULT_SQNR_FLOOR_DB)
+    keep = {k: round(v, 1) for k, v in sqnr.items() if v < DEFAULT_SQNR_FLOOR_DB or k in always_float}
+    rest = sorted((v, k) for k, v in sqnr.items() if v >= DEFAULT_SQNR_FLOOR_DB and k not in always_float)
     rounds = []
     result = None
     for _ in range(max_rounds + 1):

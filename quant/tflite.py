@@ -10,47 +10,63 @@
 
 from __future__ import annotations
 
-from slimx._core.errors import SlimxFailure, first_line
+from slimx._core.errors import SlimxFailure, UsageError, first_line
+from slimx.quant.base import QuantConfig, QuantContext, register_quantizer
 
 
-def tflite_quantization(module, example_kwargs: dict, precision: str, batches: list[tuple] | None,
-                        input_names: list[str]):
-    """Return ``(module_to_convert, quant_config, record)`` for litert_torch.convert."""
-    if precision == "fp32":
-        return module, None, {"method": "none"}
-    if precision == "fp16":
-        from litert_torch.generative.quantize import quant_recipes
-
-        return module, quant_recipes.full_fp16_recipe(), {"method": "LiteRT full_fp16_recipe (fp16 weights)"}
-    if precision == "int8-weights":
-        from litert_torch.generative.quantize import quant_recipes
-
-        return module, quant_recipes.full_dynamic_recipe(), {
-            "method": "LiteRT full_dynamic_recipe (dynamic range: int8 per-channel weights)"}
-    if precision == "int8":
-        return _static_int8(module, example_kwargs, batches, input_names)
-    raise ValueError(precision)
+@register_quantizer("tflite", "none", "fp32")
+def tflite_fp32(module, cfg: QuantConfig, ctx: QuantContext):
+    return (module, None), {"method": "none"}
 
 
-def _static_int8(module, example_kwargs: dict, batches: list[tuple], input_names: list[str],
-                 target_cosine: float = 0.98, step: int = 2, max_rounds: int = 4):
+@register_quantizer("tflite", "fp16-weights", "fp16")
+def tflite_fp16(module, cfg: QuantConfig, ctx: QuantContext):
+    from litert_torch.generative.quantize import quant_recipes
+
+    return (module, quant_recipes.full_fp16_recipe()), {"method": "LiteRT full_fp16_recipe (fp16 weights)"}
+
+
+@register_quantizer("tflite", "dynamic-range", "int8-weights")
+def tflite_dynamic_range(module, cfg: QuantConfig, ctx: QuantContext):
+    from litert_torch.generative.quantize import quant_recipes
+
+    return (module, quant_recipes.full_dynamic_recipe()), {
+        "method": "LiteRT full_dynamic_recipe (dynamic range: int8 per-channel weights)"}
+
+
+@register_quantizer("tflite", "pt2e-static", "int8")
+def tflite_pt2e_static(module, cfg: QuantConfig, ctx: QuantContext):
+    """Full-integer static PT2E with the accuracy guard; LiteRT's PT2E quantizer is symmetric."""
+    if cfg.symmetric is False:
+        raise UsageError("quant symmetric = false", "LiteRT's PT2E quantizer here is symmetric",
+                         "drop symmetric, or set it true")
+    if not ctx.batches:
+        raise UsageError("--precision int8", "needs calibration data", "give --calib")
+    module, quant_config, record = _static_int8(module, ctx.example_kwargs, ctx.batches, ctx.input_names, cfg)
+    return (module, quant_config), record
+
+
+def _static_int8(module, example_kwargs: dict, batches: list[tuple], input_names: list[str], cfg: QuantConfig):
     """PT2E static int8 with the accuracy guard of ``quant.sensitivity``: layers whose inputs lose too much
     under int8 stay float, more of them (most sensitive first) while the quantized model's outputs on the
     calibration data stay under ``target_cosine`` against the float model. Each round runs in PyTorch
     (the converted PT2E model), so LiteRT converts once."""
     import torch
     from litert_torch.quantize.pt2e_quantizer import get_symmetric_quantization_config
-    from litert_torch.quantize.quant_config import QuantConfig
+    from litert_torch.quantize.quant_config import QuantConfig as LiteRTQuantConfig
 
+    from slimx.export.binding import NamedInputs
     from slimx.export.parity import compare_outputs, torch_outputs
     from slimx.quant.sensitivity import guarded_int8
 
     reference = [torch_outputs(module, b) for b in batches]
     captured = torch.export.export(module, (), kwargs=example_kwargs, strict=False)
+    # layers are named as in the user's model; inside a NamedInputs wrapper the traced paths gain its prefix
+    inner, prefix = (module.module, "module.") if isinstance(module, NamedInputs) else (module, "")
 
     def quantize_and_score(keep):
-        quantizer = _quantizer_skipping(set(keep))
-        quantizer.set_global(get_symmetric_quantization_config(is_per_channel=True))
+        quantizer = _quantizer_skipping({prefix + k for k in keep})
+        quantizer.set_global(get_symmetric_quantization_config(is_per_channel=cfg.per_channel))
         converted = _calibrated(captured.module(), quantizer, batches, input_names)
         with torch.no_grad():
             cosines = [compare_outputs(ref[:1], [_first(converted(**dict(zip(input_names, b, strict=True))))])
@@ -58,13 +74,15 @@ def _static_int8(module, example_kwargs: dict, batches: list[tuple], input_names
         return (converted, quantizer), float(sum(cosines) / len(cosines))
 
     try:
-        (converted, quantizer), keep, guard = guarded_int8(module, batches, quantize_and_score, target_cosine,
-                                                           step, max_rounds)
+        (converted, quantizer), keep, guard = guarded_int8(inner, batches, quantize_and_score, cfg.target_cosine,
+                                                           cfg.guard_step, cfg.guard_rounds,
+                                                           always_float=cfg.kept_by_user(inner))
     except Exception as exc:
         raise SlimxFailure("TFLite int8 (PT2E static) calibration", first_line(exc),
                            "try --precision int8-weights (dynamic range), or run with --debug") from exc
-    return converted, QuantConfig(pt2e_quantizer=quantizer), {
-        "method": "PT2E static int8 (symmetric, per-channel weights, histogram observers)",
+    return converted, LiteRTQuantConfig(pt2e_quantizer=quantizer), {
+        "method": f"PT2E static int8 (symmetric, {'per-channel' if cfg.per_channel else 'per-tensor'} weights, "
+                  "histogram observers)",
         "calibration_samples": len(batches),
         "kept_float": {"modules": keep, "why": "input SQNR under per-tensor int8 below the floor, or guard rounds"},
         "guard": guard}

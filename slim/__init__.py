@@ -9,16 +9,18 @@ from slimx.slim import dsformer as _dsformer  # noqa: F401  (registers the pass)
 from slimx.slim import lowrank as _lowrank  # noqa: F401  (registers the pass)
 from slimx.slim.base import (
     PASSES,
+    LatencyModel,
     LayerSelector,
     PassContext,
     PassResult,
     PassSpec,
+    finalize,
     load_recipe,
     parse_pass,
     recipe_text,
     register_pass,
+    run_pass,
 )
-from slimx.slim.dsformer import finalize
 from slimx.slim.fidelity import fidelity, torch_fidelity
 from slimx.slim.recover import RecoverConfig, recover
 
@@ -27,7 +29,7 @@ def apply(model, specs: list[PassSpec], ctx: PassContext) -> tuple:
     """Run passes in order; return the final model and each pass's result."""
     results = []
     for spec in specs:
-        result = PASSES.get(spec.name).fn(model, spec.config, ctx)
+        result = run_pass(spec.name, model, spec.config, ctx)
         results.append(result)
         model = result.model
     return model, results
@@ -35,6 +37,7 @@ def apply(model, specs: list[PassSpec], ctx: PassContext) -> tuple:
 
 __all__ = [
     "PASSES",
+    "LatencyModel",
     "LayerSelector",
     "PassContext",
     "PassResult",
@@ -48,5 +51,6 @@ __all__ = [
     "recipe_text",
     "recover",
     "register_pass",
+    "run_pass",
     "torch_fidelity",
 ]

@@ -11,12 +11,26 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from slimx._core.config import CONFIG_VERSION, config_from_dict, parse_key_values
 from slimx._core.errors import UsageError
 from slimx._core.registry import Registry
 
-CONFIG_VERSION = 1
+
+class LatencyModel(Protocol):
+    """Latency of a model on the device an export is for: the one interface a latency-driven pass uses
+    (``devices.estimator.EstimatorLatencyModel`` estimates per op; ``devices.runners.RunnerLatencyModel``
+    measures with a runner). A pass never imports a target or a device.
+
+    ``latency(module, example_inputs)`` returns ``{"ms", "kind" ("estimated" or "measured"), "device"}`` and,
+    where known, ``"interval_ms": [lo, hi]``.
+    """
+
+    kind: str
+    device: str
+
+    def latency(self, module, example_inputs: tuple) -> dict: ...
 
 
 @dataclass
@@ -28,7 +42,7 @@ class PassContext:
         synthetic: whether ``calib`` is synthetic (fidelity figures are then marked so).
         teacher: the original model, for distillation and fidelity.
         device: the target device profile (hardware-friendly rank multiples), if any.
-        latency_model: a latency estimator for latency-driven passes, if any.
+        latency_model: the chosen device's ``LatencyModel`` (filled by the pipeline), for latency-driven passes.
         progress: a Progress for long steps, if any.
         mask_index: position of the attention-mask input in each calibration tuple (text models), or None.
             Where given, statistics and distillation losses count real tokens only, and batches are cut to
@@ -39,9 +53,10 @@ class PassContext:
     synthetic: bool = False
     teacher: Any = None
     device: Any = None
-    latency_model: Any = None
+    latency_model: LatencyModel | None = None
     progress: Any = None
     mask_index: int | None = None
+    cache: dict = field(default_factory=dict)  # statistics a pass's plan computed for its apply (slim.surgery)
 
 
 def mask_index_of(input_names: list[str]) -> int | None:
@@ -95,70 +110,57 @@ class PassResult:
 
 @dataclass(frozen=True)
 class RegisteredPass:
+    """A pass as registered: its config class and its three steps.
+
+    Attributes:
+        plan: ``plan(model, cfg, ctx) -> list[dict]``: per layer what would change, as plain data (nothing changed).
+        apply: ``apply(model, plan, cfg, ctx) -> PassResult``: the plan carried out on a copy of the model.
+        finalize: ``finalize(model) -> model`` (in place): this pass's modules in their deployable form, or None.
+        selects: ``selects(model, cfg) -> list[str]``: the module paths the pass considers (its selector's pick).
+    """
+
     name: str
     config_cls: type
-    fn: Any
+    plan: Any
+    apply: Any
+    finalize: Any = None
+    selects: Any = None
+
+    def fn(self, model, cfg, ctx) -> PassResult:
+        """Plan, then apply: the whole pass."""
+        return self.apply(model, self.plan(model, cfg, ctx), cfg, ctx)
 
 
 PASSES: Registry[RegisteredPass] = Registry("pass")
 
 
-def register_pass(name: str, config_cls: type):
-    """Decorator: register ``fn(model, cfg, ctx) -> PassResult`` under ``name`` with its config class."""
+def register_pass(name: str, config_cls: type, *, plan, finalize=None, selects=None):
+    """Decorator on a pass's ``apply(model, plan, cfg, ctx) -> PassResult``: register it under ``name`` with its
+    config class, its ``plan`` and, where its modules need a deployable form, its ``finalize``."""
 
-    def add(fn):
-        PASSES.add(name, RegisteredPass(name, config_cls, fn))
-        return fn
+    def add(apply):
+        PASSES.add(name, RegisteredPass(name, config_cls, plan, apply, finalize, selects))
+        return apply
 
     return add
 
 
-def config_from_dict(cls: type, values: dict, where: str):
-    """Build a frozen config dataclass from ``values``, refusing unknown keys and wrong types."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise UsageError(f"{where}", f"unknown option(s) {', '.join(unknown)}",
-                         f"{cls.__name__} takes {', '.join(sorted(fields))}")
-    typed = {}
-    for key, value in values.items():
-        typed[key] = _coerce(value, fields[key].type, f"{where} {key}")
-    try:
-        return cls(**typed)
-    except (TypeError, ValueError) as exc:
-        raise UsageError(where, str(exc), f"see {cls.__name__}'s options") from exc
+def run_pass(name: str, model, cfg, ctx: PassContext) -> PassResult:
+    """Run the registered pass ``name`` (plan, then apply) on ``model``."""
+    return PASSES.get(name).fn(model, cfg, ctx)
 
 
-def config_to_dict(cfg) -> dict:
-    return {"version": CONFIG_VERSION, **dataclasses.asdict(cfg)}
+def finalize(model):
+    """Every registered pass's modules in their deployable form, in place (returns the model).
 
-
-def _coerce(value, annotation, where: str):
-    kind = str(annotation)
-    if isinstance(value, str):
-        text = value.strip()
-        if text.lower() in ("none", "null", ""):
-            return None
-        if "bool" in kind and text.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return text.lower() in ("true", "1", "yes")
-        if "float" in kind:
-            try:
-                return float(text)
-            except ValueError:
-                if "str" not in kind:
-                    raise UsageError(where, f"{text!r} is not a number", "give a number") from None
-        if "int" in kind:
-            try:
-                return int(text)
-            except ValueError:
-                if "str" not in kind:
-                    raise UsageError(where, f"{text!r} is not an integer", "give an integer") from None
-        if "tuple" in kind:
-            return tuple(t for t in re.split(r"[|;]", text) if t)
-        return text
-    if isinstance(value, list):
-        return tuple(value)
-    return value
+    E.g. a DenseSparseLinear becomes two plain linears, a LowRankLinear's bottleneck is rotated so that int8
+    downstream has no outlier channel to lose precision to.
+    """
+    for name in PASSES.names():
+        step = PASSES.get(name).finalize
+        if step is not None:
+            model = step(model)
+    return model
 
 
 @dataclass(frozen=True)
@@ -186,19 +188,7 @@ def parse_pass(text: str) -> PassSpec:
     return PassSpec(entry.name, config_from_dict(entry.config_cls, values, f"--pass {entry.name}"))
 
 
-def parse_key_values(text: str, where: str, example: str) -> dict[str, str]:
-    """``a=1,b=x`` -> {"a": "1", "b": "x"}; anything else is a usage error naming ``where``."""
-    values = {}
-    for item in filter(None, (t.strip() for t in text.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UsageError(where, f"{item!r} is not KEY=VALUE", f"write {example}")
-        values[key.strip()] = value.strip()
-    return values
-
-
-def load_recipe(path: str | Path) -> list[PassSpec]:
-    """A TOML recipe: ``[[pass]]`` tables, each with ``name`` and the pass's options, run in order."""
+def _read_recipe(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"--recipe {path}", "no such file", "give a TOML file with [[pass]] tables")
@@ -206,12 +196,20 @@ def load_recipe(path: str | Path) -> list[PassSpec]:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"--recipe {path}", f"is not valid TOML ({exc})", "fix the file") from exc
-    unknown = sorted(set(data) - {"pass", "version"})
-    if unknown or not isinstance(data.get("pass"), list):
-        raise UsageError(f"--recipe {path}", f"expects [[pass]] tables only (found {', '.join(unknown) or 'none'})",
+    unknown = sorted(set(data) - {"pass", "version", "quant"})
+    has_passes = isinstance(data.get("pass"), list)
+    if unknown or not (has_passes or isinstance(data.get("quant"), dict)) or ("pass" in data and not has_passes):
+        raise UsageError(f"--recipe {path}", "expects [[pass]] tables (and an optional [quant] table) only "
+                         f"(found {', '.join(unknown) or 'none'})",
                          "write [[pass]] name = \"lowrank\" rank_ratio = 0.5")
+    return data
+
+
+def load_recipe(path: str | Path) -> list[PassSpec]:
+    """A TOML recipe's passes: ``[[pass]]`` tables, each with ``name`` and the pass's options, run in order."""
+    data = _read_recipe(path)
     specs = []
-    for i, table in enumerate(data["pass"]):
+    for i, table in enumerate(data.get("pass", [])):
         table = dict(table)
         name = table.pop("name", None)
         if not name:
@@ -221,25 +219,33 @@ def load_recipe(path: str | Path) -> list[PassSpec]:
     return specs
 
 
-def recipe_text(specs: list[PassSpec]) -> str:
-    """The TOML recipe that reproduces ``specs`` (configs round-trip)."""
-    lines = [f"version = {CONFIG_VERSION}", ""]
+def load_recipe_quant(path: str | Path) -> dict:
+    """A TOML recipe's ``[quant]`` table (the options of ``quant.QuantConfig``), empty when it has none."""
+    return dict(_read_recipe(path).get("quant", {}))
+
+
+def recipe_text(specs: list[PassSpec], quant: dict | None = None) -> str:
+    """The TOML recipe that reproduces ``specs`` (configs round-trip; written by tomli-w), and ``quant``'s
+    ``[quant]`` table when given.
+
+    Example:
+        >>> import slimx.slim
+        >>> print(recipe_text([parse_pass("lowrank:rank_ratio=0.25,exclude=attention")]).splitlines()[3:5])
+        ['name = "lowrank"', 'rank_ratio = 0.25']
+    """
+    import tomli_w
+
+    tables = []
     for spec in specs:
-        lines.append("[[pass]]")
-        lines.append(f'name = "{spec.name}"')
+        table = {"name": spec.name}
         for key, value in dataclasses.asdict(spec.config).items():
-            if value is None:
-                continue
-            if isinstance(value, bool):
-                lines.append(f"{key} = {'true' if value else 'false'}")
-            elif isinstance(value, (int, float)):
-                lines.append(f"{key} = {value}")
-            elif isinstance(value, tuple):
-                lines.append(f"{key} = [{', '.join(repr(v).replace(chr(39), chr(34)) for v in value)}]")
-            else:
-                lines.append(f'{key} = "{value}"')
-        lines.append("")
-    return "\n".join(lines)
+            if value is not None:
+                table[key] = list(value) if isinstance(value, tuple) else value
+        tables.append(table)
+    data: dict = {"version": CONFIG_VERSION, "pass": tables}
+    if quant:
+        data["quant"] = {k: list(v) if isinstance(v, tuple) else v for k, v in quant.items() if v is not None}
+    return tomli_w.dumps(data)
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,9 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from slimx.slim.base import LayerSelector, PassContext, PassResult, config_to_dict, register_pass
-from slimx.slim.lowrank import LowRankLinear, input_second_moments
+from slimx._core.config import config_to_dict
+from slimx.slim.base import LayerSelector, PassContext, PassResult, register_pass
+from slimx.slim.surgery import layer_moments, replace_module, select_linears, split_factors, whitened_svd, whitening
 
 
 @dataclass(frozen=True)
@@ -161,34 +162,21 @@ def _fit(layer: DenseSparseLinear, weight: torch.Tensor, chol: torch.Tensor | No
         return float(torch.sqrt((approx - target).pow(2).sum() / denom))
 
 
-@register_pass("dsformer", DSFormerConfig)
-def dsformer(model, cfg: DSFormerConfig, ctx: PassContext) -> PassResult:
-    """Factorize the selected linears into dense basis x sparse coefficients (a new model).
-
-    Example:
-        >>> from slimx.slim.base import PassContext
-        >>> m = torch.nn.Sequential(torch.nn.Linear(64, 128))
-        >>> r = dsformer(m, DSFormerConfig(k_ratio=0.5, nnz=8, steps=5), PassContext())
-        >>> r.layers[0]["k"], r.layers[0]["stored_values"] < r.layers[0]["params_before"]
-        (32, True)
-    """
-    nm = tuple(int(v) for v in cfg.nm.split(":")) if cfg.nm else None
-    candidates = [p for p, m in model.named_modules()
-                  if isinstance(m, torch.nn.Linear) and p and cfg.selector.selects(p, m)]
-    moments = input_second_moments(model, candidates, ctx.calib, ctx.mask_index) if ctx.calib else {}
-    new = copy.deepcopy(model)
-    layers = []
-    for path in candidates:
-        lin = model.get_submodule(path)
-        out_f, in_f = lin.weight.shape
-        entry = {"layer": path, "in": in_f, "out": out_f, "params_before": lin.weight.numel()}
+def plan_dsformer(model, cfg: DSFormerConfig, ctx: PassContext) -> list[dict]:
+    """Per selected linear: basis size, non-zeros per row and which side is sparse, or why it is skipped
+    (plain data; nothing is changed yet)."""
+    nm = _nm(cfg)
+    plan = []
+    for path in select_linears(model, cfg.selector):
+        out_f, in_f = model.get_submodule(path).weight.shape
+        entry = {"layer": path, "in": in_f, "out": out_f, "params_before": out_f * in_f}
         if min(in_f, out_f) < cfg.min_features:
-            layers.append({**entry, "skipped": f"fewer than {cfg.min_features} features"})
+            plan.append({**entry, "skipped": f"fewer than {cfg.min_features} features"})
             continue
         k = min(int(math.ceil(cfg.k_ratio * min(in_f, out_f) / cfg.multiple) * cfg.multiple), min(in_f, out_f))
         sparse_out = out_f >= in_f
         if (nm is not None and k % nm[1] and sparse_out) or (nm is not None and in_f % nm[1] and not sparse_out):
-            layers.append({**entry, "skipped": f"row length not a multiple of {nm[1]} for {cfg.nm}"})
+            plan.append({**entry, "skipped": f"row length not a multiple of {nm[1]} for {cfg.nm}"})
             continue
         row_len = k if sparse_out else in_f
         if nm:
@@ -199,47 +187,77 @@ def dsformer(model, cfg: DSFormerConfig, ctx: PassContext) -> PassResult:
             per_row = min(cfg.nnz, row_len)
         dense_cost = k * in_f + out_f * k  # MACs per token of the exported form, either orientation
         if dense_cost >= in_f * out_f:
-            layers.append({**entry, "k": k, "skipped": f"k={k} would not reduce MACs of the exported dense form"})
+            plan.append({**entry, "k": k, "skipped": f"k={k} would not reduce MACs of the exported dense form"})
             continue
-        weight = lin.weight.detach().double()
-        chol = None
-        if path in moments:  # whitened SVD init: the least output error on the calibration inputs for rank k
-            cov, rows = moments[path]
-            cov = cov / max(rows, 1)
-            chol = torch.linalg.cholesky(cov + 1e-5 * torch.diagonal(cov).mean() * torch.eye(in_f, dtype=cov.dtype))
-        u, s, vt = torch.linalg.svd(weight @ chol if chol is not None else weight, full_matrices=False)
-        root = torch.sqrt(s[:k])
-        layer = DenseSparseLinear(in_f, out_f, k, per_row, nm, sparse_out, bias=lin.bias is not None)
+        plan.append({**entry, "k": k, "nonzeros_per_row": per_row, "pattern": cfg.nm or f"{per_row} per row",
+                     "sparse_side": "out" if sparse_out else "in", "macs_per_token_exported": dense_cost})
+    return plan
+
+
+def _nm(cfg: DSFormerConfig) -> tuple[int, int] | None:
+    return tuple(int(v) for v in cfg.nm.split(":")) if cfg.nm else None
+
+
+def _initial_layer(lin, entry: dict, nm, moment) -> tuple[DenseSparseLinear, torch.Tensor | None]:
+    """The layer from the whitened SVD (the least output error on the calibration inputs for rank k), masked;
+    and the whitening factor its fit measures error through (None: on the weights)."""
+    out_f, in_f, k = entry["out"], entry["in"], entry["k"]
+    sparse_out = entry["sparse_side"] == "out"
+    weight = lin.weight.detach().double()
+    chol = whitening(moment, 1e-5) if moment is not None else None
+    u, s, vt = whitened_svd(weight, chol)
+    left, right = split_factors(u, s, vt, k, chol)
+    layer = DenseSparseLinear(in_f, out_f, k, entry["nonzeros_per_row"], nm, sparse_out, bias=lin.bias is not None)
+    with torch.no_grad():
+        left, right = left.float(), right.float()
+        if sparse_out:
+            layer.coeff.copy_(left)
+            layer.basis.copy_(right)
+        else:
+            layer.basis.copy_(left)
+            layer.coeff.copy_(right)
+        if lin.bias is not None:
+            layer.bias.copy_(lin.bias)
+        layer.mask.copy_(sparsity_mask(layer.coeff, entry["nonzeros_per_row"], nm))
+    return layer, (chol.float() if chol is not None else None)
+
+
+def finalize_dsformer(model):
+    """Every DenseSparseLinear as its exported form (two plain linears), in place (returns the model)."""
+    for path, mod in list(model.named_modules()):
+        if isinstance(mod, DenseSparseLinear):
+            replace_module(model, path, mod.to_export())
+    return model
+
+
+@register_pass("dsformer", DSFormerConfig, plan=plan_dsformer, finalize=finalize_dsformer,
+               selects=lambda model, cfg: select_linears(model, cfg.selector))
+def apply_dsformer(model, plan: list[dict], cfg: DSFormerConfig, ctx: PassContext) -> PassResult:
+    """Carry out a DSFormer plan on a copy of ``model``: whitened-SVD init, then the Straight-Through Factorizer."""
+    nm = _nm(cfg)
+    moments = layer_moments(model, select_linears(model, cfg.selector), ctx)
+    new = copy.deepcopy(model)
+    layers = []
+    for entry in plan:
+        if "skipped" in entry:
+            layers.append(dict(entry))
+            continue
+        path = entry["layer"]
+        lin = model.get_submodule(path)
+        layer, chol = _initial_layer(lin, entry, nm, moments.get(path))
+        eye = torch.eye(entry["in"])
         with torch.no_grad():
-            right = root[:, None] * vt[:k]
-            if chol is not None:
-                right = torch.linalg.solve_triangular(chol, right, upper=False, left=False)
-            left, right = (u[:, :k] * root).float(), right.float()
-            if sparse_out:
-                layer.coeff.copy_(left)
-                layer.basis.copy_(right)
-            else:
-                layer.basis.copy_(left)
-                layer.coeff.copy_(right)
-            if lin.bias is not None:
-                layer.bias.copy_(lin.bias)
-            layer.mask.copy_(sparsity_mask(layer.coeff, per_row, nm))
-        chol = chol.float() if chol is not None else None
-        with torch.no_grad():
-            init_err = float(torch.linalg.norm((layer.weight() - lin.weight) @ (chol if chol is not None else
-                                                                                 torch.eye(in_f))) /
-                             torch.linalg.norm(lin.weight @ (chol if chol is not None else torch.eye(in_f))))
+            through = chol if chol is not None else eye
+            init_err = float(torch.linalg.norm((layer.weight() - lin.weight) @ through) /
+                             torch.linalg.norm(lin.weight @ through))
         rel_err = _fit(layer, lin.weight.detach(), chol, cfg.steps, cfg.lr) if cfg.steps else init_err
         for p in layer.parameters():
             p.requires_grad_(False)
-        parent, _, name = path.rpartition(".")
-        setattr(new.get_submodule(parent) if parent else new, name, layer)
+        replace_module(new, path, layer)
         stored = layer.stored_params()
-        layers.append({**entry, "k": k, "nonzeros_per_row": per_row, "pattern": cfg.nm or f"{per_row} per row",
-                       "sparse_side": "out" if sparse_out else "in", "stored_values": stored["values"],
+        layers.append({**entry, "stored_values": stored["values"],
                        "param_ratio": round(stored["values"] / entry["params_before"], 4),
-                       "macs_per_token_exported": dense_cost, "rel_err_init": round(init_err, 5),
-                       "rel_err": round(rel_err, 5), "stf_steps": cfg.steps,
+                       "rel_err_init": round(init_err, 5), "rel_err": round(rel_err, 5), "stf_steps": cfg.steps,
                        "error_on": "calibration activations" if chol is not None else "weights"})
     done = [e for e in layers if "skipped" not in e]
     before = sum(e["params_before"] for e in done)
@@ -251,16 +269,14 @@ def dsformer(model, cfg: DSFormerConfig, ctx: PassContext) -> PassResult:
     return PassResult(model=new, name="dsformer", config=config_to_dict(cfg), layers=layers, summary=summary)
 
 
-def finalize(model):
-    """The deployable form, in place (returns the model).
+def dsformer(model, cfg: DSFormerConfig, ctx: PassContext) -> PassResult:
+    """Factorize the selected linears into dense basis x sparse coefficients (a new model).
 
-    Every DenseSparseLinear becomes its exported form (two plain linears); every LowRankLinear's bottleneck
-    is rotated so that int8 quantization downstream has no outlier channel to lose precision to.
+    Example:
+        >>> from slimx.slim.base import PassContext
+        >>> m = torch.nn.Sequential(torch.nn.Linear(64, 128))
+        >>> r = dsformer(m, DSFormerConfig(k_ratio=0.5, nnz=8, steps=5), PassContext())
+        >>> r.layers[0]["k"], r.layers[0]["stored_values"] < r.layers[0]["params_before"]
+        (32, True)
     """
-    for path, mod in list(model.named_modules()):
-        if isinstance(mod, LowRankLinear):
-            mod.spread_()
-        if isinstance(mod, DenseSparseLinear):
-            parent, _, name = path.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, name, mod.to_export())
-    return model
+    return apply_dsformer(model, plan_dsformer(model, cfg, ctx), cfg, ctx)

@@ -17,15 +17,17 @@ from dataclasses import dataclass
 
 import torch
 
-from slimx.slim.base import (
-    LayerSelector,
-    PassContext,
-    PassResult,
-    config_to_dict,
-    real_rows,
-    register_pass,
-    token_mask,
-    trim_padding,
+from slimx._core.config import config_to_dict
+from slimx.slim.base import LayerSelector, PassContext, PassResult, register_pass
+from slimx.slim.surgery import (
+    input_second_moments,  # noqa: F401  (its home before slim.surgery; tests and benches import it from here)
+    layer_moments,
+    replace_module,
+    select_linears,
+    split_factors,
+    weighted_relative_error,
+    whitened_svd,
+    whitening,
 )
 
 
@@ -109,42 +111,16 @@ class LowRankLinear(torch.nn.Module):
         return self
 
 
-def input_second_moments(model, paths: list[str], batches: list[tuple], mask_index: int | None = None):
-    """Input-channel second-moment matrices (X^T X) and row counts of the given linears on ``batches``.
-
-    With ``mask_index`` (the attention-mask input), only real tokens count, not padding.
-    """
-    stats: dict[str, list] = {p: [None, 0] for p in paths}
-    current = {"mask": None}
-    hooks = []
-    for path in paths:
-        def record(_mod, inputs, _out, path=path):
-            x = real_rows(inputs[0].detach().double(), current["mask"])
-            acc = stats[path]
-            acc[0] = x.T @ x if acc[0] is None else acc[0] + x.T @ x
-            acc[1] += x.shape[0]
-        hooks.append(model.get_submodule(path).register_forward_hook(record))
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                batch = trim_padding(batch, mask_index)
-                current["mask"] = token_mask(batch, mask_index)
-                model(*batch)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {p: (c, n) for p, (c, n) in stats.items() if c is not None}
-
-
 def plan_lowrank(model, cfg: LowRankConfig, ctx: PassContext) -> list[dict]:
-    """Decide, per linear, whether and at which rank to factorize; nothing is changed yet."""
+    """Decide, per linear, whether and at which rank to factorize: plain data, nothing is changed yet."""
+    return [{k: v for k, v in entry.items() if not k.startswith("_")} for entry in _factorize(model, cfg, ctx)]
+
+
+def _factorize(model, cfg: LowRankConfig, ctx: PassContext, ranks: dict | None = None) -> list[dict]:
+    """Per selected linear: its plan entry and (under ``_factors``) the factors; ``ranks`` fixes them (apply)."""
     multiple = cfg.multiple or int(_device_multiple(ctx.device) or 8)
-    candidates = []
-    for path, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and path and cfg.selector.selects(path, mod):
-            candidates.append(path)
-    moments = (input_second_moments(model, candidates, ctx.calib, ctx.mask_index)
-               if (cfg.activation_aware and ctx.calib) else {})
+    candidates = select_linears(model, cfg.selector)
+    moments = layer_moments(model, candidates, ctx) if cfg.activation_aware else {}
     plan = []
     for path in candidates:
         lin = model.get_submodule(path)
@@ -154,31 +130,30 @@ def plan_lowrank(model, cfg: LowRankConfig, ctx: PassContext) -> list[dict]:
         if min(in_f, out_f) < cfg.min_features:
             plan.append({**entry, "skipped": f"fewer than {cfg.min_features} features"})
             continue
+        if ranks is not None and path not in ranks:
+            continue
         weight = lin.weight.detach().double()
         right = None  # W -> W @ right before the SVD, undone on `down` after
         if path in moments:
-            cov, rows = moments[path]
-            cov = cov / max(rows, 1)
             if cfg.activation_aware == "diag":
-                right = torch.diag(torch.sqrt(torch.diagonal(cov)).clamp(min=1e-6))
+                cov, rows = moments[path]
+                right = torch.diag(torch.sqrt(torch.diagonal(cov / max(rows, 1))).clamp(min=1e-6))
             else:
-                damp = cfg.damping * torch.diagonal(cov).mean() * torch.eye(in_f, dtype=cov.dtype)
-                right = torch.linalg.cholesky(cov + damp)
-        u, s, vt = torch.linalg.svd(weight @ right if right is not None else weight, full_matrices=False)
-        rank = _choose_rank(cfg, s, in_f, out_f)
-        rank = min(int(math.ceil(rank / multiple) * multiple), min(in_f, out_f))
+                right = whitening(moments[path], cfg.damping)
+        u, s, vt = whitened_svd(weight, right)
+        if ranks is not None:
+            rank = ranks[path]
+        else:
+            rank = _choose_rank(cfg, s, in_f, out_f)
+            rank = min(int(math.ceil(rank / multiple) * multiple), min(in_f, out_f))
         if rank * (in_f + out_f) >= in_f * out_f:
             plan.append({**entry, "rank": rank,
                          "skipped": f"rank {rank} would not reduce MACs ({rank * (in_f + out_f)} >= {in_f * out_f})"})
             continue
-        root = torch.sqrt(s[:rank])
-        down = root[:, None] * vt[:rank]
-        if right is not None:  # undo the input transform: down @ right^-1
-            down = torch.linalg.solve_triangular(right, down, upper=False, left=False)
-        up = u[:, :rank] * root[None, :]
+        up, down = split_factors(u, s, vt, rank, right)
         factored = rank * (in_f + out_f)
         entry.update({"rank": rank, "params_after": factored, "macs_per_token_after": factored,
-                      "rel_err": _relative_error(weight, up @ down, moments.get(path)),
+                      "rel_err": weighted_relative_error(weight, up @ down, moments.get(path)),
                       "error_on": "calibration activations" if path in moments else "weights",
                       "_factors": (down.float(), up.float())})
         plan.append(entry)
@@ -194,23 +169,49 @@ def _choose_rank(cfg: LowRankConfig, s, in_f: int, out_f: int) -> int:
     return max(1, int(cfg.param_budget * in_f * out_f / (in_f + out_f)))
 
 
-def _relative_error(weight, approx, moment) -> float:
-    diff = weight - approx
-    if moment is None:
-        return float(torch.linalg.norm(diff) / torch.linalg.norm(weight))
-    cov, _ = moment  # ||X D^T||^2 = trace(D C D^T)
-    num = torch.einsum("oi,ij,oj->", diff, cov, diff)
-    den = torch.einsum("oi,ij,oj->", weight, cov, weight)
-    return float(torch.sqrt(num.clamp(min=0) / den.clamp(min=1e-30)))
-
-
 def _device_multiple(device):
     if device is None:
         return None
     return (device.raw or {}).get("rank_multiple")
 
 
-@register_pass("lowrank", LowRankConfig)
+def finalize_lowrank(model):
+    """Rotate every LowRankLinear's bottleneck (``spread_``) so that int8 downstream has no outlier channel."""
+    for mod in model.modules():
+        if isinstance(mod, LowRankLinear):
+            mod.spread_()
+    return model
+
+
+@register_pass("lowrank", LowRankConfig, plan=plan_lowrank, finalize=finalize_lowrank,
+               selects=lambda model, cfg: select_linears(model, cfg.selector))
+def apply_lowrank(model, plan: list[dict], cfg: LowRankConfig, ctx: PassContext) -> PassResult:
+    """Carry out a lowrank plan on a copy of ``model`` (the input is left as it was)."""
+    ranks = {e["layer"]: e["rank"] for e in plan if "skipped" not in e}
+    factors = {e["layer"]: e["_factors"] for e in _factorize(model, cfg, ctx, ranks) if "_factors" in e}
+    new = copy.deepcopy(model)
+    for entry in plan:
+        if "skipped" in entry:
+            continue
+        down, up = factors[entry["layer"]]
+        old = new.get_submodule(entry["layer"])
+        repl = LowRankLinear(entry["in"], entry["out"], entry["rank"], bias=old.bias is not None)
+        with torch.no_grad():
+            repl.down.weight.copy_(down)
+            repl.up.weight.copy_(up)
+            if old.bias is not None:
+                repl.up.bias.copy_(old.bias)
+        replace_module(new, entry["layer"], repl)
+    done = [e for e in plan if "skipped" not in e]
+    before = sum(e["params_before"] for e in done)
+    after = sum(e["params_after"] for e in done)
+    summary = {"factorized": len(done), "skipped": len(plan) - len(done),
+               "params_before": before, "params_after": after,
+               "param_ratio": round(after / before, 4) if before else None,
+               "mean_rel_err": round(sum(e["rel_err"] for e in done) / len(done), 5) if done else None}
+    return PassResult(model=new, name="lowrank", config=config_to_dict(cfg), layers=list(plan), summary=summary)
+
+
 def lowrank(model, cfg: LowRankConfig, ctx: PassContext) -> PassResult:
     """Factorize the selected linears (a new model; the input is left as it was).
 
@@ -221,26 +222,4 @@ def lowrank(model, cfg: LowRankConfig, ctx: PassContext) -> PassResult:
         >>> type(r.model[0]).__name__, r.model[0].rank
         ('LowRankLinear', 16)
     """
-    plan = plan_lowrank(model, cfg, ctx)
-    new = copy.deepcopy(model)
-    for entry in plan:
-        if "skipped" in entry:
-            continue
-        down, up = entry.pop("_factors")
-        old = new.get_submodule(entry["layer"])
-        repl = LowRankLinear(entry["in"], entry["out"], entry["rank"], bias=old.bias is not None)
-        with torch.no_grad():
-            repl.down.weight.copy_(down)
-            repl.up.weight.copy_(up)
-            if old.bias is not None:
-                repl.up.bias.copy_(old.bias)
-        parent_path, _, name = entry["layer"].rpartition(".")
-        setattr(new.get_submodule(parent_path) if parent_path else new, name, repl)
-    done = [e for e in plan if "skipped" not in e]
-    before = sum(e["params_before"] for e in done)
-    after = sum(e["params_after"] for e in done)
-    summary = {"factorized": len(done), "skipped": len(plan) - len(done),
-               "params_before": before, "params_after": after,
-               "param_ratio": round(after / before, 4) if before else None,
-               "mean_rel_err": round(sum(e["rel_err"] for e in done) / len(done), 5) if done else None}
-    return PassResult(model=new, name="lowrank", config=config_to_dict(cfg), layers=plan, summary=summary)
+    return apply_lowrank(model, plan_lowrank(model, cfg, ctx), cfg, ctx)

@@ -36,39 +36,49 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"slimx {__version__}")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
+    from slimx.pipeline import ExportConfig
+
+    def d(name):  # a flag's default, stated once in the config
+        return ExportConfig.default(name)
+
+    keep = argparse.SUPPRESS  # an absent flag takes the config's default
     exp = sub.add_parser("export", parents=[common], help="export a model for a device and prove it",
                          description="Export MODEL for a device: deployment form, torch.export, the target "
                                      "format, parity against PyTorch and latency.", epilog=EPILOG)
-    exp.add_argument("model", nargs="?", default="minilm", help="the model (default: minilm)")
-    exp.add_argument("--target", "-t", default="host", help="device or alias (default: host); see 'slimx devices'")
-    exp.add_argument("--format", "-f", default=None, help="onnx, coreml, tflite or tensorrt (default: the device's)")
-    exp.add_argument("--out", "-o", default="", help="output folder (default: out/MODEL-DEVICE)")
-    exp.add_argument("--weights", default=None, help="weights to load: .safetensors, or a state dict (.pt/.pth/.bin)")
-    exp.add_argument("--input-shape", action="append", default=[], metavar="[NAME=]D1xD2[:DTYPE]",
+    exp.add_argument("model", nargs="?", default=keep, help=f"the model (default: {d('model')})")
+    exp.add_argument("--target", "-t", default=keep,
+                     help=f"device or alias (default: {d('target')}); see 'slimx devices'")
+    exp.add_argument("--format", "-f", default=keep, help="onnx, coreml, tflite or tensorrt (default: the device's)")
+    exp.add_argument("--out", "-o", default=keep, help="output folder (default: out/MODEL-DEVICE)")
+    exp.add_argument("--weights", default=keep, help="weights to load: .safetensors, or a state dict (.pt/.pth/.bin)")
+    exp.add_argument("--input-shape", dest="input_shapes", action="append", default=keep,
+                     metavar="[NAME=]D1xD2[:DTYPE]",
                      help="input shape, once per input (e.g. 1x3x224x224, input_ids=1x64)")
-    exp.add_argument("--precision", default=None, choices=PRECISIONS,
+    exp.add_argument("--precision", default=keep, choices=PRECISIONS,
                      help="default: the target's (fp16 for coreml and tensorrt, fp32 otherwise)")
-    exp.add_argument("--deployment-target", default=None, metavar="iOSN",
+    exp.add_argument("--deployment-target", default=keep, metavar="iOSN",
                      help="CoreML minimum deployment target (default: the device's, e.g. iOS14 for iphone12)")
-    exp.add_argument("--compute-units", default=None, choices=["all", "cpu_and_ne", "cpu_only", "cpu_and_gpu"],
+    exp.add_argument("--compute-units", default=keep, choices=["all", "cpu_and_ne", "cpu_only", "cpu_and_gpu"],
                      help="CoreML compute units (default: the device's)")
-    exp.add_argument("--palettize", type=int, default=None, metavar="BITS", help="CoreML: palettize weights (iOS16+)")
-    exp.add_argument("--dla-core", type=int, default=None, help="TensorRT: build for this DLA core, GPU fallback")
-    exp.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
-    exp.add_argument("--calib", default=None, help="calibration data: .npz of inputs, text file, or image folder")
-    exp.add_argument("--calib-samples", type=int, default=16, help="samples to use from --calib (default 16)")
-    exp.add_argument("--parity-inputs", type=int, default=8, help="fresh random inputs for parity (default 8)")
-    exp.add_argument("--min-cosine", type=float, default=None, help="parity fails below (fp32 default 0.9999)")
-    exp.add_argument("--max-rel-err", type=float, default=None, help="parity fails above (fp32 default 1e-3)")
-    exp.add_argument("--pass", dest="passes", action="append", default=[], metavar="NAME:K=V,...",
+    exp.add_argument("--palettize", type=int, default=keep, metavar="BITS", help="CoreML: palettize weights (iOS16+)")
+    exp.add_argument("--dla-core", type=int, default=keep, help="TensorRT: build for this DLA core, GPU fallback")
+    exp.add_argument("--opset", type=int, default=keep, help=f"ONNX opset (default {d('opset')})")
+    exp.add_argument("--calib", default=keep, help="calibration data: .npz of inputs, text file, or image folder")
+    exp.add_argument("--calib-samples", type=int, default=keep,
+                     help=f"samples to use from --calib (default {d('calib_samples')})")
+    exp.add_argument("--parity-inputs", type=int, default=keep,
+                     help=f"fresh random inputs for parity (default {d('parity_inputs')})")
+    exp.add_argument("--min-cosine", type=float, default=keep, help="parity fails below (fp32 default 0.9999)")
+    exp.add_argument("--max-rel-err", type=float, default=keep, help="parity fails above (fp32 default 1e-3)")
+    exp.add_argument("--pass", dest="passes", action="append", default=keep, metavar="NAME:K=V,...",
                      help="a compression pass, e.g. lowrank:rank_ratio=0.5 (repeatable, run in order)")
-    exp.add_argument("--recipe", default=None, help="a TOML file of [[pass]] tables")
-    exp.add_argument("--recover", default=None, metavar="K=V,...",
+    exp.add_argument("--recipe", default=keep, help="a TOML file of [[pass]] tables")
+    exp.add_argument("--recover", default=keep, metavar="K=V,...",
                      help="distill from the original after the passes, e.g. steps=200,lr=5e-5")
-    exp.add_argument("--runs", type=int, default=50, help="timed runs, at least 30 (default 50)")
-    exp.add_argument("--warmup", type=int, default=5, help="warm-up runs (default 5)")
-    exp.add_argument("--threads", type=int, default=None, help="runtime threads (default: all cores)")
-    exp.add_argument("--seed", type=int, default=0)
+    exp.add_argument("--runs", type=int, default=keep, help=f"timed runs, at least 30 (default {d('runs')})")
+    exp.add_argument("--warmup", type=int, default=keep, help=f"warm-up runs (default {d('warmup')})")
+    exp.add_argument("--threads", type=int, default=keep, help="runtime threads (default: all cores)")
+    exp.add_argument("--seed", type=int, default=keep, help=f"(default {d('seed')})")
     exp.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     exp.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
 
@@ -196,15 +206,8 @@ def _export(args, argv: list[str]) -> int:
     from slimx.pipeline import ExportConfig, run_export
     from slimx.report import summary
 
-    cfg = ExportConfig(
-        model=args.model, target=args.target, format=args.format, out=args.out, weights=args.weights,
-        input_shapes=tuple(args.input_shape), precision=args.precision, opset=args.opset, calib=args.calib,
-        deployment_target=args.deployment_target, compute_units=args.compute_units, palettize=args.palettize,
-        dla_core=args.dla_core, passes=tuple(args.passes), recipe=args.recipe, recover=args.recover,
-        calib_samples=args.calib_samples, parity_inputs=args.parity_inputs, min_cosine=args.min_cosine,
-        max_rel_err=args.max_rel_err, runs=args.runs, warmup=args.warmup, threads=args.threads, seed=args.seed,
-        command=("slimx", *argv),
-    )
+    flags = {k: v for k, v in vars(args).items() if k in ExportConfig.flag_names()}
+    cfg = ExportConfig.from_flags(flags, command=("slimx", *argv))
     report = run_export(cfg, Progress(total=7, enabled=not args.quiet))
     if args.json:
         print(json.dumps(report, indent=2))

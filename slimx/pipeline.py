@@ -1,8 +1,8 @@
-"""The export pipeline: intake -> deployment form -> torch.export -> target -> parity -> latency -> report.
+"""The export pipeline, a chain of typed stages: prepare -> compress -> compile -> prove -> report.
 
-Every stage is a plain function of the stages before; this module only strings them together and
-keeps the output folder clean: everything is written to a hidden staging folder inside OUT and moved
-into place at the end, so a failed run leaves no half-written file.
+Each stage is a plain function of the config and the stages before it, returning a dataclass; this module
+only strings them together and keeps the output folder clean: everything is written to a hidden staging
+folder inside OUT and moved into place at the end, so a failed run leaves no half-written file.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import dataclasses
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from slimx._core.errors import SlimxFailure, UsageError
 from slimx._core.inputs import sample_inputs
@@ -23,51 +24,70 @@ from slimx.report import human
 PARITY_SEED_BASE = 1000  # parity inputs are drawn from seeds the export example never used
 
 
+# --------------------------------------------------------------------------- configs, one per stage
+
+
 @dataclass(frozen=True)
-class ExportConfig:
-    """Everything ``slimx export`` needs; the CLI only fills this in."""
+class ModelConfig:
+    """What to load: the MODEL form, its weights and input shapes."""
 
     model: str = "minilm"
-    target: str = "host"
-    format: str | None = None
-    out: str = ""
     weights: str | None = None
     input_shapes: tuple[str, ...] = ()
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Calibration data (int8, passes, parity on real data)."""
+
+    calib: str | None = None
+    calib_samples: int = 16
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """Compression passes (flags or a recipe file) and distillation recovery."""
+
+    passes: tuple[str, ...] = ()
+    recipe: str | None = None
+    recover: str | None = None
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    """Which device, format and precision, and the format's own options (checked by the chosen target)."""
+
+    target: str = "host"  # the device (the flag is --target)
+    format: str | None = None  # None: the device's default format
     precision: str | None = None  # None: the target's default (fp16 for coreml and tensorrt, else fp32)
     opset: int = 18
     deployment_target: str | None = None
     compute_units: str | None = None
     palettize: int | None = None
     dla_core: int | None = None
-    calib: str | None = None
-    calib_samples: int = 16
+
+    def format_option_values(self) -> dict:
+        """The format-specific flags the user gave (the chosen target's options class checks them)."""
+        return {k: v for k, v in (("deployment_target", self.deployment_target), ("compute_units", self.compute_units),
+                                  ("palettize", self.palettize), ("dla_core", self.dla_core)) if v is not None}
+
+
+@dataclass(frozen=True)
+class ProveConfig:
+    """Parity: how many fresh inputs, and the tolerance (None: by precision, ``quant.DEFAULT_TOLERANCE``)."""
+
     parity_inputs: int = 8
-    min_cosine: float | None = None  # None: by precision (quant.DEFAULT_TOLERANCE)
+    min_cosine: float | None = None
     max_rel_err: float | None = None
-    warmup: int = 5
-    runs: int = 50
-    threads: int | None = None
-    seed: int = 0
-    passes: tuple[str, ...] = ()
-    recipe: str | None = None
-    recover: str | None = None
-    command: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         if self.parity_inputs < 1:
             raise UsageError("--parity-inputs", "must be at least 1", "give a positive count (default 8)")
-        if self.runs < 30:
-            raise UsageError("--runs", f"{self.runs} is too few for a median and p90", "give at least 30")
-        if self.warmup < 0:
-            raise UsageError("--warmup", "must not be negative", "give 0 or more")
         if self.min_cosine is not None and not 0.0 < self.min_cosine <= 1.0:
             raise UsageError("--min-cosine", f"{self.min_cosine} is outside (0, 1]", "e.g. --min-cosine 0.999")
         if self.max_rel_err is not None and self.max_rel_err <= 0:
             raise UsageError("--max-rel-err", "must be positive", "e.g. --max-rel-err 1e-3")
-        if self.threads is not None and self.threads < 1:
-            raise UsageError("--threads", "must be at least 1", "e.g. --threads 2")
-        if self.palettize is not None and self.palettize not in (1, 2, 3, 4, 6, 8):
-            raise UsageError("--palettize", f"{self.palettize} bits is not a CoreML palette size", "use 2, 4, 6 or 8")
 
     def tolerance(self, precision: str):
         from slimx.export import ParityTolerance
@@ -78,132 +98,146 @@ class ExportConfig:
                                max_rel_err=self.max_rel_err if self.max_rel_err is not None else rel)
 
 
+@dataclass(frozen=True)
+class TimingConfig:
+    """How latency is measured where a runner exists."""
+
+    runs: int = 50
+    warmup: int = 5
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.runs < 30:
+            raise UsageError("--runs", f"{self.runs} is too few for a median and p90", "give at least 30")
+        if self.warmup < 0:
+            raise UsageError("--warmup", "must not be negative", "give 0 or more")
+        if self.threads is not None and self.threads < 1:
+            raise UsageError("--threads", "must be at least 1", "e.g. --threads 2")
+
+
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "compress": CompressConfig, "compile": CompileConfig,
+             "prove": ProveConfig, "timing": TimingConfig}
+# the report's flat "config" object, in the order it has always had
+_FLAT_ORDER = ("model", "target", "format", "out", "weights", "input_shapes", "precision", "opset",
+               "deployment_target", "compute_units", "palettize", "dla_core", "calib", "calib_samples",
+               "parity_inputs", "min_cosine", "max_rel_err", "warmup", "runs", "threads", "seed", "passes", "recipe",
+               "recover")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Everything ``slimx export`` needs, one section per stage; the CLI builds it with ``from_flags``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
+    compile: CompileConfig = field(default_factory=CompileConfig)
+    prove: ProveConfig = field(default_factory=ProveConfig)
+    timing: TimingConfig = field(default_factory=TimingConfig)
+    out: str = ""
+    command: tuple[str, ...] = ()
+
+    @classmethod
+    def from_flags(cls, flags: dict, command: tuple[str, ...] = ()) -> ExportConfig:
+        """Sort flat flag values (``vars(args)``, names as the fields') into their sections; a flag that is
+        absent takes the field's default, so each default is stated once, here."""
+        flags = {k: (tuple(v) if isinstance(v, list) else v) for k, v in flags.items()}
+        sections = {}
+        for name, section in _SECTIONS.items():
+            names = {f.name for f in dataclasses.fields(section)}
+            sections[name] = section(**{k: v for k, v in flags.items() if k in names})
+        return cls(**sections, out=flags.get("out", ""), command=tuple(command))
+
+    @classmethod
+    def flag_names(cls) -> set[str]:
+        """Every flag name the config takes."""
+        return {f.name for s in _SECTIONS.values() for f in dataclasses.fields(s)} | {"out"}
+
+    @staticmethod
+    def default(name: str):
+        """The default of one flag (for help texts)."""
+        for section in _SECTIONS.values():
+            for f in dataclasses.fields(section):
+                if f.name == name:
+                    return f.default
+        raise KeyError(name)
+
+    def flat(self) -> dict:
+        """The flat view the report records under ``config`` (same keys as ever)."""
+        values = {"out": self.out}
+        for name in _SECTIONS:
+            values.update(dataclasses.asdict(getattr(self, name)))
+        return {k: values[k] for k in _FLAT_ORDER}
+
+
 def default_out_dir(model: str, target: str) -> str:
     slug = "".join(c if c.isalnum() or c in "-_" else "-" for c in Path(model).stem if c)
     return str(Path("out") / f"{slug.strip('-') or 'model'}-{target}")
 
 
+# --------------------------------------------------------------------------- what each stage returns
+
+
+@dataclass
+class Prepared:
+    """The request resolved and checked, the model loaded and in deployment form."""
+
+    device: Any
+    target: Any
+    precision: str
+    options: Any  # targets.CompileOptions, the format's own options typed
+    specs: list  # compression passes to run
+    recover: Any  # RecoverConfig or None
+    deployable: Any  # export.program.Deployable
+    calib: Any  # CalibrationData or None
+    out: Path
+
+
+@dataclass
+class Compressed:
+    """The model to compile: the deployment form, or its compressed copy with the record of what was done."""
+
+    module: Any
+    original_module: Any
+    record: dict | None = None  # passes, recipe, calibration, fidelity, recover
+    original_stats: dict | None = None
+
+
+@dataclass
+class Compiled:
+    program: Any
+    stats: dict
+    coverage: Any
+    artifact: Any
+
+
+@dataclass
+class Proven:
+    parity: dict
+    latency: dict
+    host_latency: dict | None
+    speedup: dict | None = None
+
+
+# --------------------------------------------------------------------------- the chain
+
+
 def run_export(cfg: ExportConfig, progress: Progress | None = None) -> dict:
     """Run the whole export and return the report (also written to ``OUT/report.json``)."""
-    from slimx.devices import load_device
-    from slimx.export import (
-        Program,
-        check_forward,
-        export_program,
-        load_calibration,
-        load_model,
-        to_deployment,
-    )
-    from slimx.quant import calibration_batches, check_precision
-    from slimx.slim import load_recipe, parse_pass
-    from slimx.targets import CompileOptions, get_target
-
-    specs = [parse_pass(p) for p in cfg.passes] + (load_recipe(cfg.recipe) if cfg.recipe else [])
-    recover_cfg = _recover_config(cfg.recover) if cfg.recover else None
-    if recover_cfg and not specs:
-        raise UsageError("--recover", "recovers accuracy after a compression pass, and none was given",
-                         "add --pass NAME:... or --recipe FILE")
     progress = progress or Progress(total=7)
-    progress.total = 8 if specs else 7
-    device = load_device(cfg.target)
-    fmt = cfg.format or device.default_format
-    target = get_target(fmt)
-    precision = check_precision(cfg.precision or target.default_precision)
-    if cfg.model.lower().endswith(".onnx") and specs:
-        raise UsageError(f"model {cfg.model}", "compression passes change a PyTorch model, and an ONNX file has none",
-                         "start from the PyTorch model")
-    if target.needs_torch and cfg.model.lower().endswith(".onnx"):
-        raise UsageError(f"model {cfg.model}", f"the {target.name} target converts from the PyTorch program, "
-                         "and an ONNX file has none", "start from the PyTorch model, or use --format onnx/tensorrt")
-    out = Path(cfg.out or default_out_dir(cfg.model, device.name))
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out}", "exists and is not a folder", "give a folder path")
+    prepared = resolve(cfg)
+    progress.total = 8 if prepared.specs else 7
+    out = prepared.out
     created_out = not out.exists()
     staging = out / f".slimx-staging-{os.getpid()}"
-    report: dict = {}
     try:
         staging.mkdir(parents=True, exist_ok=False)
-        with progress.stage("intake", cfg.model):
-            loaded = load_model(cfg.model, weights=cfg.weights, input_shapes=list(cfg.input_shapes))
-            calib = None
-            if cfg.calib:
-                calib = load_calibration(cfg.calib, loaded, limit=cfg.calib_samples, seed=cfg.seed)
-                progress.note(calib.describe())
-        with progress.stage("deployment form"):
-            module, deploy_record, example = None, None, None
-            if loaded.module is not None:
-                example = loaded.example_inputs or sample_inputs(loaded.inputs, seed=cfg.seed)
-                shapes = ", ".join(f"{s.name}={'x'.join(map(str, s.shape))}" for s in loaded.inputs)
-                check_forward(loaded.module, example, shapes)
-                if loaded.source == "pt2":
-                    module = loaded.module
-                else:
-                    module, deploy_record = to_deployment(loaded.module, example)
-                    progress.note(f"reparameterized {len(deploy_record.reparameterized)} module(s), "
-                                  f"folded {len(deploy_record.folded)} batch norm(s)")
-        compression, original_module = None, module
-        if specs:
-            with progress.stage("compress", ", ".join(s.name for s in specs)):
-                compression = run_passes(module, specs, recover_cfg, calib, loaded, device, cfg, progress)
-                original_stats = model_stats(loaded, module, example)
-                module = compression.pop("model")
-        with progress.stage("torch.export"):
-            exported = None
-            if loaded.source == "pt2":
-                exported = loaded.program
-            elif module is not None:
-                exported = export_program(module, example)
-            program = Program(loaded.name, exported, module, loaded.inputs, loaded.output_names,
-                              onnx_source=loaded.onnx_path)
-            stats = model_stats(loaded, module, example)
-            if compression is not None:
-                stats["original"] = original_stats
-        with progress.stage("compile", f"{target.name} for {device.name}"):
-            coverage = target.check(program)
-            if not coverage.ok:
-                op, count = next(iter(coverage.unsupported.items()))
-                where = coverage.where.get(op)
-                more = f" (and {count - 1} more)" if count > 1 else ""
-                raise SlimxFailure(
-                    f"op {op}" + (f" from module {where}" if where else "") + more,
-                    f"the {target.name} format cannot express it at opset {cfg.opset}",
-                    "replace that module with an exportable one, try another --opset, or pick another --format")
-            extra = {k: v for k, v in (("deployment_target", cfg.deployment_target),
-                                       ("compute_units", cfg.compute_units), ("palettize", cfg.palettize),
-                                       ("dla_core", cfg.dla_core)) if v is not None}
-            options = CompileOptions(precision=precision, opset=cfg.opset, extra=extra)
-            target.validate(device, options)
-            calib_record, batches = None, None
-            if precision == "int8":
-                batches, synthetic = calibration_batches(calib, program.inputs, count=cfg.calib_samples,
-                                                         seed=cfg.seed, warn=progress.warn)
-                calib_record = {"source": calib.source if calib else "synthetic random inputs",
-                                "kind": calib.kind if calib else "synthetic", "samples": len(batches),
-                                "synthetic": synthetic}
-            artifact = target.compile(program, device, options, staging, calib_batches=batches)
-            if calib_record:
-                artifact.meta["calibration"] = calib_record
-            for f in artifact.files():
-                progress.note(f"{f['path']}: {human(f['bytes'])}B")
-        with progress.stage("parity", f"{cfg.parity_inputs} fresh inputs"):
-            parity = run_parity(program, target, artifact, cfg, calib, precision)
-            if parity["measured"]:
-                progress.note(f"cosine {parity['cosine']:.6f}, max abs {parity['max_abs']:.2e}, "
-                              f"rel err {parity['rel_err']:.2e}")
-            else:
-                progress.note(f"not measured: {parity['reason']}")
-        with progress.stage("latency"):
-            latency, host_latency = run_latency(device, target, artifact, program, cfg, precision)
-            if compression is not None:
-                compression["speedup"] = measure_speedup(target, device, options, artifact, original_module, loaded,
-                                                         example, program, cfg, staging, progress)
+        prepare(cfg, prepared, progress)
+        compressed = compress(cfg, prepared, progress)
+        compiled = compile_artifact(cfg, prepared, compressed, staging, progress)
+        proven = prove(cfg, prepared, compressed, compiled, staging, progress)
         with progress.stage("report"):
-            report = build_report(cfg, loaded, stats, device, target, precision, deploy_record, coverage,
-                                  artifact, parity, latency, host_latency, progress)
-            report["out"] = str(out)
-            if compression is not None:
-                report["passes"] = compression["passes"]
-                report["compression"] = {k: v for k, v in compression.items() if k != "passes"}
+            report = build_report(cfg, prepared, compressed, compiled, proven, progress)
             write_json(staging / "report.json", report)
             publish(staging, out)
     except BaseException:
@@ -213,6 +247,144 @@ def run_export(cfg: ExportConfig, progress: Progress | None = None) -> dict:
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    check_verdicts(proven.parity, compiled.artifact, out)
+    return report
+
+
+def resolve(cfg: ExportConfig) -> Prepared:
+    """Everything that can be checked before a file is written or a model loaded: device, format, precision,
+    the format's options, passes and recovery, the output folder."""
+    from slimx._core.config import config_from_dict
+    from slimx.devices import load_device
+    from slimx.quant import QuantConfig, check_precision, quantizer_for, schemes
+    from slimx.slim import load_recipe, parse_pass
+    from slimx.slim.base import load_recipe_quant
+    from slimx.targets import CompileOptions, get_target
+
+    c = cfg.compress
+    specs = [parse_pass(p) for p in c.passes] + (load_recipe(c.recipe) if c.recipe else [])
+    recover_cfg = _recover_config(c.recover) if c.recover else None
+    if recover_cfg and not specs:
+        raise UsageError("--recover", "recovers accuracy after a compression pass, and none was given",
+                         "add --pass NAME:... or --recipe FILE")
+    device = load_device(cfg.compile.target)
+    target = get_target(cfg.compile.format or device.default_format)
+    quant_values = load_recipe_quant(c.recipe) if c.recipe else {}
+    precision = check_precision(cfg.compile.precision or quant_values.get("precision") or target.default_precision)
+    quant = config_from_dict(QuantConfig, {**quant_values, "precision": precision},
+                             f"--recipe {c.recipe} [quant]" if quant_values else "--precision")
+    model = cfg.model.model
+    if model.lower().endswith(".onnx") and specs:
+        raise UsageError(f"model {model}", "compression passes change a PyTorch model, and an ONNX file has none",
+                         "start from the PyTorch model")
+    if target.needs_torch and model.lower().endswith(".onnx"):
+        raise UsageError(f"model {model}", f"the {target.name} target converts from the PyTorch program, "
+                         "and an ONNX file has none", "start from the PyTorch model, or use --format onnx/tensorrt")
+    options = CompileOptions(precision=precision, opset=cfg.compile.opset,
+                             format_options=target.options(cfg.compile.format_option_values(), "--format options"),
+                             quant=quant)
+    target.validate(device, options)
+    if precision != "fp32" and schemes(target.name):
+        quantizer_for(target.name, quant)  # an unknown scheme is refused before any work
+    out = Path(cfg.out or default_out_dir(model, device.name))
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}", "exists and is not a folder", "give a folder path")
+    return Prepared(device, target, precision, options, specs, recover_cfg, None, None, out)
+
+
+def prepare(cfg: ExportConfig, prepared: Prepared, progress: Progress) -> Prepared:
+    """Load the model (and calibration data), then put it in deployment form."""
+    from slimx.export import load_calibration, load_model
+    from slimx.export.program import deployment_form
+
+    m = cfg.model
+    with progress.stage("intake", m.model):
+        loaded = load_model(m.model, weights=m.weights, input_shapes=list(m.input_shapes))
+        if cfg.data.calib:
+            prepared.calib = load_calibration(cfg.data.calib, loaded, limit=cfg.data.calib_samples, seed=m.seed)
+            progress.note(prepared.calib.describe())
+    with progress.stage("deployment form"):
+        prepared.deployable = deployment_form(loaded, seed=m.seed)
+        record = prepared.deployable.record
+        if record is not None:
+            progress.note(f"reparameterized {len(record.reparameterized)} module(s), "
+                          f"folded {len(record.folded)} batch norm(s)")
+    return prepared
+
+
+def compress(cfg: ExportConfig, prepared: Prepared, progress: Progress) -> Compressed:
+    """Run the passes (then recovery) on the deployment form; without passes the model goes on as it is."""
+    d = prepared.deployable
+    if not prepared.specs:
+        return Compressed(d.module, d.module)
+    with progress.stage("compress", ", ".join(s.name for s in prepared.specs)):
+        record = run_passes(d.module, prepared, cfg, progress)
+        original_stats = model_stats(d.loaded, d.module, d.example)
+        module = record.pop("model")
+    return Compressed(module, d.module, record, original_stats)
+
+
+def compile_artifact(cfg: ExportConfig, prepared: Prepared, compressed: Compressed, staging: Path,
+                     progress: Progress) -> Compiled:
+    """torch.export the model to compile, then the target's op check and compile (int8: with calibration)."""
+    from slimx.export.program import program_of
+    from slimx.quant import calibration_batches
+
+    d, target, device = prepared.deployable, prepared.target, prepared.device
+    with progress.stage("torch.export"):
+        program = program_of(d, compressed.module)
+        stats = model_stats(d.loaded, compressed.module, d.example)
+        if compressed.original_stats is not None:
+            stats["original"] = compressed.original_stats
+    with progress.stage("compile", f"{target.name} for {device.name}"):
+        coverage = target.check(program)
+        if not coverage.ok:
+            op, count = next(iter(coverage.unsupported.items()))
+            where = coverage.where.get(op)
+            more = f" (and {count - 1} more)" if count > 1 else ""
+            raise SlimxFailure(
+                f"op {op}" + (f" from module {where}" if where else "") + more,
+                f"the {target.name} format cannot express it at opset {cfg.compile.opset}",
+                "replace that module with an exportable one, try another --opset, or pick another --format")
+        calib_record, batches = None, None
+        if prepared.precision == "int8":
+            calib = prepared.calib
+            batches, synthetic = calibration_batches(calib, program.inputs, count=cfg.data.calib_samples,
+                                                     seed=cfg.model.seed, warn=progress.warn)
+            calib_record = {"source": calib.source if calib else "synthetic random inputs",
+                            "kind": calib.kind if calib else "synthetic", "samples": len(batches),
+                            "synthetic": synthetic}
+        artifact = target.compile(program, device, prepared.options, staging, calib_batches=batches)
+        if calib_record:
+            artifact.meta["calibration"] = calib_record
+        for f in artifact.files():
+            progress.note(f"{f['path']}: {human(f['bytes'])}B")
+    return Compiled(program, stats, coverage, artifact)
+
+
+def prove(cfg: ExportConfig, prepared: Prepared, compressed: Compressed, compiled: Compiled, staging: Path,
+          progress: Progress) -> Proven:
+    """Parity in the artifact's own runtime, latency (measured, or estimated for a device not at hand) and,
+    after compression, the speed-up against the uncompressed model compiled the same way."""
+    with progress.stage("parity", f"{cfg.prove.parity_inputs} fresh inputs"):
+        parity = run_parity(compiled.program, prepared.target, compiled.artifact, cfg, prepared.calib,
+                            prepared.precision)
+        if parity["measured"]:
+            progress.note(f"cosine {parity['cosine']:.6f}, max abs {parity['max_abs']:.2e}, "
+                          f"rel err {parity['rel_err']:.2e}")
+        else:
+            progress.note(f"not measured: {parity['reason']}")
+    with progress.stage("latency"):
+        latency, host_latency = run_latency(prepared.device, prepared.target, compiled.artifact, compiled.program,
+                                            cfg, prepared.precision)
+        speedup = None
+        if compressed.record is not None:
+            speedup = measure_speedup(prepared, compressed, compiled, cfg, staging, progress)
+    return Proven(parity, latency, host_latency, speedup)
+
+
+def check_verdicts(parity: dict, artifact, out: Path) -> None:
+    """Fail the run (exit 1, report kept) when parity, or the proxy's where the runtime is missing, failed."""
     proxy = parity.get("proxy") or {}
     if not parity.get("measured") and proxy.get("measured") and not proxy["passed"]:
         raise SlimxFailure(
@@ -230,43 +402,41 @@ def run_export(cfg: ExportConfig, progress: Progress | None = None) -> dict:
             f"the report is in {out / 'report.json'}",
             "inspect the report, or loosen --min-cosine / --max-rel-err if this drift is acceptable",
         )
-    return report
+
+
+# --------------------------------------------------------------------------- the stages' work
 
 
 def run_parity(program, target, artifact, cfg: ExportConfig, calib, precision: str) -> dict:
     """The artifact in its own runtime against the PyTorch model, on fresh inputs and on calibration data.
 
     For a quantized artifact this is its drift from the fp32 model. Where the target's runtime is
-    missing here but the artifact comes with an ONNX form (TensorRT), that ONNX is also run in
-    onnxruntime and reported as ``proxy``: evidence about the graph and its Q/DQ scales, not the engine.
+    missing here but the target names a proxy (TensorRT: its ONNX in onnxruntime), the proxy is run too and
+    reported as ``proxy``: evidence about the graph and its Q/DQ scales, not the engine.
     """
-    from slimx.targets.onnx import OrtRunner
-
     if program.module is None:
         return {"measured": False, "reason": "the input was ONNX: there is no PyTorch model to compare against"}
-    tol = cfg.tolerance(precision)
-    batches = [sample_inputs(program.inputs, seed=PARITY_SEED_BASE + cfg.seed + i) for i in range(cfg.parity_inputs)]
-    runner = target.runner()
+    tol = cfg.prove.tolerance(precision)
+    seed = cfg.model.seed
+    batches = [sample_inputs(program.inputs, seed=PARITY_SEED_BASE + seed + i) for i in range(cfg.prove.parity_inputs)]
+    runner = target.runner(threads=cfg.timing.threads)
     if runner is not None:
         result = _parity_in(runner, artifact, artifact.path, program, batches, calib, tol)
     else:
         result = {"measured": False, "reason": target.runner_missing_reason()}
-    proxy = artifact.meta.get("proxy_onnx")
-    if proxy and artifact.format != "onnx":
-        path = artifact.path.parent / proxy
-        runner = OrtRunner(threads=cfg.threads, simulate_qdq=True)  # the engine's int8 arithmetic, not ORT's kernels
+    proxy = target.proxy(artifact, threads=cfg.timing.threads)
+    if proxy is not None:
+        path, runner, what = proxy
         result["proxy"] = _parity_in(runner, artifact, path, program, batches, calib, tol)
-        result["proxy"]["what"] = f"{proxy} in onnxruntime (the TensorRT-ready graph, not the engine)"
+        result["proxy"]["what"] = what
     result["precision"] = precision
     return result
 
 
 def _parity_in(runner, artifact, path, program, batches, calib, tol) -> dict:
-    from dataclasses import replace
-
     from slimx.export import check_parity, torch_outputs
 
-    view = replace(artifact, path=path)
+    view = dataclasses.replace(artifact, path=path)
     session = runner.session(path)
 
     def reference(batch):
@@ -286,13 +456,12 @@ def _parity_in(runner, artifact, path, program, batches, calib, tol) -> dict:
 def run_latency(device, target, artifact, program, cfg: ExportConfig,
                 precision: str = "fp32") -> tuple[dict, dict | None]:
     """Measure with the target's own runtime when it runs here; say plainly when the device is not at hand."""
-    inputs = sample_inputs(program.inputs, seed=cfg.seed + 7)
-    runner = target.runner()
+    t = cfg.timing
+    inputs = sample_inputs(program.inputs, seed=cfg.model.seed + 7)
+    runner = target.runner(threads=t.threads)
     host = None
     if runner is not None:
-        if hasattr(runner, "threads") and cfg.threads:
-            runner.threads = cfg.threads
-        timing = runner.time(artifact, inputs, warmup=cfg.warmup, runs=cfg.runs)
+        timing = runner.time(artifact, inputs, warmup=t.warmup, runs=t.runs)
         host = {"device": "host", "kind": "measured", "measured": True, **timing.to_dict()}
     if device.name == "host":
         if host is None:
@@ -315,25 +484,26 @@ def run_latency(device, target, artifact, program, cfg: ExportConfig,
 
 
 def _recover_config(text: str):
+    from slimx._core.config import config_from_dict, parse_key_values
     from slimx.slim import RecoverConfig
-    from slimx.slim.base import config_from_dict, parse_key_values
 
     values = parse_key_values(text, f"--recover {text}", "--recover steps=200,lr=5e-5")
     return config_from_dict(RecoverConfig, values, "--recover")
 
 
-def run_passes(module, specs, recover_cfg, calib, loaded, device, cfg: ExportConfig, progress) -> dict:
+def run_passes(module, prepared: Prepared, cfg: ExportConfig, progress) -> dict:
     """Apply the passes (then recovery) to the deployment-form model; fidelity on held-out samples after each."""
     from slimx.quant import calibration_batches
     from slimx.slim import PassContext, apply, finalize, recipe_text, recover, torch_fidelity
-    from slimx.slim.base import mask_index_of
+    from slimx.slim.base import load_recipe_quant, mask_index_of
 
     def warn(_):
         progress.warn("compressing with SYNTHETIC calibration inputs: rank choices, recovery and fidelity "
                       "figures do not reflect real data; give --calib")
 
-    batches, synthetic = calibration_batches(calib, loaded.inputs, count=max(cfg.calib_samples, 16), seed=cfg.seed,
-                                             warn=warn)
+    loaded, calib, specs = prepared.deployable.loaded, prepared.calib, prepared.specs
+    batches, synthetic = calibration_batches(calib, loaded.inputs, count=max(cfg.data.calib_samples, 16),
+                                             seed=cfg.model.seed, warn=warn)
     held = max(2, len(batches) // 4) if len(batches) >= 8 else 0
     fit, heldout = (batches[:-held], batches[-held:]) if held else (batches, batches)
     data = (f"{len(heldout)} held-out {'SYNTHETIC ' if synthetic else ''}samples of "
@@ -341,8 +511,8 @@ def run_passes(module, specs, recover_cfg, calib, loaded, device, cfg: ExportCon
     if not held:
         data += " (too few to hold any out: in-sample)"
     mask_index = mask_index_of([s.name for s in loaded.inputs])
-    ctx = PassContext(calib=fit, synthetic=synthetic, teacher=module, device=device, progress=progress,
-                      mask_index=mask_index)
+    ctx = PassContext(calib=fit, synthetic=synthetic, teacher=module, device=prepared.device, progress=progress,
+                      mask_index=mask_index, latency_model=latency_model_for(prepared.device, prepared.precision))
     teacher = module
     model = module
     records = []
@@ -352,13 +522,14 @@ def run_passes(module, specs, recover_cfg, calib, loaded, device, cfg: ExportCon
         entry["fidelity"] = torch_fidelity(teacher, model, heldout)
         records.append(entry)
         progress.note(f"{spec.name}: {result.summary}; held-out cosine {entry['fidelity']['cosine_mean']:.4f}")
-    out = {"model": model, "passes": records, "recipe": recipe_text(specs), "calibration": {
+    quant = load_recipe_quant(cfg.compress.recipe) if cfg.compress.recipe else None
+    out = {"model": model, "passes": records, "recipe": recipe_text(specs, quant), "calibration": {
         "source": calib.source if calib else "synthetic random inputs", "fit_samples": len(fit),
         "heldout_samples": len(heldout), "synthetic": synthetic}}
     out["fidelity"] = {"data": data, "after_passes": records[-1]["fidelity"]}
-    if recover_cfg is not None:
-        model, record = recover(model, teacher, fit, recover_cfg, progress, mask_index=mask_index)
-        out["recover"] = {"config": dataclasses.asdict(recover_cfg), **record}
+    if prepared.recover is not None:
+        model, record = recover(model, teacher, fit, prepared.recover, progress, mask_index=mask_index)
+        out["recover"] = {"config": dataclasses.asdict(prepared.recover), **record}
         out["fidelity"]["after_recover"] = torch_fidelity(teacher, model, heldout)
         progress.note(f"recovered: held-out cosine {out['fidelity']['after_recover']['cosine_mean']:.4f}")
     out["fidelity"]["final"] = out["fidelity"].get("after_recover", out["fidelity"]["after_passes"])
@@ -366,28 +537,40 @@ def run_passes(module, specs, recover_cfg, calib, loaded, device, cfg: ExportCon
     return out
 
 
-def measure_speedup(target, device, options, artifact, base_module, loaded, example, program, cfg: ExportConfig,
-                    staging, progress) -> dict:
-    """Compile the uncompressed model the same way and time both, interleaved, in the same run and runtime."""
-    from slimx.export import Program, export_program
+def latency_model_for(device, precision: str):
+    """The latency model passes get for the chosen device: the per-op estimator in the device's setting for
+    this precision, or None when the device's profile has no estimator settings."""
+    from slimx.devices.estimator import EstimatorLatencyModel
 
-    runner = target.runner()
+    try:
+        return EstimatorLatencyModel.for_device(device, precision)
+    except UsageError:
+        return None
+
+
+def measure_speedup(prepared: Prepared, compressed: Compressed, compiled: Compiled, cfg: ExportConfig, staging,
+                    progress) -> dict:
+    """Compile the uncompressed model the same way and time both, interleaved, in the same run and runtime."""
+    from slimx.export.program import program_of
+
+    target, t = prepared.target, cfg.timing
+    runner = target.runner(threads=t.threads)
     if runner is None:
         return {"measured": False, "reason": target.runner_missing_reason()}
     base_dir = staging / ".baseline"
     base_dir.mkdir()
     try:
-        base_program = Program(loaded.name, export_program(base_module, example), base_module, loaded.inputs,
-                               loaded.output_names)
-        base_options = type(options)(precision=options.precision if options.precision != "int8" else "fp32",
-                                     opset=options.opset, extra=options.extra)
-        baseline = target.compile(base_program, device, base_options, base_dir)
-        inputs = sample_inputs(program.inputs, seed=cfg.seed + 7)
-        runs = max(30, cfg.runs // 2)
+        base_program = program_of(prepared.deployable, compressed.original_module)
+        options = prepared.options
+        base_options = dataclasses.replace(options, precision="fp32" if options.precision == "int8" else
+                                           options.precision)
+        baseline = target.compile(base_program, prepared.device, base_options, base_dir)
+        inputs = sample_inputs(compiled.program.inputs, seed=cfg.model.seed + 7)
+        runs = max(30, t.runs // 2)
         base_ms, comp_ms = [], []
         for _ in range(2):  # interleaved rounds, so drift in machine load hits both alike
-            base_ms.append(runner.time(baseline, inputs, warmup=cfg.warmup, runs=runs).median_ms)
-            comp_ms.append(runner.time(artifact, inputs, warmup=cfg.warmup, runs=runs).median_ms)
+            base_ms.append(runner.time(baseline, inputs, warmup=t.warmup, runs=runs).median_ms)
+            comp_ms.append(runner.time(compiled.artifact, inputs, warmup=t.warmup, runs=runs).median_ms)
     finally:
         shutil.rmtree(base_dir, ignore_errors=True)
     base, comp = min(base_ms), min(comp_ms)
@@ -424,39 +607,46 @@ def _onnx_params(path) -> int:
     return int(sum(int(np.prod(i.dims)) for i in model.graph.initializer if i.dims and i.data_type in floats))
 
 
-def build_report(cfg, loaded, stats, device, target, precision, deploy_record, coverage, artifact, parity,
-                 latency, host_latency, progress) -> dict:
+def build_report(cfg: ExportConfig, prepared: Prepared, compressed: Compressed, compiled: Compiled, proven: Proven,
+                 progress) -> dict:
     from slimx.report import SCHEMA_VERSION
 
+    loaded, device, artifact = prepared.deployable.loaded, prepared.device, compiled.artifact
+    record = prepared.deployable.record
     report = {
         "schema_version": SCHEMA_VERSION,
         "tool": "slimx",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": list(cfg.command) or None,
-        "config": {k: v for k, v in asdict(cfg).items() if k != "command"},
+        "config": cfg.flat(),
         "model": {
             "name": loaded.name,
             "source": loaded.source,
-            **stats,
+            **compiled.stats,
             "inputs": [s.to_dict() for s in loaded.inputs],
             "outputs": loaded.output_names,
             "weights": loaded.weights,
             "notes": loaded.notes,
         },
         "device": {"name": device.name, "display_name": device.display_name},
-        "target": {"format": target.name, "precision": precision, "opset": cfg.opset},
-        "deploy": deploy_record.to_dict() if deploy_record else None,
-        "coverage": coverage.to_dict(),
+        "target": {"format": prepared.target.name, "precision": prepared.precision, "opset": cfg.compile.opset},
+        "deploy": record.to_dict() if record else None,
+        "coverage": compiled.coverage.to_dict(),
         "artifacts": artifact.files(),
         "compile": artifact.meta,
-        "parity": parity,
-        "latency": latency,
+        "parity": proven.parity,
+        "latency": proven.latency,
         "passes": [],
         "stages_s": dict(progress.timings),
         "versions": tool_versions(),
     }
-    if host_latency is not None:
-        report["host_latency"] = host_latency
+    if proven.host_latency is not None:
+        report["host_latency"] = proven.host_latency
+    report["out"] = str(prepared.out)
+    if compressed.record is not None:
+        report["passes"] = compressed.record["passes"]
+        report["compression"] = {k: v for k, v in compressed.record.items() if k != "passes"}
+        report["compression"]["speedup"] = proven.speedup
     return report
 
 
@@ -483,4 +673,3 @@ def publish(staging: Path, out: Path) -> None:
         if dest.is_dir() and not dest.is_symlink():
             shutil.rmtree(dest)
         os.replace(item, dest)
-

@@ -10,9 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slimx._core.errors import UsageError
-from slimx.devices.runners import DEFAULT_RUNNER, FORMAT_OF_SUFFIX
-
-ARTIFACT_SUFFIXES = tuple(s for s in FORMAT_OF_SUFFIX if s != ".onnx")  # .onnx is a MODEL form too
 
 
 @dataclass
@@ -35,16 +32,18 @@ class ProfileRequest:
 
 def resolve_artifact(target: str) -> Path | None:
     """The artifact file a target names, if it names one (an export OUT folder names the one in its report)."""
+    from slimx.targets import artifact_suffixes, target_for_path
+
     path = Path(target)
     if path.is_dir() and (path / "report.json").is_file():
         import json
 
         report = json.loads((path / "report.json").read_text())
-        files = [f for f in report.get("artifacts", []) if Path(f.get("path", "")).suffix in FORMAT_OF_SUFFIX]
+        files = [f for f in report.get("artifacts", []) if target_for_path(f.get("path", "")) is not None]
         if not files:
             raise UsageError(f"{target}", "has a report.json but no artifact slimx can run", "re-run slimx export")
         return path / files[0]["path"]
-    if path.suffix.lower() in ARTIFACT_SUFFIXES:
+    if path.suffix.lower() in artifact_suffixes(include_model_forms=False):
         if not path.exists():
             raise UsageError(f"artifact {target}", "does not exist", "give the path of an exported file")
         return path
@@ -53,27 +52,14 @@ def resolve_artifact(target: str) -> Path | None:
 
 def artifact_inputs(path: Path):
     """Input specs read from the artifact itself (for timing a file that came without its model)."""
-    from slimx._core.inputs import InputSpec
+    from slimx.targets import target_for_path
 
-    suffix = path.suffix.lower()
-    if suffix == ".onnx":
-        from slimx.export.intake import load_model
-
-        return load_model(str(path)).inputs
-    if suffix == ".tflite":
-        from ai_edge_litert.interpreter import Interpreter
-
-        interp = Interpreter(model_path=str(path))
-        sig = interp.get_signature_runner()
-        specs = []
-        for name, d in sig.get_input_details().items():
-            dtype = str(d["dtype"].__name__ if hasattr(d["dtype"], "__name__") else d["dtype"])
-            kind = "tokens" if dtype.startswith("int") else "float"
-            specs.append(InputSpec(name, tuple(int(x) for x in d["shape"]), dtype if dtype in (
-                "float32", "float16", "int64", "int32") else "float32", kind=kind))
-        return specs
-    raise UsageError(f"artifact {path}", "carries no input description slimx can read here",
-                     "profile the MODEL instead (slimx profile MODEL --device ...)")
+    target = target_for_path(path)
+    specs = target.read_inputs(path) if target is not None else None
+    if specs is None:
+        raise UsageError(f"artifact {path.name}", "carries no input description slimx can read here",
+                         "profile the MODEL it came from instead (slimx profile MODEL --device ...)")
+    return specs
 
 
 def profile(req: ProfileRequest, progress=None) -> dict:
@@ -129,24 +115,25 @@ def _setting(device, req: ProfileRequest):
 
 def measure(req: ProfileRequest, device, artifact_path: Path | None, progress=None) -> dict:
     from slimx._core.inputs import sample_inputs
+    from slimx.devices.runners import default_runner_of
+    from slimx.targets import get_target
     from slimx.targets.base import Artifact
 
     with tempfile.TemporaryDirectory(prefix="slimx-profile-") as tmp:
         if artifact_path is not None:
-            fmt = FORMAT_OF_SUFFIX[artifact_path.suffix.lower()]
-            specs = artifact_inputs(artifact_path) if fmt in ("onnx", "tflite") else None
-            if specs is None:
-                raise UsageError(f"artifact {artifact_path.name}", "has no input description slimx reads here",
-                                 "profile the MODEL it came from instead")
-            artifact = Artifact(format=fmt, path=artifact_path, inputs=specs, output_names=[])
+            from slimx.targets import target_for_path
+
+            fmt = target_for_path(artifact_path).name
+            artifact = Artifact(format=fmt, path=artifact_path, inputs=artifact_inputs(artifact_path), output_names=[])
         else:
             artifact, fmt = _compile_model(req, device, Path(tmp), progress)
         inputs = sample_inputs(artifact.inputs, seed=7)
         if req.remote:
             from slimx.devices.agent import RemoteRunner
-
-            build = fmt == "tensorrt" and artifact.path.suffix == ".onnx"
-            runner = RemoteRunner(req.remote, req.token or "", DEFAULT_RUNNER[fmt])
+            # a format the device builds (TensorRT) goes up as the file it is built from, then is built there
+            target = get_target(fmt)
+            build = target.builds_on_device_from is not None and not target.recognises(artifact.path)
+            runner = RemoteRunner(req.remote, req.token or "", default_runner_of(fmt))
             if progress is not None:
                 progress.note(f"upload {artifact.path.name} to {req.remote}")
             timing = runner.time(artifact, inputs, warmup=req.warmup, runs=req.runs, build=build,
@@ -155,8 +142,7 @@ def measure(req: ProfileRequest, device, artifact_path: Path | None, progress=No
         else:
             from slimx.devices.runners import get_runner
 
-            runner_name = DEFAULT_RUNNER[fmt]
-            runner = get_runner(runner_name, threads=req.threads)
+            runner = get_runner(default_runner_of(fmt), threads=req.threads)
             timing = runner.time(artifact, inputs, warmup=req.warmup, runs=req.runs)
             from slimx.devices.host import cpu_model
 
@@ -176,10 +162,9 @@ def _compile_model(req: ProfileRequest, device, out: Path, progress=None):
         progress.note(f"export {req.target} for {device.name}")
     _, program, _ = prepare_program(req.target, list(req.input_shapes), weights=req.weights)
     fmt = device.default_format if req.remote else "onnx"
-    if req.remote and fmt == "tensorrt":
-        fmt_target = get_target("onnx")  # the engine is built on the device, from ONNX
-        artifact = fmt_target.compile(program, device, CompileOptions(), out)
-        return artifact, "tensorrt"
+    source = get_target(fmt).builds_on_device_from if req.remote else None
+    if source:  # e.g. a TensorRT engine is built on the device, from ONNX
+        return get_target(source).compile(program, device, CompileOptions(), out), fmt
     target = get_target(fmt)
     precision = req.precision if req.remote else (req.precision or "fp32")
     options = CompileOptions(precision=precision or target.default_precision)

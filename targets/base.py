@@ -1,25 +1,69 @@
-"""The protocol every target shares: check, compile, and a runner where the runtime exists."""
+"""The protocol every target shares: what it writes (suffixes, typed options), check, compile, and its runners.
+
+A format's knowledge lives in its target: the file suffixes of its artifacts, how to recognise, verify and
+read one, its options as a strict dataclass, the runners that run it and which is the default, and (where
+its own runtime is missing here) a proxy that gives evidence about the artifact. The runners, the device
+agent, ``slimx profile`` and the pipeline loop over the registry; adding a target is one file in
+``targets/`` (or a plugin module named in ``SLIMX_PLUGINS``).
+"""
 
 from __future__ import annotations
 
+import importlib
+import os
 import shutil
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from slimx._core.errors import UsageError
+from slimx._core.inputs import to_numpy_inputs  # noqa: F401  (re-exported: runners import it from here)
 from slimx._core.registry import Registry
 
 
 @dataclass(frozen=True)
+class NoOptions:
+    """A format without options of its own."""
+
+
+@dataclass(frozen=True)
 class CompileOptions:
-    """Options every target understands; target-specific ones go in ``extra``."""
+    """Options every target understands, plus the target's own (an instance of its ``options_cls``).
+
+    ``quant``: how to quantize (``quant.QuantConfig``); None: the defaults for ``precision``.
+    """
 
     precision: str = "fp32"
     opset: int = 18
-    extra: dict = field(default_factory=dict)
+    format_options: Any = field(default_factory=NoOptions)
+    quant: Any = None
+
+    def __post_init__(self) -> None:
+        if self.quant is not None and self.quant.precision != self.precision:
+            raise ValueError(f"quant precision {self.quant.precision} differs from precision {self.precision}")
+
+    def quant_config(self):
+        """The quantization config (``quant`` or the defaults for ``precision``)."""
+        from slimx.quant import QuantConfig
+
+        return self.quant if self.quant is not None else QuantConfig(precision=self.precision)
+
+
+@dataclass(frozen=True)
+class RunnerInfo:
+    """A runner a target declares: its name, the estimator setting its host measurements calibrate, how to
+    tell whether it can run here, and how to make one."""
+
+    name: str
+    format: str  # the artifact format it runs ("torch": the Program itself)
+    setting: str
+    description: str
+    missing: Callable[[], str | None] = lambda: None  # None when it can run on this host, else why not
+    make: Callable[..., Any] | None = None  # make(threads=None) -> Runner
 
 
 @dataclass
@@ -113,24 +157,89 @@ class Timing:
 
 
 class Runner(Protocol):
-    """Runs an artifact in its runtime on this host."""
+    """Runs an artifact in its runtime on this host (local runners and the agent's client alike)."""
 
     name: str
+    threads: int | None
 
-    def run(self, artifact: Artifact, inputs: tuple) -> list[np.ndarray]: ...
+    def session(self, path: Path) -> Any: ...
+
+    def run(self, artifact: Artifact, inputs: tuple, session: Any = None) -> list[np.ndarray]: ...
 
     def time(self, artifact: Artifact, inputs: tuple, warmup: int, runs: int) -> Timing: ...
 
 
+def timed_calls(call: Callable[[], Any], warmup: int, runs: int, *, call_times_itself: bool = False) -> list[float]:
+    """Milliseconds of ``runs`` calls after ``warmup`` untimed ones: the one timing loop every runner uses.
+
+    ``call_times_itself``: ``call`` returns its own time in ms (a GPU runner timing with device events).
+
+    Example:
+        >>> len(timed_calls(lambda: None, warmup=2, runs=5))
+        5
+    """
+    for _ in range(warmup):
+        call()
+    samples = []
+    for _ in range(runs):
+        if call_times_itself:
+            samples.append(float(call()))
+            continue
+        start = time.perf_counter_ns()
+        call()
+        samples.append((time.perf_counter_ns() - start) / 1e6)
+    return samples
+
+
 class Target:
-    """Base class of a backend. Subclasses set ``name``, ``extension`` and implement the methods."""
+    """Base class of a backend. Subclasses set ``name``, ``suffixes``, their runners, and implement the methods.
+
+    Attributes:
+        suffixes: file (or package folder) suffixes of this format's artifacts; the first is what compile writes.
+        options_cls: a frozen dataclass of the format's own options (strict: unknown keys are refused).
+        runners: the runners of this format; ``default_runner`` names the one that runs it by default.
+        builds_on_device_from: a format the device builds this one from (TensorRT engines from ONNX), if any.
+        model_form_suffixes: suffixes that are also a MODEL form (``.onnx``): not taken as an artifact to profile.
+    """
 
     name = ""
-    extension = ""
+    suffixes: tuple[str, ...] = ()
+    options_cls: type = NoOptions
+    runners: tuple[RunnerInfo, ...] = ()
+    default_runner: str | None = None
+    builds_on_device_from: str | None = None
+    model_form_suffixes: tuple[str, ...] = ()
     default_precision = "fp32"
     needs_torch = False  # True: converts from the PyTorch program, so an ONNX input cannot be used
     available = True
     unavailable_reason = ""
+
+    @property
+    def extension(self) -> str:
+        return self.suffixes[0]
+
+    def recognises(self, path: str | Path) -> bool:
+        """Whether ``path`` names an artifact of this format (by its suffix)."""
+        return Path(path).suffix.lower() in self.suffixes
+
+    def verify_file(self, path: Path) -> str | None:
+        """Why ``path`` is not a well-formed artifact of this format (a cheap look before a runtime parses it),
+        or None when it looks right."""
+        return None
+
+    def read_inputs(self, path: Path) -> list | None:
+        """Input specs read from an artifact itself (to time a file that came without its model), or None."""
+        return None
+
+    def options(self, values: dict, where: str = "format options"):
+        """The format's typed options from ``values`` (flag or recipe values); unknown keys are a usage error."""
+        from slimx._core.config import config_from_dict
+
+        if values and self.options_cls is NoOptions:
+            raise UsageError(", ".join(f"--{k.replace('_', '-')}" for k in values),
+                             f"the {self.name} format takes no such option", "drop it, or pick the format it is for")
+        return config_from_dict(self.options_cls, {k: v for k, v in values.items() if v is not None},
+                                f"{where} ({self.name})")
 
     def check(self, program) -> Coverage:
         raise NotImplementedError
@@ -142,11 +251,29 @@ class Target:
         """Write the artifact into ``out_dir``; ``calib_batches`` are representative inputs for int8."""
         raise NotImplementedError
 
-    def runner(self) -> Runner | None:
-        return None
+    def runner(self, threads: int | None = None) -> Runner | None:
+        """The default runner when it can run here, else None (``runner_missing_reason`` says why)."""
+        info = self.runner_info(self.default_runner) if self.default_runner else None
+        if info is None or info.make is None or info.missing() is not None:
+            return None
+        return info.make(threads=threads)
+
+    def runner_info(self, name: str) -> RunnerInfo | None:
+        return next((r for r in self.runners if r.name == name), None)
 
     def runner_missing_reason(self) -> str:
-        return f"no {self.name} runtime on this host"
+        info = self.runner_info(self.default_runner) if self.default_runner else None
+        return (info.missing() if info is not None else None) or f"no {self.name} runtime on this host"
+
+    def build_on_device(self, source: Path, work: Path, precision: str) -> tuple[Path, dict]:
+        """Build this format's artifact from a ``builds_on_device_from`` file, on the device (the agent's
+        ``/v1/build``); returns the artifact's path and a record of the build."""
+        raise NotImplementedError(f"the {self.name} format is not built on the device")
+
+    def proxy(self, artifact: Artifact, threads: int | None = None):
+        """``(path, runner, what)``: another file of the artifact that a runner here can check in place of the
+        artifact itself (TensorRT's ONNX in onnxruntime), or None."""
+        return None
 
 
 TARGETS: Registry[Target] = Registry("format")
@@ -170,11 +297,37 @@ def available_formats() -> list[str]:
     return [n for n in TARGETS.names() if TARGETS.get(n).available]
 
 
-def to_numpy_inputs(inputs: tuple) -> list[np.ndarray]:
-    """Torch tensors (or arrays) -> contiguous numpy arrays."""
+def all_targets() -> list[Target]:
+    return [TARGETS.get(n) for n in TARGETS.names()]
+
+
+def target_for_path(path: str | Path) -> Target | None:
+    """The target whose artifacts carry ``path``'s suffix, or None.
+
+    Example:
+        >>> target_for_path("model.tflite").name
+        'tflite'
+    """
+    return next((t for t in all_targets() if t.recognises(path)), None)
+
+
+def artifact_suffixes(include_model_forms: bool = True) -> tuple[str, ...]:
+    """Every suffix an artifact of a registered format may have (``.onnx`` is also a MODEL form)."""
     out = []
-    for value in inputs:
-        if hasattr(value, "detach"):
-            value = value.detach().cpu().numpy()
-        out.append(np.ascontiguousarray(value))
-    return out
+    for target in all_targets():
+        out += [s for s in target.suffixes if include_model_forms or s not in target.model_form_suffixes]
+    return tuple(dict.fromkeys(out))
+
+
+def load_plugins() -> list[str]:
+    """Import the modules named in ``SLIMX_PLUGINS`` (comma-separated): a target registered outside this
+    package (in a test, or a user's own format) is then known to every process, the agent's jobs included."""
+    loaded = []
+    for name in filter(None, (n.strip() for n in os.environ.get("SLIMX_PLUGINS", "").split(","))):
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise UsageError(f"SLIMX_PLUGINS {name}", f"cannot be imported ({exc})",
+                             "fix the module name or unset SLIMX_PLUGINS") from exc
+        loaded.append(name)
+    return loaded

@@ -14,24 +14,37 @@ import os
 import re
 import shutil
 import sys
-import time
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from slimx._core.errors import SlimxFailure, UsageError, first_line, root_cause
 from slimx.export.program import node_module_path, quiet
-from slimx.targets.base import Artifact, CompileOptions, Coverage, Target, Timing, register_target, to_numpy_inputs
+from slimx.targets.base import (
+    Artifact,
+    CompileOptions,
+    Coverage,
+    RunnerInfo,
+    Target,
+    Timing,
+    register_target,
+    timed_calls,
+    to_numpy_inputs,
+)
 
 ANE_SOURCE = ("hollance/neural-engine, docs/unsupported-layers.md (community findings: gather, dilated "
               "convolutions, broadcastable/ND layers, RNNs and custom layers run off the ANE); Apple, 'Deploying "
               "Transformers on the Apple Neural Engine' (2022): the ANE computes in fp16")
 COMPUTE_UNITS = {"all": "ALL", "cpu_and_ne": "CPU_AND_NE", "cpu_only": "CPU_ONLY", "cpu_and_gpu": "CPU_AND_GPU"}
-# ATen ops that lower to gathers with run-time indices, which the ANE does not run
+# MIL ops of a converted program that run off the ANE
 _ANE_UNFRIENDLY_MIL = ("gather", "gather_nd", "gather_along_axis", "lstm", "gru", "rnn")
-_GATHER_OPS = {"embedding", "index_select", "gather", "index", "take_along_dim"}
+# ATen ops (short names) with run-time indices, which a Neural Engine (or a DSP) does not run: the ops the
+# estimator sends to a fallback unit too (devices.estimator imports this set); source: ANE_SOURCE
+NPU_FALLBACK_OPS = frozenset({"embedding", "index", "index_select", "gather", "take_along_dim", "scatter",
+                              "index_put", "cumsum"})
 
 
 def parse_ios(value: str) -> int:
@@ -41,12 +54,46 @@ def parse_ios(value: str) -> int:
     return int(match.group(1))
 
 
+@dataclass(frozen=True)
+class CoreMLOptions:
+    """CoreML's own options (each None: the device profile's ``[format_options.coreml]``, then the default).
+
+    Attributes:
+        deployment_target: minimum iOS, e.g. ``iOS14`` (below iOS 15 a neural network, else an ML Program).
+        compute_units: all, cpu_and_ne, cpu_only or cpu_and_gpu.
+        palettize: palettize weights to this many bits (ML Program, iOS 16+).
+    """
+
+    deployment_target: str | None = None
+    compute_units: str | None = None
+    palettize: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.compute_units is not None and self.compute_units not in COMPUTE_UNITS:
+            raise ValueError(f"compute_units {self.compute_units!r} is not one of {', '.join(COMPUTE_UNITS)}")
+        if self.palettize is not None and self.palettize not in (1, 2, 3, 4, 6, 8):
+            raise ValueError(f"palettize {self.palettize} bits is not a CoreML palette size (2, 4, 6 or 8)")
+
+
+def coreml_missing() -> str | None:
+    return None if sys.platform == "darwin" else f"CoreML runs predictions only on macOS (this host is {sys.platform})"
+
+
 @register_target
 class CoreMLTarget(Target):
     name = "coreml"
-    extension = ".mlpackage"
+    suffixes = (".mlpackage",)
+    options_cls = CoreMLOptions
+    runners = (RunnerInfo("coreml", "coreml", "coreml-all-fp16", "CoreML prediction (macOS)", missing=coreml_missing,
+                          make=lambda threads=None: CoreMLRunner()),)
+    default_runner = "coreml"
     default_precision = "fp16"
     needs_torch = True
+
+    def verify_file(self, path: Path) -> str | None:
+        if not (path / "Manifest.json").is_file():
+            return "corrupt CoreML package (no Manifest.json)"
+        return None
 
     def check(self, program) -> Coverage:
         """Ops coremltools cannot convert, and ops likely to run off the Neural Engine."""
@@ -60,7 +107,7 @@ class CoreMLTarget(Target):
             short = key.split(".")[1] if key.startswith("aten.") else key
             if not _converter_exists(key):
                 coverage.add("unsupported", key, node_module_path(node))
-            elif short in _GATHER_OPS or (short.startswith("conv") and _dilated(node)):
+            elif short in NPU_FALLBACK_OPS or (short.startswith("conv") and _dilated(node)):
                 coverage.add("fallback", key, node_module_path(node))
             else:
                 coverage.add("supported", key)
@@ -72,9 +119,9 @@ class CoreMLTarget(Target):
     def settings(self, device, options: CompileOptions) -> tuple[int, str, str]:
         """(iOS version, compute units, backend) from the options, else the device profile."""
         coreml_opts = device.format_options.get("coreml", {})
-        ios = parse_ios(options.extra.get("deployment_target") or coreml_opts.get("minimum_deployment_target",
-                                                                                    "iOS15"))
-        units = options.extra.get("compute_units") or coreml_opts.get("compute_units", "all")
+        own = options.format_options if isinstance(options.format_options, CoreMLOptions) else CoreMLOptions()
+        ios = parse_ios(own.deployment_target or coreml_opts.get("minimum_deployment_target", "iOS15"))
+        units = own.compute_units or coreml_opts.get("compute_units", "all")
         return ios, units, "neuralnetwork" if ios < 15 else "mlprogram"
 
     def validate(self, device, options: CompileOptions) -> None:
@@ -89,7 +136,7 @@ class CoreMLTarget(Target):
                              f"use one of {', '.join(COMPUTE_UNITS)}")
         from slimx.quant.coreml import check_coreml_precision
 
-        check_coreml_precision(options.precision, backend, ios, options.extra.get("palettize"))
+        check_coreml_precision(options.precision, backend, ios, _palettize(options))
 
     def compile(self, program, device, options: CompileOptions, out_dir: Path, calib_batches=None) -> Artifact:
         import coremltools as ct
@@ -106,17 +153,11 @@ class CoreMLTarget(Target):
             kwargs["compute_precision"] = ct.precision.FLOAT32 if precision == "fp32" else ct.precision.FLOAT16
         model, notes, decomposition = self._convert(program, kwargs)
         model = _rename_outputs(model, program.output_names)
-        from slimx.quant.coreml import quantize_mlprogram, quantize_neuralnetwork
+        from slimx.quant import QuantContext, quantize
 
+        ctx = QuantContext(calib_batches, program.module, program.input_names, options=options.format_options)
         with quiet():  # the weight quantizers print a line per layer
-            if backend == "neuralnetwork":
-                model, qrecord = quantize_neuralnetwork(model, precision)
-            else:
-                feeds = None
-                if calib_batches:
-                    feeds = [{s.name: a for s, a in zip(program.inputs, to_numpy_inputs(b), strict=True)}
-                             for b in calib_batches]
-                model, qrecord = quantize_mlprogram(model, precision, feeds, options.extra.get("palettize"))
+            model, qrecord = quantize(f"coreml-{backend}", model, options.quant_config(), ctx)
         path = Path(out_dir) / "model.mlpackage"
         tmp = path.with_name(".model.partial.mlpackage")  # coremltools insists on the extension
         shutil.rmtree(tmp, ignore_errors=True)
@@ -167,11 +208,10 @@ class CoreMLTarget(Target):
                        {ln.strip() for ln in log.getvalue().splitlines() if _worth_reporting(ln)})
         return model, notes, decomposition
 
-    def runner(self):
-        return CoreMLRunner() if sys.platform == "darwin" else None
 
-    def runner_missing_reason(self) -> str:
-        return f"CoreML runs only on macOS (this host is {sys.platform})"
+
+def _palettize(options: CompileOptions) -> int | None:
+    return getattr(options.format_options, "palettize", None)
 
 
 def _rename_outputs(model, names: list[str]):
@@ -282,6 +322,7 @@ class CoreMLRunner:
     """CoreML prediction (macOS only): the Mac slimx runs on, not the iPhone."""
 
     name = "coreml"
+    threads = None  # CoreML schedules its own threads
 
     def __init__(self, compute_units: str = "all") -> None:
         self.compute_units = compute_units
@@ -308,11 +349,6 @@ class CoreMLRunner:
         import coremltools as ct
 
         model = self._model(artifact)
-        samples = []
-        for i in range(warmup + runs):
-            start = time.perf_counter_ns()
-            self.run(artifact, inputs, session=model)
-            if i >= warmup:
-                samples.append((time.perf_counter_ns() - start) / 1e6)
+        samples = timed_calls(lambda: self.run(artifact, inputs, session=model), warmup, runs)
         return Timing.from_samples(samples, runtime="coreml", runtime_version=ct.__version__, warmup=warmup,
                                    threads=None)

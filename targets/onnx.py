@@ -5,24 +5,67 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 from slimx._core.errors import SlimxFailure, first_line
 from slimx.export.program import node_module_path, onnx_node_modules
-from slimx.targets.base import Artifact, CompileOptions, Coverage, Target, Timing, register_target, to_numpy_inputs
+from slimx.targets.base import (
+    Artifact,
+    CompileOptions,
+    Coverage,
+    RunnerInfo,
+    Target,
+    Timing,
+    register_target,
+    timed_calls,
+    to_numpy_inputs,
+)
 
-COMPUTE_OPS = ("MatMul", "Gemm", "Conv")
 _ONNX_DTYPE = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
                "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+
+
+def _ort_provider_missing(provider: str) -> str | None:
+    import onnxruntime
+
+    if provider not in onnxruntime.get_available_providers():
+        return f"onnxruntime on this host has no {provider} (install onnxruntime-gpu with CUDA/TensorRT)"
+    return None
+
+
+def _ort_runner(providers: list[str] | None = None):
+    return lambda threads=None: OrtRunner(threads=threads, providers=providers)
+
+
+ORT_RUNNERS = (
+    RunnerInfo("onnxruntime", "onnx", "onnxruntime-cpu-fp32", "onnxruntime, CPU execution provider",
+               make=_ort_runner()),
+    RunnerInfo("onnxruntime-cuda", "onnx", "onnxruntime-cuda-fp32", "onnxruntime, CUDA execution provider",
+               missing=lambda: _ort_provider_missing("CUDAExecutionProvider"),
+               make=_ort_runner(["CUDAExecutionProvider", "CPUExecutionProvider"])),
+    RunnerInfo("onnxruntime-tensorrt", "onnx", "onnxruntime-tensorrt-fp32", "onnxruntime, TensorRT execution provider",
+               missing=lambda: _ort_provider_missing("TensorrtExecutionProvider"),
+               make=_ort_runner(["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])),
+)
 
 
 @register_target
 class OnnxTarget(Target):
     name = "onnx"
-    extension = ".onnx"
+    suffixes = (".onnx",)
+    model_form_suffixes = (".onnx",)  # an .onnx file is also a MODEL form
+    runners = ORT_RUNNERS
+    default_runner = "onnxruntime"
+
+    def verify_file(self, path: Path) -> str | None:
+        return verify_onnx_file(path)
+
+    def read_inputs(self, path: Path) -> list:
+        from slimx.export.intake import load_onnx_file
+
+        return load_onnx_file(Path(path), []).inputs
 
     def check(self, program) -> Coverage:
         """Which ATen ops the exporter can translate, after the same decompositions it applies."""
@@ -72,21 +115,25 @@ class OnnxTarget(Target):
             program_to_onnx(program.exported, path, program.input_names, program.output_names, opset=options.opset)
         meta = {"opset": _opset_of(path)}
         if options.precision != "fp32":
-            from slimx.quant.onnx import quantize_onnx, quantize_onnx_guarded
+            from slimx.quant import QuantContext, quantize
 
-            if options.precision == "int8":
-                # the compute-heavy ops only: quantizing gathers, softmax and adds costs accuracy for no speed
-                meta["quantization"] = quantize_onnx_guarded(path, path, calib_batches, program.module,
-                                                             symmetric=False, reduce_range=True,
-                                                             op_types=COMPUTE_OPS)
-            else:  # reduced range for int8-weights too: u8s8 saturates in x86 kernels without VNNI (AVX2 hosts)
-                meta["quantization"] = quantize_onnx(path, path, options.precision, calib_batches,
-                                                     reduce_range=options.precision == "int8-weights")
+            ctx = QuantContext(calib_batches, program.module, program.input_names, score_runner=OrtRunner)
+            _, meta["quantization"] = quantize("onnx", path, options.quant_config(), ctx)
         return Artifact(format=self.name, path=path, inputs=program.inputs, output_names=program.output_names,
                         meta=meta)
 
-    def runner(self):
-        return OrtRunner()
+def verify_onnx_file(path: Path) -> str | None:
+    """Why an uploaded file is not a self-contained, valid ONNX model (None when it is)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        return f"corrupt ONNX artifact ({first_line(exc, 160)})"
+    if any(t.data_location == 1 for t in model.graph.initializer):
+        return "the ONNX file refers to external data; send one file"
+    return None
 
 
 def _is_structural(op: str) -> bool:
@@ -167,13 +214,7 @@ class OrtRunner:
         """
         session = self.session(artifact.path)
         feed = self.feed(session, inputs)
-        for _ in range(warmup):
-            session.run(None, feed)
-        samples = []
-        for _ in range(runs):
-            start = time.perf_counter_ns()
-            session.run(None, feed)
-            samples.append((time.perf_counter_ns() - start) / 1e6)
+        samples = timed_calls(lambda: session.run(None, feed), warmup, runs)
         ops, nodes = ([], [])
         if per_op:
             ops, nodes = self.profile(artifact, inputs, profile_runs)

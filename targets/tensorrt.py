@@ -13,12 +13,23 @@ import os
 import re
 import shlex
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from slimx._core.errors import SlimxFailure, UsageError, first_line
-from slimx.targets.base import Artifact, CompileOptions, Coverage, Target, Timing, register_target, to_numpy_inputs
+from slimx.targets.base import (
+    Artifact,
+    CompileOptions,
+    Coverage,
+    RunnerInfo,
+    Target,
+    Timing,
+    register_target,
+    timed_calls,
+    to_numpy_inputs,
+)
 
 
 def tensorrt_status() -> tuple[bool, str]:
@@ -37,12 +48,56 @@ def tensorrt_status() -> tuple[bool, str]:
     return True, ""
 
 
+@dataclass(frozen=True)
+class TensorRTOptions:
+    """TensorRT's own options.
+
+    Attributes:
+        dla_core: build for this DLA core (with GPU fallback); None: the GPU.
+    """
+
+    dla_core: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dla_core is not None and self.dla_core < 0:
+            raise ValueError(f"dla_core must be 0 or more, got {self.dla_core}")
+
+
+def _tensorrt_missing() -> str | None:
+    ok, why = tensorrt_status()
+    return None if ok else why
+
+
 @register_target
 class TensorRTTarget(Target):
     name = "tensorrt"
-    extension = ".plan"
+    suffixes = (".plan", ".engine")
+    options_cls = TensorRTOptions
+    runners = (RunnerInfo("tensorrt", "tensorrt", "tensorrt-gpu-fp16", "TensorRT engine on the local GPU",
+                          missing=_tensorrt_missing, make=lambda threads=None: TensorRTRunner()),)
+    default_runner = "tensorrt"
+    builds_on_device_from = "onnx"  # the engine is specific to the device's GPU and TensorRT: built there
     default_precision = "fp16"
     needs_torch = False
+
+    def verify_file(self, path: Path) -> str | None:
+        return "corrupt TensorRT plan (too small)" if path.stat().st_size < 64 else None
+
+    def build_on_device(self, source: Path, work: Path, precision: str) -> tuple[Path, dict]:
+        plan = Path(work) / "model.plan"
+        record = build_engine(source, plan, precision, sparse=False, cache_path=Path(work) / "timing.cache")
+        return plan, record
+
+    def proxy(self, artifact: Artifact, threads: int | None = None):
+        """The TensorRT-ready ONNX in onnxruntime, Q/DQ pairs run as written (the engine's int8 arithmetic,
+        not onnxruntime's fused kernels): evidence about the graph and its scales, not the engine."""
+        name = artifact.meta.get("proxy_onnx")
+        if not name:
+            return None
+        from slimx.targets.onnx import OrtRunner
+
+        return (artifact.path.parent / name, OrtRunner(threads=threads, simulate_qdq=True),
+                f"{name} in onnxruntime (the TensorRT-ready graph, not the engine)")
 
     def check(self, program) -> Coverage:
         from slimx.targets.onnx import OnnxTarget
@@ -55,14 +110,14 @@ class TensorRTTarget(Target):
         if options.precision == "int8-weights":
             raise UsageError("--precision int8-weights", "TensorRT has no weight-only int8 path for these models",
                              "use --precision int8 (explicit Q/DQ from --calib) or fp16")
-        dla = int(options.extra.get("dla_core", -1))
+        dla = _dla_core(options)
         cores = int(device.format_options.get("tensorrt", {}).get("dla_cores", 0))
         if dla >= cores:
             raise UsageError(f"--dla-core {dla}", f"{device.name} has {cores} DLA core(s)",
                              "drop --dla-core, or pick a core the device has")
 
     def compile(self, program, device, options: CompileOptions, out_dir: Path, calib_batches=None) -> Artifact:
-        from slimx.targets.onnx import COMPUTE_OPS, OnnxTarget
+        from slimx.targets.onnx import OnnxTarget, OrtRunner
 
         trt_opts = device.format_options.get("tensorrt", {})
         max_opset = int(trt_opts.get("max_onnx_opset", 18))
@@ -78,11 +133,14 @@ class TensorRTTarget(Target):
             notes.append(f"opset capped at {opset}: the ONNX parser of {runtime} reads up to {max_opset}")
         quant = None
         if precision == "int8":
-            from slimx.quant.onnx import quantize_onnx_guarded
-            quant = quantize_onnx_guarded(onnx_path, onnx_path, calib_batches, program.module, symmetric=True,
-                                          op_types=COMPUTE_OPS, simulate_qdq=True)
+            from slimx.quant import QuantContext, quantize
+
+            # the guard scores Q/DQ pairs as written: the engine's arithmetic, not onnxruntime's int8 kernels
+            ctx = QuantContext(calib_batches, program.module, program.input_names,
+                               score_runner=lambda: OrtRunner(simulate_qdq=True))
+            _, quant = quantize(self.name, onnx_path, options.quant_config(), ctx)
         sparse = sparse_24_weights(onnx_path)
-        dla = int(options.extra.get("dla_core", -1))
+        dla = _dla_core(options)
         flags = trtexec_flags(precision, bool(sparse), dla)
         script = write_build_script(out_dir, device, precision, flags, notes)
         files = [("onnx", onnx_path), ("script", script)]
@@ -102,12 +160,11 @@ class TensorRTTarget(Target):
         return Artifact(format=self.name, path=primary, inputs=program.inputs, output_names=program.output_names,
                         meta=meta, extra_files=[f for f in files if f[1] != primary])
 
-    def runner(self):
-        ok, _ = tensorrt_status()
-        return TensorRTRunner() if ok else None
 
-    def runner_missing_reason(self) -> str:
-        return tensorrt_status()[1] or "no TensorRT engine was built"
+
+def _dla_core(options: CompileOptions) -> int:
+    core = getattr(options.format_options, "dla_core", None)
+    return -1 if core is None else int(core)
 
 
 def sparse_24_weights(onnx_path: Path, min_size: int = 1024) -> list[str]:
@@ -216,6 +273,7 @@ class TensorRTRunner:
     """Runs a serialized engine on the local GPU (device buffers through torch.cuda)."""
 
     name = "tensorrt"
+    threads = None  # a GPU runner
 
     def session(self, path):
         import tensorrt as trt
@@ -264,17 +322,16 @@ class TensorRTRunner:
         _outputs, _keep = self._bind(session, inputs)
         ctx = session[1]
         stream = torch.cuda.current_stream()
-        for _ in range(warmup):
-            ctx.execute_async_v3(stream.cuda_stream)
-        stream.synchronize()
-        samples = []
-        for _ in range(runs):
+
+        def timed_run() -> float:  # device time of one execution, from CUDA events
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record(stream)
             ctx.execute_async_v3(stream.cuda_stream)
             end.record(stream)
             end.synchronize()
-            samples.append(start.elapsed_time(end))
+            return start.elapsed_time(end)
+
+        samples = timed_calls(timed_run, warmup, runs, call_times_itself=True)
 
         class _Profiler(trt.IProfiler):
             def __init__(self):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -14,7 +13,17 @@ import numpy as np
 from slimx._core.errors import SlimxFailure, first_line, root_cause
 from slimx._core.inputs import sample_inputs
 from slimx.export.program import native_stderr_to_null, node_module_path, quiet
-from slimx.targets.base import Artifact, CompileOptions, Coverage, Target, Timing, register_target, to_numpy_inputs
+from slimx.targets.base import (
+    Artifact,
+    CompileOptions,
+    Coverage,
+    RunnerInfo,
+    Target,
+    Timing,
+    register_target,
+    timed_calls,
+    to_numpy_inputs,
+)
 
 # ops that convert but do not load in the LiteRT interpreter (seen here; see shared FIELD-NOTES)
 _NEEDS_TFL_DECOMPS = {"aten.topk.default"}  # STABLEHLO_SORT unless LITERT_TORCH_FULL_TFL_DECOMPS=1 (-> TOPK_V2)
@@ -22,12 +31,44 @@ _UNLOADABLE = {"aten.sort.default": "lowers to STABLEHLO_SORT, which the LiteRT 
                "aten.sort.stable": "lowers to STABLEHLO_SORT, which the LiteRT interpreter cannot load"}
 
 
+def litert_missing() -> str | None:
+    try:
+        import ai_edge_litert  # noqa: F401
+    except ImportError:
+        return "ai-edge-litert is not installed (pip install 'slimx[tflite]')"
+    return None
+
+
 @register_target
 class TFLiteTarget(Target):
     name = "tflite"
-    extension = ".tflite"
+    suffixes = (".tflite",)
+    runners = (RunnerInfo("litert", "tflite", "tflite-cpu-fp32", "LiteRT interpreter, XNNPACK CPU",
+                          missing=litert_missing, make=lambda threads=None: LiteRTRunner(threads=threads)),)
+    default_runner = "litert"
     default_precision = "fp32"
     needs_torch = True
+
+    def verify_file(self, path: Path) -> str | None:
+        head = path.read_bytes()[:8]
+        if len(head) < 8 or head[4:8] != b"TFL3":
+            return "corrupt TFLite artifact (no TFL3 flatbuffer identifier)"
+        return None
+
+    def read_inputs(self, path: Path) -> list:
+        from ai_edge_litert.interpreter import Interpreter
+
+        from slimx._core.inputs import InputSpec
+
+        with native_stderr_to_null():
+            interp = Interpreter(model_path=str(path))
+        specs = []
+        for name, d in interp.get_signature_runner().get_input_details().items():
+            dtype = np.dtype(d["dtype"]).name
+            kind = "tokens" if dtype.startswith("int") else "float"
+            dtype = dtype if dtype in ("float32", "float16", "int64", "int32") else "float32"
+            specs.append(InputSpec(name, tuple(int(x) for x in d["shape"]), dtype, kind=kind))
+        return specs
 
     def check(self, program) -> Coverage:
         coverage = Coverage(target=self.name)
@@ -46,17 +87,17 @@ class TFLiteTarget(Target):
         return coverage
 
     def compile(self, program, device, options: CompileOptions, out_dir: Path, calib_batches=None) -> Artifact:
-        from slimx.quant.tflite import tflite_quantization
+        from slimx.quant import QuantContext, quantize
 
         with native_stderr_to_null():  # LiteRT logs from C++ when it loads
             import litert_torch
 
-        names = program.input_names
-        example = sample_inputs(program.inputs, seed=0)
-        kwargs = dict(zip(names, example, strict=True))
+        # litert-torch names the .tflite signature's inputs after the keywords it traced with: the spec's names
+        kwargs = program.as_kwargs(sample_inputs(program.inputs, seed=0))
+        ctx = QuantContext(calib_batches, program.module, program.input_names, example_kwargs=kwargs)
         with native_stderr_to_null():  # LiteRT's quantizer logs from C++ on import
-            module, quant_config, record = tflite_quantization(program.module, kwargs, options.precision,
-                                                               calib_batches, names)
+            (module, quant_config), record = quantize(self.name, program.named_module(), options.quant_config(),
+                                                      ctx)
         needs_decomps = any(str(n.target) in _NEEDS_TFL_DECOMPS for n in program.exported.graph.nodes
                             if n.op == "call_function")
         path = Path(out_dir) / "model.tflite"
@@ -78,10 +119,6 @@ class TFLiteTarget(Target):
         meta = {"quantization": record, **inspect_tflite(path, program)}
         return Artifact(format=self.name, path=path, inputs=program.inputs, output_names=program.output_names,
                         meta=meta)
-
-    def runner(self):
-        return LiteRTRunner()
-
 
 @contextlib.contextmanager
 def _env(key: str, value: str | None):
@@ -182,13 +219,7 @@ class LiteRTRunner:
     def time(self, artifact: Artifact, inputs: tuple, warmup: int = 5, runs: int = 50) -> Timing:
         sig = self.session(artifact.path)
         feed = self._feed(sig, artifact, inputs)
-        for _ in range(warmup):
-            sig(**feed)
-        samples = []
-        for _ in range(runs):
-            start = time.perf_counter_ns()
-            sig(**feed)
-            samples.append((time.perf_counter_ns() - start) / 1e6)
+        samples = timed_calls(lambda: sig(**feed), warmup, runs)
         return Timing.from_samples(samples, runtime=self.name, runtime_version=self.version, warmup=warmup,
                                    threads=self.threads)
 

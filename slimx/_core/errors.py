@@ -49,10 +49,25 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
 
 
 def root_cause(exc: BaseException) -> BaseException:
-    """The innermost exception of a chain (``raise ... from``), where the real reason usually is."""
+    """The innermost exception of a chain, where the real reason usually is.
+
+    An explicit cause (``raise ... from err``) is followed; an implicit context only when it was not
+    suppressed: ``raise X from None`` inside a handler means X replaces what was being handled (an
+    ``inspect`` binding error raised while handling a ``StopIteration`` is the error, not the latter).
+
+    Example:
+        >>> try:
+        ...     try:
+        ...         next(iter(()))
+        ...     except StopIteration:
+        ...         raise TypeError("missing a required argument: 'x'") from None
+        ... except TypeError as exc:
+        ...     type(root_cause(exc)).__name__
+        'TypeError'
+    """
     seen = {id(exc)}
     while True:
-        nxt = exc.__cause__ or exc.__context__
+        nxt = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
         if nxt is None or id(nxt) in seen:
             return exc
         seen.add(id(nxt))

@@ -147,3 +147,15 @@ def apply_input_shapes(specs: list[InputSpec], values: list[str]) -> list[InputS
                              f"its inputs are {', '.join(by_name)}")
         out[by_name[name]] = out[by_name[name]].with_shape(dims, dtype)
     return out
+
+
+def to_numpy_inputs(inputs: tuple) -> list:
+    """Torch tensors (or arrays) -> contiguous numpy arrays."""
+    import numpy as np
+
+    out = []
+    for value in inputs:
+        if hasattr(value, "detach"):
+            value = value.detach().cpu().numpy()
+        out.append(np.ascontiguousarray(value))
+    return out

@@ -42,6 +42,12 @@ class Registry(Generic[T]):
         for alias in aliases:
             self._aliases[alias] = name
 
+    def remove(self, name: str) -> None:
+        """Forget ``name`` and its aliases (a plugin unregistering itself, e.g. a test's throwaway entry)."""
+        self._items.pop(name, None)
+        for alias in [a for a, n in self._aliases.items() if n == name]:
+            del self._aliases[alias]
+
     def canonical(self, name: str) -> str:
         key = name.strip().lower()
         key = self._aliases.get(key, key)

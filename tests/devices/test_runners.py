@@ -36,3 +36,13 @@ def test_torch_eager_runner_times_with_per_op_and_per_module():
     assert timing.min_ms <= timing.median_ms <= timing.p90_ms <= timing.max_ms
     assert any(op["op"].startswith("aten::conv") for op in timing.per_op)
     assert {"conv1", "conv2", "head"} <= {n["module"] for n in timing.per_node}
+
+
+def test_runner_latency_model_measures_a_module():
+    import torch
+
+    from slimx.devices.runners import RunnerLatencyModel
+
+    got = RunnerLatencyModel("onnxruntime", threads=1, runs=5).latency(torch.nn.Linear(32, 32), (torch.randn(1, 32),))
+    assert got["kind"] == "measured" and got["device"] == "host" and got["runtime"] == "onnxruntime"
+    assert 0 < got["interval_ms"][0] <= got["ms"] <= got["interval_ms"][1]

@@ -1,0 +1,60 @@
+"""The contract every registered pass keeps, checked over the registry (a new pass is covered on registration):
+the input model is untouched, the plan is plain data, every selected layer is reported, the result exports
+with torch.export (before and after finalize), and its recipe round-trips."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from slimx._core.config import config_from_dict
+from slimx.slim import PASSES, PassContext, PassSpec, finalize, load_recipe, recipe_text
+
+# options that keep each pass fast here; every other option is the pass's default
+FAST = {"dsformer": {"steps": 5}}
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(128, 256), nn.GELU(), nn.Linear(256, 128), nn.GELU(), nn.Linear(128, 10)).eval()
+
+
+def _calib(n=6):
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(2, 128, generator=gen),) for _ in range(n)]
+
+
+@pytest.mark.parametrize("name", PASSES.names())
+def test_pass_contract(name, tmp_path):
+    entry = PASSES.get(name)
+    cfg = config_from_dict(entry.config_cls, FAST.get(name, {}), name)
+    model = _model()
+    before = copy.deepcopy(model.state_dict())
+    kinds = [type(m) for m in model.modules()]
+    ctx = PassContext(calib=_calib())
+
+    plan = entry.plan(model, cfg, ctx)
+    json.dumps(plan)  # plain data: no tensors or modules hidden in it
+    result = entry.apply(model, plan, cfg, ctx)
+
+    assert [type(m) for m in model.modules()] == kinds, "the input model's modules are unchanged"
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0, msg=f"{key} of the input model changed")
+    assert result.name == name and result.summary
+    selected = entry.selects(model, cfg)
+    assert selected and {e["layer"] for e in result.layers} == set(selected), "every selected layer is reported"
+    assert any("skipped" not in e for e in result.layers), "the default config changes something on this model"
+    assert [type(m) for m in result.model.modules()] != kinds
+
+    x = (torch.randn(3, 128),)
+    for candidate in (result.model, finalize(copy.deepcopy(result.model))):
+        exported = torch.export.export(candidate.eval(), x, strict=False)
+        torch.testing.assert_close(exported.module()(*x), candidate(*x))
+
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(recipe_text([PassSpec(name, cfg)]))
+    assert load_recipe(recipe) == [PassSpec(name, cfg)], "the recipe reproduces the pass and its config"
