@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from slimx._core.errors import UsageError
-from slimx.devices.estimator import PARAMS, PRIOR, Features, Setting, rates, settings_of, total_ms
+from slimx.devices.estimator import Features, Setting, rates, settings_of, total_ms
 from slimx.devices.opmix import OP_CLASSES, OpCost, op_mix
+from slimx.devices.records import PARAMS, PRIOR
 
 OPMIX_VERSION = 7  # bump when op pricing changes, so cached op mixes are rebuilt
 RIDGE = 0.02  # pull of the prior, per parameter, in log space (keeps parameters sane where data cannot tell)
@@ -59,7 +60,7 @@ def read_rows(path: Path) -> list[dict]:
 
 def assign_rows(rows: list[dict], device) -> tuple[dict[str, list[dict]], dict[str, int]]:
     """Group measurement rows by the device setting they calibrate; count what was skipped and why."""
-    settings = {k: v for k, v in device.raw.get("estimator", {}).items() if isinstance(v, dict)}
+    settings = device.estimator
     groups: dict[str, list[dict]] = {}
     skipped: dict[str, int] = {}
 
@@ -79,13 +80,13 @@ def assign_rows(rows: list[dict], device) -> tuple[dict[str, list[dict]], dict[s
             continue
         runtime = (row.get("runtime") or "").lower()
         placed = False
-        for key, table in settings.items():
-            words = [w.lower() for w in table.get("match", [])]
+        for key, setting in settings.items():
+            words = [w.lower() for w in setting.match]
             if not words or not all(w in runtime for w in words):
                 continue
-            if any(w.lower() in runtime for w in table.get("exclude", [])):
+            if any(w.lower() in runtime for w in setting.exclude):
                 continue
-            want_device = table.get("match_device") or device.raw.get("match_device")
+            want_device = setting.match_device or device.match_device
             if want_device and want_device.lower() not in (row.get("device") or "").lower():
                 continue
             groups.setdefault(key, []).append(row)
@@ -437,7 +438,7 @@ def calibrate(device_name: str, measurements: Path, out: Path | None = None, pro
     source_path = profile_path(device.name)
     result = calibrate_device(device, read_rows(measurements), Path(measurements).name, progress)
     estimator = merged_estimator(device, result["fits"])
-    default = device.raw.get("estimator", {}).get("default")
+    default = device.estimator_default
     if out is None:
         in_place_ok = not device.measured and os.access(source_path, os.W_OK)
         out = source_path if in_place_ok else user_profile_dir() / source_path.name
@@ -481,7 +482,7 @@ def scale_from(device_name: str, base_name: str, extra_error_pct: float = 15.0, 
         raise UsageError(f"--scale-from {base_name}", f"has no calibrated setting that {device_name} declares",
                          f"calibrate {base_name} first, or give the settings a scale_setting key")
     path = Path(out) if out else profile_path(device.name)
-    default = device.raw.get("estimator", {}).get("default")
+    default = device.estimator_default
     write_profile(path, profile_path(device.name).read_text(), estimator, default)
     reload_profiles()
     return {"settings": copied, "path": path}

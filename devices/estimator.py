@@ -16,69 +16,22 @@ cross-validated error, which the estimate quotes as its expected error.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from slimx._core.errors import UsageError
 from slimx.devices.opmix import COMPUTE_CLASSES, OP_CLASSES, OpCost
+from slimx.devices.records import PARAMS, EstimatorSetting
 from slimx.targets.coreml import NPU_FALLBACK_OPS
 
-# the free parameters of a setting, in fit order, with the prior each fit is pulled towards (weakly)
-PARAMS = ("eff_matmul", "eff_conv", "eff_depthwise", "eff_attention", "eff_mask", "eff_vector", "mem_eff",
-          "overlap", "op_overhead_us", "fixed_overhead_us")
-PRIOR = {"eff_matmul": 0.5, "eff_conv": 0.4, "eff_depthwise": 0.05, "eff_attention": 0.2, "eff_mask": 0.02,
-         "eff_vector": 0.05, "mem_eff": 0.5, "overlap": 0.5, "op_overhead_us": 5.0, "fixed_overhead_us": 50.0,
-         "switch_us": 100.0}
+Setting = EstimatorSetting  # the name the estimator's callers know
 _DTYPE_SCALE = {"fp32": 1.0, "fp16": 0.5, "int8": 0.25}
 
 
-@dataclass
-class Setting:
-    """How a device runs a model: which runtime, on which compute unit, in which dtype, and the fitted figures."""
-
-    key: str
-    runtime: str
-    unit: str
-    dtype: str
-    fallback_unit: str | None = None
-    params: dict = field(default_factory=dict)
-    expected_error_pct: float | None = None
-    expected_error_source: str = ""
-    fit: dict = field(default_factory=dict)
-    scaled_from: str | None = None
-    fuse_add: bool = True  # conv + residual add fused (onnxruntime, TensorRT, CoreML); not in TFLite
-    fit_classes: frozenset = frozenset()  # op classes that had work in the fit's data
-    fit_host: str = ""  # for the measured host: the CPU the fit was made on
-    fallback_classes: frozenset = frozenset()  # op classes the unit cannot run (they go to fallback_unit)
-
-    def param(self, name: str) -> float:
-        return float(self.params.get(name, PRIOR[name]))
-
-    @property
-    def calibrated(self) -> bool:
-        return bool(self.params)
-
-
 def settings_of(device) -> dict[str, Setting]:
-    """The estimator settings a device profile declares (``[estimator.<key>]`` tables)."""
-    raw = device.raw.get("estimator", {})
-    out = {}
-    for key, table in raw.items():
-        if not isinstance(table, dict):
-            continue
-        params = {p: float(table[p]) for p in (*PARAMS, "switch_us") if p in table}
-        out[key] = Setting(key=key, runtime=table.get("runtime", device.default_format), unit=table.get("unit", "cpu"),
-                           dtype=table.get("dtype", "fp32"), fallback_unit=table.get("fallback_unit"),
-                           params=params, expected_error_pct=table.get("expected_error_pct"),
-                           expected_error_source=table.get("expected_error_pct_source", ""),
-                           fit={"fit_rows": table["fit_rows"]} if "fit_rows" in table else {},
-                           scaled_from=table.get("scaled_from"),
-                           fuse_add=bool(table.get("fuse_add",
-                                                   table.get("runtime", device.default_format) != "tflite")),
-                           fit_classes=frozenset(table.get("fit_classes", ())), fit_host=table.get("fit_host", ""),
-                           fallback_classes=frozenset(table.get("fallback_classes", ())))
-    return out
+    """The estimator settings a device profile declares (``[estimator.<key>]`` tables, checked on load)."""
+    return dict(device.estimator)
 
 
 def default_setting(device, precision: str | None = None) -> Setting:
@@ -87,7 +40,7 @@ def default_setting(device, precision: str | None = None) -> Setting:
     if not settings:
         raise UsageError(f"device {device.name}", "its profile has no [estimator] settings, so no estimate is possible",
                          f"run `slimx devices calibrate {device.name} --measurements CSV` first")
-    default = device.raw.get("estimator", {}).get("default")
+    default = device.estimator_default
     if precision:
         match = [s for s in settings.values() if s.dtype == precision and s.runtime == device.default_format]
         if default in settings and settings[default].dtype == precision:

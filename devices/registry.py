@@ -13,6 +13,7 @@ from pathlib import Path
 
 from slimx._core.errors import UsageError
 from slimx._core.registry import Registry
+from slimx.devices.records import ComputeUnit, EstimatorSetting
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 _NOT_FIGURES = {"schema_version", "format_options"}
@@ -20,30 +21,43 @@ _NOT_FIGURES = {"schema_version", "format_options"}
 
 @dataclass(frozen=True)
 class DeviceProfile:
-    """A device as data: aliases, default format, compute units, memory, runtimes, sources."""
+    """A device as data: aliases, default format, compute units, memory, runtimes, estimator settings, sources.
+
+    ``raw`` is the file's own tables: only for rewriting the file (``slimx devices calibrate``) and for
+    printing it whole; everything else reads the typed fields.
+    """
 
     name: str
     display_name: str
     kind: str
     default_format: str
     aliases: tuple[str, ...] = ()
-    compute_units: tuple[dict, ...] = ()
+    compute_units: tuple[ComputeUnit, ...] = ()
     memory: dict = field(default_factory=dict)
     runtimes: dict = field(default_factory=dict)
     format_options: dict = field(default_factory=dict)
     measured: bool = False
+    estimator: dict = field(default_factory=dict, compare=False)  # setting key -> EstimatorSetting
+    estimator_default: str | None = None
+    match_device: str | None = None  # published rows of this device name calibrate it
+    rank_multiple: int | None = None  # hardware-friendly multiple for factorization ranks
     raw: dict = field(default_factory=dict, compare=False)
+
+    def unit(self, name: str) -> ComputeUnit | None:
+        return next((cu for cu in self.compute_units if cu.name == name), None)
 
     def peak(self, unit: str, dtype: str) -> float | None:
         """Peak rate of one compute unit in G(FL)OP/s for ``dtype`` (fp32, fp16, int8), if known."""
-        for cu in self.compute_units:
-            if cu["name"] == unit:
-                key = f"peak_gops_{dtype}" if dtype.startswith("int") else f"peak_gflops_{dtype}"
-                return cu.get(key)
-        return None
+        cu = self.unit(unit)
+        return cu.peak(dtype) if cu is not None else None
 
     def to_dict(self) -> dict:
         return dict(self.raw)
+
+
+_TOP_KEYS = {"schema_version", "name", "display_name", "kind", "default_format", "aliases", "compute_units",
+             "memory", "runtimes", "format_options", "measured", "estimator", "match_device", "rank_multiple",
+             "totals"}
 
 
 def check_sources(data: dict, where: str = "") -> list[str]:
@@ -69,20 +83,33 @@ def parse_profile(data: dict, origin: str) -> DeviceProfile:
     for key in ("name", "display_name", "kind", "default_format"):
         if key not in data:
             raise ValueError(f"device profile {origin} has no {key!r}")
+    unknown = sorted({k for k in data if not k.endswith("_source")} - _TOP_KEYS)
+    if unknown:
+        raise ValueError(f"device profile {origin}: unknown key(s) {', '.join(unknown)}")
     missing = check_sources(data)
     if missing:
         raise ValueError(f"device profile {origin}: figures without a source: {', '.join(missing)}")
+    tables = data.get("estimator", {})
+    settings = {key: EstimatorSetting.from_table(key, table, data["default_format"], origin)
+                for key, table in tables.items() if isinstance(table, dict)}
+    default = tables.get("default")
+    if default is not None and default not in settings:
+        raise ValueError(f"device profile {origin}: estimator default {default!r} is not one of its settings")
     return DeviceProfile(
         name=data["name"],
         display_name=data["display_name"],
         kind=data["kind"],
         default_format=data["default_format"],
         aliases=tuple(data.get("aliases", ())),
-        compute_units=tuple(data.get("compute_units", ())),
+        compute_units=tuple(ComputeUnit.from_table(t, origin) for t in data.get("compute_units", ())),
         memory=dict(data.get("memory", {})),
         runtimes=dict(data.get("runtimes", {})),
         format_options=dict(data.get("format_options", {})),
         measured=bool(data.get("measured", False)),
+        estimator=settings,
+        estimator_default=default,
+        match_device=data.get("match_device"),
+        rank_multiple=data.get("rank_multiple"),
         raw=data,
     )
 

@@ -172,7 +172,7 @@ def _choose_rank(cfg: LowRankConfig, s, in_f: int, out_f: int) -> int:
 def _device_multiple(device):
     if device is None:
         return None
-    return (device.raw or {}).get("rank_multiple")
+    return getattr(device, "rank_multiple", None)
 
 
 def finalize_lowrank(model):

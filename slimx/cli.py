@@ -46,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Export MODEL for a device: deployment form, torch.export, the target "
                                      "format, parity against PyTorch and latency.", epilog=EPILOG)
     exp.add_argument("model", nargs="?", default=keep, help=f"the model (default: {d('model')})")
-    exp.add_argument("--target", "-t", default=keep,
-                     help=f"device or alias (default: {d('target')}); see 'slimx devices'")
+    exp.add_argument("--target", "-t", dest="device", default=keep,
+                     help=f"device or alias (default: {d('device')}); see 'slimx devices'")
     exp.add_argument("--format", "-f", default=keep, help="onnx, coreml, tflite or tensorrt (default: the device's)")
     exp.add_argument("--out", "-o", default=keep, help="output folder (default: out/MODEL-DEVICE)")
     exp.add_argument("--weights", default=keep, help="weights to load: .safetensors, or a state dict (.pt/.pth/.bin)")
@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "exists here (the host) or through a slimx agent (--remote), estimated per op "
                                       "from the device's calibrated profile otherwise. The output says which.",
                           epilog=EPILOG + "; ARTIFACT: .onnx, .tflite, .mlpackage, .plan, or an export OUT folder")
-    prof.add_argument("target", nargs="?", default="minilm", help="MODEL or ARTIFACT (default: minilm)")
+    prof.add_argument("subject", nargs="?", default="minilm", metavar="MODEL|ARTIFACT",
+                      help="MODEL or ARTIFACT (default: minilm)")
     prof.add_argument("--device", "-d", default="host", help="device or alias (default: host)")
     prof.add_argument("--remote", default=None, metavar="URL", help="a slimx agent on the device, e.g. http://jetson:8765")
     prof.add_argument("--token-file", default=None, help="file holding the agent's token (with --remote)")
@@ -257,7 +258,7 @@ def _profile(args) -> int:
         raise UsageError("--token-file", "is only used with --remote", "add --remote URL or drop it")
     if args.runs < 1 or args.warmup < 0:
         raise UsageError("--runs/--warmup", "must be at least 1 / not negative", "e.g. --runs 50 --warmup 5")
-    req = ProfileRequest(target=args.target, device=args.device, remote=args.remote, token=token,
+    req = ProfileRequest(subject=args.subject, device=args.device, remote=args.remote, token=token,
                          mode="estimate" if args.estimate else "measure" if args.measure else None,
                          input_shapes=tuple(args.input_shape), weights=args.weights, precision=args.precision,
                          setting=args.setting,
@@ -377,7 +378,7 @@ def _devices(args) -> int:
     rows = [("device", "aliases", "format", "compute units", "peak (best unit)", "mem GB/s")]
     for p in profiles:
         mem = p.memory.get("mem_bandwidth_gbs")
-        rows.append((p.name, ", ".join(p.aliases), p.default_format, ", ".join(cu["name"] for cu in p.compute_units),
+        rows.append((p.name, ", ".join(p.aliases), p.default_format, ", ".join(cu.name for cu in p.compute_units),
                      _best_peak(p), f"{mem:g}" if mem else "-"))
     print(_table(rows))
     return 0
@@ -386,25 +387,27 @@ def _devices(args) -> int:
 def _best_peak(profile) -> str:
     best = None
     for cu in profile.compute_units:
-        for key, value in cu.items():
-            if key.startswith("peak_") and not key.endswith("_source") and isinstance(value, (int, float)):
-                unit, dtype = ("GOPS", key.split("_", 2)[2]) if "gops" in key else ("GFLOPS", key.split("_", 2)[2])
-                if best is None or value > best[0]:
-                    best = (value, f"{cu['name']} {value:g} {unit} {dtype}")
+        for dtype in ("fp32", "fp16", "int8"):
+            value = cu.peak(dtype)
+            if value is not None and (best is None or value > best[0]):
+                unit = "GOPS" if dtype.startswith("int") else "GFLOPS"
+                best = (value, f"{cu.name} {value:g} {unit} {dtype}")
     return best[1] if best else "-"
 
 
 def _show(profile) -> str:
+    import dataclasses
+
     lines = [f"{profile.name}: {profile.display_name}", f"  kind            {profile.kind}",
              f"  aliases         {', '.join(profile.aliases) or '-'}", f"  default format  {profile.default_format}"]
     for key, value in profile.memory.items():
         if not key.endswith("_source"):
             lines.append(f"  {key:<15} {value:g}   [{profile.memory.get(key + '_source', '')}]")
     for cu in profile.compute_units:
-        lines.append(f"  unit {cu['name']} ({cu['kind']}): {cu.get('description', '')}")
-        for key, value in cu.items():
+        lines.append(f"  unit {cu.name} ({cu.kind}): {cu.description}")
+        for key, value in dataclasses.asdict(cu).items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                lines.append(f"      {key:<24} {value:g}   [{cu.get(key + '_source', '')}]")
+                lines.append(f"      {key:<24} {value:g}   [{cu.sources.get(key, '')}]")
     for key, value in profile.runtimes.items():
         if not key.endswith("_source"):
             lines.append(f"  runtime {key:<8} {value}")
@@ -412,7 +415,7 @@ def _show(profile) -> str:
         lines.append(f"  {fmt} options  " + ", ".join(f"{k}={v}" for k, v in opts.items()))
     from slimx.devices.estimator import settings_of
 
-    default = profile.raw.get("estimator", {}).get("default")
+    default = profile.estimator_default
     for key, setting in settings_of(profile).items():
         if setting.scaled_from:
             how = f"scaled from {setting.scaled_from}, expected error ±{setting.expected_error_pct:.0f}%"

@@ -58,7 +58,7 @@ class CompressConfig:
 class CompileConfig:
     """Which device, format and precision, and the format's own options (checked by the chosen target)."""
 
-    target: str = "host"  # the device (the flag is --target)
+    device: str = "host"  # the flag is --target (the report's config keeps that name)
     format: str | None = None  # None: the device's default format
     precision: str | None = None  # None: the target's default (fp16 for coreml and tensorrt, else fp32)
     opset: int = 18
@@ -167,6 +167,7 @@ class ExportConfig:
         values = {"out": self.out}
         for name in _SECTIONS:
             values.update(dataclasses.asdict(getattr(self, name)))
+        values["target"] = values.pop("device")  # the flag's name, as the report has always recorded it
         return {k: values[k] for k in _FLAT_ORDER}
 
 
@@ -267,7 +268,7 @@ def resolve(cfg: ExportConfig) -> Prepared:
     if recover_cfg and not specs:
         raise UsageError("--recover", "recovers accuracy after a compression pass, and none was given",
                          "add --pass NAME:... or --recipe FILE")
-    device = load_device(cfg.compile.target)
+    device = load_device(cfg.compile.device)
     target = get_target(cfg.compile.format or device.default_format)
     quant_values = load_recipe_quant(c.recipe) if c.recipe else {}
     precision = check_precision(cfg.compile.precision or quant_values.get("precision") or target.default_precision)
@@ -455,19 +456,23 @@ def _parity_in(runner, artifact, path, program, batches, calib, tol) -> dict:
 
 def run_latency(device, target, artifact, program, cfg: ExportConfig,
                 precision: str = "fp32") -> tuple[dict, dict | None]:
-    """Measure with the target's own runtime when it runs here; say plainly when the device is not at hand."""
+    """Measure with the target's own runtime when it runs here; say plainly when the device is not at hand.
+
+    Returns the report's ``latency`` (for the device) and ``host_latency`` (measured here for another device)."""
+    from slimx.devices.records import Latency
+
     t = cfg.timing
     inputs = sample_inputs(program.inputs, seed=cfg.model.seed + 7)
     runner = target.runner(threads=t.threads)
     host = None
     if runner is not None:
-        timing = runner.time(artifact, inputs, warmup=t.warmup, runs=t.runs)
-        host = {"device": "host", "kind": "measured", "measured": True, **timing.to_dict()}
+        host = Latency.measured("host", runner.time(artifact, inputs, warmup=t.warmup, runs=t.runs))
     if device.name == "host":
         if host is None:
-            return {"device": "host", "measured": False, "reason": target.runner_missing_reason()}, None
-        return host, None
+            return Latency.not_measured("host", target.runner_missing_reason()).to_dict(), None
+        return host.to_dict(), None
     reason = f"no {device.name} is attached and no runner for it exists here"
+    host_dict = host.to_dict() if host is not None else None
     if program.exported is not None:
         from slimx.devices.estimator import default_setting, describe, estimate_latency
         from slimx.devices.opmix import op_mix
@@ -479,8 +484,8 @@ def run_latency(device, target, artifact, program, cfg: ExportConfig,
         else:
             est["label"] = describe(est, device)
             est["not_measured"] = reason + " (measure it with `slimx profile OUT --device D --remote URL`)"
-            return est, host
-    return {"device": device.name, "measured": False, "reason": reason}, host
+            return Latency.estimated(est).to_dict(), host_dict
+    return Latency.not_measured(device.name, reason).to_dict(), host_dict
 
 
 def _recover_config(text: str):

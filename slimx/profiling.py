@@ -14,7 +14,7 @@ from slimx._core.errors import UsageError
 
 @dataclass
 class ProfileRequest:
-    target: str  # MODEL spec, or an artifact path (.onnx, .tflite, .mlpackage, .plan), or an export OUT folder
+    subject: str  # MODEL spec, or an artifact path (.onnx, .tflite, .mlpackage, .plan), or an export OUT folder
     device: str = "host"
     remote: str | None = None
     token: str | None = None
@@ -30,22 +30,22 @@ class ProfileRequest:
     notes: list = field(default_factory=list)
 
 
-def resolve_artifact(target: str) -> Path | None:
-    """The artifact file a target names, if it names one (an export OUT folder names the one in its report)."""
+def resolve_artifact(subject: str) -> Path | None:
+    """The artifact file ``subject`` names, if it names one (an export OUT folder names the one in its report)."""
     from slimx.targets import artifact_suffixes, target_for_path
 
-    path = Path(target)
+    path = Path(subject)
     if path.is_dir() and (path / "report.json").is_file():
         import json
 
         report = json.loads((path / "report.json").read_text())
         files = [f for f in report.get("artifacts", []) if target_for_path(f.get("path", "")) is not None]
         if not files:
-            raise UsageError(f"{target}", "has a report.json but no artifact slimx can run", "re-run slimx export")
+            raise UsageError(f"{subject}", "has a report.json but no artifact slimx can run", "re-run slimx export")
         return path / files[0]["path"]
     if path.suffix.lower() in artifact_suffixes(include_model_forms=False):
         if not path.exists():
-            raise UsageError(f"artifact {target}", "does not exist", "give the path of an exported file")
+            raise UsageError(f"artifact {subject}", "does not exist", "give the path of an exported file")
         return path
     return None
 
@@ -71,9 +71,9 @@ def profile(req: ProfileRequest, progress=None) -> dict:
     if req.mode == "estimate" and req.remote:
         raise UsageError("--estimate with --remote", "contradict each other", "drop one of them")
     device = load_device(req.device)
-    artifact_path = resolve_artifact(req.target)
-    if artifact_path is None and req.target.lower().endswith(".onnx") and Path(req.target).is_file():
-        artifact_path = Path(req.target)  # an .onnx file is measured as it is (and estimated only from a model)
+    artifact_path = resolve_artifact(req.subject)
+    if artifact_path is None and req.subject.lower().endswith(".onnx") and Path(req.subject).is_file():
+        artifact_path = Path(req.subject)  # an .onnx file is measured as it is (and estimated only from a model)
     can_measure = req.remote is not None or device.name == "host"
     if req.mode == "measure" and not can_measure:
         raise UsageError(f"--measure on {device.name}", "no runner for that device exists on this host",
@@ -93,8 +93,8 @@ def estimate(req: ProfileRequest, device, progress=None) -> dict:
     from slimx.devices.estimator import describe, estimate_latency
 
     if progress is not None:
-        progress.note(f"op mix of {req.target}")
-    costs = model_op_mix(req.target, list(req.input_shapes), weights=req.weights)
+        progress.note(f"op mix of {req.subject}")
+    costs = model_op_mix(req.subject, list(req.input_shapes), weights=req.weights)
     setting = _setting(device, req)
     est = estimate_latency(costs, device, setting, top=req.top)
     est["label"] = describe(est, device)
@@ -147,10 +147,11 @@ def measure(req: ProfileRequest, device, artifact_path: Path | None, progress=No
             from slimx.devices.host import cpu_model
 
             where = f"this host ({cpu_model()})"
-    out = {"device": device.name, "kind": "measured", "measured": True, "where": where, **timing.to_dict()}
-    out["label"] = (f"measured on {where}: {timing.runtime} {timing.runtime_version}, "
-                    f"{timing.threads or '-'} threads: median {timing.median_ms:.3f} ms")
-    return out
+    from slimx.devices.records import Latency
+
+    label = (f"measured on {where}: {timing.runtime} {timing.runtime_version}, "
+             f"{timing.threads or '-'} threads: median {timing.median_ms:.3f} ms")
+    return Latency.measured(device.name, timing, where=where, label=label).to_dict()
 
 
 def _compile_model(req: ProfileRequest, device, out: Path, progress=None):
@@ -159,8 +160,8 @@ def _compile_model(req: ProfileRequest, device, out: Path, progress=None):
     from slimx.targets import CompileOptions, get_target
 
     if progress is not None:
-        progress.note(f"export {req.target} for {device.name}")
-    _, program, _ = prepare_program(req.target, list(req.input_shapes), weights=req.weights)
+        progress.note(f"export {req.subject} for {device.name}")
+    _, program, _ = prepare_program(req.subject, list(req.input_shapes), weights=req.weights)
     fmt = device.default_format if req.remote else "onnx"
     source = get_target(fmt).builds_on_device_from if req.remote else None
     if source:  # e.g. a TensorRT engine is built on the device, from ONNX

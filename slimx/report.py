@@ -24,10 +24,14 @@ def summary(report: dict) -> str:
     lines.append("  parity    " + _parity_line(report["parity"]))
     if report["parity"].get("proxy"):
         lines.append("  proxy     " + _parity_line(report["parity"]["proxy"]) + " [TensorRT-ready ONNX]")
-    lines.append("  latency   " + _latency_line(report["latency"]))
-    if report.get("host_latency"):
-        lines.append("  host      " + _latency_line(report["host_latency"]))
-    ops = (report.get("host_latency") or report["latency"]).get("per_op") or []
+    from slimx.devices.records import Latency
+
+    latency = Latency.from_dict(report["latency"])
+    host = Latency.from_dict(report["host_latency"]) if report.get("host_latency") else None
+    lines.append("  latency   " + latency.line())
+    if host is not None:
+        lines.append("  host      " + host.line())
+    ops = (host or latency).per_op
     if ops:
         top = ", ".join(f"{o['op']} {o['share'] * 100:.0f}%" for o in ops[:5])
         lines.append(f"  top ops   {top}")
@@ -72,15 +76,3 @@ def _parity_line(parity: dict) -> str:
     if calib:
         text += f"; on calibration data cosine {calib['cosine']:.6f}"
     return text
-
-
-def _latency_line(lat: dict) -> str:
-    if lat.get("kind") == "estimated":
-        err = lat.get("expected_error_pct")
-        err_text = f"±{err:.0f}%" if err is not None else "error unknown"
-        return (f"{lat['device']} estimated: {lat['total_ms']:.3f} ms ({err_text}, {lat['setting']}; "
-                f"not measured: no device here)")
-    if not lat.get("measured", True) or "median_ms" not in lat:
-        return f"{lat.get('device')}: not measured: {lat.get('reason', '')}"
-    return (f"{lat['device']} {lat['kind']}: median {lat['median_ms']:.3f} ms, p90 {lat['p90_ms']:.3f} ms "
-            f"({lat['runs']} runs, {lat['threads']} threads, {lat['runtime']} {lat['runtime_version']})")

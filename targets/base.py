@@ -152,6 +152,13 @@ class Timing:
                    p90_ms=float(np.percentile(arr, 90)), max_ms=float(arr.max()), mean_ms=float(arr.mean()),
                    runs=len(samples_ms), **kw)
 
+    @classmethod
+    def measure(cls, call: Callable[[], Any], warmup: int, runs: int, *, call_times_itself: bool = False,
+                **fields) -> Timing:
+        """Time ``call`` with the one shared loop (``timed_calls``) and describe the samples."""
+        samples = timed_calls(call, warmup, runs, call_times_itself=call_times_itself)
+        return cls.from_samples(samples, warmup=warmup, **fields)
+
     def to_dict(self) -> dict:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
 

@@ -22,18 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from slimx._core.errors import SlimxFailure, UsageError, first_line, root_cause
+from slimx._core.inputs import to_numpy_inputs
 from slimx.export.program import node_module_path, quiet
-from slimx.targets.base import (
-    Artifact,
-    CompileOptions,
-    Coverage,
-    RunnerInfo,
-    Target,
-    Timing,
-    register_target,
-    timed_calls,
-    to_numpy_inputs,
-)
+from slimx.targets.base import Artifact, CompileOptions, Coverage, RunnerInfo, Target, Timing, register_target
 
 ANE_SOURCE = ("hollance/neural-engine, docs/unsupported-layers.md (community findings: gather, dilated "
               "convolutions, broadcastable/ND layers, RNNs and custom layers run off the ANE); Apple, 'Deploying "
@@ -349,6 +340,5 @@ class CoreMLRunner:
         import coremltools as ct
 
         model = self._model(artifact)
-        samples = timed_calls(lambda: self.run(artifact, inputs, session=model), warmup, runs)
-        return Timing.from_samples(samples, runtime="coreml", runtime_version=ct.__version__, warmup=warmup,
-                                   threads=None)
+        return Timing.measure(lambda: self.run(artifact, inputs, session=model), warmup, runs, runtime="coreml",
+                              runtime_version=ct.__version__, threads=None)

@@ -10,18 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from slimx._core.errors import SlimxFailure, first_line
+from slimx._core.inputs import to_numpy_inputs
 from slimx.export.program import node_module_path, onnx_node_modules
-from slimx.targets.base import (
-    Artifact,
-    CompileOptions,
-    Coverage,
-    RunnerInfo,
-    Target,
-    Timing,
-    register_target,
-    timed_calls,
-    to_numpy_inputs,
-)
+from slimx.targets.base import Artifact, CompileOptions, Coverage, RunnerInfo, Target, Timing, register_target
 
 _ONNX_DTYPE = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
                "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
@@ -214,12 +205,11 @@ class OrtRunner:
         """
         session = self.session(artifact.path)
         feed = self.feed(session, inputs)
-        samples = timed_calls(lambda: session.run(None, feed), warmup, runs)
-        ops, nodes = ([], [])
+        timing = Timing.measure(lambda: session.run(None, feed), warmup, runs, runtime=self.name,
+                                runtime_version=self.version, threads=self.threads)
         if per_op:
-            ops, nodes = self.profile(artifact, inputs, profile_runs)
-        return Timing.from_samples(samples, runtime=self.name, runtime_version=self.version, warmup=warmup,
-                                   threads=self.threads, per_op=ops, per_node=nodes)
+            timing.per_op, timing.per_node = self.profile(artifact, inputs, profile_runs)
+        return timing
 
     def profile(self, artifact: Artifact, inputs: tuple, runs: int = 10, top: int = 15):
         """Per-op-type and per-node times (ms per inference) from onnxruntime's own profiler."""

@@ -19,17 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from slimx._core.errors import SlimxFailure, UsageError, first_line
-from slimx.targets.base import (
-    Artifact,
-    CompileOptions,
-    Coverage,
-    RunnerInfo,
-    Target,
-    Timing,
-    register_target,
-    timed_calls,
-    to_numpy_inputs,
-)
+from slimx._core.inputs import to_numpy_inputs
+from slimx.targets.base import Artifact, CompileOptions, Coverage, RunnerInfo, Target, Timing, register_target
 
 
 def tensorrt_status() -> tuple[bool, str]:
@@ -331,7 +322,8 @@ class TensorRTRunner:
             end.synchronize()
             return start.elapsed_time(end)
 
-        samples = timed_calls(timed_run, warmup, runs, call_times_itself=True)
+        timing = Timing.measure(timed_run, warmup, runs, call_times_itself=True, runtime=self.name,
+                                runtime_version=trt.__version__, threads=None)
 
         class _Profiler(trt.IProfiler):
             def __init__(self):
@@ -351,8 +343,8 @@ class TensorRTRunner:
         ranked = sorted(profiler.layers.items(), key=lambda kv: -kv[1])
         per_layer = [{"node": name, "op": _layer_kind(name), "ms": round(ms / profile_runs, 4),
                       "share": round(ms / total, 4)} for name, ms in ranked]
-        return Timing.from_samples(samples, runtime=self.name, runtime_version=trt.__version__, warmup=warmup,
-                                   threads=None, per_op=per_layer[:20], per_node=per_layer[:20])
+        timing.per_op, timing.per_node = per_layer[:20], per_layer[:20]
+        return timing
 
 
 def _layer_kind(name: str) -> str:

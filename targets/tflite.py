@@ -11,19 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from slimx._core.errors import SlimxFailure, first_line, root_cause
-from slimx._core.inputs import sample_inputs
+from slimx._core.inputs import sample_inputs, to_numpy_inputs
 from slimx.export.program import native_stderr_to_null, node_module_path, quiet
-from slimx.targets.base import (
-    Artifact,
-    CompileOptions,
-    Coverage,
-    RunnerInfo,
-    Target,
-    Timing,
-    register_target,
-    timed_calls,
-    to_numpy_inputs,
-)
+from slimx.targets.base import Artifact, CompileOptions, Coverage, RunnerInfo, Target, Timing, register_target
 
 # ops that convert but do not load in the LiteRT interpreter (seen here; see shared FIELD-NOTES)
 _NEEDS_TFL_DECOMPS = {"aten.topk.default"}  # STABLEHLO_SORT unless LITERT_TORCH_FULL_TFL_DECOMPS=1 (-> TOPK_V2)
@@ -219,9 +209,8 @@ class LiteRTRunner:
     def time(self, artifact: Artifact, inputs: tuple, warmup: int = 5, runs: int = 50) -> Timing:
         sig = self.session(artifact.path)
         feed = self._feed(sig, artifact, inputs)
-        samples = timed_calls(lambda: sig(**feed), warmup, runs)
-        return Timing.from_samples(samples, runtime=self.name, runtime_version=self.version, warmup=warmup,
-                                   threads=self.threads)
+        return Timing.measure(lambda: sig(**feed), warmup, runs, runtime=self.name, runtime_version=self.version,
+                              threads=self.threads)
 
 
 def _output_index(name: str) -> int:

@@ -42,18 +42,14 @@ def _coerce(value, annotation, where: str):
             return None
         if "bool" in kind and text.lower() in ("true", "false", "1", "0", "yes", "no"):
             return text.lower() in ("true", "1", "yes")
-        if "float" in kind:
+        for name, parse, noun in (("float", float, "a number"), ("int", int, "an integer")):
+            if name not in kind:
+                continue
             try:
-                return float(text)
+                return parse(text)
             except ValueError:
                 if "str" not in kind:
-                    raise UsageError(where, f"{text!r} is not a number", "give a number") from None
-        if "int" in kind:
-            try:
-                return int(text)
-            except ValueError:
-                if "str" not in kind:
-                    raise UsageError(where, f"{text!r} is not an integer", "give an integer") from None
+                    raise UsageError(where, f"{text!r} is not {noun}", f"give {noun}") from None
         if "tuple" in kind:
             return tuple(t for t in re.split(r"[|;]", text) if t)
         return text

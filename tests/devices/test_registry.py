@@ -1,3 +1,4 @@
+import re
 import tomllib
 
 import pytest
@@ -36,7 +37,7 @@ def test_a_figure_without_source_is_refused():
 def test_iphone12_compute_units():
     dev = load_device("a14")  # alias
     assert dev.name == "iphone12"
-    assert [cu["name"] for cu in dev.compute_units] == ["cpu", "gpu", "ane"]
+    assert [cu.name for cu in dev.compute_units] == ["cpu", "gpu", "ane"]
     assert dev.peak("ane", "fp16") == 11000
     assert dev.format_options["coreml"]["minimum_deployment_target"] == "iOS14"
 
@@ -45,7 +46,7 @@ def test_host_figures_are_measured_here():
     host = load_device("host")
     assert host.measured
     cpu = host.compute_units[0]
-    assert cpu["peak_gflops_fp32"] > 1 and "measured by slimx" in cpu["peak_gflops_fp32_source"]
+    assert cpu.peak_gflops_fp32 > 1 and "measured by slimx" in cpu.sources["peak_gflops_fp32"]
     assert host.memory["mem_bandwidth_gbs"] > 0.5
     assert "onnx" in host.runtimes
 
@@ -53,3 +54,32 @@ def test_host_figures_are_measured_here():
 def test_unknown_device():
     with pytest.raises(UsageError, match="unknown device"):
         load_device("iphone99")
+
+
+@pytest.mark.parametrize("where,table,needle", [
+    ("top", {"peak_tflops": 1, "peak_tflops_source": "x"}, "unknown key(s) peak_tflops"),
+    ("unit", {"name": "cpu", "kind": "cpu", "peak_gflop_fp32": 5, "peak_gflop_fp32_source": "x"},
+     "unknown key(s) peak_gflop_fp32"),
+    ("setting", {"runtime": "onnx", "eff_matmull": 0.5, "eff_matmull_source": "x"}, "unknown key(s) eff_matmull"),
+])
+def test_unknown_keys_in_a_profile_are_refused(where, table, needle):
+    """A typo in a profile is an error on load, not a figure silently ignored."""
+    data = {"name": "x", "display_name": "X", "kind": "phone", "default_format": "onnx"}
+    if where == "top":
+        data.update(table)
+    elif where == "unit":
+        data["compute_units"] = [table]
+    else:
+        data["estimator"] = {"onnx-cpu-fp32": table}
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        parse_profile(data, "x.toml")
+
+
+def test_profiles_load_as_typed_records():
+    from slimx.devices.records import ComputeUnit, EstimatorSetting
+
+    for name in device_names():
+        device = load_device(name, measure_host=False)
+        assert all(isinstance(cu, ComputeUnit) for cu in device.compute_units)
+        assert all(isinstance(s, EstimatorSetting) for s in device.estimator.values())
+        assert device.estimator_default is None or device.estimator_default in device.estimator
