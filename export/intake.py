@@ -57,6 +57,7 @@ class LoadedModel:
     weights_root: Any = None
     program: Any = None
     notes: list[str] = field(default_factory=list)
+    max_positions: int | None = None  # a text model's longest sequence (its position embeddings)
 
 
 BUILTIN_MODELS: Registry = Registry("built-in model")
@@ -218,14 +219,16 @@ def load_hf_dir(path: Path, name: str) -> LoadedModel:
     else:
         module = last_hidden(model)
         output = "last_hidden_state"
-    seq = min(128, int(getattr(model.config, "max_position_embeddings", 128) or 128))
+    max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
+    seq = min(128, max_positions or 128)
     vocab = int(getattr(model.config, "vocab_size", 0) or len(tokenizer))
     inputs = [
         InputSpec("input_ids", (1, seq), "int64", kind="tokens", low=0, high=vocab),
         InputSpec("attention_mask", (1, seq), "int64", kind="mask"),
     ]
     return LoadedModel(name=name, source="hf" if name.startswith("hf:") else "builtin", module=module.eval(),
-                       inputs=inputs, output_names=[output], tokenizer=tokenizer, weights_root=model)
+                       inputs=inputs, output_names=[output], tokenizer=tokenizer, weights_root=model,
+                       max_positions=max_positions)
 
 
 def _sentence_pooling(path: Path) -> tuple[str, bool] | None:

@@ -33,14 +33,21 @@ def check_forward(module, example_inputs: tuple, input_desc: str):
         ) from exc
 
 
-def export_program(module, example_inputs: tuple):
-    """``torch.export`` the module (non-strict) and return the ExportedProgram."""
+def export_program(module, example_inputs: tuple, specs=None):
+    """``torch.export`` the module (non-strict) and return the ExportedProgram; the dynamic axes of ``specs``
+    (``InputSpec.dynamic``) stay symbolic."""
     import torch
 
+    from slimx.export.shapes import dynamic_shapes, specialisation_error
+
+    dims = dynamic_shapes(specs) if specs else None
     try:
         with quiet():
-            return torch.export.export(module, tuple(example_inputs), strict=False)
+            return torch.export.export(module, tuple(example_inputs), dynamic_shapes=dims, strict=False)
     except Exception as exc:
+        failure = specialisation_error(exc, specs) if dims else None
+        if failure is not None:
+            raise failure from exc
         raise SlimxFailure(
             "torch.export",
             f"could not capture the model{_where(exc)} ({first_line(root_cause(exc), 160)})",
@@ -294,7 +301,12 @@ def deployment_form(loaded, seed: int = 0) -> Deployable:
 
     if loaded.module is None:
         return Deployable(loaded, None, None)
-    example = loaded.example_inputs or sample_inputs(loaded.inputs, seed=seed)
+    if any(s.dynamic for s in loaded.inputs):  # drawn so that no dynamic axis is given as 1 (export would fix it)
+        from slimx.export.shapes import export_example
+
+        example = export_example(loaded.inputs, seed)
+    else:
+        example = loaded.example_inputs or sample_inputs(loaded.inputs, seed=seed)
     shapes = ", ".join(f"{s.name}={'x'.join(map(str, s.shape))}" for s in loaded.inputs)
     check_forward(loaded.module, example, shapes)
     if loaded.source == "pt2":
@@ -311,7 +323,7 @@ def program_of(deployable: Deployable, module=None) -> Program:
     if loaded.source == "pt2":
         exported = loaded.program
     elif module is not None:
-        exported = export_program(module, deployable.example)
+        exported = export_program(module, deployable.example, specs=loaded.inputs)
     else:
         exported = None
     return Program(loaded.name, exported, module, loaded.inputs, loaded.output_names, onnx_source=loaded.onnx_path)

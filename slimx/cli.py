@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--input-shape", dest="input_shapes", action="append", default=keep,
                      metavar="[NAME=]D1xD2[:DTYPE]",
                      help="input shape, once per input (e.g. 1x3x224x224, input_ids=1x64)")
+    exp.add_argument("--seq-len", default=keep, metavar="MIN..MAX",
+                     help="text models: the dynamic sequence axis's range (default 1..the model's maximum positions)")
+    exp.add_argument("--batch", default=keep, metavar="MIN..MAX", help="a dynamic batch axis (any model)")
+    exp.add_argument("--static", action="store_true", default=keep, help="fix every shape at the export shape")
+    exp.add_argument("--opt-len", type=int, default=keep,
+                     help="TensorRT: the sequence length the engine is tuned for (default: the export shape's)")
     exp.add_argument("--precision", default=keep, choices=PRECISIONS,
                      help="default: the target's (fp16 for coreml and tensorrt, fp32 otherwise)")
     exp.add_argument("--deployment-target", default=keep, metavar="iOSN",

@@ -35,6 +35,9 @@ class ModelConfig:
     weights: str | None = None
     input_shapes: tuple[str, ...] = ()
     seed: int = 0
+    seq_len: str | None = None  # MIN..MAX of a text model's dynamic sequence axis (default 1..max positions)
+    batch: str | None = None  # MIN..MAX: a dynamic batch axis
+    static: bool = False  # every shape fixed at the export shape
 
 
 @dataclass(frozen=True)
@@ -66,11 +69,13 @@ class CompileConfig:
     compute_units: str | None = None
     palettize: int | None = None
     dla_core: int | None = None
+    opt_len: int | None = None
 
     def format_option_values(self) -> dict:
         """The format-specific flags the user gave (the chosen target's options class checks them)."""
         return {k: v for k, v in (("deployment_target", self.deployment_target), ("compute_units", self.compute_units),
-                                  ("palettize", self.palettize), ("dla_core", self.dla_core)) if v is not None}
+                                  ("palettize", self.palettize), ("dla_core", self.dla_core),
+                                  ("opt_len", self.opt_len)) if v is not None}
 
 
 @dataclass(frozen=True)
@@ -121,7 +126,7 @@ _SECTIONS = {"model": ModelConfig, "data": DataConfig, "compress": CompressConfi
 _FLAT_ORDER = ("model", "target", "format", "out", "weights", "input_shapes", "precision", "opset",
                "deployment_target", "compute_units", "palettize", "dla_core", "calib", "calib_samples",
                "parity_inputs", "min_cosine", "max_rel_err", "warmup", "runs", "threads", "seed", "passes", "recipe",
-               "recover")
+               "recover", "seq_len", "batch", "static", "opt_len")
 
 
 @dataclass(frozen=True)
@@ -192,6 +197,7 @@ class Prepared:
     deployable: Any  # export.program.Deployable
     calib: Any  # CalibrationData or None
     out: Path
+    shapes: dict = field(default_factory=dict)  # the report's ``shapes``: the form built and its dynamic axes
 
 
 @dataclass
@@ -285,8 +291,8 @@ def resolve(cfg: ExportConfig) -> Prepared:
                              format_options=target.options(cfg.compile.format_option_values(), "--format options"),
                              quant=quant)
     target.validate(device, options)
-    if precision != "fp32" and schemes(target.name):
-        quantizer_for(target.name, quant)  # an unknown scheme is refused before any work
+    if quant.scheme is not None and schemes(target.name):
+        quantizer_for(target.name, quant)  # a scheme the format lacks is refused before any work
     out = Path(cfg.out or default_out_dir(model, device.name))
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}", "exists and is not a folder", "give a folder path")
@@ -301,6 +307,10 @@ def prepare(cfg: ExportConfig, prepared: Prepared, progress: Progress) -> Prepar
     m = cfg.model
     with progress.stage("intake", m.model):
         loaded = load_model(m.model, weights=m.weights, input_shapes=list(m.input_shapes))
+        prepared.shapes = shape_form(loaded, m, prepared.target, prepared.precision)
+        if prepared.shapes["dynamic"]:
+            progress.note("dynamic " + ", ".join(f"{d['input']}[{d['axis']}] {d['min']}..{d['max']}"
+                                                 for d in prepared.shapes["dynamic"]))
         if cfg.data.calib:
             prepared.calib = load_calibration(cfg.data.calib, loaded, limit=cfg.data.calib_samples, seed=m.seed)
             progress.note(prepared.calib.describe())
@@ -311,6 +321,31 @@ def prepare(cfg: ExportConfig, prepared: Prepared, progress: Progress) -> Prepar
             progress.note(f"reparameterized {len(record.reparameterized)} module(s), "
                           f"folded {len(record.folded)} batch norm(s)")
     return prepared
+
+
+def shape_form(loaded, m: ModelConfig, target, precision: str) -> dict:
+    """Set the loaded model's dynamic axes (text: the sequence axis by default) as far as the format keeps them;
+    returns the report's ``shapes`` record: the form built, its dynamic axes, and why a form is static."""
+    from slimx.export.shapes import apply_shape_policy, is_text
+
+    if loaded.module is None or loaded.source == "pt2":  # an ONNX file or a .pt2 program keeps the shapes it has
+        return {"form": "as given", "dynamic": [], "why": f"a {loaded.source} input keeps its own shapes"}
+    longest, why = loaded.max_positions, ""
+    if precision == "int8" and not m.seq_len and is_text(loaded.inputs):
+        # static int8 scales hold for the range calibration covered: sentences padded to the export length
+        longest = min(longest or loaded.inputs[0].shape[1], loaded.inputs[0].shape[1])
+        why = f"int8: the sequence range stops at the calibrated length {longest} (--seq-len widens it)"
+    specs = apply_shape_policy(loaded.inputs, longest, m.seq_len, m.batch, m.static)
+    asked = any(s.dynamic for s in specs)
+    if asked and not target.dynamic_shapes:
+        specs, why = [s.static() for s in specs], target.static_reason
+    elif m.static:
+        why = "--static"
+    elif not asked:
+        why = "not a text model (give --batch MIN..MAX for a dynamic batch axis)" if not is_text(specs) else ""
+    loaded.inputs = specs
+    dynamic = [{"input": s.name, "axis": a, "min": lo, "max": hi} for s in specs for a, lo, hi in s.dynamic]
+    return {"form": "dynamic" if dynamic else "static", "dynamic": dynamic, "why": why}
 
 
 def compress(cfg: ExportConfig, prepared: Prepared, progress: Progress) -> Compressed:
@@ -329,6 +364,7 @@ def compile_artifact(cfg: ExportConfig, prepared: Prepared, compressed: Compress
                      progress: Progress) -> Compiled:
     """torch.export the model to compile, then the target's op check and compile (int8: with calibration)."""
     from slimx.export.program import program_of
+    from slimx.export.shapes import seq_range_of
     from slimx.quant import calibration_batches
 
     d, target, device = prepared.deployable, prepared.target, prepared.device
@@ -355,9 +391,18 @@ def compile_artifact(cfg: ExportConfig, prepared: Prepared, compressed: Compress
             calib_record = {"source": calib.source if calib else "synthetic random inputs",
                             "kind": calib.kind if calib else "synthetic", "samples": len(batches),
                             "synthetic": synthetic}
+            if seq_range_of(program.inputs) is not None:  # each sample at its real length: no padding statistics
+                from slimx.slim.base import mask_index_of, trim_padding
+
+                mask_index = mask_index_of(program.input_names)
+                batches = [trim_padding(b, mask_index) for b in batches]
+        artifact_meta_lengths = "real (each sample cut to its last real token)" if (
+            batches and seq_range_of(program.inputs) is not None) else None
         artifact = target.compile(program, device, prepared.options, staging, calib_batches=batches)
         if calib_record:
             artifact.meta["calibration"] = calib_record
+            if artifact_meta_lengths:
+                artifact.meta["calibration_lengths"] = artifact_meta_lengths
         for f in artifact.files():
             progress.note(f"{f['path']}: {human(f['bytes'])}B")
     return Compiled(program, stats, coverage, artifact)
@@ -377,7 +422,7 @@ def prove(cfg: ExportConfig, prepared: Prepared, compressed: Compressed, compile
             progress.note(f"not measured: {parity['reason']}")
     with progress.stage("latency"):
         latency, host_latency = run_latency(prepared.device, prepared.target, compiled.artifact, compiled.program,
-                                            cfg, prepared.precision)
+                                            cfg, prepared.precision, prepared.calib)
         speedup = None
         if compressed.record is not None:
             speedup = measure_speedup(prepared, compressed, compiled, cfg, staging, progress)
@@ -411,51 +456,97 @@ def check_verdicts(parity: dict, artifact, out: Path) -> None:
 def run_parity(program, target, artifact, cfg: ExportConfig, calib, precision: str) -> dict:
     """The artifact in its own runtime against the PyTorch model, on fresh inputs and on calibration data.
 
-    For a quantized artifact this is its drift from the fp32 model. Where the target's runtime is
-    missing here but the target names a proxy (TensorRT: its ONNX in onnxruntime), the proxy is run too and
-    reported as ``proxy``: evidence about the graph and its Q/DQ scales, not the engine.
+    For a quantized artifact this is its drift from the fp32 model. A dynamic text artifact is checked at
+    several lengths (1, short, the calibration median, the maximum), a dynamic batch at its smallest and largest
+    size (``per_shape``). Where the target's
+    runtime is missing here but the target names a proxy (TensorRT: its ONNX in onnxruntime), the proxy is run
+    too and reported as ``proxy``: evidence about the graph and its Q/DQ scales, not the engine.
     """
+    import numpy as np
+
+    from slimx.export.shapes import at_length, lengths_of, seq_range_of
+
     if program.module is None:
         return {"measured": False, "reason": "the input was ONNX: there is no PyTorch model to compare against"}
     tol = cfg.prove.tolerance(precision)
-    seed = cfg.model.seed
-    batches = [sample_inputs(program.inputs, seed=PARITY_SEED_BASE + seed + i) for i in range(cfg.prove.parity_inputs)]
+    seed = PARITY_SEED_BASE + cfg.model.seed
+    n = cfg.prove.parity_inputs
+    specs = program.inputs
+    seq = seq_range_of(specs)
+    sizes = []  # (axis, size): the dynamic axes' sizes parity is checked at
+    if seq is not None:
+        real = lengths_of(calib.batches, specs) if calib is not None else []
+        typical = int(np.median(real)) if real else specs[0].shape[1]
+        sizes += [(1, n_) for n_ in sorted({seq[0], min(max(8, seq[0]), seq[1]), min(max(typical, seq[0]), seq[1]),
+                                            seq[1]})]
+    batch = next(((lo, hi) for s in specs for a, lo, hi in s.dynamic if a == 0), None)
+    if batch is not None:
+        sizes += [(0, batch[0]), (0, batch[1])]
+    groups = None
+    if not sizes:
+        batches = [sample_inputs(specs, seed=seed + i) for i in range(n)]
+    else:
+        each = max(1, -(-n // len(sizes)))
+        groups = {(axis, size): [sample_inputs(at_length(specs, size) if axis == 1 else
+                                               [s.sized({0: size}) for s in specs], seed=seed + 100 * size + i)
+                                 for i in range(each)] for axis, size in sizes}
+        batches = [b for group in groups.values() for b in group]
+    if calib is not None and seq is not None:  # the data as it will be sent: each sample at its real length
+        from slimx.slim.base import mask_index_of, trim_padding
+
+        mask_index = mask_index_of(program.input_names)
+        calib = dataclasses.replace(calib, batches=[trim_padding(b, mask_index) for b in calib.batches])
     runner = target.runner(threads=cfg.timing.threads)
     if runner is not None:
-        result = _parity_in(runner, artifact, artifact.path, program, batches, calib, tol)
+        result = _parity_in(runner, artifact, artifact.path, program, batches, calib, tol, groups)
     else:
         result = {"measured": False, "reason": target.runner_missing_reason()}
     proxy = target.proxy(artifact, threads=cfg.timing.threads)
     if proxy is not None:
         path, runner, what = proxy
-        result["proxy"] = _parity_in(runner, artifact, path, program, batches, calib, tol)
+        result["proxy"] = _parity_in(runner, artifact, path, program, batches, calib, tol, groups)
         result["proxy"]["what"] = what
     result["precision"] = precision
     return result
 
 
-def _parity_in(runner, artifact, path, program, batches, calib, tol) -> dict:
+def _parity_in(runner, artifact, path, program, batches, calib, tol, groups=None) -> dict:
     from slimx.export import check_parity, torch_outputs
 
     view = dataclasses.replace(artifact, path=path)
     session = runner.session(path)
+    seen: dict[int, tuple] = {}  # outputs per batch, so the per-length figures reuse the overall run
+
+    def outputs(batch):
+        if id(batch) not in seen:
+            seen[id(batch)] = (torch_outputs(program.module, batch), runner.run(view, batch, session=session))
+        return seen[id(batch)]
 
     def reference(batch):
-        return torch_outputs(program.module, batch)
+        return outputs(batch)[0]
 
     def candidate(batch):
-        return runner.run(view, batch, session=session)
+        return outputs(batch)[1]
 
     result = check_parity(reference, candidate, batches, runner.name, tol).to_dict()
+    if groups:
+        result["per_shape"] = []
+        for (axis, size), group in groups.items():
+            one = check_parity(reference, candidate, group, runner.name, tol)
+            result["per_shape"].append({"axis": "seq" if axis == 1 else "batch", "size": size,
+                                        "n_inputs": one.n_inputs, "cosine": one.cosine, "rel_err": one.rel_err,
+                                        "passed": one.passed})
     if calib is not None:
-        on_data = check_parity(reference, candidate, calib.batches, runner.name, tol, data=calib.describe()).to_dict()
+        on_data = check_parity(lambda b: torch_outputs(program.module, b),
+                               lambda b: runner.run(view, b, session=session), calib.batches, runner.name, tol,
+                               data=calib.describe()).to_dict()
         result["calibration"] = on_data
         result["passed"] = result["passed"] and on_data["passed"]
     return result
 
 
-def run_latency(device, target, artifact, program, cfg: ExportConfig,
-                precision: str = "fp32") -> tuple[dict, dict | None]:
+def run_latency(device, target, artifact, program, cfg: ExportConfig, precision: str = "fp32",
+                calib=None) -> tuple[dict, dict | None]:
     """Measure with the target's own runtime when it runs here; say plainly when the device is not at hand.
 
     Returns the report's ``latency`` (for the device) and ``host_latency`` (measured here for another device)."""
@@ -467,6 +558,9 @@ def run_latency(device, target, artifact, program, cfg: ExportConfig,
     host = None
     if runner is not None:
         host = Latency.measured("host", runner.time(artifact, inputs, warmup=t.warmup, runs=t.runs))
+        over = latency_over_lengths(runner, artifact, program.inputs, calib, t, cfg.model.seed)
+        if over is not None:
+            host.details["over_lengths"] = over
     if device.name == "host":
         if host is None:
             return Latency.not_measured("host", target.runner_missing_reason()).to_dict(), None
@@ -486,6 +580,37 @@ def run_latency(device, target, artifact, program, cfg: ExportConfig,
             est["not_measured"] = reason + " (measure it with `slimx profile OUT --device D --remote URL`)"
             return Latency.estimated(est).to_dict(), host_dict
     return Latency.not_measured(device.name, reason).to_dict(), host_dict
+
+
+def latency_over_lengths(runner, artifact, specs, calib, t: TimingConfig, seed: int) -> dict | None:
+    """A dynamic text artifact timed at several sequence lengths (no padding: every position real) and, with
+    calibration text, the latency expected over that data's real lengths (interpolated between the measured
+    lengths): what a user sending those sentences one at a time would see."""
+    import numpy as np
+
+    from slimx.export.shapes import at_length, lengths_of, measure_lengths, seq_range_of
+
+    seq = seq_range_of(specs)
+    if seq is None:
+        return None
+    real = lengths_of(calib.batches, specs) if calib is not None else []
+    typical = int(np.median(real)) if real else None
+    runs = max(10, t.runs // 5)
+    rows = []
+    for length in measure_lengths(*seq, typical=typical):
+        inputs = tuple(x.fill_(1) if s.kind == "mask" else x
+                       for s, x in zip(specs, sample_inputs(at_length(specs, length), seed=seed + 7), strict=True))
+        timing = runner.time(artifact, inputs, warmup=max(1, t.warmup), runs=runs)
+        rows.append({"length": length, "median_ms": round(timing.median_ms, 4), "p90_ms": round(timing.p90_ms, 4)})
+    out = {"axis": "seq", "runs_each": runs, "lengths": rows}
+    if real:
+        per_sample = np.interp(real, [r["length"] for r in rows], [r["median_ms"] for r in rows])
+        out["on_data"] = {"data": calib.describe(), "samples": len(real), "median_length": int(np.median(real)),
+                          "median_ms": round(float(np.median(per_sample)), 4),
+                          "mean_ms": round(float(np.mean(per_sample)), 4),
+                          "p90_ms": round(float(np.percentile(per_sample, 90)), 4),
+                          "method": "each sample at its real length, interpolated between the measured lengths"}
+    return out
 
 
 def _recover_config(text: str):
@@ -635,6 +760,7 @@ def build_report(cfg: ExportConfig, prepared: Prepared, compressed: Compressed, 
         },
         "device": {"name": device.name, "display_name": device.display_name},
         "target": {"format": prepared.target.name, "precision": prepared.precision, "opset": cfg.compile.opset},
+        "shapes": prepared.shapes,
         "deploy": record.to_dict() if record else None,
         "coverage": compiled.coverage.to_dict(),
         "artifacts": artifact.files(),

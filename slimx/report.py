@@ -31,6 +31,9 @@ def summary(report: dict) -> str:
     lines.append("  latency   " + latency.line())
     if host is not None:
         lines.append("  host      " + host.line())
+    lengths = (host or latency).details.get("over_lengths")
+    if lengths:
+        lines.append("  lengths   " + _lengths_line(lengths))
     ops = (host or latency).per_op
     if ops:
         top = ", ".join(f"{o['op']} {o['share'] * 100:.0f}%" for o in ops[:5])
@@ -72,7 +75,20 @@ def _parity_line(parity: dict) -> str:
     verdict = "PASS" if parity["passed"] else "FAIL"
     text = (f"{verdict} cosine {parity['cosine']:.6f}, max abs {parity['max_abs']:.2e}, rel err "
             f"{parity['rel_err']:.2e} on {parity['n_inputs']} fresh inputs ({parity['runtime']})")
+    shapes = parity.get("per_shape")
+    if shapes:
+        text += " at " + ", ".join(f"{p['axis']} {p['size']}" for p in shapes)
     calib = parity.get("calibration")
     if calib:
         text += f"; on calibration data cosine {calib['cosine']:.6f}"
     return text
+
+
+def _lengths_line(over: dict) -> str:
+    """Latency over sequence lengths: on the user's data first (the number that matters), then per length."""
+    at = ", ".join(f"{r['length']}: {r['median_ms']:.3f} ms" for r in over["lengths"])
+    data = over.get("on_data")
+    if not data:
+        return f"by sequence length (no padding) {at}"
+    return (f"on your data ({data['samples']} samples, median {data['median_length']} tokens): median "
+            f"{data['median_ms']:.3f} ms, mean {data['mean_ms']:.3f} ms; by length {at}")

@@ -207,6 +207,7 @@ class Target:
         runners: the runners of this format; ``default_runner`` names the one that runs it by default.
         builds_on_device_from: a format the device builds this one from (TensorRT engines from ONNX), if any.
         model_form_suffixes: suffixes that are also a MODEL form (``.onnx``): not taken as an artifact to profile.
+        dynamic_shapes: whether the format keeps dynamic axes (``static_reason`` says why not).
     """
 
     name = ""
@@ -216,6 +217,8 @@ class Target:
     default_runner: str | None = None
     builds_on_device_from: str | None = None
     model_form_suffixes: tuple[str, ...] = ()
+    dynamic_shapes = False  # True: compiles dynamic axes (else the model is exported at its static shape)
+    static_reason = "this format is built with static shapes here"
     default_precision = "fp32"
     needs_torch = False  # True: converts from the PyTorch program, so an ONNX input cannot be used
     available = True

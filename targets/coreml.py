@@ -78,6 +78,8 @@ class CoreMLTarget(Target):
     runners = (RunnerInfo("coreml", "coreml", "coreml-all-fp16", "CoreML prediction (macOS)", missing=coreml_missing,
                           make=lambda threads=None: CoreMLRunner()),)
     default_runner = "coreml"
+    static_reason = ("flexible shapes (RangeDim, EnumeratedShapes) are not built yet, so the model is exported at its "
+                     "static shape")
     default_precision = "fp16"
     needs_torch = True
 

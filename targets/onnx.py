@@ -49,6 +49,7 @@ class OnnxTarget(Target):
     model_form_suffixes = (".onnx",)  # an .onnx file is also a MODEL form
     runners = ORT_RUNNERS
     default_runner = "onnxruntime"
+    dynamic_shapes = True  # symbolic dimensions: onnxruntime runs any length in the range
 
     def verify_file(self, path: Path) -> str | None:
         return verify_onnx_file(path)

@@ -45,13 +45,18 @@ class TensorRTOptions:
 
     Attributes:
         dla_core: build for this DLA core (with GPU fallback); None: the GPU.
+        opt_len: the sequence length the optimisation profile is tuned for (dynamic text models); None: the
+            export shape's.
     """
 
     dla_core: int | None = None
+    opt_len: int | None = None
 
     def __post_init__(self) -> None:
         if self.dla_core is not None and self.dla_core < 0:
             raise ValueError(f"dla_core must be 0 or more, got {self.dla_core}")
+        if self.opt_len is not None and self.opt_len < 1:
+            raise ValueError(f"opt_len must be at least 1, got {self.opt_len}")
 
 
 def _tensorrt_missing() -> str | None:
@@ -68,6 +73,7 @@ class TensorRTTarget(Target):
                           missing=_tensorrt_missing, make=lambda threads=None: TensorRTRunner()),)
     default_runner = "tensorrt"
     builds_on_device_from = "onnx"  # the engine is specific to the device's GPU and TensorRT: built there
+    dynamic_shapes = True  # symbolic dimensions in the ONNX, and an optimisation profile for the engine
     default_precision = "fp16"
     needs_torch = False
 
@@ -132,15 +138,18 @@ class TensorRTTarget(Target):
             _, quant = quantize(self.name, onnx_path, options.quant_config(), ctx)
         sparse = sparse_24_weights(onnx_path)
         dla = _dla_core(options)
-        flags = trtexec_flags(precision, bool(sparse), dla)
+        profile = shape_profile(program.inputs, getattr(options.format_options, "opt_len", None))
+        flags = trtexec_flags(precision, bool(sparse), dla, profile)
         script = write_build_script(out_dir, device, precision, flags, notes)
         files = [("onnx", onnx_path), ("script", script)]
         meta = {"opset": opset, "precision": precision, "trtexec_flags": flags, "sparse_2_4_weights": sparse,
                 "quantization": quant, "notes": notes}
+        if profile:
+            meta["shape_profile"] = profile
         ok, why = tensorrt_status()
         if ok:
             plan = build_engine(onnx_path, out_dir / "model.plan", precision, bool(sparse), out_dir / "timing.cache",
-                                dla)
+                                dla, profile=profile)
             meta["engine"] = {"built": True, **plan}
             files.append(("timing-cache", out_dir / "timing.cache"))
             primary = out_dir / "model.plan"
@@ -180,8 +189,35 @@ def sparse_24_weights(onnx_path: Path, min_size: int = 1024) -> list[str]:
     return found
 
 
-def trtexec_flags(precision: str, sparse: bool, dla_core: int = -1) -> list[str]:
+def shape_profile(specs, opt_len: int | None = None) -> dict | None:
+    """The optimisation profile of an engine with dynamic inputs: per input its min, opt and max shape (opt: the
+    export shape, or ``opt_len`` on the sequence axis). None when every input is static.
+
+    Example:
+        >>> from slimx._core.inputs import InputSpec
+        >>> ids = InputSpec("input_ids", (1, 128), "int64", "tokens", dynamic=((1, 1, 512),))
+        >>> shape_profile([ids], opt_len=32)["input_ids"]
+        {'min': [1, 1], 'opt': [1, 32], 'max': [1, 512]}
+    """
+    if not any(s.dynamic for s in specs):
+        return None
+    out = {}
+    for spec in specs:
+        lo, opt, hi = list(spec.shape), list(spec.shape), list(spec.shape)
+        for axis, a, b in spec.dynamic:
+            lo[axis], hi[axis] = a, b
+            if axis == 1 and opt_len is not None:
+                opt[axis] = min(max(opt_len, a), b)
+        out[spec.name] = {"min": lo, "opt": opt, "max": hi}
+    return out
+
+
+def trtexec_flags(precision: str, sparse: bool, dla_core: int = -1, profile: dict | None = None) -> list[str]:
     flags = ["--onnx=model.onnx", "--saveEngine=model.plan", "--timingCacheFile=timing.cache"]
+    if profile:  # one optimisation profile over the dynamic range, tuned for the opt shape
+        for key in ("min", "opt", "max"):
+            flags.append(f"--{key}Shapes=" + ",".join(f"{name}:{'x'.join(map(str, p[key]))}"
+                                                      for name, p in profile.items()))
     if precision in ("fp16", "int8"):
         flags.append("--fp16")
     if precision == "int8":
@@ -219,7 +255,7 @@ def write_build_script(out_dir: Path, device, precision: str, flags: list[str], 
 
 
 def build_engine(onnx_path: Path, plan_path: Path, precision: str, sparse: bool, cache_path: Path,
-                 dla_core: int = -1, workspace_mib: int = 2048) -> dict:
+                 dla_core: int = -1, workspace_mib: int = 2048, profile: dict | None = None) -> dict:
     """Build and serialize an engine with the TensorRT builder API (only where tensorrt imports)."""
     import tensorrt as trt
 
@@ -242,6 +278,11 @@ def build_engine(onnx_path: Path, plan_path: Path, precision: str, sparse: bool,
         config.set_flag(trt.BuilderFlag.INT8)
     if sparse:
         config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
+    if profile:  # the same optimisation profile build_engine.sh gives trtexec
+        opt_profile = builder.create_optimization_profile()
+        for name, p in profile.items():
+            opt_profile.set_shape(name, p["min"], p["opt"], p["max"])
+        config.add_optimization_profile(opt_profile)
     if dla_core >= 0:
         config.default_device_type = trt.DeviceType.DLA
         config.DLA_core = dla_core

@@ -36,6 +36,8 @@ class TFLiteTarget(Target):
     runners = (RunnerInfo("litert", "tflite", "tflite-cpu-fp32", "LiteRT interpreter, XNNPACK CPU",
                           missing=litert_missing, make=lambda threads=None: LiteRTRunner(threads=threads)),)
     default_runner = "litert"
+    static_reason = ("litert-torch lowers only some ops with dynamic shapes (Linear, Softmax and Embedding fail); "
+                     "per-length signatures are not built yet, so the model is exported at its static shape")
     default_precision = "fp32"
     needs_torch = True
 

@@ -7,9 +7,10 @@ import pytest
 
 MODULES = [
     "slimx._core.errors", "slimx._core.inputs", "slimx._core.registry", "slimx._core.progress",
-    "slimx.export.parity", "slimx.export.binding", "slimx.export.textdata", "slimx.devices.registry",
-    "slimx.targets", "slimx.targets.base", "slimx.slim.base", "slimx.slim.lowrank", "slimx.slim.fidelity",
-    "slimx.slim.dsformer", "slimx.devices.opmix", "slimx.devices.estimator", "slimx.devices.records",
+    "slimx.export.parity", "slimx.export.binding", "slimx.export.shapes", "slimx.export.textdata",
+    "slimx.devices.registry", "slimx.targets", "slimx.targets.base", "slimx.targets.tensorrt", "slimx.slim.base",
+    "slimx.slim.lowrank", "slimx.slim.fidelity", "slimx.slim.dsformer", "slimx.devices.opmix",
+    "slimx.devices.estimator", "slimx.devices.records",
 ]
 
 

@@ -22,6 +22,8 @@ class InputSpec:
         kind: how fresh values are drawn: ``float`` (standard normal), ``tokens`` (integers in
             [low, high)), ``mask`` (ones with a random padded tail), ``zeros``.
         low, high: the integer range for ``tokens``.
+        dynamic: axes whose size may vary in the artifact, as ``(axis, min, max)``; ``shape`` holds the size
+            the model is exported (and statically compiled) at.
     """
 
     name: str
@@ -31,6 +33,7 @@ class InputSpec:
     low: int = 0
     high: int = 2
     extra: dict = field(default_factory=dict, compare=False)
+    dynamic: tuple[tuple[int, int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -45,10 +48,26 @@ class InputSpec:
     def with_shape(self, shape: tuple[int, ...], dtype: str | None = None) -> InputSpec:
         return replace(self, shape=tuple(int(d) for d in shape), dtype=dtype or self.dtype)
 
+    def sized(self, sizes: dict[int, int]) -> InputSpec:
+        """The same input with some axes at other sizes (a dynamic axis at one length), still dynamic.
+
+        Example:
+            >>> InputSpec("ids", (1, 128), "int64", "tokens", dynamic=((1, 1, 512),)).sized({1: 7}).shape
+            (1, 7)
+        """
+        shape = tuple(sizes.get(axis, d) for axis, d in enumerate(self.shape))
+        return replace(self, shape=shape)
+
+    def static(self) -> InputSpec:
+        """The input at its export shape, with no dynamic axis."""
+        return replace(self, dynamic=())
+
     def to_dict(self) -> dict:
         out = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "kind": self.kind}
         if self.kind == "tokens":
             out["range"] = [self.low, self.high]
+        if self.dynamic:
+            out["dynamic"] = [{"axis": a, "min": lo, "max": hi} for a, lo, hi in self.dynamic]
         return out
 
 

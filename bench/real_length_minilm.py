@@ -1,0 +1,230 @@
+"""Real-length inference bench on MiniLM (real weights) with real English sentences.
+
+    python bench/real_length_minilm.py [--calib 256] [--eval 400] [--rounds 5] [--timed 150]
+
+Against the ordinary recipe a skilled user follows (TorchScript ONNX export with dynamic batch and sequence
+axes, onnxruntime's BERT fusions, ``quantize_dynamic``), built here: slimx's artifacts (``slimx export
+minilm``, dynamic sequence axis by default; its dynamic int8; its static int8), slimx's static 1x128 artifact
+(``--static``), and TFLite in LiteRT. Calibration sentences (stdlib docstrings 0..calib) and evaluation
+sentences (offset 2000) are disjoint. Timing: batch 1, each sentence at its real length (the static
+artifacts pad to their shape); batch 32 padded to the longest sentence in the batch; every artifact timed
+in each of ``--rounds`` interleaved rounds (order shuffled per round), the median over rounds kept. Fidelity:
+cosine of each sentence's embedding to PyTorch's, and nearest-neighbour agreement over the evaluation set.
+Writes ``bench/results/real_length_minilm.{md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _results import write_results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calib", type=int, default=256)
+    parser.add_argument("--eval", type=int, default=400)
+    parser.add_argument("--timed", type=int, default=150, help="sentences timed per round at batch 1")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="slimx-bench-real-length-"))
+    try:
+        result = run(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    write_results("real_length_minilm", result, render(result))
+    return 0
+
+
+def run(args, work: Path) -> dict:
+    import torch
+
+    from slimx.cli import main as slimx
+    from slimx.export.intake import load_model
+    from slimx.export.textdata import stdlib_sentences
+
+    calib = stdlib_sentences(args.calib, 0)
+    evaluation = stdlib_sentences(args.eval, 2000)
+    (work / "calib.txt").write_text("\n".join(calib) + "\n")
+    loaded = load_model("minilm")
+    tokenizer, module = loaded.tokenizer, loaded.module.eval()
+    encoded = [tokenizer(s, truncation=True, max_length=128, return_tensors="np") for s in evaluation]
+    lengths = [int(e["input_ids"].shape[1]) for e in encoded]
+    print(f"{len(evaluation)} evaluation sentences, median {int(np.median(lengths))} tokens", file=sys.stderr)
+
+    artifacts = {}
+    common = ["--calib", str(work / "calib.txt"), "--calib-samples", str(args.calib), "-q", "--runs", "30",
+              "--threads", str(args.threads)]
+    for key, extra in (("slimx fp32 (dynamic)", []),
+                       ("slimx int8-weights (dynamic)", ["--precision", "int8-weights"]),
+                       ("slimx int8 static QDQ (dynamic)", ["--precision", "int8"]),
+                       ("slimx fp32 static 1x128", ["--static"]),
+                       ("slimx TFLite fp32 (static 1x128)", ["--target", "pixel7"]),
+                       ("slimx TFLite int8-weights (static 1x128)",
+                        ["--target", "pixel7", "--precision", "int8-weights"])):
+        out = work / key.replace(" ", "_").replace("(", "").replace(")", "")
+        print(f"export {key}", file=sys.stderr)
+        if slimx(["export", "minilm", "--out", str(out), *common, *extra]) != 0:
+            raise SystemExit(f"slimx export failed for {key}")
+        artifacts[key] = next(p for p in out.iterdir() if p.suffix in (".onnx", ".tflite"))
+    artifacts.update(recipe(module, work))
+
+    runners = {key: Runner(path, args.threads) for key, path in artifacts.items()}
+    with torch.no_grad():
+        reference = np.concatenate([module(torch.from_numpy(e["input_ids"]), torch.from_numpy(e["attention_mask"]))
+                                    .numpy() for e in encoded])
+    rows = {key: {"file": path.name, "static": r.static_len} for key, (path, r) in
+            ((k, (artifacts[k], runners[k])) for k in artifacts)}
+    for key, runner in runners.items():
+        got = np.concatenate([runner.run(e["input_ids"], e["attention_mask"]) for e in encoded])
+        rows[key].update(fidelity(reference, got))
+    timed = encoded[: args.timed]
+    batches = [evaluation[i:i + 32] for i in range(0, len(evaluation), 32)]
+    padded = [tokenizer(b, padding="longest", truncation=True, max_length=128, return_tensors="np") for b in batches]
+    b1 = {k: [] for k in runners}
+    b32 = {k: [] for k in runners}
+    for r in range(args.rounds):
+        order = list(runners)
+        random.Random(r).shuffle(order)
+        for key in order:
+            runner = runners[key]
+            start = time.perf_counter()
+            for e in timed:
+                runner.run(e["input_ids"], e["attention_mask"])
+            b1[key].append((time.perf_counter() - start) * 1000 / len(timed))
+            if runner.batch_dynamic:
+                start = time.perf_counter()
+                for p in padded:
+                    runner.run(p["input_ids"], p["attention_mask"])
+                b32[key].append((time.perf_counter() - start) * 1000 / len(evaluation))
+        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+    base = "recipe fp32 (TorchScript, dynamic axes)"
+    for key in runners:
+        rows[key]["b1_ms"] = statistics.median(b1[key])
+        rows[key]["b1_speed"] = statistics.median(b / a for a, b in zip(b1[key], b1[base], strict=True))
+        if b32[key]:
+            rows[key]["b32_ms"] = statistics.median(b32[key])
+            rows[key]["b32_speed"] = statistics.median(b / a for a, b in zip(b32[key], b32[base], strict=True))
+    return {"machine": platform.processor() or platform.machine(), "threads": args.threads,
+            "eval_sentences": len(evaluation), "median_tokens": int(np.median(lengths)), "rounds": args.rounds,
+            "timed_sentences": len(timed), "rows": rows, "baseline": base}
+
+
+def recipe(module, work: Path) -> dict:
+    """The ordinary recipe: TorchScript export with dynamic axes, onnxruntime's BERT optimizer, dynamic int8."""
+    import onnx
+    import torch
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    ids = torch.ones(1, 16, dtype=torch.int64)
+    plain = work / "recipe_fp32.onnx"
+    torch.onnx.export(module, (ids, torch.ones_like(ids)), str(plain), dynamo=False, opset_version=17,
+                      input_names=["input_ids", "attention_mask"], output_names=["embedding"],
+                      dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
+                                    "embedding": {0: "batch"}})
+    fused = work / "recipe_fused.onnx"
+    optimize_model(str(plain), model_type="bert", num_heads=12, hidden_size=384).save_model_to_file(str(fused))
+    int8 = work / "recipe_fused_int8.onnx"
+    quantize_dynamic(str(fused), str(int8), weight_type=QuantType.QInt8,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    return {"recipe fp32 (TorchScript, dynamic axes)": plain, "recipe fused fp32": fused,
+            "recipe fused + dynamic int8": int8}
+
+
+class Runner:
+    """onnxruntime or LiteRT at batch 1 / 32; a static artifact pads every input to its fixed shape."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        self.path = path
+        if path.suffix == ".tflite":
+            from ai_edge_litert.interpreter import Interpreter
+
+            interp = Interpreter(model_path=str(path), num_threads=threads)
+            interp.allocate_tensors()
+            self.sig = interp.get_signature_runner()
+            self.static_len = int(self.sig.get_input_details()["input_ids"]["shape"][1])
+            self.batch_dynamic = False
+            self.session = None
+            return
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        dims = self.session.get_inputs()[0].shape
+        self.static_len = dims[1] if isinstance(dims[1], int) else None
+        self.batch_dynamic = not isinstance(dims[0], int) or dims[0] != 1
+
+    def run(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        if self.static_len is not None:  # pad to the artifact's one shape
+            pad = self.static_len - ids.shape[1]
+            ids = np.pad(ids, ((0, 0), (0, pad)))
+            mask = np.pad(mask, ((0, 0), (0, pad)))
+        ids, mask = ids.astype(np.int64), mask.astype(np.int64)
+        if self.session is None:
+            out = self.sig(input_ids=ids, attention_mask=mask)
+            return next(iter(out.values()))
+        return self.session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+
+
+def fidelity(reference: np.ndarray, got: np.ndarray) -> dict:
+    def unit(x):
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    ref, out = unit(reference), unit(got)
+    cos = (ref * out).sum(1)
+    sim_ref, sim_out = ref @ ref.T, out @ out.T
+    np.fill_diagonal(sim_ref, -2)
+    np.fill_diagonal(sim_out, -2)
+    return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
+            "nn_agreement": float((sim_ref.argmax(1) == sim_out.argmax(1)).mean())}
+
+
+def render(result: dict) -> str:
+    rows = result["rows"]
+    base = result["baseline"]
+    lines = ["# Real-length inference: MiniLM on real sentences", "",
+             f"{result['eval_sentences']} evaluation sentences (median {result['median_tokens']} tokens), "
+             f"disjoint from calibration; {result['threads']} threads on {result['machine']}; batch 1 timed on "
+             f"{result['timed_sentences']} sentences; medians over {result['rounds']} interleaved rounds. Speed is "
+             f"a ratio to `{base}` within each round (higher is faster).", "",
+             "| artifact | shape | b1 ms/sentence | b1 speed | b32 ms/sentence | b32 speed | cosine | NN agreement |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for key, r in rows.items():
+        shape = f"static 1x{r['static']}" if r["static"] else "dynamic"
+        b32 = (f"{r['b32_ms']:.3f} | {r['b32_speed']:.2f}x" if "b32_ms" in r else "- | -")
+        lines.append(f"| {key} | {shape} | {r['b1_ms']:.3f} | {r['b1_speed']:.2f}x | {b32} | "
+                     f"{r['cosine_mean']:.4f} | {r['nn_agreement']:.3f} |")
+    fp32, int8 = rows["slimx fp32 (dynamic)"], rows["slimx int8-weights (dynamic)"]
+    rec_int8, static = rows["recipe fused + dynamic int8"], rows["slimx fp32 static 1x128"]
+    fp32_met = fp32["b1_speed"] >= 0.95 and fp32["cosine_mean"] >= 0.9999
+    int8_met = (int8["b1_speed"] >= 0.95 * rec_int8["b1_speed"] and int8["cosine_mean"] >= rec_int8["cosine_mean"]
+                - 1e-4 and int8["nn_agreement"] >= rec_int8["nn_agreement"])
+    lines += ["", "Targets of issue 11 (speed within 5% counts as noise):",
+              f"- slimx fp32 at least as fast as the recipe's fp32 at cosine >= 0.9999: {fp32['b1_speed']:.2f}x, "
+              f"cosine {fp32['cosine_mean']:.5f}: {'met' if fp32_met else 'MISSED'}",
+              f"- slimx int8 at least as fast as the recipe's fused int8 at equal or better fidelity: "
+              f"{int8['b1_speed']:.2f}x vs {rec_int8['b1_speed']:.2f}x, cosine {int8['cosine_mean']:.4f} vs "
+              f"{rec_int8['cosine_mean']:.4f}, NN {int8['nn_agreement']:.3f} vs {rec_int8['nn_agreement']:.3f}: "
+              f"{'met' if int8_met else 'MISSED'}",
+              f"- both several times faster than the static-128 artifact: fp32 "
+              f"{fp32['b1_speed'] / static['b1_speed']:.1f}x, int8 {int8['b1_speed'] / static['b1_speed']:.1f}x"]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Shapes as part of the input spec: which axes of a model's inputs may vary in the artifact, and over what range.
+
+A text model (token ids, masks) has a dynamic sequence axis by default, from 1 to its maximum positions:
+real sentences are a fraction of the padded length (stdlib sentences: median about 25 of 128 tokens), and a
+static 1x128 artifact pays for the padding on every call. ``--seq-len MIN..MAX`` narrows the range,
+``--static`` keeps today's fixed shape, ``--batch MIN..MAX`` makes the batch axis dynamic for any model.
+"""
+
+from __future__ import annotations
+
+import re
+
+from slimx._core.errors import SlimxFailure, UsageError, first_line
+from slimx._core.inputs import InputSpec
+
+TEXT_KINDS = ("tokens", "mask", "zeros")
+_RANGE = re.compile(r"^\s*(\d+)\s*(?:\.\.|-|:)\s*(\d+)\s*$")
+
+
+def parse_range(text: str, flag: str) -> tuple[int, int]:
+    """``"1..128"`` -> (1, 128).
+
+    Example:
+        >>> parse_range("8..64", "--seq-len")
+        (8, 64)
+    """
+    match = _RANGE.match(str(text))
+    if not match or not 1 <= int(match[1]) <= int(match[2]):
+        raise UsageError(f"{flag} {text}", "is not a range of sizes", f"write it as MIN..MAX with 1 <= MIN <= MAX, "
+                         f"e.g. {flag} 1..128")
+    return int(match[1]), int(match[2])
+
+
+def is_text(specs: list[InputSpec]) -> bool:
+    """Token-like 2-D inputs only (ids, masks, type ids): the second axis is the sequence."""
+    return bool(specs) and all(s.kind in TEXT_KINDS and len(s.shape) == 2 for s in specs)
+
+
+def apply_shape_policy(specs: list[InputSpec], max_positions: int | None, seq_len: str | None = None,
+                       batch: str | None = None, static: bool = False) -> list[InputSpec]:
+    """The specs with their dynamic axes set: the sequence axis of a text model (unless ``static``), the batch
+    axis of every input with ``batch``. The export shape stays as it was (clamped into the range).
+
+    Example:
+        >>> ids = InputSpec("input_ids", (1, 128), "int64", "tokens")
+        >>> apply_shape_policy([ids], max_positions=512)[0].dynamic
+        ((1, 1, 512),)
+    """
+    if static:
+        if seq_len or batch:
+            raise UsageError("--static", "fixes every shape, and --seq-len/--batch ask for dynamic ones",
+                             "drop one of them")
+        return [s.static() for s in specs]
+    out = []
+    seq_range = None
+    if is_text(specs):
+        longest = max_positions or max(s.shape[1] for s in specs)
+        seq_range = parse_range(seq_len, "--seq-len") if seq_len else (1, longest)
+        if seq_range[1] > longest:
+            raise UsageError(f"--seq-len {seq_len}", f"goes past the model's {longest} positions",
+                             f"give a maximum of at most {longest}")
+    elif seq_len:
+        raise UsageError(f"--seq-len {seq_len}", "applies to text models (token-id and mask inputs)",
+                         "use --input-shape for this model, or --batch for a dynamic batch axis")
+    batch_range = parse_range(batch, "--batch") if batch else None
+    for spec in specs:
+        dynamic = []
+        sizes = {}
+        if batch_range and batch_range[0] < batch_range[1]:
+            dynamic.append((0, *batch_range))
+            sizes[0] = min(max(spec.shape[0], batch_range[0]), batch_range[1])
+        if seq_range and seq_range[0] < seq_range[1]:
+            dynamic.append((1, *seq_range))
+            sizes[1] = min(max(spec.shape[1], seq_range[0]), seq_range[1])
+        elif seq_range:  # MIN == MAX: a static length
+            sizes[1] = seq_range[0]
+        out.append(InputSpec(spec.name, tuple(sizes.get(a, d) for a, d in enumerate(spec.shape)), spec.dtype,
+                             spec.kind, spec.low, spec.high, spec.extra, tuple(dynamic)))
+    return out
+
+
+def axis_name(spec: InputSpec, axis: int) -> str:
+    return "batch" if axis == 0 else "seq" if is_text([spec]) and axis == 1 else f"{spec.name}_{axis}"
+
+
+def dynamic_shapes(specs: list[InputSpec]):
+    """torch.export's ``dynamic_shapes`` for ``specs`` (one ``Dim`` per named axis, shared by every input that
+    has it), or None when nothing is dynamic."""
+    if not any(s.dynamic for s in specs):
+        return None
+    import torch
+
+    dims: dict[str, object] = {}
+    out = []
+    for spec in specs:
+        entry = {}
+        for axis, lo, hi in spec.dynamic:
+            name = axis_name(spec, axis)
+            if name not in dims:
+                dims[name] = torch.export.Dim(name, min=lo, max=hi)
+            entry[axis] = dims[name]
+        out.append(entry or None)
+    return tuple(out)
+
+
+def export_example(specs: list[InputSpec], seed: int = 0) -> tuple:
+    """Inputs to export with: the export shape, except that a dynamic axis of size 1 is drawn at 2 (torch.export
+    fixes an axis that the example gives as 1)."""
+    from slimx._core.inputs import sample_inputs
+
+    bumped = []
+    for spec in specs:
+        sizes = {a: min(2, hi) for a, lo, hi in spec.dynamic if spec.shape[a] == 1}
+        bumped.append(spec.sized(sizes))
+    return sample_inputs(bumped, seed=seed)
+
+
+def specialisation_error(exc: BaseException, specs: list[InputSpec]) -> SlimxFailure | None:
+    """A clear failure when torch.export found that the model fixes an axis slimx asked to keep dynamic."""
+    text = str(exc)
+    if not any(k in text for k in ("Constraints violated", "specialized", "specialize", "guard", "Dim")):
+        return None
+    names = sorted({axis_name(s, a) for s in specs for a, _, _ in s.dynamic})
+    where = re.search(r"(L\['[\w.]+'\]|[\w.]+\.forward)", text)
+    return SlimxFailure(
+        f"torch.export of the dynamic {'/'.join(names)} axis",
+        f"the model fixes it{' (' + where.group(1) + ')' if where else ''}: {first_line(exc, 160)}",
+        "export it static with --static, narrow the range with --seq-len MIN..MAX, or drop --batch")
+
+
+def lengths_of(batches: list[tuple], specs: list[InputSpec]) -> list[int]:
+    """Real sequence length of each calibration sample (from its attention mask), for a text model."""
+    mask_at = next((i for i, s in enumerate(specs) if s.kind == "mask"), None)
+    if mask_at is None or not is_text(specs):
+        return []
+    out = []
+    for batch in batches:
+        mask = batch[mask_at]
+        for row in mask.reshape(-1, mask.shape[-1]):
+            real = row.nonzero()
+            out.append(int(real.max()) + 1 if len(real) else 1)
+    return out
+
+
+def seq_range_of(specs: list[InputSpec]) -> tuple[int, int] | None:
+    """The dynamic sequence axis's (min, max) of a text model, or None."""
+    if not is_text(specs):
+        return None
+    for spec in specs:
+        for axis, lo, hi in spec.dynamic:
+            if axis == 1:
+                return lo, hi
+    return None
+
+
+def at_length(specs: list[InputSpec], length: int) -> list[InputSpec]:
+    """The specs with the sequence axis at ``length``."""
+    return [s.sized({1: length}) for s in specs]
+
+
+def measure_lengths(lo: int, hi: int, typical: int | None = None, count: int = 5) -> list[int]:
+    """Lengths to time a dynamic text artifact at: both ends, the typical (calibration median) length, and
+    powers of two spread evenly (in log scale) between.
+
+    Example:
+        >>> measure_lengths(1, 512, typical=31)
+        [1, 8, 31, 64, 512]
+    """
+    import math
+
+    points = {lo, hi}
+    if typical is not None:
+        points.add(min(max(typical, lo), hi))
+    needed = count - len(points)
+    span = math.log2(hi) - math.log2(lo)
+    for i in range(1, needed + 1):
+        candidate = 2 ** round(math.log2(lo) + span * i / (needed + 1))
+        points.add(min(max(candidate, lo), hi))
+    return sorted(points)
