@@ -155,7 +155,9 @@ class Runner:
             interp = Interpreter(model_path=str(path), num_threads=threads)
             interp.allocate_tensors()
             self.sig = interp.get_signature_runner()
-            self.static_len = int(self.sig.get_input_details()["input_ids"]["shape"][1])
+            details = self.sig.get_input_details()
+            self.static_len = int(details["input_ids"]["shape"][1])
+            self.dtypes = {name: np.dtype(d["dtype"]) for name, d in details.items()}  # LiteRT: int32 ids
             self.batch_dynamic = False
             self.session = None
             return
@@ -174,10 +176,11 @@ class Runner:
             pad = self.static_len - ids.shape[1]
             ids = np.pad(ids, ((0, 0), (0, pad)))
             mask = np.pad(mask, ((0, 0), (0, pad)))
-        ids, mask = ids.astype(np.int64), mask.astype(np.int64)
         if self.session is None:
-            out = self.sig(input_ids=ids, attention_mask=mask)
+            out = self.sig(input_ids=ids.astype(self.dtypes["input_ids"]),
+                           attention_mask=mask.astype(self.dtypes["attention_mask"]))
             return next(iter(out.values()))
+        ids, mask = ids.astype(np.int64), mask.astype(np.int64)
         return self.session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
 
 

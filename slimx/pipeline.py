@@ -384,6 +384,7 @@ def compile_artifact(cfg: ExportConfig, prepared: Prepared, compressed: Compress
                 f"the {target.name} format cannot express it at opset {cfg.compile.opset}",
                 "replace that module with an exportable one, try another --opset, or pick another --format")
         calib_record, batches = None, None
+        real_lengths = seq_range_of(program.inputs) is not None
         if prepared.precision == "int8":
             calib = prepared.calib
             batches, synthetic = calibration_batches(calib, program.inputs, count=cfg.data.calib_samples,
@@ -391,18 +392,13 @@ def compile_artifact(cfg: ExportConfig, prepared: Prepared, compressed: Compress
             calib_record = {"source": calib.source if calib else "synthetic random inputs",
                             "kind": calib.kind if calib else "synthetic", "samples": len(batches),
                             "synthetic": synthetic}
-            if seq_range_of(program.inputs) is not None:  # each sample at its real length: no padding statistics
-                from slimx.slim.base import mask_index_of, trim_padding
-
-                mask_index = mask_index_of(program.input_names)
-                batches = [trim_padding(b, mask_index) for b in batches]
-        artifact_meta_lengths = "real (each sample cut to its last real token)" if (
-            batches and seq_range_of(program.inputs) is not None) else None
+            if real_lengths:  # each sample at its real length: padding does not set the int8 ranges
+                batches = at_real_lengths(batches, program)
         artifact = target.compile(program, device, prepared.options, staging, calib_batches=batches)
         if calib_record:
             artifact.meta["calibration"] = calib_record
-            if artifact_meta_lengths:
-                artifact.meta["calibration_lengths"] = artifact_meta_lengths
+            if real_lengths:
+                artifact.meta["calibration_lengths"] = "real (each sample cut to its last real token)"
         for f in artifact.files():
             progress.note(f"{f['path']}: {human(f['bytes'])}B")
     return Compiled(program, stats, coverage, artifact)
@@ -427,6 +423,14 @@ def prove(cfg: ExportConfig, prepared: Prepared, compressed: Compressed, compile
         if compressed.record is not None:
             speedup = measure_speedup(prepared, compressed, compiled, cfg, staging, progress)
     return Proven(parity, latency, host_latency, speedup)
+
+
+def at_real_lengths(batches: list[tuple], program) -> list[tuple]:
+    """Padded text batches cut to their real length (the last real token of each batch)."""
+    from slimx.slim.base import mask_index_of, trim_padding
+
+    mask_index = mask_index_of(program.input_names)
+    return [trim_padding(b, mask_index) for b in batches]
 
 
 def check_verdicts(parity: dict, artifact, out: Path) -> None:
@@ -492,10 +496,7 @@ def run_parity(program, target, artifact, cfg: ExportConfig, calib, precision: s
                                  for i in range(each)] for axis, size in sizes}
         batches = [b for group in groups.values() for b in group]
     if calib is not None and seq is not None:  # the data as it will be sent: each sample at its real length
-        from slimx.slim.base import mask_index_of, trim_padding
-
-        mask_index = mask_index_of(program.input_names)
-        calib = dataclasses.replace(calib, batches=[trim_padding(b, mask_index) for b in calib.batches])
+        calib = dataclasses.replace(calib, batches=at_real_lengths(calib.batches, program))
     runner = target.runner(threads=cfg.timing.threads)
     if runner is not None:
         result = _parity_in(runner, artifact, artifact.path, program, batches, calib, tol, groups)
