@@ -105,3 +105,19 @@ def test_dynamic_batch_on_a_vision_model(tmp_path, capsys):
     assert _onnx_input_dims(out / "model.onnx")[0][0] != 1
     sizes = {(p["axis"], p["size"]): p["passed"] for p in report["parity"]["per_shape"]}
     assert sizes == {("batch", 1): True, ("batch", 8): True}
+
+
+def test_a_model_that_fixes_the_axis_is_one_clear_failure():
+    import torch
+
+    from slimx._core.errors import SlimxFailure
+    from slimx.export.program import export_program
+
+    class FixedLength(torch.nn.Module):
+        def forward(self, ids, mask):
+            return ids.float().view(1, 16).sum(-1, keepdim=True) * mask.float().sum()
+
+    specs = apply_shape_policy([IDS.with_shape((1, 16)), MASK.with_shape((1, 16))], max_positions=64)
+    example = (torch.ones(1, 16, dtype=torch.int64), torch.ones(1, 16, dtype=torch.int64))
+    with pytest.raises(SlimxFailure, match=r"dynamic seq axis: the model fixes it.*--static"):
+        export_program(FixedLength(), example, specs)
