@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from slimx._core.errors import SlimxFailure, UsageError, first_line, root_cause
+from slimx._core.errors import SlimxFailure, UsageError, exception_chain, first_line, root_cause
 
 DEFAULT_OPSET = 18
 _OP_RE = re.compile(r"((?:aten|prims)[.:]+[A-Za-z_0-9]+(?:\.[A-Za-z_0-9]+)?)")
@@ -123,11 +123,7 @@ def _all_values(graph):
 
 
 def _failing_op(exc: BaseException) -> str | None:
-    chain, seen = [], exc
-    while seen is not None and len(chain) < 6:
-        chain.append(str(seen))
-        seen = seen.__cause__ or seen.__context__
-    for text in chain:
+    for text in map(str, exception_chain(exc)):
         match = _OP_RE.search(text)
         if match:
             return match.group(1).replace("::", ".")

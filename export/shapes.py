@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from slimx._core.errors import SlimxFailure, UsageError, first_line
+from slimx._core.errors import SlimxFailure, UsageError, exception_chain, first_line
 from slimx._core.inputs import InputSpec
 
 TEXT_KINDS = ("tokens", "mask", "zeros")
@@ -117,7 +117,7 @@ def export_example(specs: list[InputSpec], seed: int = 0) -> tuple:
 
 def specialisation_error(exc: BaseException, specs: list[InputSpec]) -> SlimxFailure | None:
     """A clear failure when torch.export found that the model fixes an axis slimx asked to keep dynamic."""
-    text = "\n".join(str(e) for e in _chain(exc))
+    text = "\n".join(str(e) for e in exception_chain(exc))
     if not any(k in text for k in ("Constraints violated", "specialized", "specialize")):
         return None
     names = sorted({axis_name(s, a) for s in specs for a, _, _ in s.dynamic})
@@ -126,14 +126,6 @@ def specialisation_error(exc: BaseException, specs: list[InputSpec]) -> SlimxFai
         f"torch.export of the dynamic {'/'.join(names)} axis",
         f"the model fixes it{' (' + where.group(1) + ')' if where else ''}: {first_line(exc, 160)}",
         "export it static with --static, narrow the range with --seq-len MIN..MAX, or drop --batch")
-
-
-def _chain(exc: BaseException):
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
 
 
 def lengths_of(batches: list[tuple], specs: list[InputSpec]) -> list[int]:

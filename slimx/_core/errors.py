@@ -72,3 +72,12 @@ def root_cause(exc: BaseException) -> BaseException:
             return exc
         seen.add(id(nxt))
         exc = nxt
+
+
+def exception_chain(exc: BaseException, limit: int = 6) -> list[BaseException]:
+    """``exc`` and the exceptions behind it (causes and contexts), outermost first, at most ``limit``."""
+    chain: list[BaseException] = []
+    while exc is not None and len(chain) < limit and all(exc is not e for e in chain):
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return chain
