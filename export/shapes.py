@@ -177,3 +177,71 @@ def measure_lengths(lo: int, hi: int, typical: int | None = None, count: int = 5
         candidate = 2 ** round(math.log2(lo) + span * i / (needed + 1))
         points.add(min(max(candidate, lo), hi))
     return sorted(points)
+
+
+DEFAULT_FIRST_BUCKET = 16
+
+
+def bucket_sizes(lo: int, hi: int, given: str | None = None) -> tuple[int, ...]:
+    """The sequence lengths a bucketed artifact is built at (one fixed shape each): powers of two from 16 up
+    to the range's maximum (which is always one), or the ``--buckets`` list, each inside ``lo..hi``.
+
+    Example:
+        >>> bucket_sizes(1, 512)
+        (16, 32, 64, 128, 256, 512)
+        >>> bucket_sizes(1, 100, "8,32")
+        (8, 32)
+    """
+    if given:
+        try:
+            sizes = sorted({int(x) for x in str(given).replace(" ", "").split(",") if x})
+        except ValueError:
+            sizes = []
+        if not sizes or sizes[0] < 1:
+            raise UsageError(f"--buckets {given}", "is not a list of lengths",
+                             "write it as e.g. --buckets 16,32,64,128")
+        outside = [s for s in sizes if not lo <= s <= hi]
+        if outside:
+            raise UsageError(f"--buckets {given}", f"has {outside} outside the sequence range {lo}..{hi}",
+                             f"give lengths within {lo}..{hi} (--seq-len sets the range)")
+        return tuple(sizes)
+    sizes, size = [], DEFAULT_FIRST_BUCKET
+    while size < hi:
+        if size >= lo:
+            sizes.append(size)
+        size *= 2
+    return (*sizes, hi)
+
+
+def pick_bucket(length: int, buckets: tuple[int, ...] | list[int], truncate: bool = False) -> int:
+    """The smallest bucket that holds ``length`` tokens; past the largest, an error (or, with ``truncate``, the
+    largest: the caller cuts the input to it).
+
+    Example:
+        >>> pick_bucket(20, (16, 32, 64))
+        32
+    """
+    for size in sorted(buckets):
+        if length <= size:
+            return size
+    if truncate:
+        return max(buckets)
+    raise SlimxFailure(f"an input of {length} tokens", f"is longer than the artifact's largest bucket ({max(buckets)})",
+                       "cut it to that length, pass --truncate to cut it, or export with a larger --seq-len/--buckets")
+
+
+def fit_to_bucket(arrays: list, size: int, axis: int = 1) -> list:
+    """Numpy inputs padded with zeros (pad tokens, masked out) or cut along ``axis`` to ``size``."""
+    import numpy as np
+
+    out = []
+    for arr in arrays:
+        length = arr.shape[axis]
+        if length > size:
+            arr = np.take(arr, range(size), axis=axis)
+        elif length < size:
+            pad = [(0, 0)] * arr.ndim
+            pad[axis] = (0, size - length)
+            arr = np.pad(arr, pad)
+        out.append(arr)
+    return out

@@ -86,6 +86,8 @@ class QuantContext:
         score_runner: makes the runner that scores a quantized artifact (the target passes its own).
         options: the format's own options (e.g. CoreML's palettization).
         example_kwargs: one example input by name (converters that trace with keywords).
+        dynamic_shapes: torch.export ``dynamic_shapes`` for a capture with ``example_kwargs`` (a bucketed
+            artifact is traced again at each bucket, so the capture must keep the sequence axis symbolic).
     """
 
     batches: list[tuple] | None = None
@@ -94,6 +96,7 @@ class QuantContext:
     score_runner: Callable[[], Any] | None = None
     options: Any = None
     example_kwargs: dict | None = None
+    dynamic_shapes: Any = None
 
 
 @dataclass(frozen=True)

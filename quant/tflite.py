@@ -42,11 +42,13 @@ def tflite_pt2e_static(module, cfg: QuantConfig, ctx: QuantContext):
                          "drop symmetric, or set it true")
     if not ctx.batches:
         raise UsageError("--precision int8", "needs calibration data", "give --calib")
-    module, quant_config, record = _static_int8(module, ctx.example_kwargs, ctx.batches, ctx.input_names, cfg)
+    module, quant_config, record = _static_int8(module, ctx.example_kwargs, ctx.batches, ctx.input_names, cfg,
+                                                ctx.dynamic_shapes)
     return (module, quant_config), record
 
 
-def _static_int8(module, example_kwargs: dict, batches: list[tuple], input_names: list[str], cfg: QuantConfig):
+def _static_int8(module, example_kwargs: dict, batches: list[tuple], input_names: list[str], cfg: QuantConfig,
+                 dynamic_shapes=None):
     """PT2E static int8 with the accuracy guard of ``quant.sensitivity``: layers whose inputs lose too much
     under int8 stay float, more of them (most sensitive first) while the quantized model's outputs on the
     calibration data stay under ``target_cosine`` against the float model. Each round runs in PyTorch
@@ -60,14 +62,17 @@ def _static_int8(module, example_kwargs: dict, batches: list[tuple], input_names
     from slimx.quant.sensitivity import guarded_int8
 
     reference = [torch_outputs(module, b) for b in batches]
-    captured = torch.export.export(module, (), kwargs=example_kwargs, strict=False)
+    captured = torch.export.export(module, (), kwargs=example_kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    # with a symbolic axis, torch.export's guard check refers to names that re-tracing (prepare_pt2e, then
+    # litert-torch at each bucket) cannot resolve ("name 'L' is not defined"): the shapes were checked at capture
+    graph_of = (lambda: captured.module(check_guards=False)) if dynamic_shapes else captured.module
     # layers are named as in the user's model; inside a NamedInputs wrapper the traced paths gain its prefix
     inner, prefix = (module.module, "module.") if isinstance(module, NamedInputs) else (module, "")
 
     def quantize_and_score(keep):
         quantizer = _quantizer_skipping({prefix + k for k in keep})
         quantizer.set_global(get_symmetric_quantization_config(is_per_channel=cfg.per_channel))
-        converted = _calibrated(captured.module(), quantizer, batches, input_names)
+        converted = _calibrated(graph_of(), quantizer, batches, input_names)
         with torch.no_grad():
             cosines = [compare_outputs(ref[:1], [_first(converted(**dict(zip(input_names, b, strict=True))))])
                        ["cosine"] for b, ref in zip(batches, reference, strict=True)]

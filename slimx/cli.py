@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="text models: the dynamic sequence axis's range (default 1..the model's maximum positions)")
     exp.add_argument("--batch", default=keep, metavar="MIN..MAX", help="a dynamic batch axis (any model)")
     exp.add_argument("--static", action="store_true", default=keep, help="fix every shape at the export shape")
+    exp.add_argument("--buckets", default=keep, metavar="N,N,...",
+                     help="text models: the sequence lengths to build one fixed shape each for (TFLite signatures, "
+                          "CoreML enumerated shapes, TensorRT profiles; default for TFLite/CoreML: 16,32,64,... "
+                          "up to the maximum)")
     exp.add_argument("--opt-len", type=int, default=keep,
                      help="TensorRT: the sequence length the engine is tuned for (default: the export shape's)")
     exp.add_argument("--precision", default=keep, choices=PRECISIONS,

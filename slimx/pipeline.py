@@ -38,6 +38,7 @@ class ModelConfig:
     seq_len: str | None = None  # MIN..MAX of a text model's dynamic sequence axis (default 1..max positions)
     batch: str | None = None  # MIN..MAX: a dynamic batch axis
     static: bool = False  # every shape fixed at the export shape
+    buckets: str | None = None  # "16,32,64": the lengths a bucketed target builds (default: powers of two)
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ _SECTIONS = {"model": ModelConfig, "data": DataConfig, "compress": CompressConfi
 _FLAT_ORDER = ("model", "target", "format", "out", "weights", "input_shapes", "precision", "opset",
                "deployment_target", "compute_units", "palettize", "dla_core", "calib", "calib_samples",
                "parity_inputs", "min_cosine", "max_rel_err", "warmup", "runs", "threads", "seed", "passes", "recipe",
-               "recover", "seq_len", "batch", "static", "opt_len")
+               "recover", "seq_len", "batch", "static", "opt_len", "buckets")
 
 
 @dataclass(frozen=True)
@@ -308,12 +309,16 @@ def prepare(cfg: ExportConfig, prepared: Prepared, progress: Progress) -> Prepar
     with progress.stage("intake", m.model):
         loaded = load_model(m.model, weights=m.weights, input_shapes=list(m.input_shapes))
         prepared.shapes = shape_form(loaded, m, prepared.target, prepared.precision)
+        if prepared.shapes.get("buckets"):
+            prepared.options = dataclasses.replace(prepared.options, buckets=tuple(prepared.shapes["buckets"]))
+            progress.note("buckets " + ", ".join(map(str, prepared.shapes["buckets"])))
         if prepared.shapes["dynamic"]:
             progress.note("dynamic " + ", ".join(f"{d['input']}[{d['axis']}] {d['min']}..{d['max']}"
                                                  for d in prepared.shapes["dynamic"]))
         if cfg.data.calib:
             prepared.calib = load_calibration(cfg.data.calib, loaded, limit=cfg.data.calib_samples, seed=m.seed)
             progress.note(prepared.calib.describe())
+            tune_to_data(prepared, loaded, progress)
     with progress.stage("deployment form"):
         prepared.deployable = deployment_form(loaded, seed=m.seed)
         record = prepared.deployable.record
@@ -323,12 +328,34 @@ def prepare(cfg: ExportConfig, prepared: Prepared, progress: Progress) -> Prepar
     return prepared
 
 
+def tune_to_data(prepared: Prepared, loaded, progress) -> None:
+    """A format tuned for one length (TensorRT's profile opt shape) is tuned for the calibration data's median
+    real length, unless the user gave one (``--opt-len``)."""
+    import numpy as np
+
+    from slimx.export.shapes import lengths_of, seq_range_of
+
+    own = prepared.options.format_options
+    if not hasattr(own, "opt_len") or own.opt_len is not None or seq_range_of(loaded.inputs) is None:
+        return
+    real = lengths_of(prepared.calib.batches, loaded.inputs)
+    if real:
+        median = int(np.median(real))
+        prepared.options = dataclasses.replace(prepared.options,
+                                               format_options=dataclasses.replace(own, opt_len=median))
+        progress.note(f"tuned for length {median} (the calibration data's median; --opt-len sets another)")
+
+
 def shape_form(loaded, m: ModelConfig, target, precision: str) -> dict:
     """Set the loaded model's dynamic axes (text: the sequence axis by default) as far as the format keeps them;
-    returns the report's ``shapes`` record: the form built, its dynamic axes, and why a form is static."""
-    from slimx.export.shapes import apply_shape_policy, is_text
+    returns the report's ``shapes`` record: the form built (dynamic, buckets or static), its dynamic axes, the
+    buckets, and why a form is static or bucketed."""
+    from slimx.export.shapes import apply_shape_policy, bucket_sizes, is_text, seq_range_of
 
     if loaded.module is None or loaded.source == "pt2":  # an ONNX file or a .pt2 program keeps the shapes it has
+        if m.buckets:
+            raise UsageError(f"--buckets {m.buckets}", f"needs a PyTorch model (a {loaded.source} input keeps its "
+                             "own shapes)", "give the model as a timm name, a HF folder or a factory")
         return {"form": "as given", "dynamic": [], "why": f"a {loaded.source} input keeps its own shapes"}
     longest, why = loaded.max_positions, ""
     if precision == "int8" and not m.seq_len and is_text(loaded.inputs):
@@ -337,7 +364,25 @@ def shape_form(loaded, m: ModelConfig, target, precision: str) -> dict:
         why = f"int8: the sequence range stops at the calibrated length {longest} (--seq-len widens it)"
     specs = apply_shape_policy(loaded.inputs, longest, m.seq_len, m.batch, m.static)
     asked = any(s.dynamic for s in specs)
-    if asked and not target.dynamic_shapes:
+    seq = seq_range_of(specs)
+    if m.buckets and (not target.buckets or seq is None):
+        raise UsageError(f"--buckets {m.buckets}", f"applies to a dynamic sequence axis on a format that builds "
+                         f"buckets (tflite, coreml, tensorrt), not to this {'model' if seq is None else target.name}",
+                         "drop --buckets" if seq is not None else "drop --buckets (or --static)")
+    buckets = None
+    if seq is not None and target.buckets and (m.buckets or target.default_buckets):
+        buckets = bucket_sizes(*seq, m.buckets)
+        if target.dynamic_shapes:  # the artifact stays dynamic; the buckets shape how it is built (profiles)
+            specs = [dataclasses.replace(s, dynamic=tuple((a, lo, min(hi, buckets[-1])) if a == 1 else (a, lo, hi)
+                                                          for a, lo, hi in s.dynamic)) for s in specs]
+            why = target.buckets_reason
+        else:  # one fixed shape per bucket: the sequence axis spans the buckets, every other axis is static
+            batch_dynamic = any(a == 0 for s in specs for a, _, _ in s.dynamic)
+            specs = [dataclasses.replace(s, dynamic=tuple((a, lo, min(hi, buckets[-1])) for a, lo, hi in s.dynamic
+                                                          if a == 1)) for s in specs]
+            why = target.buckets_reason + (f"; {target.static_reason}" if batch_dynamic else "")
+        specs = [s.sized({1: min(s.shape[1], buckets[-1])}) for s in specs]
+    elif asked and not target.dynamic_shapes:
         specs, why = [s.static() for s in specs], target.static_reason
     elif m.static:
         why = "--static"
@@ -345,7 +390,11 @@ def shape_form(loaded, m: ModelConfig, target, precision: str) -> dict:
         why = "not a text model (give --batch MIN..MAX for a dynamic batch axis)" if not is_text(specs) else ""
     loaded.inputs = specs
     dynamic = [{"input": s.name, "axis": a, "min": lo, "max": hi} for s in specs for a, lo, hi in s.dynamic]
-    return {"form": "dynamic" if dynamic else "static", "dynamic": dynamic, "why": why}
+    form = "buckets" if buckets else "dynamic" if dynamic else "static"
+    out = {"form": form, "dynamic": dynamic, "why": why}
+    if buckets:
+        out["buckets"] = list(buckets)
+    return out
 
 
 def compress(cfg: ExportConfig, prepared: Prepared, progress: Progress) -> Compressed:
@@ -395,6 +444,11 @@ def compile_artifact(cfg: ExportConfig, prepared: Prepared, compressed: Compress
             if real_lengths:  # each sample at its real length: padding does not set the int8 ranges
                 batches = at_real_lengths(batches, program)
         artifact = target.compile(program, device, prepared.options, staging, calib_batches=batches)
+        built = artifact.meta.get("buckets")
+        if built and prepared.shapes.get("buckets"):  # how the format built them (CoreML: enumerated or a range)
+            prepared.shapes["built"] = built
+            if built.get("why"):
+                prepared.shapes["why"] = built["why"]
         if calib_record:
             artifact.meta["calibration"] = calib_record
             if real_lengths:
@@ -584,33 +638,42 @@ def run_latency(device, target, artifact, program, cfg: ExportConfig, precision:
 
 
 def latency_over_lengths(runner, artifact, specs, calib, t: TimingConfig, seed: int) -> dict | None:
-    """A dynamic text artifact timed at several sequence lengths (no padding: every position real) and, with
-    calibration text, the latency expected over that data's real lengths (interpolated between the measured
-    lengths): what a user sending those sentences one at a time would see."""
+    """A dynamic text artifact timed at several sequence lengths (no padding: every position real), a bucketed
+    one at each bucket, and, with calibration text, the latency expected over that data's real lengths
+    (interpolated between the measured lengths; a bucketed artifact runs each sample at its bucket's cost):
+    what a user sending those sentences one at a time would see."""
     import numpy as np
 
-    from slimx.export.shapes import at_length, lengths_of, measure_lengths, seq_range_of
+    from slimx.export.shapes import at_length, lengths_of, measure_lengths, pick_bucket, seq_range_of
 
     seq = seq_range_of(specs)
     if seq is None:
         return None
     real = lengths_of(calib.batches, specs) if calib is not None else []
     typical = int(np.median(real)) if real else None
+    buckets = (artifact.meta.get("buckets") or {}).get("sizes")
     runs = max(10, t.runs // 5)
     rows = []
-    for length in measure_lengths(*seq, typical=typical):
+    for length in buckets or measure_lengths(*seq, typical=typical):
         inputs = tuple(x.fill_(1) if s.kind == "mask" else x
                        for s, x in zip(specs, sample_inputs(at_length(specs, length), seed=seed + 7), strict=True))
         timing = runner.time(artifact, inputs, warmup=max(1, t.warmup), runs=runs)
         rows.append({"length": length, "median_ms": round(timing.median_ms, 4), "p90_ms": round(timing.p90_ms, 4)})
     out = {"axis": "seq", "runs_each": runs, "lengths": rows}
+    if buckets:
+        out["buckets"] = list(buckets)
     if real:
-        per_sample = np.interp(real, [r["length"] for r in rows], [r["median_ms"] for r in rows])
+        if buckets:
+            cost = {r["length"]: r["median_ms"] for r in rows}
+            per_sample = np.array([cost[pick_bucket(n, buckets, truncate=True)] for n in real])
+            method = "each sample at its real length, run in the smallest bucket that holds it"
+        else:
+            per_sample = np.interp(real, [r["length"] for r in rows], [r["median_ms"] for r in rows])
+            method = "each sample at its real length, interpolated between the measured lengths"
         out["on_data"] = {"data": calib.describe(), "samples": len(real), "median_length": int(np.median(real)),
                           "median_ms": round(float(np.median(per_sample)), 4),
                           "mean_ms": round(float(np.mean(per_sample)), 4),
-                          "p90_ms": round(float(np.percentile(per_sample, 90)), 4),
-                          "method": "each sample at its real length, interpolated between the measured lengths"}
+                          "p90_ms": round(float(np.percentile(per_sample, 90)), 4), "method": method}
     return out
 
 

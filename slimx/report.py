@@ -21,6 +21,9 @@ def summary(report: dict) -> str:
     details = _compile_line(report.get("compile") or {})
     if details:
         lines.append(f"  compiled  {details}")
+    shapes = _shapes_line(report.get("shapes") or {})
+    if shapes:
+        lines.append(f"  shapes    {shapes}")
     lines.append("  parity    " + _parity_line(report["parity"]))
     if report["parity"].get("proxy"):
         lines.append("  proxy     " + _parity_line(report["parity"]["proxy"]) + " [TensorRT-ready ONNX]")
@@ -69,6 +72,22 @@ def _compile_line(meta: dict) -> str:
     return "; ".join(parts)
 
 
+def _shapes_line(shapes: dict) -> str:
+    """The form built: dynamic axes, buckets (and how the format holds them), or static (and why)."""
+    axes = ", ".join(f"{d['input']}[{d['axis']}] {d['min']}..{d['max']}" for d in shapes.get("dynamic", []))
+    built = shapes.get("built") or {}
+    if shapes.get("form") == "buckets":
+        if built.get("form") == "RangeDim":
+            return f"sequence range {built['range'][0]}..{built['range'][1]} (RangeDim: {shapes.get('why', '')})"
+        how = built.get("form") or ("signatures" if built.get("signatures") else "profiles")
+        return f"sequence buckets {', '.join(map(str, shapes['buckets']))} ({how})"
+    if shapes.get("form") == "dynamic":
+        return f"dynamic {axes}"
+    if shapes.get("form") == "static" and shapes.get("why"):
+        return f"static ({shapes['why']})"
+    return ""
+
+
 def _parity_line(parity: dict) -> str:
     if not parity.get("measured"):
         return f"not measured: {parity.get('reason', '')}"
@@ -88,7 +107,8 @@ def _lengths_line(over: dict) -> str:
     """Latency over sequence lengths: on the user's data first (the number that matters), then per length."""
     at = ", ".join(f"{r['length']}: {r['median_ms']:.3f} ms" for r in over["lengths"])
     data = over.get("on_data")
+    per = "by bucket" if over.get("buckets") else "by length"
     if not data:
-        return f"by sequence length (no padding) {at}"
+        return f"{per} {at}" if over.get("buckets") else f"by sequence length (no padding) {at}"
     return (f"on your data ({data['samples']} samples, median {data['median_length']} tokens): median "
-            f"{data['median_ms']:.3f} ms, mean {data['mean_ms']:.3f} ms; by length {at}")
+            f"{data['median_ms']:.3f} ms, mean {data['mean_ms']:.3f} ms; {per} {at}")

@@ -35,12 +35,15 @@ class CompileOptions:
     """Options every target understands, plus the target's own (an instance of its ``options_cls``).
 
     ``quant``: how to quantize (``quant.QuantConfig``); None: the defaults for ``precision``.
+    ``buckets``: sequence lengths to build one fixed shape each for (a target with ``buckets``: TFLite
+    signatures, CoreML enumerated shapes, TensorRT optimisation profiles); empty: none.
     """
 
     precision: str = "fp32"
     opset: int = 18
     format_options: Any = field(default_factory=NoOptions)
     quant: Any = None
+    buckets: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.quant is not None and self.quant.precision != self.precision:
@@ -208,6 +211,8 @@ class Target:
         builds_on_device_from: a format the device builds this one from (TensorRT engines from ONNX), if any.
         model_form_suffixes: suffixes that are also a MODEL form (``.onnx``): not taken as an artifact to profile.
         dynamic_shapes: whether the format keeps dynamic axes (``static_reason`` says why not).
+        buckets: whether it builds a dynamic sequence axis as a set of fixed lengths (``--buckets``);
+            ``default_buckets``: whether it does so by default (else only when asked), ``buckets_reason`` why.
     """
 
     name = ""
@@ -219,6 +224,9 @@ class Target:
     model_form_suffixes: tuple[str, ...] = ()
     dynamic_shapes = False  # True: compiles dynamic axes (else the model is exported at its static shape)
     static_reason = "this format is built with static shapes here"
+    buckets = False
+    default_buckets = True
+    buckets_reason = ""
     default_precision = "fp32"
     needs_torch = False  # True: converts from the PyTorch program, so an ONNX input cannot be used
     available = True

@@ -24,6 +24,7 @@ import numpy as np
 from slimx._core.errors import SlimxFailure, UsageError, first_line, root_cause
 from slimx._core.inputs import to_numpy_inputs
 from slimx.export.program import node_module_path, quiet
+from slimx.export.shapes import fit_to_bucket, pick_bucket
 from slimx.targets.base import Artifact, CompileOptions, Coverage, RunnerInfo, Target, Timing, register_target
 
 ANE_SOURCE = ("hollance/neural-engine, docs/unsupported-layers.md (community findings: gather, dilated "
@@ -78,8 +79,12 @@ class CoreMLTarget(Target):
     runners = (RunnerInfo("coreml", "coreml", "coreml-all-fp16", "CoreML prediction (macOS)", missing=coreml_missing,
                           make=lambda threads=None: CoreMLRunner()),)
     default_runner = "coreml"
-    static_reason = ("flexible shapes (RangeDim, EnumeratedShapes) are not built yet, so the model is exported at its "
-                     "static shape")
+    static_reason = ("a dynamic batch axis is not built for CoreML here (flexible shapes cover the sequence axis), "
+                     "so the batch is static")
+    buckets = True
+    buckets_reason = ("CoreML flexible shapes over the sequence axis: enumerated shapes (one per bucket; what the "
+                      "Neural Engine can run) where coremltools allows them (neuralnetwork, iOS 18, or one such "
+                      "input), else a bounded RangeDim over the buckets' span")
     default_precision = "fp16"
     needs_torch = True
 
@@ -137,8 +142,7 @@ class CoreMLTarget(Target):
         self.validate(device, options)
         ios, units, backend = self.settings(device, options)
         precision = options.precision
-        inputs = [ct.TensorType(name=s.name, shape=s.shape,
-                                dtype=np.float32 if s.dtype.startswith("float") else np.int32) for s in program.inputs]
+        inputs, shape_form = coreml_input_types(program.inputs, options.buckets, backend, ios)
         kwargs = {"inputs": inputs, "convert_to": backend,
                   "minimum_deployment_target": getattr(ct.target, f"iOS{ios}"),
                   "compute_units": getattr(ct.ComputeUnit, COMPUTE_UNITS[units])}
@@ -169,6 +173,8 @@ class CoreMLTarget(Target):
             "quantization": qrecord,
             "conversion_warnings": notes,
         }
+        if shape_form:
+            meta["buckets"] = shape_form
         meta.update(verify_mlpackage(path, program, backend, precision))
         return Artifact(format=self.name, path=path, inputs=program.inputs, output_names=program.output_names,
                         meta=meta)
@@ -201,6 +207,65 @@ class CoreMLTarget(Target):
                        {ln.strip() for ln in log.getvalue().splitlines() if _worth_reporting(ln)})
         return model, notes, decomposition
 
+
+
+def coreml_input_types(specs, buckets: tuple[int, ...], backend: str, ios: int):
+    """coremltools input types for ``specs`` and a record of the flexible form (None when static).
+
+    With ``buckets``, the sequence axis is flexible: ``ct.EnumeratedShapes`` (one shape per bucket, which the
+    Neural Engine can plan for) where coremltools accepts it (the neuralnetwork backend, mlprogram from iOS 18,
+    or a model with one such input: below iOS 18 an mlprogram takes only one enumerated input), else a bounded
+    ``ct.RangeDim`` spanning the buckets. Both need the program exported with the axis symbolic.
+    """
+    import coremltools as ct
+
+    def dtype(s):
+        return np.float32 if s.dtype.startswith("float") else np.int32
+
+    flexible = [s for s in specs if any(a == 1 for a, _, _ in s.dynamic)]
+    if not buckets or not flexible:
+        return [ct.TensorType(name=s.name, shape=s.shape, dtype=dtype(s)) for s in specs], None
+    enumerated = backend == "neuralnetwork" or ios >= 18 or len(flexible) == 1
+    lo = min(lo for s in flexible for a, lo, _ in s.dynamic if a == 1)
+    types = []
+    for s in specs:
+        if s not in flexible:
+            types.append(ct.TensorType(name=s.name, shape=s.shape, dtype=dtype(s)))
+        elif enumerated:
+            shapes = [list(s.sized({1: b}).shape) for b in buckets]
+            types.append(ct.TensorType(name=s.name, dtype=dtype(s), shape=ct.EnumeratedShapes(
+                shapes=shapes, default=list(s.sized({1: _bucket_at_least(s.shape[1], buckets)}).shape))))
+        else:
+            dims = tuple(ct.RangeDim(lower_bound=lo, upper_bound=buckets[-1], default=s.shape[1]) if a == 1 else d
+                         for a, d in enumerate(s.shape))
+            types.append(ct.TensorType(name=s.name, shape=ct.Shape(shape=dims), dtype=dtype(s)))
+    if enumerated:
+        record = {"axis": "seq", "sizes": list(buckets), "form": "EnumeratedShapes",
+                  "how": "one enumerated shape per bucket; the runner picks the smallest that fits and pads inside "
+                         "it (pad tokens masked out)"}
+    else:
+        record = {"axis": "seq", "form": "RangeDim", "range": [lo, buckets[-1]],
+                  "why": f"coremltools takes only one enumerated-shape input in an mlprogram below iOS 18 and this "
+                         f"model has {len(flexible)}; a bounded range instead (the Neural Engine may not run a "
+                         "range-shaped model: --deployment-target iOS18 gives enumerated shapes)"}
+    return types, record
+
+
+def _bucket_at_least(length: int, buckets) -> int:
+    return next((b for b in sorted(buckets) if b >= length), max(buckets))
+
+
+def flexible_shapes(spec) -> dict[str, dict]:
+    """Per input of a CoreML spec: its enumerated shapes or size ranges (empty for a fixed shape)."""
+    out = {}
+    for i in spec.description.input:
+        arr = i.type.multiArrayType
+        kind = arr.WhichOneof("ShapeFlexibility")
+        if kind == "enumeratedShapes":
+            out[i.name] = {"enumerated": [list(s.shape) for s in arr.enumeratedShapes.shapes]}
+        elif kind == "shapeRange":
+            out[i.name] = {"range": [[r.lowerBound, r.upperBound] for r in arr.shapeRange.sizeRanges]}
+    return out
 
 
 def _palettize(options: CompileOptions) -> int | None:
@@ -264,9 +329,10 @@ def verify_mlpackage(path: Path, program, backend: str, precision: str) -> dict:
     model = ct.models.MLModel(str(path), skip_model_load=sys.platform != "darwin")
     spec = model.get_spec()
     desc = spec.description
+    flexible = flexible_shapes(spec)
     got_in = {i.name: list(i.type.multiArrayType.shape) for i in desc.input}
     want_in = {s.name: list(s.shape) for s in program.inputs}
-    if got_in != want_in:
+    if set(got_in) != set(want_in) or any(got_in[n] != want_in[n] for n in want_in if n not in flexible):
         raise SlimxFailure("CoreML model", f"inputs {got_in} differ from the program's {want_in}", "report this")
     got_out = [o.name for o in desc.output]
     if got_out != list(program.output_names):
@@ -289,7 +355,7 @@ def verify_mlpackage(path: Path, program, backend: str, precision: str) -> dict:
         weights = {"compute_precision": precision}
     return {
         "spec_version": spec.specificationVersion,
-        "verified": {"inputs": got_in, "outputs": got_out,
+        "verified": {"inputs": got_in, "outputs": got_out, **({"flexible_shapes": flexible} if flexible else {}),
                      "loaded_with": f"coremltools.models.MLModel {ct.__version__}"},
         "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1])),
         "weights": weights,
@@ -328,10 +394,20 @@ class CoreMLRunner:
 
     def run(self, artifact: Artifact, inputs: tuple, session=None) -> list[np.ndarray]:
         model = session or self._model(artifact)
+        arrays = to_numpy_inputs(inputs)
+        sizes = (artifact.meta.get("buckets") or {}).get("sizes")
+        length = None
+        if sizes:  # enumerated shapes: the smallest bucket that holds the input, padded inside it
+            length = arrays[0].shape[1]
+            size = pick_bucket(length, sizes)
+            arrays = fit_to_bucket(arrays, size)
         feed = {s.name: a.astype(np.float32 if s.dtype.startswith("float") else np.int32)
-                for s, a in zip(artifact.inputs, to_numpy_inputs(inputs), strict=True)}
+                for s, a in zip(artifact.inputs, arrays, strict=True)}
         out = model.predict(feed)
-        return [np.asarray(out[n]) for n in artifact.output_names]
+        outs = [np.asarray(out[n]) for n in artifact.output_names]
+        if length is not None:  # per-token outputs (batch, seq, ...) back to the input's length
+            outs = [o[:, :length] if o.ndim >= 3 and o.shape[1] == size else o for o in outs]
+        return outs
 
     def session(self, path):
         import coremltools as ct

@@ -74,6 +74,10 @@ class TensorRTTarget(Target):
     default_runner = "tensorrt"
     builds_on_device_from = "onnx"  # the engine is specific to the device's GPU and TensorRT: built there
     dynamic_shapes = True  # symbolic dimensions in the ONNX, and an optimisation profile for the engine
+    buckets = True  # --buckets: one optimisation profile per bucket
+    default_buckets = False
+    buckets_reason = ("symbolic dimensions in the ONNX and one optimisation profile per bucket, each tuned at its "
+                      "bucket's length (--buckets)")
     default_precision = "fp16"
     needs_torch = False
 
@@ -138,18 +142,23 @@ class TensorRTTarget(Target):
             _, quant = quantize(self.name, onnx_path, options.quant_config(), ctx)
         sparse = sparse_24_weights(onnx_path)
         dla = _dla_core(options)
-        profile = shape_profile(program.inputs, getattr(options.format_options, "opt_len", None))
-        flags = trtexec_flags(precision, bool(sparse), dla, profile)
+        profiles = shape_profiles(program.inputs, getattr(options.format_options, "opt_len", None), options.buckets)
+        flags = trtexec_flags(precision, bool(sparse), dla, profiles)
         script = write_build_script(out_dir, device, precision, flags, notes)
         files = [("onnx", onnx_path), ("script", script)]
         meta = {"opset": opset, "precision": precision, "trtexec_flags": flags, "sparse_2_4_weights": sparse,
                 "quantization": quant, "notes": notes}
-        if profile:
-            meta["shape_profile"] = profile
+        if len(profiles) == 1:
+            meta["shape_profile"] = profiles[0]
+        elif profiles:
+            meta["shape_profiles"] = profiles
+            meta["buckets"] = {"axis": "seq", "sizes": list(options.buckets), "form": "optimisation profiles",
+                               "how": "one optimisation profile per bucket (tuned at the bucket's length); the "
+                                      "runner selects the profile whose range holds the input"}
         ok, why = tensorrt_status()
         if ok:
             plan = build_engine(onnx_path, out_dir / "model.plan", precision, bool(sparse), out_dir / "timing.cache",
-                                dla, profile=profile)
+                                dla, profiles=profiles)
             meta["engine"] = {"built": True, **plan}
             files.append(("timing-cache", out_dir / "timing.cache"))
             primary = out_dir / "model.plan"
@@ -212,9 +221,43 @@ def shape_profile(specs, opt_len: int | None = None) -> dict | None:
     return out
 
 
-def trtexec_flags(precision: str, sparse: bool, dla_core: int = -1, profile: dict | None = None) -> list[str]:
+def shape_profiles(specs, opt_len: int | None = None, buckets: tuple[int, ...] = ()) -> list[dict]:
+    """The optimisation profiles of an engine with dynamic inputs: one over the whole range (``shape_profile``),
+    or with ``buckets`` one per bucket, each covering the lengths above the previous bucket up to its own and
+    tuned at its own. Empty when every input is static.
+
+    Example:
+        >>> from slimx._core.inputs import InputSpec
+        >>> ids = InputSpec("input_ids", (1, 128), "int64", "tokens", dynamic=((1, 1, 128),))
+        >>> [p["input_ids"]["min"][1] for p in shape_profiles([ids], buckets=(32, 128))]
+        [1, 33]
+    """
+    single = shape_profile(specs, opt_len)
+    if single is None:
+        return []
+    if not buckets:
+        return [single]
+    out, low = [], None
+    for size in buckets:
+        profile = {}
+        for spec in specs:
+            entry = {k: list(v) for k, v in single[spec.name].items()}
+            if any(a == 1 for a, _, _ in spec.dynamic):
+                entry["min"][1] = low if low is not None else entry["min"][1]
+                entry["opt"][1] = entry["max"][1] = size
+            profile[spec.name] = entry
+        out.append(profile)
+        low = size + 1
+    return out
+
+
+def trtexec_flags(precision: str, sparse: bool, dla_core: int = -1, profiles: list[dict] | None = None) -> list[str]:
     flags = ["--onnx=model.onnx", "--saveEngine=model.plan", "--timingCacheFile=timing.cache"]
-    if profile:  # one optimisation profile over the dynamic range, tuned for the opt shape
+    for index, profile in enumerate(profiles or ()):
+        # one optimisation profile over the dynamic range, tuned for the opt shape; several (one per bucket)
+        # each follow their --profile=N (trtexec of TensorRT 10 reads the three shape flags after it)
+        if len(profiles) > 1:
+            flags.append(f"--profile={index}")
         for key in ("min", "opt", "max"):
             flags.append(f"--{key}Shapes=" + ",".join(f"{name}:{'x'.join(map(str, p[key]))}"
                                                       for name, p in profile.items()))
@@ -255,7 +298,7 @@ def write_build_script(out_dir: Path, device, precision: str, flags: list[str], 
 
 
 def build_engine(onnx_path: Path, plan_path: Path, precision: str, sparse: bool, cache_path: Path,
-                 dla_core: int = -1, workspace_mib: int = 2048, profile: dict | None = None) -> dict:
+                 dla_core: int = -1, workspace_mib: int = 2048, profiles: list[dict] | None = None) -> dict:
     """Build and serialize an engine with the TensorRT builder API (only where tensorrt imports)."""
     import tensorrt as trt
 
@@ -278,7 +321,7 @@ def build_engine(onnx_path: Path, plan_path: Path, precision: str, sparse: bool,
         config.set_flag(trt.BuilderFlag.INT8)
     if sparse:
         config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
-    if profile:  # the same optimisation profile build_engine.sh gives trtexec
+    for profile in profiles or ():  # the same optimisation profiles build_engine.sh gives trtexec
         opt_profile = builder.create_optimization_profile()
         for name, p in profile.items():
             opt_profile.set_shape(name, p["min"], p["opt"], p["max"])
@@ -321,14 +364,31 @@ class TensorRTRunner:
         import torch
 
         engine, ctx = session
-        arrays = iter(to_numpy_inputs(inputs))
+        arrays = to_numpy_inputs(inputs)
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        in_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        if engine.num_optimization_profiles > 1:  # the profile whose range holds these shapes
+            for index in range(engine.num_optimization_profiles):
+                fits = all(all(lo <= d <= hi for d, lo, hi in zip(a.shape, *engine.get_tensor_profile_shape(n, index)
+                                                                  [::2], strict=True))
+                           for n, a in zip(in_names, arrays, strict=True))
+                if fits:
+                    if ctx.active_optimization_profile != index:
+                        ctx.set_optimization_profile_async(index, torch.cuda.current_stream().cuda_stream)
+                    break
+            else:
+                raise SlimxFailure(f"inputs of shape {[list(a.shape) for a in arrays]}",
+                                   "fit none of the engine's optimisation profiles", "rebuild with larger --buckets")
+        by_name = dict(zip(in_names, arrays, strict=True))
+        for name, arr in by_name.items():
+            if -1 in tuple(engine.get_tensor_shape(name)):
+                ctx.set_input_shape(name, tuple(arr.shape))
         outputs = []
         keep = []
-        for i in range(engine.num_io_tensors):
-            name = engine.get_tensor_name(i)
+        for name in names:
             dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
-            if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
-                tensor = torch.from_numpy(np.ascontiguousarray(next(arrays).astype(dtype))).cuda()
+            if name in by_name:
+                tensor = torch.from_numpy(np.ascontiguousarray(by_name[name].astype(dtype))).cuda()
             else:
                 tensor = torch.empty(tuple(ctx.get_tensor_shape(name)), dtype=_torch_dtype(dtype), device="cuda")
                 outputs.append(tensor)
