@@ -64,6 +64,10 @@ def test_minilm_to_pixel7_tflite(tmp_path, capsys):
     assert rep["latency"]["device"] == "pixel7" and rep["latency"]["measured"] is False
     assert rep["latency"]["kind"] == "estimated" and rep["latency"]["scaled_from"] == "pixel3"
     assert rep["host_latency"]["runtime"] == "litert" and rep["host_latency"]["median_ms"] > 0
+    # real length: one signature per bucket up to MiniLM's 512 positions, parity at 1, 8, 128 and 512 tokens
+    assert rep["shapes"]["form"] == "buckets" and rep["shapes"]["buckets"] == [16, 32, 64, 128, 256, 512]
+    assert {p["size"] for p in rep["parity"]["per_shape"]} >= {1, 8, 512}
+    assert all(p["passed"] for p in rep["parity"]["per_shape"])
 
 
 def test_efficientformer_to_iphone12_coreml(tmp_path, capsys):

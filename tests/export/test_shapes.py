@@ -79,14 +79,6 @@ def test_text_model_exports_a_dynamic_onnx_with_parity_and_latency_over_lengths(
                                                                           "why": "--static"}
 
 
-def test_formats_without_dynamic_shapes_say_why(tmp_path, capsys, tiny_bert_dir):
-    out = tmp_path / "t"
-    assert main(["export", f"hf:{tiny_bert_dir}", "--input-shape", "1x16", "--target", "pixel7", "--out", str(out),
-                 *FAST]) == 0
-    shapes = json.loads((out / "report.json").read_text())["shapes"]
-    assert shapes["form"] == "static" and "litert-torch" in shapes["why"]
-
-
 def test_tensorrt_script_carries_the_shape_profile(tmp_path, capsys, tiny_bert_dir):
     out = tmp_path / "j"
     assert main(["export", f"hf:{tiny_bert_dir}", "--input-shape", "1x32", "--target", "jetson-orin-nano",
