@@ -8,6 +8,7 @@ Pure views (reshape, unsqueeze, ...) cost nothing and are dropped; ops that copy
 
 from __future__ import annotations
 
+import contextvars
 import math
 from dataclasses import asdict, dataclass
 
@@ -71,6 +72,42 @@ class OpCost:
         return asdict(self)
 
 
+# sympy symbol -> size: the values a dynamic program's symbolic sizes are priced at (set by op_mix)
+_SYMBOL_VALUES: contextvars.ContextVar[dict | None] = contextvars.ContextVar("symbol_values", default=None)
+
+
+def _size(value) -> int:
+    """A static size, or a symbolic one evaluated at the values op_mix is pricing (TypeError if it cannot be)."""
+    node = getattr(value, "node", None)
+    if node is None or not hasattr(node, "expr"):
+        return int(value)
+    return int(node.expr.xreplace(_SYMBOL_VALUES.get() or {}))
+
+
+def symbol_values(exported, length: int | None = None) -> dict:
+    """The symbols of a dynamic program's input sizes, each at its export example's size, or, with ``length``,
+    the sequence axis (axis 1) at ``length``: what the program is priced at."""
+    graph = exported.graph_module.graph if hasattr(exported, "graph_module") else exported.graph
+    values = {}
+    for node in graph.nodes:
+        if node.op != "placeholder":
+            continue
+        shape = getattr(node.meta.get("val"), "shape", ())
+        for axis, size in enumerate(shape):
+            sym_node = getattr(size, "node", None)
+            if sym_node is None or not hasattr(sym_node, "expr"):
+                continue
+            env = getattr(sym_node, "shape_env", None)
+            for symbol in sym_node.expr.free_symbols:
+                if symbol in values:
+                    continue
+                if length is not None and axis == 1:
+                    values[symbol] = length
+                elif env is not None and symbol in env.var_to_val:
+                    values[symbol] = int(env.var_to_val[symbol])
+    return values
+
+
 def _base_name(target) -> str:
     name = getattr(target, "__name__", None) or str(target)
     name = name.split(".")[-2] if name.count(".") >= 2 and name.startswith("aten") else name
@@ -84,8 +121,8 @@ def _tensor_meta(value):
     if shape is None or dtype is None:
         return None
     try:
-        numel = math.prod(int(s) for s in shape)
-    except TypeError:  # symbolic size: no static estimate
+        numel = math.prod(_size(s) for s in shape)
+    except TypeError:  # a symbolic size with no value to put in
         return None
     return numel, dtype.itemsize, dtype.is_floating_point
 
@@ -114,22 +151,22 @@ def _conv_class(ins: list) -> str:
     """Grouped (depthwise-like) when the weight sees fewer input channels than the input has."""
     if len(ins) < 2 or len(ins[0].shape) < 2 or len(ins[1].shape) < 2:
         return "conv"
-    return "depthwise" if int(ins[1].shape[1]) < int(ins[0].shape[1]) else "conv"
+    return "depthwise" if _size(ins[1].shape[1]) < _size(ins[0].shape[1]) else "conv"
 
 
 def _flops(cls: str, node, ins: list, out_numel: int) -> float:
     if cls == "matmul":
         first = ins[1] if _base_name(node.target) in ("addmm", "baddbmm") else ins[0]
-        k = int(first.shape[-1]) if len(first.shape) else 1
+        k = _size(first.shape[-1]) if len(first.shape) else 1
         return 2.0 * out_numel * k
     if cls in ("conv", "depthwise"):
         weight = ins[1]
-        per_output = math.prod(int(s) for s in weight.shape[1:])  # (Cin/groups) * kh * kw
+        per_output = math.prod(_size(s) for s in weight.shape[1:])  # (Cin/groups) * kh * kw
         return 2.0 * out_numel * per_output
     if cls == "attention":
         q, k = ins[0], ins[1]
-        scores = math.prod(int(s) for s in q.shape[:-1]) * int(k.shape[-2])
-        return 2.0 * scores * int(q.shape[-1]) * 2 + 5.0 * scores
+        scores = math.prod(_size(s) for s in q.shape[:-1]) * _size(k.shape[-2])
+        return 2.0 * scores * _size(q.shape[-1]) * 2 + 5.0 * scores
     name = _base_name(node.target)
     if cls == "reduce":
         if name in _POOLS and len(node.args) > 1:
@@ -141,8 +178,9 @@ def _flops(cls: str, node, ins: list, out_numel: int) -> float:
     return float(_FLOPS_PER_ELEMENT.get(cls, 1) * out_numel)
 
 
-def op_mix(exported) -> list[OpCost]:
-    """Price every op of an ExportedProgram (or its graph module).
+def op_mix(exported, length: int | None = None) -> list[OpCost]:
+    """Price every op of an ExportedProgram (or its graph module); a dynamic program at its export example's
+    sizes, or with ``length`` its sequence axis at that length (``symbol_values``).
 
     Example:
         >>> import torch
@@ -150,6 +188,14 @@ def op_mix(exported) -> list[OpCost]:
         >>> [(c.op_class, c.flops) for c in op_mix(ep)]
         [('matmul', 16384.0)]
     """
+    token = _SYMBOL_VALUES.set(symbol_values(exported, length))
+    try:
+        return _op_mix(exported)
+    finally:
+        _SYMBOL_VALUES.reset(token)
+
+
+def _op_mix(exported) -> list[OpCost]:
     from slimx.export.program import node_module_path
 
     graph = exported.graph_module.graph if hasattr(exported, "graph_module") else exported.graph
@@ -178,7 +224,7 @@ def op_mix(exported) -> list[OpCost]:
         fbytes = float(sum(n * size for n, size, is_float in moved if is_float))
         if cls == "attention":  # the L x S score matrix is written and read back once in most runtimes
             q, k = ins[0], ins[1]
-            scores = math.prod(int(s) for s in q.shape[:-1]) * int(k.shape[-2]) * q.dtype.itemsize
+            scores = math.prod(_size(s) for s in q.shape[:-1]) * _size(k.shape[-2]) * q.dtype.itemsize
             nbytes += 2 * scores
             fbytes += 2 * scores
         module = node_module_path(node) or ""
@@ -188,7 +234,7 @@ def op_mix(exported) -> list[OpCost]:
             # a masked softmax over the scores: runtimes apply the mask as separate passes (where/add, NaN
             # guards), which cost several times the unmasked softmax (measured in onnxruntime)
             q, k = ins[0], ins[1]
-            scores = math.prod(int(s) for s in q.shape[:-1]) * int(k.shape[-2])
+            scores = math.prod(_size(s) for s in q.shape[:-1]) * _size(k.shape[-2])
             costs.append(OpCost(node=f"{node.name}.mask", op="attention_mask", op_class="mask", flops=10.0 * scores,
                                 bytes=3.0 * scores * q.dtype.itemsize, float_bytes=3.0 * scores * q.dtype.itemsize,
                                 module=module))

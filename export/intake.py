@@ -425,6 +425,9 @@ def _spec_from_meta(name: str, val) -> InputSpec:
 _ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64", 6: "int32", 9: "bool"}
 
 
+TEXT_DEFAULT_LENGTH = 128  # a symbolic sequence axis of an ONNX text model is read as 1..this (or fewer positions)
+
+
 def load_onnx_file(path: Path, shapes: list[str]) -> LoadedModel:
     """An ONNX file as a LoadedModel (no PyTorch module): its input specs read from the graph, whatever the
     file is called."""
@@ -439,6 +442,13 @@ def load_onnx_file(path: Path, shapes: list[str]) -> LoadedModel:
         raise UsageError(f"model {path}", f"is not a valid ONNX model ({first_line(exc)})",
                          "re-export it, or check that the file was copied whole") from exc
     initializers = {i.name for i in proto.graph.initializer}
+    rows = {i.name: i.dims[0] for i in proto.graph.initializer if len(i.dims) == 2}
+    tables = {n.input[1]: rows[n.input[0]] for n in proto.graph.node
+              if n.op_type == "Gather" and len(n.input) > 1 and n.input[0] in rows}  # ids -> embedding rows
+    positions = [rows[n.input[0]] for n in proto.graph.node  # a position-embedding table bounds the length
+                 if n.op_type == "Gather" and n.input[0] in rows and "position" in n.input[0].lower()]
+    text_length = min([TEXT_DEFAULT_LENGTH, *positions])
+    loaded_notes: list[str] = []
     given = {}
     from slimx._core.inputs import parse_input_shapes
 
@@ -457,16 +467,25 @@ def load_onnx_file(path: Path, shapes: list[str]) -> LoadedModel:
         if dtype is None:
             raise UsageError(f"model {path}", f"input {value.name!r} has an unsupported element type {ttype.elem_type}",
                              "slimx takes float, int and bool inputs")
+        dynamic = ()
         if value.name in given:
             dims, override = given[value.name]
             dtype = override or dtype
         else:
             dims = []
+            rank = len(ttype.shape.dim)
             for axis, d in enumerate(ttype.shape.dim):
                 if d.HasField("dim_value") and d.dim_value > 0:
                     dims.append(d.dim_value)
                 elif axis == 0:
                     dims.append(1)  # a symbolic batch axis: batch 1
+                elif axis == 1 and rank == 2 and not dtype.startswith("float"):
+                    # a text model's symbolic sequence axis (slimx's own dynamic exports): a common padded length,
+                    # and dynamic up to it, so that timing covers shorter ones
+                    dims.append(text_length)
+                    dynamic = ((1, 1, text_length),)
+                    loaded_notes.append(f"input {value.name!r}: symbolic sequence axis ({d.dim_param or '?'}) taken "
+                                        f"as 1..{text_length}; --input-shape sets another length")
                 else:
                     raise UsageError(f"model {path}", f"input {value.name!r} has a symbolic axis {axis} "
                                      f"({d.dim_param or '?'})", f"fix it with --input-shape {value.name}=D1xD2x...")
@@ -474,14 +493,16 @@ def load_onnx_file(path: Path, shapes: list[str]) -> LoadedModel:
         if dtype.startswith("float"):
             spec = InputSpec(value.name, tuple(dims), dtype)
         elif "mask" in lname:
-            spec = InputSpec(value.name, tuple(dims), dtype, kind="mask")
+            spec = InputSpec(value.name, tuple(dims), dtype, kind="mask", dynamic=dynamic)
         elif "type" in lname or "segment" in lname:
-            spec = InputSpec(value.name, tuple(dims), dtype, kind="zeros")
-        else:
-            spec = InputSpec(value.name, tuple(dims), dtype, kind="tokens", low=0, high=100)
+            spec = InputSpec(value.name, tuple(dims), dtype, kind="zeros", dynamic=dynamic)
+        else:  # token ids within the embedding table the ids index, where the graph shows it
+            spec = InputSpec(value.name, tuple(dims), dtype, kind="tokens", low=0,
+                             high=tables.get(value.name, 100), dynamic=dynamic)
         inputs.append(spec)
     outputs = [o.name for o in proto.graph.output]
     loaded = LoadedModel(name=str(path), source="onnx", module=None, inputs=inputs, output_names=outputs,
                          onnx_path=path)
     loaded.notes.append("ONNX input: no PyTorch model, so parity against PyTorch cannot be checked")
+    loaded.notes += loaded_notes
     return loaded

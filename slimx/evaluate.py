@@ -14,6 +14,7 @@ from pathlib import Path
 
 from slimx._core.errors import SlimxFailure, UsageError
 from slimx._core.inputs import InputSpec, sample_inputs
+from slimx.export.shapes import seq_range_of
 
 
 def evaluate(out_dir: str | Path, against: str, data: str | Path, samples: int = 64, runs: int = 30,
@@ -37,11 +38,13 @@ def evaluate(out_dir: str | Path, against: str, data: str | Path, samples: int =
         raise SlimxFailure(f"slimx eval of a {fmt} artifact", target.runner_missing_reason(),
                            "evaluate it on a host with that runtime")
     primary = out_dir / report["artifacts"][0]["path"]
-    specs = [InputSpec(i["name"], tuple(i["shape"]), i["dtype"], i["kind"], *(i.get("range") or (0, 2)))
+    specs = [InputSpec(i["name"], tuple(i["shape"]), i["dtype"], i["kind"], *(i.get("range") or (0, 2)),
+                       dynamic=tuple((d["axis"], d["min"], d["max"]) for d in i.get("dynamic", ())))
              for i in report["model"]["inputs"]]
     artifact = Artifact(fmt, primary, specs, report["model"]["outputs"], meta=report.get("compile") or {})
     shapes = [f"{s.name}={'x'.join(map(str, s.shape))}:{s.dtype}" for s in specs]
     original = load_model(against, weights=weights, input_shapes=shapes)
+    original.inputs = specs  # the artifact's shape form (dynamic axes), so the baseline is built the same way
     calib = load_calibration(data, original, limit=samples, seed=0)
     label_list = None
     if labels is not None:
@@ -49,30 +52,39 @@ def evaluate(out_dir: str | Path, against: str, data: str | Path, samples: int =
         if len(label_list) < len(calib.batches):
             raise UsageError(f"--labels {labels}", f"has {len(label_list)} labels for {len(calib.batches)} samples",
                              "give one integer label per sample, in the data's order")
-    session = runner.session(primary)
-    got = [runner.run(artifact, b, session=session)[0] for b in calib.batches]
     example = original.example_inputs or sample_inputs(original.inputs, seed=0)
+    if any(s.dynamic for s in specs):
+        from slimx.export.shapes import export_example
+
+        example = export_example(specs)
     base_module, _ = to_deployment(original.module, example)
-    ref = [torch_outputs(base_module, b)[0] for b in calib.batches]
+    program = Program(original.name, export_program(base_module, example, specs=specs), base_module, specs,
+                      original.output_names)
+    batches = calib.batches
+    if seq_range_of(specs) is not None:  # text as users send it: each sample at its real length
+        from slimx.pipeline import at_real_lengths
+
+        batches = at_real_lengths(batches, program)
+    session = runner.session(primary)
+    got = [runner.run(artifact, b, session=session)[0] for b in batches]
+    ref = [torch_outputs(base_module, b)[0] for b in batches]
     result = {"artifact": str(primary), "format": fmt, "against": against, "data": calib.describe(),
               "fidelity": fidelity(ref, got, label_list)}
     tmp = Path(tempfile.mkdtemp(prefix="slimx-eval-"))
     try:
         device = load_device(report["device"]["name"])
-        program = Program(original.name, export_program(base_module, example), base_module, original.inputs,
-                          original.output_names)
-        baseline = target.compile(program, device, CompileOptions(precision="fp32"), tmp)
-        inputs = calib.batches[0]
-        base_ms, comp_ms = [], []
-        for _ in range(2):
-            base_ms.append(runner.time(baseline, inputs, warmup=3, runs=runs).median_ms)
-            comp_ms.append(runner.time(artifact, inputs, warmup=3, runs=runs).median_ms)
+        buckets = tuple((report.get("shapes") or {}).get("buckets") or ())
+        baseline = target.compile(program, device, CompileOptions(precision="fp32", buckets=buckets), tmp)
+        from slimx.pipeline import paired_over_data
+
+        base, comp = paired_over_data(runner, baseline, artifact, batches)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    base, comp = min(base_ms), min(comp_ms)
+    where = "each sample at its real length" if seq_range_of(specs) is not None else "each sample"
     result["latency"] = {"runtime": runner.name, "original_fp32_median_ms": round(base, 4),
                          "artifact_median_ms": round(comp, 4), "ratio": round(base / comp, 3),
-                         "method": "best of 2 interleaved rounds of medians, same run and runtime"}
+                         "method": f"mean ms per sample over the data ({where}), best of 3 interleaved rounds, "
+                                   "same run and runtime"}
     return result
 
 

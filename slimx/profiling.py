@@ -128,6 +128,7 @@ def measure(req: ProfileRequest, device, artifact_path: Path | None, progress=No
         else:
             artifact, fmt = _compile_model(req, device, Path(tmp), progress)
         inputs = sample_inputs(artifact.inputs, seed=7)
+        over = None
         if req.remote:
             from slimx.devices.agent import RemoteRunner
             # a format the device builds (TensorRT) goes up as the file it is built from, then is built there
@@ -145,13 +146,18 @@ def measure(req: ProfileRequest, device, artifact_path: Path | None, progress=No
             runner = get_runner(default_runner_of(fmt), threads=req.threads)
             timing = runner.time(artifact, inputs, warmup=req.warmup, runs=req.runs)
             from slimx.devices.host import cpu_model
+            from slimx.pipeline import TimingConfig, latency_over_lengths
 
             where = f"this host ({cpu_model()})"
+            # a dynamic text artifact: the same lengths the export measured (no padding, or each bucket)
+            over = latency_over_lengths(runner, artifact, artifact.inputs, None,
+                                        TimingConfig(runs=max(30, req.runs), warmup=req.warmup), seed=0)
     from slimx.devices.records import Latency
 
     label = (f"measured on {where}: {timing.runtime} {timing.runtime_version}, "
              f"{timing.threads or '-'} threads: median {timing.median_ms:.3f} ms")
-    return Latency.measured(device.name, timing, where=where, label=label).to_dict()
+    extra = {"over_lengths": over} if over is not None else {}
+    return Latency.measured(device.name, timing, where=where, label=label, **extra).to_dict()
 
 
 def _compile_model(req: ProfileRequest, device, out: Path, progress=None):
@@ -179,6 +185,10 @@ def render(result: dict, top: int = 12) -> str:
     if result["kind"] == "measured":
         lines.append(f"  min {result['min_ms']:.3f}  p50 {result['median_ms']:.3f}  p90 {result['p90_ms']:.3f}  "
                      f"max {result['max_ms']:.3f} ms over {result['runs']} runs ({result['warmup']} warm-up)")
+        if result.get("over_lengths"):
+            from slimx.report import _lengths_line
+
+            lines.append("  lengths " + _lengths_line(result["over_lengths"]))
         ops = result.get("per_op") or []
         if ops:
             lines.append("  per op (runtime profiler):")

@@ -34,9 +34,10 @@ def summary(report: dict) -> str:
     lines.append("  latency   " + latency.line())
     if host is not None:
         lines.append("  host      " + host.line())
-    lengths = (host or latency).details.get("over_lengths")
-    if lengths:
-        lines.append("  lengths   " + _lengths_line(lengths))
+    for label, record in (("lengths", latency), ("host len", host)):
+        lengths = record.details.get("over_lengths") if record is not None else None
+        if lengths:
+            lines.append(f"  {label:<9} " + _lengths_line(lengths))
     ops = (host or latency).per_op
     if ops:
         top = ", ".join(f"{o['op']} {o['share'] * 100:.0f}%" for o in ops[:5])

@@ -302,6 +302,8 @@ def test_compression_pass_end_to_end(tmp_path, capsys, tiny_st_dir):
     assert comp["calibration"]["synthetic"] is False and comp["calibration"]["heldout_samples"] == 6
     assert "after_recover" in comp["fidelity"] and comp["recover"]["steps_run"] >= 10
     assert comp["speedup"]["measured"] and comp["speedup"]["ratio"] > 0
+    on_data = comp["speedup"]["on_data"]  # the headline speed-up is at the data's real lengths
+    assert on_data["ratio"] == comp["speedup"]["ratio"] and comp["speedup"]["at_export_shape"]["ratio"] > 0
     assert rep["model"]["params"] < rep["model"]["original"]["params"]
     assert '[[pass]]\nname = "lowrank"' in comp["recipe"]
 
@@ -312,7 +314,7 @@ def test_compression_pass_end_to_end(tmp_path, capsys, tiny_st_dir):
     result = json.loads(capsys.readouterr().out)
     assert result["fidelity"]["samples"] == 12 and 0 < result["fidelity"]["cosine_mean"] <= 1
     assert "nn_agreement" in result["fidelity"] and result["latency"]["ratio"] > 0
-    assert result["latency"]["runtime"] == "onnxruntime"
+    assert result["latency"]["runtime"] == "onnxruntime" and "real length" in result["latency"]["method"]
 
 
 def test_eval_needs_an_export_folder(tmp_path, capsys):

@@ -56,3 +56,29 @@ def test_views_are_free_and_masked_attention_costs_extra():
     assert "view" not in classes and classes.count("move") == 1  # the transpose copies; the reshape is a view
     summary = summarize(_mix(Attn(), q, q, q, mask))
     assert summary["attention"]["gflops"] > 0
+
+
+def test_a_dynamic_program_is_priced_at_any_length_as_a_static_one_would_be():
+    import torch
+
+    from slimx.devices.opmix import op_mix
+
+    class Attend(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            h = self.proj(x)
+            return torch.softmax(h @ h.transpose(1, 2), -1) @ h
+
+    model = Attend()
+    seq = torch.export.Dim("seq", min=1, max=64)
+    dynamic = torch.export.export(model, (torch.randn(1, 10, 8),), dynamic_shapes=({1: seq},))
+
+    def work(program, length=None):
+        return [(c.op_class, c.flops, c.bytes) for c in op_mix(program, length)]
+
+    assert work(dynamic) == work(torch.export.export(model, (torch.randn(1, 10, 8),))), "at the example's size"
+    for length in (3, 40):
+        assert work(dynamic, length) == work(torch.export.export(model, (torch.randn(1, length, 8),)))

@@ -72,6 +72,9 @@ def test_tflite_text_model_gets_one_signature_per_bucket(tmp_path, capsys, tiny_
     with pytest.raises(SlimxFailure, match="largest bucket"):
         LiteRTRunner(threads=1).run(artifact, long)
     assert LiteRTRunner(threads=1, truncate=True).run(artifact, long)[0].shape[:2] == (1, 64)
+    capsys.readouterr()
+    assert main(["profile", str(out / "model.tflite"), "--runs", "30"]) == 0
+    assert "lengths by sequence length" in capsys.readouterr().out
 
 
 def test_tflite_static_int8_calibrates_a_bucketed_model(tmp_path, capsys, tiny_bert_dir):
@@ -136,3 +139,16 @@ def test_bucket_requests_that_cannot_apply_are_usage_errors(tmp_path, capsys, ti
                  *FAST]) == 2
     assert needle in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_estimates_follow_the_length_and_the_data(tmp_path, capsys, tiny_bert_dir):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("the cat sat on the mat\nhello world\na dog and a cat and a bird\n")
+    out = tmp_path / "e"
+    assert main(["export", f"hf:{tiny_bert_dir}", "--input-shape", "1x32", "--target", "iphone12", "--calib",
+                 str(calib), "--out", str(out), *FAST]) == 0
+    over = json.loads((out / "report.json").read_text())["latency"]["over_lengths"]
+    costs = [r["median_ms"] for r in over["lengths"]]
+    assert [r["length"] for r in over["lengths"]] == [16, 32, 64] and costs == sorted(costs) and costs[0] < costs[-1]
+    assert over["on_data"]["median_ms"] == costs[0], "short sentences run in the 16-token bucket"
+    assert "lengths   on your data (3 samples" in capsys.readouterr().out

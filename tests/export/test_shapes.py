@@ -70,6 +70,10 @@ def test_text_model_exports_a_dynamic_onnx_with_parity_and_latency_over_lengths(
     assert over["lengths"][0]["length"] == 1 and over["lengths"][-1]["length"] == 64
     assert over["on_data"]["samples"] == 3 and over["on_data"]["median_ms"] > 0
     assert "on your data (3 samples" in printed
+    # the bare file profiles at the same lengths: its symbolic sequence axis reads as dynamic
+    assert main(["profile", str(out / "model.onnx"), "--runs", "30", "--json"]) == 0
+    profiled = json.loads(capsys.readouterr().out)["over_lengths"]
+    assert profiled["lengths"][0]["length"] == 1 and len(profiled["lengths"]) == 5
 
     static = tmp_path / "s"
     assert main(["export", f"hf:{tiny_bert_dir}", "--input-shape", "1x32", "--static", "--out", str(static),
