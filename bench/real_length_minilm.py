@@ -6,9 +6,10 @@ Against the ordinary recipe a skilled user follows (TorchScript ONNX export with
 axes, onnxruntime's BERT fusions, ``quantize_dynamic``), built here: slimx's artifacts (``slimx export
 minilm``, dynamic sequence axis by default, with ``--batch 1..32`` for the batch-32 column; its dynamic int8;
 its static int8), slimx's static 1x128 artifact
-(``--static``), and TFLite in LiteRT. Calibration sentences (stdlib docstrings 0..calib) and evaluation
-sentences (offset 2000) are disjoint. Timing: batch 1, each sentence at its real length (the static
-artifacts pad to their shape); batch 32 padded to the longest sentence in the batch; every artifact timed
+(``--static``), TFLite in LiteRT (one signature per length bucket, and static 1x128), and the compression
+passes (LRT, DSFormer, with distillation) at real lengths. Calibration sentences (stdlib docstrings
+0..calib) and evaluation sentences (offset 2000) are disjoint. Timing: batch 1, each sentence at its real
+length (the static artifacts pad to their shape, the bucketed ones to their bucket); batch 32 padded to the longest sentence in the batch; every artifact timed
 in each of ``--rounds`` interleaved rounds (order shuffled per round), the median over rounds kept. Fidelity:
 cosine of each sentence's embedding to PyTorch's, and nearest-neighbour agreement over the evaluation set.
 Writes ``bench/results/real_length_minilm.{md,json}``.
@@ -49,6 +50,10 @@ def main() -> int:
     return 0
 
 
+LRT = ["--pass", "lowrank:rank_ratio=0.5,exclude=attention|pooler", "--recover", "steps=150"]
+DSF = ["--pass", "dsformer:k_ratio=0.5,density=0.25,exclude=attention|pooler", "--recover", "steps=150"]
+
+
 def run(args, work: Path) -> dict:
     import torch
 
@@ -75,9 +80,14 @@ def run(args, work: Path) -> dict:
                        ("slimx int8-weights (dynamic, batch 1..32)",
                         ["--batch", "1..32", "--precision", "int8-weights"]),
                        ("slimx fp32 static 1x128", ["--static"]),
-                       ("slimx TFLite fp32 (static 1x128)", ["--target", "pixel7"]),
-                       ("slimx TFLite int8-weights (static 1x128)",
-                        ["--target", "pixel7", "--precision", "int8-weights"])):
+                       ("slimx TFLite fp32 (buckets)", ["--target", "pixel7", "--seq-len", "1..128"]),
+                       ("slimx TFLite int8-weights (buckets)",
+                        ["--target", "pixel7", "--precision", "int8-weights", "--seq-len", "1..128"]),
+                       ("slimx TFLite fp32 (static 1x128)", ["--target", "pixel7", "--static"]),
+                       # compression passes at real lengths: attention is short, so the FFN's share of the time
+                       # (what LRT and DSFormer shrink) is larger than at 128 padded tokens
+                       ("slimx LRT FFN rank 0.5 + int8-weights", [*LRT, "--precision", "int8-weights"]),
+                       ("slimx DSFormer FFN k 0.5, density 0.25", DSF)):
         out = work / "".join(c if c.isalnum() else "_" for c in key)
         print(f"export {key}", file=sys.stderr)
         if slimx(["export", "minilm", "--out", str(out), *common, *extra]) != 0:
@@ -153,15 +163,14 @@ class Runner:
 
     def __init__(self, path: Path, threads: int) -> None:
         self.path = path
-        if path.suffix == ".tflite":
-            from ai_edge_litert.interpreter import Interpreter
+        if path.suffix == ".tflite":  # slimx's LiteRT runner: one signature per bucket, padded inside it
+            from slimx.targets.base import Artifact
+            from slimx.targets.tflite import LiteRTRunner, TFLiteTarget
 
-            interp = Interpreter(model_path=str(path), num_threads=threads)
-            interp.allocate_tensors()
-            self.sig = interp.get_signature_runner()
-            details = self.sig.get_input_details()
-            self.static_len = int(details["input_ids"]["shape"][1])
-            self.dtypes = {name: np.dtype(d["dtype"]) for name, d in details.items()}  # LiteRT: int32 ids
+            self.litert = LiteRTRunner(threads=threads)
+            self.artifact = Artifact("tflite", path, TFLiteTarget().read_inputs(path), [])
+            self.sig = self.litert.session(path)
+            self.static_len = None if self.sig.buckets else int(self.artifact.inputs[0].shape[1])
             self.batch_dynamic = False
             self.session = None
             return
@@ -181,9 +190,9 @@ class Runner:
             ids = np.pad(ids, ((0, 0), (0, pad)))
             mask = np.pad(mask, ((0, 0), (0, pad)))
         if self.session is None:
-            out = self.sig(input_ids=ids.astype(self.dtypes["input_ids"]),
-                           attention_mask=mask.astype(self.dtypes["attention_mask"]))
-            return next(iter(out.values()))
+            order = {"input_ids": ids, "attention_mask": mask}
+            return self.litert.run(self.artifact, tuple(order[s.name] for s in self.artifact.inputs),
+                                   session=self.sig)[0]
         ids, mask = ids.astype(np.int64), mask.astype(np.int64)
         return self.session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
 
@@ -212,7 +221,7 @@ def render(result: dict) -> str:
              "| artifact | shape | b1 ms/sentence | b1 speed | b32 ms/sentence | b32 speed | cosine | NN agreement |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for key, r in rows.items():
-        shape = f"static 1x{r['static']}" if r["static"] else "dynamic"
+        shape = f"static 1x{r['static']}" if r["static"] else "buckets" if "buckets" in key else "dynamic"
         b32 = (f"{r['b32_ms']:.3f} | {r['b32_speed']:.2f}x" if "b32_ms" in r else "- | -")
         lines.append(f"| {key} | {shape} | {r['b1_ms']:.3f} | {r['b1_speed']:.2f}x | {b32} | "
                      f"{r['cosine_mean']:.4f} | {r['nn_agreement']:.3f} |")
