@@ -5,13 +5,13 @@
 Against the ordinary recipe a skilled user follows (TorchScript ONNX export with dynamic batch and sequence
 axes, onnxruntime's BERT fusions, ``quantize_dynamic``), built here: slimx's artifacts (``slimx export
 minilm``, dynamic sequence axis by default, with ``--batch 1..32`` for the batch-32 column; its dynamic int8;
-its static int8), slimx's static 1x128 artifact
-(``--static``), TFLite in LiteRT (one signature per length bucket, and static 1x128), and the compression
-passes (LRT, DSFormer, with distillation) at real lengths. Calibration sentences (stdlib docstrings
-0..calib) and evaluation sentences (offset 2000) are disjoint. Timing: batch 1, each sentence at its real
-length (the static artifacts pad to their shape, the bucketed ones to their bucket); batch 32 padded to the longest sentence in the batch; every artifact timed
-in each of ``--rounds`` interleaved rounds (order shuffled per round), the median over rounds kept. Fidelity:
-cosine of each sentence's embedding to PyTorch's, and nearest-neighbour agreement over the evaluation set.
+its static int8), slimx's static 1x128 artifact (``--static``), TFLite in LiteRT (one signature per length
+bucket, and static 1x128), and the compression passes (LRT, DSFormer, with distillation) at real lengths.
+Calibration sentences (stdlib docstrings 0..calib) and evaluation sentences (offset 2000) are disjoint.
+Timing: batch 1, each sentence at its real length (static artifacts pad to their shape, bucketed ones to
+their bucket); batch 32 padded to the longest sentence in the batch; every artifact timed in each of
+``--rounds`` interleaved rounds (order shuffled per round), the median over rounds kept. Fidelity: cosine of
+each sentence's embedding to PyTorch's, and nearest-neighbour agreement over the evaluation set.
 Writes ``bench/results/real_length_minilm.{md,json}``.
 """
 
