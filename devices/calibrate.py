@@ -17,6 +17,7 @@ import datetime as _dt
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import numpy as np
 from slimx._core.errors import UsageError
 from slimx.devices.estimator import Features, Setting, rates, settings_of, total_ms
 from slimx.devices.opmix import OP_CLASSES, OpCost, op_mix
-from slimx.devices.records import PARAMS, PRIOR
+from slimx.devices.records import BASELINE_KEYS, PARAMS, PRIOR
 
 OPMIX_VERSION = 7  # bump when op pricing changes, so cached op mixes are rebuilt
 RIDGE = 0.02  # pull of the prior, per parameter, in log space (keeps parameters sane where data cannot tell)
@@ -177,10 +178,13 @@ def samples_for(rows: list[dict], progress=None) -> list[Sample]:
 
 
 def setup_groups(rows: list[dict]) -> tuple[np.ndarray, list[str]]:
-    """Measurement setups of published rows (their ``runtime`` text), the first row's being the reference.
+    """Measurement setups of published rows (their ``runtime`` text), the reference (index 0) being the newest.
 
-    A row whose runtime says "same setup as ..." joins the reference: that is how the tables mark rows
-    timed alongside the reference rows. Microbench rows share one setup.
+    Setups are data: the newest (the latest year its rows' sources name; ties: more rows) is the one estimates
+    are for. A row whose runtime says "same setup as ..." joins the setup of the rows it names (the first
+    setup in file order, as the tables write it). Another setup gets its own factor only where the same model
+    was measured in both setups: otherwise its offset could not be told apart from its models' families, and
+    its rows join the reference. Microbench rows share one setup.
     """
     names: list[str] = []
     index = []
@@ -191,7 +195,18 @@ def setup_groups(rows: list[dict]) -> tuple[np.ndarray, list[str]]:
         if text not in names:
             names.append(text)
         index.append(names.index(text))
-    return np.asarray(index, dtype=int), names
+    index = np.asarray(index, dtype=int)
+    if len(names) < 2:
+        return index, names
+    years = [max([int(y) for r, i in zip(rows, index, strict=True) if i == k
+                  for y in re.findall(r"\b(20[0-4]\d)\b", r.get("source") or "")] or [0]) for k in range(len(names))]
+    order = sorted(range(len(names)), key=lambda k: (-years[k], -int(np.sum(index == k))))
+    models = [{(r.get("timm_name"), r.get("input_size")) for r, i in zip(rows, index, strict=True) if i == k}
+              for k in range(len(names))]
+    reference = order[0]
+    kept = [reference] + [k for k in order[1:] if models[k] & models[reference]]
+    remap = {k: kept.index(k) if k in kept else 0 for k in range(len(names))}
+    return np.asarray([remap[i] for i in index], dtype=int), [names[k] for k in kept]
 
 
 def _bounds(name: str) -> tuple[float, float]:
@@ -273,10 +288,9 @@ def cross_validate(features: list[Features], measured: np.ndarray, device, setti
         pred = predict([features[i] for i in test], params, device, setting,
                        None if setups is None else np.asarray(setups)[test])
         errors[test] = (pred / measured[test] - 1.0) * 100.0
-    within = float(np.mean(np.abs(errors) <= 15.0))
-    return {"method": "leave-one-out" if k == n else f"{k}-fold", "errors_pct": errors.round(2).tolist(),
-            "mape_pct": round(float(np.mean(np.abs(errors))), 2), "within_15pct": round(within, 3),
-            "max_abs_pct": round(float(np.max(np.abs(errors))), 2)}
+    from slimx.devices.validation import summarize
+
+    return summarize(measured * (1 + errors / 100.0), measured, "leave-one-out" if k == n else f"{k}-fold")
 
 
 def classes_in(features: list[Features]) -> list[str]:
@@ -293,8 +307,23 @@ def free_params_for(n_rows: int, classes: list[str]) -> tuple[str, ...]:
     return tuple(free)
 
 
-def calibrate_device(device, rows: list[dict], data_name: str, progress=None) -> dict:
-    """Fit every setting that has rows; return {setting: {params, cv, rows}} and the skipped counts."""
+def calibrate_device(device, rows: list[dict], data_name: str, progress=None, nested: bool = False) -> dict:
+    """Fit every setting that has rows; return {setting: {params, cv, rows, ...}} and the skipped counts.
+
+    Each setting gets the per-op model and the baseline (``validation``), both scored by leave-one-family-out;
+    the one with the lower grouped error ships (the per-op model on a tie), and its grouped error and interval
+    are what estimates state. Fewer than 3 families: leave-one-out, per-op model, and the report says so.
+    ``nested``: also measure each model's interval coverage on unseen families (``nested_coverage``; slower).
+    """
+    from slimx.devices.validation import (
+        baseline_features,
+        family_of,
+        fit_baseline,
+        grouped_cv,
+        nested_coverage,
+        predict_baseline,
+    )
+
     groups, skipped = assign_rows(rows, device)
     if not groups:
         why = "; ".join(f"{n} row(s): {w}" for w, n in skipped.items()) or "no rows"
@@ -313,18 +342,47 @@ def calibrate_device(device, rows: list[dict], data_name: str, progress=None) ->
         params = fit_params(feats, measured, device, setting, free, setups=setups)
         pred = predict(feats, params, device, setting, setups)
         offsets = params.pop("setup_offsets")
-        cv = cross_validate(feats, measured, device, setting, free, setups=setups)
+        families = [family_of(s.spec) for s in samples]
+        factor = np.exp(np.asarray(offsets)[setups])  # measured / reference-setup latency, per row
+
+        def per_op(train, test, feats=feats, measured=measured, setting=setting, free=free, setups=setups):
+            fit = fit_params([feats[i] for i in train], measured[train], device, setting, free, setups=setups[train])
+            offs, held = np.asarray(fit["setup_offsets"]), setups[test]
+            off = np.where(held < len(offs), offs[np.minimum(held, len(offs) - 1)], 0.0)  # unseen setup: none
+            return predict([feats[i] for i in test], fit, device, setting) * np.exp(off)
+
+        x = np.array([baseline_features(f) for f in feats])
+
+        def baseline(train, test, x=x, measured=measured, factor=factor):
+            return predict_baseline(x[test], fit_baseline(x[train], measured[train] / factor[train])) * factor[test]
+
+        cv_op = grouped_cv(len(samples), families, per_op, measured)
+        cv_base = grouped_cv(len(samples), families, baseline, measured)
+        coef = fit_baseline(x, measured / factor)
+        if cv_op.get("errors_pct"):
+            model = "per-op" if cv_op["mape_pct"] <= cv_base["mape_pct"] else "baseline"
+            cv = cv_op if model == "per-op" else cv_base
+        else:  # too few families to leave one out: leave-one-row-out, the per-op model
+            model, cv = "per-op", cross_validate(feats, measured, device, setting, free, setups=setups)
+        fitted = pred if model == "per-op" else predict_baseline(x, coef) * factor
         fits[key] = {"params": params, "free": list(free), "cv": cv, "rows": len(samples), "data": data_name,
-                     "classes": classes,
+                     "classes": classes, "model": model, "baseline": coef,
+                     "cv_per_op": {k: v for k, v in cv_op.items() if k != "errors_pct"},
+                     "cv_baseline": {k: v for k, v in cv_base.items() if k != "errors_pct"},
+                     "families": sorted(set(families)),
                      "setups": [{"setup": name, "factor": round(math.exp(off), 4), "rows": int(np.sum(setups == i))}
                                 for i, (name, off) in enumerate(zip(setup_names, offsets, strict=True))],
-                     "table": [{"label": s.label, "measured_ms": round(s.measured_ms, 4),
+                     "table": [{"label": s.label, "family": fam, "measured_ms": round(s.measured_ms, 4),
                                 "fitted_ms": round(float(p), 4),
                                 "held_out_error_pct": cv["errors_pct"][i] if cv["errors_pct"] else None}
-                               for i, (s, p) in enumerate(zip(samples, pred, strict=True))]}
+                               for i, (s, fam, p) in enumerate(zip(samples, families, fitted, strict=True))]}
+        if nested:
+            fits[key]["coverage"] = {"per-op": nested_coverage(families, per_op, measured),
+                                     "baseline": nested_coverage(families, baseline, measured)}
         if progress is not None:
-            progress.note(f"{key}: {len(samples)} rows, {cv['method']} error {cv.get('mape_pct', float('nan')):.1f}% "
-                          f"(within ±15%: {cv.get('within_15pct', 0) * 100:.0f}%)")
+            progress.note(f"{key}: {len(samples)} rows, {len(set(families))} families; {cv['method']} error: "
+                          f"per-op {cv_op.get('mape_pct', float('nan')):.1f}%, baseline "
+                          f"{cv_base.get('mape_pct', float('nan')):.1f}%; ships {model}")
     return {"fits": fits, "skipped": skipped}
 
 
@@ -357,7 +415,9 @@ def estimator_table(estimator: dict, default: str | None):
     return table
 
 
-_FIT_KEYS = (*PARAMS, "switch_us", "expected_error_pct", "fit_rows", "fit_classes", "fit_setups", "fit_host")
+_FIT_KEYS = (*PARAMS, "switch_us", "expected_error_pct", "fit_rows", "fit_classes", "fit_setups", "fit_host",
+             "model", *BASELINE_KEYS, "interval_low", "interval_high", "cv_method", "fit_families",
+             "per_op_error_pct", "baseline_error_pct", "spearman")
 
 
 def merged_estimator(device, fits: dict) -> dict:
@@ -380,9 +440,35 @@ def merged_estimator(device, fits: dict) -> dict:
             cv = fit["cv"]
             if cv.get("mape_pct") is not None:
                 table["expected_error_pct"] = cv["mape_pct"]
-                table["expected_error_pct_source"] = (f"{cv['method']} mean absolute error of the same fit on "
-                                                      f"{fit['data']} ({today}); within ±15%: "
+                table["expected_error_pct_source"] = (f"{cv['method']} mean absolute error of the {fit['model']} "
+                                                      f"fit on {fit['data']} ({today}); median "
+                                                      f"{cv['median_abs_pct']:.1f}%, within ±15%: "
                                                       f"{cv['within_15pct'] * 100:.0f}% of rows")
+                table["cv_method"] = cv["method"]
+            if "model" in fit:
+                table["model"] = fit["model"]
+                table["model_source"] = (
+                    f"the fit with the lower {cv['method']} error on {fit['data']} ({today}): per-op "
+                    f"{fit['cv_per_op'].get('mape_pct', 'n/a')}%, baseline {fit['cv_baseline'].get('mape_pct', 'n/a')}%"
+                    if fit["cv_per_op"].get("mape_pct") is not None else
+                    "per-op (too few families in the data to compare it with the baseline by grouped CV)")
+                for name in BASELINE_KEYS:
+                    table[name] = round(float(fit["baseline"][name]), 6)
+                    table[f"{name}_source"] = f"baseline fitted by `slimx devices calibrate` on {fit['data']} ({today})"
+                table["fit_families"] = fit["families"]
+                for name, part in (("per_op_error_pct", "cv_per_op"), ("baseline_error_pct", "cv_baseline")):
+                    if fit[part].get("mape_pct") is not None:
+                        table[name] = fit[part]["mape_pct"]
+                        table[f"{name}_source"] = (f"{fit[part]['method']} mean absolute error on {fit['data']} "
+                                                   f"({today})")
+            if cv.get("interval_factors"):
+                table["interval_low"], table["interval_high"] = cv["interval_factors"]
+                table["interval_low_source"] = table["interval_high_source"] = (
+                    f"10th/90th percentile of measured / estimated over the {cv['method']} held-out rows of "
+                    f"{fit['data']} ({today}): sized to cover 80% of unseen models")
+                table["spearman"] = cv["spearman"]
+                table["spearman_source"] = (f"rank correlation of the {cv['method']} held-out estimates with the "
+                                            f"measurements of {fit['data']} ({today})")
             table["fit_rows"] = fit["rows"]
             table["fit_rows_source"] = where
             table["fit_classes"] = fit["classes"]
@@ -470,9 +556,13 @@ def scale_from(device_name: str, base_name: str, extra_error_pct: float = 15.0, 
                 if name in src:
                     table[name] = src[name]
                     table[f"{name}_source"] = f"scaled from {base.name} ({src.get(name + '_source', '')})"
-            table["expected_error_pct"] = round(float(src["expected_error_pct"]) + extra_error_pct, 1)
+            # the per-op model is what carries over by peak rates: its own held-out error, whichever model the
+            # base ships
+            base_error = float(src.get("per_op_error_pct", src["expected_error_pct"]))
+            table["expected_error_pct"] = round(base_error + extra_error_pct, 1)
+            how = f", {src['cv_method']}" if "cv_method" in src else ""
             table["expected_error_pct_source"] = (
-                f"{base.name}'s held-out error ({src['expected_error_pct']}%) plus {extra_error_pct:g} points for "
+                f"{base.name}'s per-op held-out error ({base_error}%{how}) plus {extra_error_pct:g} points for "
                 f"carrying its efficiencies over to {device.name} by peak rates (not measured on {device.name})")
             table["scaled_from"] = base.name
             table["fit_classes"] = src.get("fit_classes", [])

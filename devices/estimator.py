@@ -150,6 +150,12 @@ def estimate_latency(costs: list[OpCost], device, setting: Setting | None = None
     per_op_ms = price(feats, params, peak, fallback_peak, bw) if costs else np.zeros(0)
     fixed_ms = params["fixed_overhead_us"] * 1e-3 + feats.switches * params["switch_us"] * 1e-3
     total = float(per_op_ms.sum() + fixed_ms)
+    if setting.model == "baseline" and setting.baseline:  # the fit that generalised better: its total, and the
+        from slimx.devices.validation import baseline_features, predict_baseline  # per-op shares scaled to it
+
+        base = float(predict_baseline(baseline_features(feats)[None, :], setting.baseline)[0])
+        scale = base / total if total else 1.0
+        per_op_ms, fixed_ms, total = per_op_ms * scale, fixed_ms * scale, base
     by_class: dict[str, dict] = {}
     by_module: dict[str, float] = {}
     rows = []
@@ -181,6 +187,9 @@ def estimate_latency(costs: list[OpCost], device, setting: Setting | None = None
         "fixed_ms": round(fixed_ms, 4),
         "expected_error_pct": None if error is None else round(float(error), 1),
         "expected_error_source": setting.expected_error_source,
+        "interval_ms": interval_of(total, setting),
+        "model": setting.model,
+        "cv_method": setting.cv_method,
         "calibrated": setting.calibrated,
         "unfitted_share": round(prior_ms / total, 3) if total else 0.0,
         "fit_host": setting.fit_host,
@@ -193,6 +202,18 @@ def estimate_latency(costs: list[OpCost], device, setting: Setting | None = None
         "per_node": [{**r, "gflop": round(r["gflop"], 5), "mbytes": round(r["mbytes"], 4), "ms": round(r["ms"], 5)}
                      for r in rows[:top]],
     }
+
+
+def interval_of(total_ms: float, setting: Setting) -> list[float] | None:
+    """The estimate's interval: the fit's held-out measured/estimated factors (sized to cover 80% of unseen
+    models), else the stated error either side, else None (not calibrated)."""
+    if setting.interval is not None:
+        lo, hi = setting.interval
+    elif setting.expected_error_pct is not None:
+        lo, hi = 1 - setting.expected_error_pct / 100, 1 + setting.expected_error_pct / 100
+    else:
+        return None
+    return [round(total_ms * max(lo, 0.0), 4), round(total_ms * hi, 4)]
 
 
 class EstimatorLatencyModel:
@@ -225,10 +246,8 @@ class EstimatorLatencyModel:
 
         est = estimate_latency(op_mix(export_program(module, example_inputs)), self.profile, self.setting, top=0)
         out = {"ms": est["total_ms"], "kind": self.kind, "device": self.device, "setting": self.setting.key}
-        error = est["expected_error_pct"]
-        if error is not None:
-            out["interval_ms"] = [round(est["total_ms"] * (1 - error / 100), 4),
-                                  round(est["total_ms"] * (1 + error / 100), 4)]
+        if est["interval_ms"] is not None:
+            out["interval_ms"] = est["interval_ms"]
         return out
 
 
@@ -244,6 +263,10 @@ def describe(est: dict, device) -> str:
     """One line saying what the estimate is and how far to trust it."""
     error = est.get("expected_error_pct")
     err = f"expected error ±{error:.0f}%" if error is not None else "expected error unknown (not calibrated)"
+    interval = est.get("interval_ms")
+    if interval and error is not None:
+        cv = est.get("cv_method") or "held-out rows"
+        err = f"80% interval {interval[0]:.3f}-{interval[1]:.3f} ms, expected error ±{error:.0f}% ({cv})"
     how = f", scaled from {est['scaled_from']} by peak rates" if est.get("scaled_from") else ""
     basis = f" [{est['expected_error_source']}]" if est.get("expected_error_source") else ""
     if est.get("fit_host") and device.measured:

@@ -62,7 +62,11 @@ class ComputeUnit:
 # keys of an estimator setting that are not fitted figures
 _SETTING_KEYS = {"runtime", "unit", "dtype", "fallback_unit", "fallback_classes", "match", "exclude", "match_device",
                  "scale_setting", "scaled_from", "fuse_add", "expected_error_pct", "fit_rows", "fit_classes",
-                 "fit_host", "fit_setups"}
+                 "fit_host", "fit_setups", "model", "interval_low", "interval_high", "cv_method", "fit_families",
+                 "per_op_error_pct", "baseline_error_pct", "spearman"}
+# the baseline's terms (``devices.validation``): latency = ms_per_gmac * GMACs + us_per_op * ops / 1000
+# + ms_per_gb * GB moved + fixed_ms
+BASELINE_KEYS = ("ms_per_gmac", "us_per_op", "ms_per_gb", "fixed_ms")
 
 
 @dataclass
@@ -87,11 +91,21 @@ class EstimatorSetting:
     exclude: tuple[str, ...] = ()  # words that keep a row out
     match_device: str | None = None  # the device name a published row must carry
     scale_setting: str | None = None  # the setting of another device this one is scaled from
+    model: str = "per-op"  # which fit estimates: the per-op model, or the baseline where it generalised better
+    baseline: dict = field(default_factory=dict)  # the baseline's coefficients (BASELINE_KEYS)
+    interval: tuple[float, float] | None = None  # measured / estimated factors covering 80% of unseen models
+    cv_method: str = ""  # how the expected error was measured (leave-one-family-out, ...)
 
     @classmethod
     def from_table(cls, key: str, table: dict, default_runtime: str, where: str) -> EstimatorSetting:
         """A ``[estimator.<key>]`` table as a setting; unknown keys are refused."""
-        values, sources = _split_sources(table, {*PARAMS, "switch_us", *_SETTING_KEYS}, f"{where} estimator.{key}")
+        values, sources = _split_sources(table, {*PARAMS, "switch_us", *_SETTING_KEYS, *BASELINE_KEYS},
+                                         f"{where} estimator.{key}")
+        model = values.get("model", "per-op")
+        if model not in ("per-op", "baseline"):
+            raise ValueError(f"{where} estimator.{key}: model {model!r} is neither 'per-op' nor 'baseline'")
+        interval = ((float(values["interval_low"]), float(values["interval_high"]))
+                    if "interval_low" in values and "interval_high" in values else None)
         runtime = values.get("runtime", default_runtime)
         return cls(key=key, runtime=runtime, unit=values.get("unit", "cpu"), dtype=values.get("dtype", "fp32"),
                    fallback_unit=values.get("fallback_unit"),
@@ -104,7 +118,9 @@ class EstimatorSetting:
                    fit_classes=frozenset(values.get("fit_classes", ())), fit_host=values.get("fit_host", ""),
                    fallback_classes=frozenset(values.get("fallback_classes", ())),
                    match=tuple(values.get("match", ())), exclude=tuple(values.get("exclude", ())),
-                   match_device=values.get("match_device"), scale_setting=values.get("scale_setting"))
+                   match_device=values.get("match_device"), scale_setting=values.get("scale_setting"),
+                   model=model, baseline={k: float(values[k]) for k in BASELINE_KEYS if k in values},
+                   interval=interval, cv_method=values.get("cv_method", ""))
 
     def param(self, name: str) -> float:
         return float(self.params.get(name, PRIOR[name]))
@@ -175,6 +191,9 @@ class Latency:
         if self.kind == "estimated":
             err = d.get("expected_error_pct")
             err_text = f"±{err:.0f}%" if err is not None else "error unknown"
+            if d.get("interval_ms") and err is not None:
+                lo, hi = d["interval_ms"]
+                err_text = f"80% interval {lo:.3f}-{hi:.3f} ms, {err_text}"
             return (f"{self.device} estimated: {self.ms:.3f} ms ({err_text}, {d.get('setting')}; "
                     f"not measured: no device here)")
         if self.kind == "none":

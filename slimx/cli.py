@@ -353,9 +353,19 @@ def _calibrate(args) -> int:
         return 0
     for key, fit in result["fits"].items():
         cv = fit["cv"]
-        print(f"{args.name} / {key}: {fit['rows']} rows; fitted {', '.join(fit['free'])}")
-        print(f"  held-out error ({cv['method']}): mean {cv.get('mape_pct', float('nan')):.1f}%, "
-              f"max {cv.get('max_abs_pct', float('nan')):.1f}%, within ±15%: {cv.get('within_15pct', 0) * 100:.0f}%")
+        print(f"{args.name} / {key}: {fit['rows']} rows, {len(fit.get('families', []))} families; fitted "
+              f"{', '.join(fit['free'])}")
+        for name, part in (("per-op model", "cv_per_op"), ("baseline", "cv_baseline")):
+            got = fit.get(part) or {}
+            if got.get("mape_pct") is not None:
+                print(f"  {name:<12} {got['method']}: mean {got['mape_pct']:.1f}%, median "
+                      f"{got['median_abs_pct']:.1f}%, within ±15%: {got['within_15pct'] * 100:.0f}%, "
+                      f"Spearman {got['spearman']:.2f}")
+        print(f"  ships the {fit.get('model', 'per-op')} fit; held-out error ({cv['method']}): mean "
+              f"{cv.get('mape_pct', float('nan')):.1f}%, max {cv.get('max_abs_pct', float('nan')):.1f}%, within ±15%: "
+              f"{cv.get('within_15pct', 0) * 100:.0f}%"
+              + (f"; 80% interval x{cv['interval_factors'][0]:.2f}-x{cv['interval_factors'][1]:.2f}"
+                 if cv.get("interval_factors") else ""))
         for row in fit["table"]:
             held = row["held_out_error_pct"]
             print(f"    {row['label']:<34} measured {row['measured_ms']:>9.3f}  fitted {row['fitted_ms']:>9.3f}  "
@@ -431,7 +441,8 @@ def _show(profile) -> str:
             how = f"scaled from {setting.scaled_from}, expected error ±{setting.expected_error_pct:.0f}%"
         elif setting.calibrated:
             rows = setting.fit.get("fit_rows", "?")
-            how = f"fitted on {rows} rows, expected error ±{setting.expected_error_pct:.0f}%"
+            how = (f"{setting.model} model fitted on {rows} rows, expected error ±{setting.expected_error_pct:.0f}%"
+                   + (f" ({setting.cv_method})" if setting.cv_method else ""))
         else:
             how = "not calibrated"
         mark = " (default)" if key == default else ""

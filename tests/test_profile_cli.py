@@ -30,7 +30,7 @@ def test_efficientformer_on_iphone12_is_estimated_near_the_published_figure(caps
     assert code == 0
     first = out.splitlines()[0]
     assert first.startswith("estimated for Apple iPhone 12") and "expected error ±" in first
-    assert "leave-one-out" in first
+    assert "leave-one-family-out" in first and "80% interval" in first, "the grouped error and its interval"
     ms = float(re.search(r": ([0-9.]+) ms", first).group(1))
     assert abs(ms / 1.6 - 1) <= 0.15, f"{ms} ms vs the published 1.6 ms"
     assert "per op class:" in out and "per module:" in out and "stages." in out

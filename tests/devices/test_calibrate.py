@@ -39,7 +39,8 @@ def test_microbench_then_calibrate_host(tmp_path, scratch_profiles):
     result = calibrate("host", out)
     assert result["path"].parent == scratch_profiles, "the host's fit goes to the user copy, not the package"
     fit = result["fits"]["onnxruntime-cpu-fp32"]
-    assert fit["rows"] == 12 and fit["cv"]["method"] == "leave-one-out"
+    assert fit["rows"] == 12 and fit["cv"]["method"] == "leave-one-case-out (12 cases)", "cases: each its own group"
+    assert fit["model"] in ("per-op", "baseline") and fit["cv_baseline"]["mape_pct"] >= 0
     data = tomllib.loads(result["path"].read_text())
     assert check_sources(data) == []
     setting = settings_of(load_device("host"))["onnxruntime-cpu-fp32"]
@@ -60,10 +61,14 @@ def test_calibrate_from_a_published_table(tmp_path, scratch_profiles):
     assert result["skipped"] == {"no timm model for the row": 1, "runtime/device matches no setting of this profile": 1}
     fit = result["fits"]["coreml-ane-fp16"]
     assert fit["rows"] == 3 and len(fit["cv"]["errors_pct"]) == 3
+    assert fit["cv"]["method"] == "leave-one-family-out (3 families)" and fit["families"] == ["efficientnet",
+                                                                                             "resnet", "vit"]
     text = out.read_text()
     assert text.count("# >>> estimator settings") == 1 and "16-core Neural Engine" in text, "rest of the file kept"
     data = tomllib.loads(text)
-    assert data["estimator"]["coreml-ane-fp16"]["fit_rows"] == 3 and check_sources(data) == []
+    written = data["estimator"]["coreml-ane-fp16"]
+    assert written["fit_rows"] == 3 and check_sources(data) == []
+    assert written["model"] == fit["model"] and written["interval_low"] < 1 < written["interval_high"]
 
 
 def test_scale_from_carries_efficiencies_with_added_error(tmp_path):

@@ -1,0 +1,160 @@
+"""How far a latency fit can be trusted on models it never saw: grouped cross-validation, a small baseline to
+beat, and intervals sized from held-out residuals.
+
+Leave-one-row-out flatters a fit: a row's siblings (EfficientFormer-L3 when L1 is held out) stay in the
+training set, so an error that is really "this family runs differently" never shows. Here rows are grouped
+by architecture family (``efficientformer``, ``efficientformerv2``, ``repvit``, ``resnet``, ...) and every
+family is predicted by a fit that saw none of it. That figure is what an estimate states as its expected
+error, and the interval an estimate carries is cut from the same held-out residuals (the 10th and 90th
+percentile of measured / predicted), so that it is expected to cover 80% of unseen models.
+
+The baseline is latency = a * GMACs + b * op count + c * MB moved + d (non-negative, relative-error
+weighted least squares): the per-op model ships for a setting only where its grouped error is at or below
+the baseline's.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import numpy as np
+
+INTERVAL_COVERAGE = 0.8  # the share of unseen models an interval is sized to cover
+_FAMILY = re.compile(r"^(?:tf_|tv_|test_)?([a-z]+?(?:v\d+)?)(?=\d|_|$)")
+
+
+def family_of(spec: str) -> str:
+    """The architecture family of a sample: a timm model's name without its size. A microbench case is its
+    own group: the cases are single ops chosen to pin the per-op parameters, not model families.
+
+    Example:
+        >>> [family_of(s) for s in ("timm:efficientformer_l1@224", "timm:efficientformerv2_s0@224",
+        ...                         "timm:resnet50@224", "timm:mobilenetv3_large_100@224",
+        ...                         "timm:tf_mobilenetv3_large_100@224", "case:linear/t128/384x1536")]
+        ['efficientformer', 'efficientformerv2', 'resnet', 'mobilenetv3', 'mobilenetv3', 'case:linear/t128/384x1536']
+    """
+    kind, _, rest = spec.partition(":")
+    if kind == "case":
+        return spec
+    name = rest.split("@")[0].lower()
+    match = _FAMILY.match(name)
+    return match.group(1) if match else name
+
+
+def grouped_cv(n: int, groups: list[str], fit_predict: Callable[[np.ndarray, np.ndarray], np.ndarray],
+               measured: np.ndarray) -> dict:
+    """Leave-one-group-out: each group predicted by ``fit_predict(train_idx, test_idx)`` fitted without it.
+
+    Returns signed % errors per row, their summary (mean and median absolute, within ±15%, Spearman rank
+    correlation of predicted vs measured) and the interval factors: the (1 - c) / 2 and (1 + c) / 2 quantiles
+    of measured / predicted over the held-out rows, c = ``INTERVAL_COVERAGE``.
+    """
+    names = sorted(set(groups))
+    what = "case" if all(g.startswith("case:") for g in names) else "family"
+    plural = "cases" if what == "case" else "families"
+    if len(names) < 3:
+        return {"method": f"none ({len(names)} {plural}: too few to leave one out)", "errors_pct": [],
+                "groups": names}
+    index = np.asarray([names.index(g) for g in groups])
+    pred = np.empty(n)
+    for g in range(len(names)):
+        test = np.flatnonzero(index == g)
+        train = np.flatnonzero(index != g)
+        pred[test] = fit_predict(train, test)
+    return summarize(pred, measured, f"leave-one-{what}-out ({len(names)} {plural})", names)
+
+
+def summarize(pred: np.ndarray, measured: np.ndarray, method: str, groups: list[str] | None = None) -> dict:
+    """Held-out errors of ``pred`` against ``measured`` and the interval factors they imply."""
+    errors = (pred / measured - 1.0) * 100.0
+    ratio = measured / pred
+    lo_q, hi_q = (1 - INTERVAL_COVERAGE) / 2, (1 + INTERVAL_COVERAGE) / 2
+    out = {"method": method, "errors_pct": errors.round(2).tolist(),
+           "mape_pct": round(float(np.mean(np.abs(errors))), 2),
+           "median_abs_pct": round(float(np.median(np.abs(errors))), 2),
+           "within_15pct": round(float(np.mean(np.abs(errors) <= 15.0)), 3),
+           "max_abs_pct": round(float(np.max(np.abs(errors))), 2),
+           "spearman": round(spearman(pred, measured), 3),
+           "interval_factors": [round(float(np.quantile(ratio, lo_q)), 4), round(float(np.quantile(ratio, hi_q)), 4)]}
+    if groups is not None:
+        out["groups"] = groups
+    return out
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation (average ranks for ties).
+
+    Example:
+        >>> spearman(np.array([1.0, 2.0, 3.0]), np.array([10.0, 30.0, 20.0]))
+        0.5
+    """
+    from scipy.stats import spearmanr
+
+    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(spearmanr(a, b).statistic)
+
+
+def nested_coverage(groups: list[str], fit_predict: Callable[[np.ndarray, np.ndarray], np.ndarray],
+                    measured: np.ndarray) -> dict:
+    """How often the stated interval covers an unseen family, measured honestly: for each family, the interval
+    is cut from a grouped CV over the *other* families only, then the family is predicted by a fit without it
+    and its rows are checked against that interval. Needs 4 or more families (3 left for the inner CV)."""
+    names = sorted(set(groups))
+    if len(names) < 4:
+        return {"method": "none (needs 4 or more families)", "coverage": None}
+    index = np.asarray([names.index(g) for g in groups])
+    inside = np.zeros(len(groups), dtype=bool)
+    for g in range(len(names)):
+        rest = np.flatnonzero(index != g)
+        test = np.flatnonzero(index == g)
+        inner = grouped_cv(len(rest), [groups[i] for i in rest],
+                           lambda tr, te, rest=rest: fit_predict(rest[tr], rest[te]), measured[rest])
+        lo, hi = inner["interval_factors"]
+        pred = fit_predict(rest, test)
+        inside[test] = (measured[test] >= pred * lo) & (measured[test] <= pred * hi)
+    return {"method": f"nested leave-one-family-out ({len(names)} families)",
+            "coverage": round(float(inside.mean()), 3), "target": INTERVAL_COVERAGE}
+
+
+def interval_coverage(pred: np.ndarray, measured: np.ndarray, factors: list[float]) -> float:
+    """The share of rows whose measurement lies inside [pred * lo, pred * hi]."""
+    lo, hi = factors
+    return float(np.mean((measured >= pred * lo) & (measured <= pred * hi)))
+
+
+# --- the baseline ---------------------------------------------------------------------------------------
+
+BASELINE_TERMS = ("ms_per_gmac", "us_per_op", "ms_per_gb", "fixed_ms")
+
+
+def baseline_features(features) -> np.ndarray:
+    """[GMACs, op count, GB moved, 1] of a model's priced op mix (``estimator.Features``): what a
+    three-term linear latency model sees."""
+    from slimx.devices.opmix import COMPUTE_CLASSES, OP_CLASSES
+
+    compute = np.isin(features.cls, [OP_CLASSES.index(c) for c in COMPUTE_CLASSES])
+    gmacs = float(features.flops[compute].sum()) / 2e9
+    return np.array([gmacs, float(len(features.cls)) / 1e3, float(features.bytes.sum()) / 1e9, 1.0])
+
+
+def fit_baseline(x: np.ndarray, measured: np.ndarray) -> dict:
+    """Non-negative least squares on relative error: minimise sum(((x @ w) - y) / y)^2, w >= 0.
+
+    Example:
+        >>> x = np.array([[1.0, 1, 0, 1], [2, 1, 0, 1], [4, 2, 0, 1]])
+        >>> w = fit_baseline(x, x @ np.array([2.0, 0.5, 0, 0.1]))
+        >>> round(w["ms_per_gmac"], 3), round(w["fixed_ms"], 3)
+        (2.0, 0.1)
+    """
+    from scipy.optimize import nnls
+
+    a = x / measured[:, None]
+    w, _ = nnls(a, np.ones(len(measured)))
+    return {"ms_per_gmac": float(w[0]), "us_per_op": float(w[1]), "ms_per_gb": float(w[2]), "fixed_ms": float(w[3])}
+
+
+def predict_baseline(x: np.ndarray, coef: dict) -> np.ndarray:
+    w = np.array([coef[t] for t in BASELINE_TERMS])
+    return np.maximum(x @ w, 1e-6)
