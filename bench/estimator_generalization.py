@@ -29,23 +29,28 @@ TABLES = (("iphone12", "iphone12_coreml.csv"), ("jetson-nano", "jetson_tensorrt_
 
 
 def run(data_dir: Path) -> dict:
+    from slimx._core.errors import UsageError
     from slimx._core.progress import Progress
     from slimx.devices import load_device
     from slimx.devices.calibrate import calibrate_device, read_rows
 
-    rows = []
+    rows, skipped = [], []
     progress = Progress(total=1, enabled=True)
     for device_name, table in TABLES:
         print(f"{device_name} on {table} ...", file=sys.stderr)
-        result = calibrate_device(load_device(device_name), read_rows(data_dir / table), table, progress=progress,
-                                  nested=True)
+        try:
+            result = calibrate_device(load_device(device_name), read_rows(data_dir / table), table,
+                                      progress=progress, nested=True)
+        except UsageError as exc:  # a table whose rows calibrate none of this device's settings
+            skipped.append({"device": device_name, "data": table, "why": exc.line()})
+            continue
         for key, fit in result["fits"].items():
             rows.append({"device": device_name, "setting": key, "data": table, "rows": fit["rows"],
                          "families": fit["families"], "model": fit["model"], "per_op": fit["cv_per_op"],
                          "baseline": fit["cv_baseline"], "coverage": fit.get("coverage", {}),
                          "held_out": [{k: r[k] for k in ("label", "family", "measured_ms", "held_out_error_pct")}
                                       for r in fit["table"]]})
-    return {"fits": rows}
+    return {"fits": rows, "skipped": skipped}
 
 
 def _pct(cv: dict, key: str) -> str:
@@ -83,6 +88,8 @@ def render(result: dict) -> str:
         if key not in seen:
             seen.add(key)
             lines.append(f"- {f['device']} / {f['data']}: {', '.join(f['families'])}")
+    for s in result.get("skipped", []):
+        lines.append(f"- {s['device']} / {s['data']}: not used ({s['why']})")
     return "\n".join(lines)
 
 

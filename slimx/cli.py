@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--warmup", type=int, default=5)
     prof.add_argument("--threads", type=int, default=None)
     prof.add_argument("--top", type=int, default=12, help="rows of the per-op breakdown (default 12)")
+    prof.add_argument("--calibrate", action="store_true",
+                      help="host: time the microbenchmark suite here and fit the host's estimator first (about a "
+                           "minute; do it when the profile was fitted on another CPU)")
     prof.add_argument("--json", action="store_true", help="print the report's latency object as JSON")
     prof.add_argument("--quiet", "-q", action="store_true")
 
@@ -272,7 +275,8 @@ def _profile(args) -> int:
                          mode="estimate" if args.estimate else "measure" if args.measure else None,
                          input_shapes=tuple(args.input_shape), weights=args.weights, precision=args.precision,
                          setting=args.setting,
-                         runs=args.runs, warmup=args.warmup, threads=args.threads, top=args.top)
+                         runs=args.runs, warmup=args.warmup, threads=args.threads, top=args.top,
+                         calibrate=args.calibrate)
     progress = Progress(total=1, enabled=not (args.quiet or args.json))
     result = profile(req, progress)
     print(json.dumps(result, indent=2) if args.json else render(result, top=args.top))

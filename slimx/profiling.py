@@ -27,6 +27,7 @@ class ProfileRequest:
     warmup: int = 5
     threads: int | None = None
     top: int = 12
+    calibrate: bool = False  # host: time the microbenchmark suite here and fit the host profile first
     notes: list = field(default_factory=list)
 
 
@@ -79,6 +80,12 @@ def profile(req: ProfileRequest, progress=None) -> dict:
         raise UsageError(f"--measure on {device.name}", "no runner for that device exists on this host",
                          "run `slimx agent serve` on the device and pass --remote URL --token-file F, "
                          "or drop --measure to get an estimate")
+    if req.calibrate:
+        if device.name != "host":
+            raise UsageError(f"--calibrate on {device.name}", "times the microbenchmarks on this machine, so it "
+                             "calibrates only the host", f"calibrate {device.name} with `slimx devices calibrate "
+                             f"{device.name} --measurements CSV`, or drop --calibrate")
+        device = calibrate_host(_setting(device, req), req.threads, progress)
     if req.mode == "estimate" or not can_measure:
         if artifact_path is not None:
             raise UsageError(f"--estimate for {artifact_path.name}", "the estimator reads the PyTorch graph, and a "
@@ -86,6 +93,34 @@ def profile(req: ProfileRequest, progress=None) -> dict:
                              "with --remote or on the host")
         return estimate(req, device, progress)
     return measure(req, device, artifact_path, progress)
+
+
+HOST_CALIBRATION = {"runs": 20, "rounds": 2, "warmup": 3}  # about a minute for the suite on 2 cores
+
+
+def calibrate_host(setting, threads: int | None = None, progress=None):
+    """Time the microbenchmark suite with ``setting``'s runner on this machine and fit the host profile (written
+    to the user profile folder, the figures being this machine's); returns the reloaded host device."""
+    from slimx.devices import load_device
+    from slimx.devices.calibrate import calibrate
+    from slimx.devices.host import cache_dir, cpu_model
+    from slimx.devices.microbench import run_microbench
+    from slimx.devices.registry import reload_profiles
+    from slimx.devices.runners import default_runner_of
+
+    runner = default_runner_of(setting.runtime)
+    digest = "".join(c if c.isalnum() else "-" for c in cpu_model())[:40]
+    csv_path = cache_dir() / f"microbench-{runner}-{digest}.csv"
+    if progress is not None:
+        progress.note(f"timing the microbenchmark suite with {runner} on {cpu_model()} (about a minute)")
+    run_microbench(runner, csv_path, threads=threads, progress=progress, **HOST_CALIBRATION)
+    result = calibrate("host", csv_path, progress=progress)
+    if progress is not None:
+        fit = result["fits"].get(setting.key) or next(iter(result["fits"].values()))
+        progress.note(f"host calibrated: {fit['cv']['method']} error {fit['cv'].get('mape_pct', float('nan')):.1f}%; "
+                      f"wrote {result['path']}")
+    reload_profiles()
+    return load_device("host")
 
 
 def estimate(req: ProfileRequest, device, progress=None) -> dict:

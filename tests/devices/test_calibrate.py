@@ -96,3 +96,18 @@ def test_write_profile_never_writes_broken_toml(tmp_path):
     with pytest.raises(tomllib.TOMLDecodeError):
         write_profile(path, 'name = "x"\n[broken\n', {}, None)
     assert path.read_text() == 'name = "x"\n'
+
+
+def test_profile_calibrates_the_host_when_asked(capsys, scratch_profiles, monkeypatch):
+    from slimx import profiling
+    from slimx.cli import main
+
+    # the quick suite keeps the test fast; the flag's own default is the full suite in about a minute
+    monkeypatch.setattr(profiling, "HOST_CALIBRATION", {"runs": 3, "rounds": 1, "warmup": 1, "quick": True})
+    assert main(["profile", "tests.models:tiny_mlp", "--device", "host", "--estimate", "--calibrate", "-q"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    written = tomllib.loads((scratch_profiles / "host.toml").read_text())["estimator"]["onnxruntime-cpu-fp32"]
+    assert "microbench-onnxruntime" in written["fit_rows_source"] and written["fit_rows"] == 12
+    assert first.startswith("estimated for") and "leave-one-case-out (12 cases)" in first
+    assert main(["profile", "tests.models:tiny_mlp", "--device", "iphone12", "--calibrate"]) == 2
+    assert "calibrates only the host" in capsys.readouterr().err
