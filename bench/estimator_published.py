@@ -2,7 +2,8 @@
 
 For each table and device: the fit (least squares on log latency, the op mix of each model taken from its
 timm graph), the held-out error of every row (leave-one-family-out; see estimator_generalization.py), and
-the estimate for EfficientFormer-L1 on the iPhone 12 against its published 1.6 ms. The fits are written to a scratch copy of the profiles; the committed profiles
+the estimate for EfficientFormer-L1 on the iPhone 12 against its published 1.6 ms. The fits are written to
+a scratch copy of the profiles; the committed profiles
 are refreshed with `slimx devices calibrate DEVICE --measurements CSV`.
 
     python bench/estimator_published.py     # about 2 minutes the first time (exports), seconds after (cache)
