@@ -34,7 +34,8 @@ def test_torch_eager_runner_times_with_per_op_and_per_module():
     timing = get_runner("torch", threads=1).time(program, example, warmup=2, runs=10)
     assert timing.runtime == "torch" and timing.runs == 10 and timing.threads == 1
     assert timing.min_ms <= timing.median_ms <= timing.p90_ms <= timing.max_ms
-    assert any(op["op"].startswith("aten::conv") for op in timing.per_op)
+    # the convolution's self time lands in whichever aten op does the work (convolution, mkldnn_convolution, ...)
+    assert any("conv" in op["op"] for op in timing.per_op), timing.per_op
     assert {"conv1", "conv2", "head"} <= {n["module"] for n in timing.per_node}
 
 
