@@ -86,10 +86,16 @@ def program_to_onnx(program, path: Path, input_names: list[str], output_names: l
     try:
         onnx_program.save(str(tmp), external_data=False)
         model = onnx.load(str(tmp))
+        written = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+        if written != opset:  # the exporter converts between opsets only where the version converter can
+            raise UsageError(f"--opset {opset}", f"the exporter could not write this model at opset {opset} "
+                             f"(it wrote {written})", f"use --opset {written}, or leave --opset at its default")
         inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=False)
         onnx.checker.check_model(inferred, full_check=True)
         onnx.save(inferred, str(tmp))
         os.replace(tmp, path)
+    except UsageError:
+        raise
     except Exception as exc:
         raise SlimxFailure("ONNX model", f"failed its checks ({first_line(exc, 160)})",
                            "run with --debug and report the model") from exc

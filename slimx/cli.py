@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="CoreML compute units (default: the device's)")
     exp.add_argument("--palettize", type=int, default=keep, metavar="BITS", help="CoreML: palettize weights (iOS16+)")
     exp.add_argument("--dla-core", type=int, default=keep, help="TensorRT: build for this DLA core, GPU fallback")
-    exp.add_argument("--opset", type=int, default=keep, help=f"ONNX opset (default {d('opset')})")
+    exp.add_argument("--opset", type=int, default=keep, help="ONNX opset of the onnx and tensorrt formats (default 18)")
     exp.add_argument("--calib", default=keep, help="calibration data: .npz of inputs, text file, or image folder")
     exp.add_argument("--calib-samples", type=int, default=keep,
                      help=f"samples to use from --calib (default {d('calib_samples')})")
@@ -185,18 +185,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not args.debug:
         _quiet_libraries()
+    from slimx._core.errors import Terminated, terminate_on_signals
+
     try:
-        if args.command == "export":
-            return _export(args, argv)
-        if args.command == "data":
-            return _data(args)
-        if args.command == "eval":
-            return _eval(args)
-        if args.command == "profile":
-            return _profile(args)
-        if args.command == "agent":
-            return _agent(args)
-        return _devices(args)
+        with terminate_on_signals():
+            return _dispatch(args, argv)
     except SlimxError as exc:
         if args.debug:
             raise
@@ -205,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("slimx: interrupted", file=sys.stderr)
         return 130
+    except Terminated as exc:
+        print(f"slimx: terminated by {exc.name}; nothing half-written was left in the output folder",
+              file=sys.stderr)
+        return 128 + exc.signum
     except Exception as exc:  # an unexpected failure still gets one line
         if args.debug:
             raise
@@ -213,6 +210,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"slimx: error: {type(exc).__name__}: {first_line(exc)}; rerun with --debug for the trace",
               file=sys.stderr)
         return 1
+
+
+def _dispatch(args, argv: list[str]) -> int:
+    if args.command == "export":
+        return _export(args, argv)
+    if args.command == "data":
+        return _data(args)
+    if args.command == "eval":
+        return _eval(args)
+    if args.command == "profile":
+        return _profile(args)
+    if args.command == "agent":
+        return _agent(args)
+    return _devices(args)
 
 
 def _export(args, argv: list[str]) -> int:

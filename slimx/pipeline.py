@@ -65,7 +65,7 @@ class CompileConfig:
     device: str = "host"  # the flag is --target (the report's config keeps that name)
     format: str | None = None  # None: the device's default format
     precision: str | None = None  # None: the target's default (fp16 for coreml and tensorrt, else fp32)
-    opset: int = 18
+    opset: int | None = None  # ONNX opset for the formats written through ONNX (None: DEFAULT_OPSET)
     deployment_target: str | None = None
     compute_units: str | None = None
     palettize: int | None = None
@@ -236,8 +236,11 @@ def run_export(cfg: ExportConfig, progress: Progress | None = None) -> dict:
     prepared = resolve(cfg)
     progress.total = 8 if prepared.specs else 7
     out = prepared.out
-    created_out = not out.exists()
+    created = first_missing(out)  # the top folder this run creates (removed again if the run fails)
     staging = out / f".slimx-staging-{os.getpid()}"
+    for pid, stale in stale_stagings(out):
+        shutil.rmtree(stale, ignore_errors=True)
+        progress.warn(f"removed {stale.name}, left in {out} by a run that was killed (process {pid} is gone)")
     try:
         staging.mkdir(parents=True, exist_ok=False)
         prepare(cfg, prepared, progress)
@@ -250,13 +253,85 @@ def run_export(cfg: ExportConfig, progress: Progress | None = None) -> dict:
             publish(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
-        if created_out and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
+        remove_empty(out, created)
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     check_verdicts(proven.parity, compiled.artifact, out)
     return report
+
+
+ONNX_FORMATS = ("onnx", "tensorrt")  # the formats written through an ONNX file, which --opset sets
+
+
+def checked_opset(opset: int | None, target) -> int:
+    """The ONNX opset to write: ``--opset`` where the format goes through ONNX and the installed onnx knows it
+    (the exporter's own limits are checked on the written file), else a usage error."""
+    import onnx
+
+    from slimx.export.program import DEFAULT_OPSET
+
+    if opset is None:
+        return DEFAULT_OPSET
+    if target.name not in ONNX_FORMATS:
+        raise UsageError(f"--opset {opset}", f"the {target.name} format is not written through ONNX",
+                         "drop --opset (it applies to --format onnx and tensorrt)")
+    newest = onnx.defs.onnx_opset_version()
+    if not 7 <= opset <= newest:
+        raise UsageError(f"--opset {opset}", f"is outside the opsets onnx {onnx.__version__} knows (7..{newest})",
+                         f"give one in 7..{newest}; {DEFAULT_OPSET} is the default")
+    return opset
+
+
+def first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` that does not exist yet (what creating it would create), or None."""
+    path = Path(path).absolute()
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
+def remove_empty(path: Path, up_to: Path | None) -> None:
+    """Remove ``path`` and its parents while they are empty, stopping at ``up_to`` (a failed run leaves no folder
+    it created)."""
+    if up_to is None:
+        return
+    folder = Path(path).absolute()
+    while True:
+        if not folder.is_dir() or any(folder.iterdir()):
+            return
+        folder.rmdir()
+        if folder == up_to or up_to not in folder.parents:
+            return
+        folder = folder.parent
+
+
+def stale_stagings(out: Path) -> list[tuple[int, Path]]:
+    """Staging folders in OUT whose run is gone (killed by a signal that cannot be caught, or a power cut)."""
+    found = []
+    if not Path(out).is_dir():
+        return found
+    for item in Path(out).glob(".slimx-staging-*"):
+        try:
+            pid = int(item.name.rsplit("-", 1)[1])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not _alive(pid):
+            found.append((pid, item))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def resolve(cfg: ExportConfig) -> Prepared:
@@ -288,7 +363,7 @@ def resolve(cfg: ExportConfig) -> Prepared:
     if target.needs_torch and model.lower().endswith(".onnx"):
         raise UsageError(f"model {model}", f"the {target.name} target converts from the PyTorch program, "
                          "and an ONNX file has none", "start from the PyTorch model, or use --format onnx/tensorrt")
-    options = CompileOptions(precision=precision, opset=cfg.compile.opset,
+    options = CompileOptions(precision=precision, opset=checked_opset(cfg.compile.opset, target),
                              format_options=target.options(cfg.compile.format_option_values(), "--format options"),
                              quant=quant)
     target.validate(device, options)
@@ -430,7 +505,7 @@ def compile_artifact(cfg: ExportConfig, prepared: Prepared, compressed: Compress
             more = f" (and {count - 1} more)" if count > 1 else ""
             raise SlimxFailure(
                 f"op {op}" + (f" from module {where}" if where else "") + more,
-                f"the {target.name} format cannot express it at opset {cfg.compile.opset}",
+                f"the {target.name} format cannot express it at opset {prepared.options.opset}",
                 "replace that module with an exportable one, try another --opset, or pick another --format")
         calib_record, batches = None, None
         real_lengths = seq_range_of(program.inputs) is not None
@@ -888,7 +963,8 @@ def build_report(cfg: ExportConfig, prepared: Prepared, compressed: Compressed, 
             "notes": loaded.notes,
         },
         "device": {"name": device.name, "display_name": device.display_name},
-        "target": {"format": prepared.target.name, "precision": prepared.precision, "opset": cfg.compile.opset},
+        "target": {"format": prepared.target.name, "precision": prepared.precision,
+                   "opset": artifact.meta.get("opset")},  # the opset the file has (None: not an ONNX format)
         "shapes": prepared.shapes,
         "deploy": record.to_dict() if record else None,
         "coverage": compiled.coverage.to_dict(),

@@ -81,3 +81,44 @@ def exception_chain(exc: BaseException, limit: int = 6) -> list[BaseException]:
         chain.append(exc)
         exc = exc.__cause__ or exc.__context__
     return chain
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived (a timeout, a cancelled CI job, a closed terminal): unwinds like
+    KeyboardInterrupt, so every ``finally`` and ``except BaseException`` cleanup runs, then exits 128 + signal."""
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        super().__init__(signum)
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+
+
+def terminate_on_signals():
+    """A context manager: SIGTERM and SIGHUP raise ``Terminated`` in the main thread while it is active
+    (elsewhere, or where a signal cannot be set, nothing changes); the previous handlers come back after."""
+    import contextlib
+    import signal
+    import threading
+
+    @contextlib.contextmanager
+    def handlers():
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        def raise_terminated(signum, _frame):
+            raise Terminated(signum)
+
+        saved = {}
+        for name in ("SIGTERM", "SIGHUP"):
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                saved[sig] = signal.signal(sig, raise_terminated)
+        try:
+            yield
+        finally:
+            for sig, old in saved.items():
+                signal.signal(sig, old)
+
+    return handlers()
