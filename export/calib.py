@@ -7,6 +7,7 @@ text file (one sentence per line, tokenized with the model's tokenizer), or a fo
 
 from __future__ import annotations
 
+import contextvars
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +32,23 @@ class CalibrationData:
         return f"{len(self.batches)} samples of {self.kind} from {self.source}"
 
 
-def load_calibration(path: str | Path, model, limit: int = 64, seed: int = 0) -> CalibrationData:
-    """Read calibration samples for ``model`` (a LoadedModel) from ``path``; batch size 1."""
-    path = Path(path)
+_FLAG: contextvars.ContextVar[str] = contextvars.ContextVar("calibration_flag", default="--calib")
+
+
+def load_calibration(path: str | Path, model, limit: int = 64, seed: int = 0,
+                     flag: str = "--calib") -> CalibrationData:
+    """Read calibration samples for ``model`` (a LoadedModel) from ``path``; batch size 1. ``flag``: the option
+    that named the file, in error lines (``slimx eval`` reads its ``--data`` the same way)."""
+    token = _FLAG.set(flag)
+    try:
+        return _load_calibration(Path(path), model, limit, seed)
+    finally:
+        _FLAG.reset(token)
+
+
+def _load_calibration(path: Path, model, limit: int, seed: int) -> CalibrationData:
     if not path.exists():
-        raise UsageError(f"--calib {path}", "no such file or folder",
+        raise UsageError(f"{_FLAG.get()} {path}", "no such file or folder",
                          "give a .npz of input arrays, a text file of sentences, or a folder of images")
     if path.is_dir():
         batches = _images(path, model, limit, seed)
@@ -47,10 +60,10 @@ def load_calibration(path: str | Path, model, limit: int = 64, seed: int = 0) ->
         batches = _text(path, model, limit, seed)
         kind = "text"
     else:
-        raise UsageError(f"--calib {path}", f"slimx does not read {path.suffix or 'extension-less'} files",
+        raise UsageError(f"{_FLAG.get()} {path}", f"slimx does not read {path.suffix or 'extension-less'} files",
                          "give a .npz, a .txt with one sentence per line, or a folder of images")
     if not batches:
-        raise UsageError(f"--calib {path}", "holds no samples", "add samples to it")
+        raise UsageError(f"{_FLAG.get()} {path}", "holds no samples", "add samples to it")
     return CalibrationData(batches=batches, source=str(path), kind=kind)
 
 
@@ -62,7 +75,7 @@ def _npz(path: Path, model, limit: int, seed: int) -> list[tuple]:
         data = np.load(str(path), allow_pickle=False)
         arrays = {k: data[k] for k in data.files}
     except Exception as exc:
-        raise UsageError(f"--calib {path}", f"is not a readable .npz ({first_line(exc)})",
+        raise UsageError(f"{_FLAG.get()} {path}", f"is not a readable .npz ({first_line(exc)})",
                          "save it with numpy.savez(path, **{input_name: array})") from exc
     names = [s.name for s in model.inputs]
     if all(n in arrays for n in names):
@@ -70,16 +83,17 @@ def _npz(path: Path, model, limit: int, seed: int) -> list[tuple]:
     elif len(arrays) == len(names) and all(k.startswith("arr_") for k in arrays):
         ordered = [arrays[f"arr_{i}"] for i in range(len(names))]
     else:
-        raise UsageError(f"--calib {path}", f"has arrays {sorted(arrays)} but the model takes {names}",
+        raise UsageError(f"{_FLAG.get()} {path}", f"has arrays {sorted(arrays)} but the model takes {names}",
                          "name the arrays after the model's inputs")
     count = {a.shape[0] for a in ordered}
     if len(count) != 1:
-        raise UsageError(f"--calib {path}", "its arrays hold different numbers of samples",
+        raise UsageError(f"{_FLAG.get()} {path}", "its arrays hold different numbers of samples",
                          "put samples on the first axis of every array, the same count in each")
     for spec, arr in zip(model.inputs, ordered, strict=True):
         if tuple(arr.shape[1:]) != tuple(spec.shape[1:]):
-            raise UsageError(f"--calib {path}", f"array {spec.name!r} has samples of shape {list(arr.shape[1:])}, "
-                             f"the model takes {list(spec.shape[1:])}", "reshape the data or set --input-shape")
+            raise UsageError(f"{_FLAG.get()} {path}", f"array {spec.name!r} has samples of shape "
+                             f"{list(arr.shape[1:])}, the model takes {list(spec.shape[1:])}",
+                             "reshape the data or set --input-shape")
     order = _order(count.pop(), limit, seed)
     return [tuple(torch.from_numpy(np.ascontiguousarray(a[i:i + 1])).to(getattr(torch, s.dtype))
                   for a, s in zip(ordered, model.inputs, strict=True)) for i in order]
@@ -87,7 +101,7 @@ def _npz(path: Path, model, limit: int, seed: int) -> list[tuple]:
 
 def _text(path: Path, model, limit: int, seed: int) -> list[tuple]:
     if model.tokenizer is None:
-        raise UsageError(f"--calib {path}", "is text, but the model has no tokenizer",
+        raise UsageError(f"{_FLAG.get()} {path}", "is text, but the model has no tokenizer",
                          "use text with a text model (minilm, hf:DIR), or give a .npz of inputs")
     lines = [ln.strip() for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
     order = _order(len(lines), limit, seed)
@@ -101,7 +115,7 @@ def _text(path: Path, model, limit: int, seed: int) -> list[tuple]:
 
 def _images(path: Path, model, limit: int, seed: int) -> list[tuple]:
     if model.data_config is None or len(model.inputs) != 1:
-        raise UsageError(f"--calib {path}", "is a folder of images, but the model is not an image model slimx "
+        raise UsageError(f"{_FLAG.get()} {path}", "is a folder of images, but the model is not an image model slimx "
                          "knows the preprocessing of", "give a .npz of preprocessed inputs instead")
     from PIL import Image
     from timm.data import create_transform

@@ -194,6 +194,11 @@ def load_hf_dir(path: Path, name: str) -> LoadedModel:
     if not (path / "config.json").is_file():
         raise UsageError(f"model {name}", f"{path} has no config.json",
                          "save the model there with model.save_pretrained(DIR)")
+    pickled = [f.name for f in path.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+    if pickled and not any(path.glob("*.safetensors")):
+        raise UsageError(f"model {name}", f"its only weights are pickled ({', '.join(sorted(pickled))}), and slimx "
+                         "never unpickles a checkpoint (it can run code)",
+                         "on a machine you trust, re-save it with model.save_pretrained(DIR, safe_serialization=True)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging

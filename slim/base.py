@@ -264,6 +264,16 @@ class LayerSelector:
     types: tuple[str, ...] = ()
     default: bool = True
 
+    def __post_init__(self) -> None:
+        for key in ("include", "exclude"):
+            for pattern in getattr(self, key):
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise UsageError(f"{key}={pattern}", f"is not a regular expression ({exc})",
+                                     f"fix the pattern, e.g. {key}=attention|pooler or {key}=layer\\.[0-3]\\.") \
+                        from None
+
     def selects(self, path: str, module) -> bool:
         if any(re.search(p, path) for p in self.include):
             return True

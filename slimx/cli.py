@@ -185,11 +185,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not args.debug:
         _quiet_libraries()
-    from slimx._core.errors import Terminated, terminate_on_signals
+    from slimx._core.errors import RECEIVED, Terminated, terminate_on_signals
 
     try:
         with terminate_on_signals():
-            return _dispatch(args, argv)
+            try:
+                return _dispatch(args, argv)
+            except Exception as exc:  # a library that wrapped the Terminated a signal raised inside it
+                if RECEIVED:
+                    raise Terminated(RECEIVED[0]) from exc
+                raise
     except SlimxError as exc:
         if args.debug:
             raise
@@ -259,6 +264,11 @@ def _data(args) -> int:
     lines = stdlib_sentences(args.count, args.offset)
     if not lines:
         raise UsageError("--offset", f"{args.offset} skips past every sentence there is", "give a smaller offset")
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        why = "is not writable" if os.path.isdir(folder) else "does not exist"
+        raise UsageError(f"--out {args.out}", f"its folder {folder} {why}", "create the folder first, or write "
+                         "somewhere else")
     tmp = f"{args.out}.partial"
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write("\n".join(lines) + "\n")
@@ -300,6 +310,8 @@ def _agent(args) -> int:
 
     token = read_token(args.token_file)
     device = load_device(args.device, measure_host=False)
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port {args.port}", "is not a TCP port", "give one in 1..65535 (0: any free port)")
     if args.max_upload_mb <= 0 or args.job_timeout <= 0 or args.queue < 0:
         raise UsageError("--max-upload-mb/--job-timeout/--queue", "must be positive", "e.g. --max-upload-mb 512")
     agent = Agent(token, device=device.name, max_upload=int(args.max_upload_mb * (1 << 20)),

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from slimx._core.errors import SlimxFailure, UsageError
+from slimx._core.errors import SlimxFailure, UsageError, first_line
 from slimx._core.inputs import InputSpec, sample_inputs
 from slimx.export.shapes import seq_range_of
 
@@ -30,7 +30,12 @@ def evaluate(out_dir: str | Path, against: str, data: str | Path, samples: int =
     if not report_path.is_file():
         raise UsageError(f"slimx eval {out_dir}", "has no report.json",
                          "point at the OUT folder of a 'slimx export' run")
-    report = json.loads(report_path.read_text())
+    try:
+        report = json.loads(report_path.read_text())
+        report["target"]["format"], report["artifacts"][0]["path"], report["model"]["inputs"]
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        raise UsageError(f"slimx eval {out_dir}", f"its report.json is not a slimx export report ({first_line(exc)})",
+                         "re-run slimx export into that folder") from None
     fmt = report["target"]["format"]
     target = get_target(fmt)
     runner = target.runner()
@@ -45,7 +50,7 @@ def evaluate(out_dir: str | Path, against: str, data: str | Path, samples: int =
     shapes = [f"{s.name}={'x'.join(map(str, s.shape))}:{s.dtype}" for s in specs]
     original = load_model(against, weights=weights, input_shapes=shapes)
     original.inputs = specs  # the artifact's shape form (dynamic axes), so the baseline is built the same way
-    calib = load_calibration(data, original, limit=samples, seed=0)
+    calib = load_calibration(data, original, limit=samples, seed=0, flag="--data")
     label_list = None
     if labels is not None:
         label_list = [int(x) for x in Path(labels).read_text().split()]

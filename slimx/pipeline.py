@@ -178,8 +178,8 @@ class ExportConfig:
 
 
 def default_out_dir(model: str, target: str) -> str:
-    slug = "".join(c if c.isalnum() or c in "-_" else "-" for c in Path(model).stem if c)
-    return str(Path("out") / f"{slug.strip('-') or 'model'}-{target}")
+    slug = "".join(c if c.isalnum() or c in "-_" else "-" for c in Path(model[:400]).stem if c)
+    return str(Path("out") / f"{slug.strip('-')[:80] or 'model'}-{target}")  # a name the file system takes
 
 
 # --------------------------------------------------------------------------- what each stage returns
@@ -370,8 +370,15 @@ def resolve(cfg: ExportConfig) -> Prepared:
     if quant.scheme is not None and schemes(target.name):
         quantizer_for(target.name, quant)  # a scheme the format lacks is refused before any work
     out = Path(cfg.out or default_out_dir(model, device.name))
+    if any(len(part) > 255 for part in out.parts):
+        raise UsageError(f"--out {str(out)[:60]}...", "has a folder name longer than file systems allow (255)",
+                         "give a shorter path")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}", "exists and is not a folder", "give a folder path")
+    existing = next((f for f in (out.absolute(), *out.absolute().parents) if f.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}", f"cannot be written: {existing} is not writable by this user",
+                         "give a folder you can write to")
     return Prepared(device, target, precision, options, specs, recover_cfg, None, None, out)
 
 

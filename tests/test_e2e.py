@@ -59,7 +59,8 @@ def test_minilm_to_pixel7_tflite(tmp_path, capsys):
     out = tmp_path / "o"
     assert main(["export", "minilm", "--target", "pixel7", "--out", str(out), "-q"]) == 0, capsys.readouterr().err
     rep = json.loads((out / "report.json").read_text())
-    assert (out / "model.tflite").is_file() and rep["target"] == {"format": "tflite", "precision": "fp32", "opset": None}
+    assert (out / "model.tflite").is_file()
+    assert rep["target"] == {"format": "tflite", "precision": "fp32", "opset": None}
     assert rep["parity"]["runtime"] == "litert" and rep["parity"]["cosine"] >= 0.999
     assert rep["latency"]["device"] == "pixel7" and rep["latency"]["measured"] is False
     assert rep["latency"]["kind"] == "estimated" and rep["latency"]["scaled_from"] == "pixel3"

@@ -75,3 +75,60 @@ def test_the_opset_asked_for_is_the_opset_written(tmp_path, capsys):
     assert main(["export", "tests.models:tiny_mlp", "--opset", "17", "--out", str(out), *FAST]) == 0
     written = next(o.version for o in onnx.load(str(out / "model.onnx")).opset_import if o.domain in ("", "ai.onnx"))
     assert written == 17 and json.loads((out / "report.json").read_text())["target"]["opset"] == 17
+
+
+def _one_line(err: str, needle: str) -> None:
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("slimx: error:")]
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in err and "error: error:" not in err, err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["export", "tests.models:tiny_mlp", "--input-shape", "100000000000x8"], "more than one input can hold"),
+    (["export", "tests.models:tiny_mlp", "--pass", "lowrank:include=layer["], "not a regular"),
+    (["export", "tests.models:tiny_mlp", "--out", "a" * 300], "longer than file systems allow"),
+    (["export", "x" * 5000], "model"),
+    (["agent", "serve", "--port", "99999", "--token-file", "t"], "is not a TCP port"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, capsys, monkeypatch, args, needle):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t").write_text("a-long-enough-token-0123456789")
+    assert main(args) == 2
+    _one_line(capsys.readouterr().err, needle)
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_folder_problems_are_usage_errors(tmp_path, capsys):
+    assert main(["data", "stdlib-text", "--out", str(tmp_path / "missing" / "x.txt")]) == 2
+    _one_line(capsys.readouterr().err, "does not exist")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root writes anywhere: nothing to test
+            pytest.skip("running as a user who can write to a read-only folder (root)")
+        assert main(["export", "tests.models:tiny_mlp", "--out", str(locked / "o"), *FAST]) == 2
+        _one_line(capsys.readouterr().err, "is not writable")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_eval_of_a_corrupt_report_and_of_bad_data_names_the_right_flag(tmp_path, capsys):
+    (tmp_path / "report.json").write_text("{not json")
+    assert main(["eval", str(tmp_path), "--against", "tests.models:tiny_mlp", "--data", "x.txt"]) == 2
+    _one_line(capsys.readouterr().err, "is not a slimx export report")
+    out = tmp_path / "o"
+    assert main(["export", "tests.models:tiny_mlp", "--out", str(out), *FAST]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out), "--against", "tests.models:tiny_mlp", "--data", str(tmp_path / "nope.npz")]) == 2
+    _one_line(capsys.readouterr().err, "--data")
+
+
+def test_pickled_hf_weights_are_refused_with_the_safe_fix(tmp_path, capsys):
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "bert"}')
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+    assert main(["export", f"hf:{folder}", "--out", str(tmp_path / "o"), *FAST]) == 2
+    err = capsys.readouterr().err
+    _one_line(err, "never unpickles")
+    assert "safe_serialization=True" in err and "weights_only=False" not in err

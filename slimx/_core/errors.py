@@ -95,6 +95,9 @@ class Terminated(BaseException):
         self.name = signal.Signals(signum).name
 
 
+RECEIVED: list[int] = []  # termination signals received while ``terminate_on_signals`` was active
+
+
 def terminate_on_signals():
     """A context manager: SIGTERM and SIGHUP raise ``Terminated`` in the main thread while it is active
     (elsewhere, or where a signal cannot be set, nothing changes); the previous handlers come back after."""
@@ -108,7 +111,10 @@ def terminate_on_signals():
             yield
             return
         def raise_terminated(signum, _frame):
+            RECEIVED.append(signum)  # a library may wrap the exception; the signal is remembered regardless
             raise Terminated(signum)
+
+        RECEIVED.clear()
 
         saved = {}
         for name in ("SIGTERM", "SIGHUP"):

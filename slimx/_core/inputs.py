@@ -9,6 +9,7 @@ from slimx._core.errors import UsageError
 
 _DTYPES = ("float32", "float16", "int64", "int32", "bool")
 _KINDS = ("float", "tokens", "mask", "zeros")
+MAX_INPUT_ELEMENTS = 2**31  # one example input larger than this (8 GiB of fp32) is a typo, not a model
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,13 @@ class InputSpec:
         if any(int(d) <= 0 for d in self.shape):
             raise UsageError(f"input {self.name!r}", f"shape {list(self.shape)} has a dimension <= 0",
                              "give every dimension as a positive integer, e.g. 1x3x224x224")
+        elements = 1
+        for d in self.shape:
+            elements *= int(d)
+        if elements > MAX_INPUT_ELEMENTS:
+            raise UsageError(f"input {self.name!r}", f"shape {'x'.join(map(str, self.shape))} is {elements:.3g} "
+                             f"elements, more than one input can hold here ({MAX_INPUT_ELEMENTS:.0e})",
+                             "give the shape one example has, e.g. 1x3x224x224")
 
     def with_shape(self, shape: tuple[int, ...], dtype: str | None = None) -> InputSpec:
         return replace(self, shape=tuple(int(d) for d in shape), dtype=dtype or self.dtype)
