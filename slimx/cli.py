@@ -97,10 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
                                     "nearest-neighbour agreement, accuracy with --labels) and the measured latency "
                                     "ratio original/artifact in the same run and runtime.")
     ev.add_argument("out_dir")
-    ev.add_argument("--against", required=True, help="the original MODEL (same forms as slimx export)")
+    ev.add_argument("--against", default=None,
+                    help="the original MODEL (default: the model the export started from, with its --weights, as "
+                         "its report records them); another model is compared only when named here")
     ev.add_argument("--data", required=True, help="text file, image folder or .npz of inputs")
     ev.add_argument("--labels", default=None, help="one integer label per sample, whitespace-separated")
-    ev.add_argument("--weights", default=None, help="weights for the original model")
+    ev.add_argument("--weights", default=None,
+                    help="weights for the original model (default: the export's, when --against is its model)")
     ev.add_argument("--samples", type=int, default=64)
     ev.add_argument("--runs", type=int, default=30)
     ev.add_argument("--json", action="store_true")

@@ -17,7 +17,7 @@ from slimx._core.inputs import InputSpec, sample_inputs
 from slimx.export.shapes import seq_range_of
 
 
-def evaluate(out_dir: str | Path, against: str, data: str | Path, samples: int = 64, runs: int = 30,
+def evaluate(out_dir: str | Path, against: str | None, data: str | Path, samples: int = 64, runs: int = 30,
              weights: str | None = None, labels: str | Path | None = None) -> dict:
     from slimx.devices import load_device
     from slimx.export import export_program, load_calibration, load_model, to_deployment, torch_outputs
@@ -36,6 +36,7 @@ def evaluate(out_dir: str | Path, against: str, data: str | Path, samples: int =
     except (ValueError, KeyError, IndexError, TypeError) as exc:
         raise UsageError(f"slimx eval {out_dir}", f"its report.json is not a slimx export report ({first_line(exc)})",
                          "re-run slimx export into that folder") from None
+    against, weights = original_of(report, against, weights)
     fmt = report["target"]["format"]
     target = get_target(fmt)
     runner = target.runner()
@@ -91,6 +92,28 @@ def evaluate(out_dir: str | Path, against: str, data: str | Path, samples: int =
                          "method": f"mean ms per sample over the data ({where}), best of 3 interleaved rounds, "
                                    "same run and runtime"}
     return result
+
+
+def original_of(report: dict, against: str | None, weights: str | None) -> tuple[str, str | None]:
+    """The original to compare against: the export's own model and weights (from its report) unless
+    ``against`` names another; the export's model without the weights it was exported with is refused (the
+    comparison would be against a different network)."""
+    config = report.get("config") or {}
+    model, used = config.get("model"), config.get("weights")
+    if against is None:
+        if not model:
+            raise UsageError("slimx eval", "the report does not record the model it was exported from",
+                             "name the original with --against MODEL")
+        against = model
+    if against == model and used and weights is None:
+        if not Path(used).is_file():
+            raise UsageError(f"--against {against}", f"the export loaded weights from {used}, which is not there now",
+                             "give the same weights with --weights FILE")
+        weights = used
+    elif against == model and used and Path(weights).resolve() != Path(used).resolve():
+        raise UsageError(f"--weights {weights}", f"the export was made with {used}",
+                         "give the export's own weights, or drop --weights to use them")
+    return against, weights
 
 
 def summary(result: dict) -> str:

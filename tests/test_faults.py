@@ -132,3 +132,37 @@ def test_pickled_hf_weights_are_refused_with_the_safe_fix(tmp_path, capsys):
     err = capsys.readouterr().err
     _one_line(err, "never unpickles")
     assert "safe_serialization=True" in err and "weights_only=False" not in err
+
+
+def test_eval_compares_against_the_model_the_export_started_from(tmp_path, capsys):
+    import json
+
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    from tests.models import tiny_mlp
+
+    torch.manual_seed(123)
+    other = tiny_mlp()
+    for p in other.parameters():
+        torch.nn.init.normal_(p)
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(weights))
+    out = tmp_path / "o"
+    assert main(["export", "tests.models:tiny_mlp", "--weights", str(weights), "--input-shape", "1x16", "--out",
+                 str(out), *FAST]) == 0
+    data = tmp_path / "d.npz"
+    np.savez(data, **{json.loads((out / "report.json").read_text())["model"]["inputs"][0]["name"]:
+                      np.random.default_rng(0).standard_normal((6, 16)).astype(np.float32)})
+    capsys.readouterr()
+    # no --against: the export's model and weights, from its report
+    assert main(["eval", str(out), "--data", str(data), "--runs", "30", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["fidelity"]["cosine_mean"] > 0.9999, "compared with the network that was exported"
+    # the export's model with other weights is refused, not reported as a low cosine
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({k: torch.zeros_like(v) for k, v in other.state_dict().items()}, str(wrong))
+    assert main(["eval", str(out), "--against", "tests.models:tiny_mlp", "--weights", str(wrong), "--data",
+                 str(data)]) == 2
+    _one_line(capsys.readouterr().err, "the export was made with")
