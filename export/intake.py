@@ -216,6 +216,7 @@ def load_hf_dir(path: Path, name: str) -> LoadedModel:
         raise UsageError(f"model {name}", f"{path} has no usable tokenizer ({first_line(exc)})",
                          "save the tokenizer beside the model with tokenizer.save_pretrained(DIR)") from exc
     model.eval()
+    attention = eager_attention(model)
     last_hidden, sentence = _encoders()
     pooling = _sentence_pooling(path)
     if pooling is not None:
@@ -231,9 +232,31 @@ def load_hf_dir(path: Path, name: str) -> LoadedModel:
         InputSpec("input_ids", (1, seq), "int64", kind="tokens", low=0, high=vocab),
         InputSpec("attention_mask", (1, seq), "int64", kind="mask"),
     ]
-    return LoadedModel(name=name, source="hf" if name.startswith("hf:") else "builtin", module=module.eval(),
-                       inputs=inputs, output_names=[output], tokenizer=tokenizer, weights_root=model,
-                       max_positions=max_positions)
+    loaded = LoadedModel(name=name, source="hf" if name.startswith("hf:") else "builtin", module=module.eval(),
+                         inputs=inputs, output_names=[output], tokenizer=tokenizer, weights_root=model,
+                         max_positions=max_positions)
+    if attention:
+        loaded.notes.append(attention)
+    return loaded
+
+
+def eager_attention(model) -> str | None:
+    """Put a transformers model's attention in its eager form (matmul, softmax, matmul), saying so.
+
+    transformers defaults to ``torch.nn.functional.scaled_dot_product_attention``; torch.onnx's dynamo exporter
+    writes it with a per-layer reshape of K to 3-D (Shape, three Slices, two Concats, a Reshape and a Transpose)
+    that onnxruntime does not fold away. The eager form exports as MatMul with a 4-D transpose, which
+    onnxruntime fuses: on MiniLM at real sentence lengths it ran 10-12% faster in fp32 and in dynamic int8,
+    with the same outputs (max difference 7e-8 with a padding mask). The math is the same.
+    """
+    current = getattr(model.config, "_attn_implementation", None)
+    if current in (None, "eager"):
+        return None
+    try:
+        model.set_attn_implementation("eager")
+    except (AttributeError, ValueError) as exc:  # an architecture without an eager path keeps its own
+        return f"attention kept as {current} ({first_line(exc, 80)})"
+    return f"attention in eager form (was {current}): it exports to a graph onnxruntime runs faster"
 
 
 def _sentence_pooling(path: Path) -> tuple[str, bool] | None:
