@@ -17,6 +17,15 @@ from slimx.export.shapes import bucket_sizes, fit_to_bucket, pick_bucket
 FAST = ["--runs", "30", "--warmup", "1", "-q"]
 
 
+def _export_with_text(out, bert_dir, device):
+    """The tiny BERT exported for ``device`` at 1x32 with three short sentences as calibration text."""
+    calib = out.parent / "calib.txt"
+    calib.write_text("the cat sat on the mat\nhello world\na dog and a cat and a bird\n")
+    assert main(["export", f"hf:{bert_dir}", "--input-shape", "1x32", "--target", device, "--calib", str(calib),
+                 "--out", str(out), *FAST]) == 0
+    return out
+
+
 def test_bucket_lists_and_choice():
     assert bucket_sizes(1, 64) == (16, 32, 64)
     assert bucket_sizes(20, 100) == (32, 64, 100), "buckets below the range's minimum are dropped"
@@ -42,11 +51,7 @@ def test_tflite_text_model_gets_one_signature_per_bucket(tmp_path, capsys, tiny_
     from slimx.targets.base import Artifact
     from slimx.targets.tflite import LiteRTRunner
 
-    calib = tmp_path / "calib.txt"
-    calib.write_text("the cat sat on the mat\nhello world\na dog and a cat and a bird\n")
-    out = tmp_path / "t"
-    assert main(["export", f"hf:{tiny_bert_dir}", "--input-shape", "1x32", "--target", "pixel7", "--calib",
-                 str(calib), "--out", str(out), *FAST]) == 0
+    out = _export_with_text(tmp_path / "t", tiny_bert_dir, "pixel7")
     printed = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     shapes = report["shapes"]
@@ -142,11 +147,7 @@ def test_bucket_requests_that_cannot_apply_are_usage_errors(tmp_path, capsys, ti
 
 
 def test_estimates_follow_the_length_and_the_data(tmp_path, capsys, tiny_bert_dir):
-    calib = tmp_path / "calib.txt"
-    calib.write_text("the cat sat on the mat\nhello world\na dog and a cat and a bird\n")
-    out = tmp_path / "e"
-    assert main(["export", f"hf:{tiny_bert_dir}", "--input-shape", "1x32", "--target", "iphone12", "--calib",
-                 str(calib), "--out", str(out), *FAST]) == 0
+    out = _export_with_text(tmp_path / "e", tiny_bert_dir, "iphone12")
     over = json.loads((out / "report.json").read_text())["latency"]["over_lengths"]
     costs = [r["median_ms"] for r in over["lengths"]]
     assert [r["length"] for r in over["lengths"]] == [16, 32, 64] and costs == sorted(costs) and costs[0] < costs[-1]
