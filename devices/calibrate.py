@@ -177,7 +177,7 @@ def samples_for(rows: list[dict], progress=None) -> list[Sample]:
     return out
 
 
-def setup_groups(rows: list[dict]) -> tuple[np.ndarray, list[str]]:
+def setup_groups(rows: list[dict]) -> tuple[np.ndarray, list[str], list[str]]:
     """Measurement setups of published rows (their ``runtime`` text), the reference (index 0) being the newest.
 
     Setups are data: the newest (the latest year its rows' sources name; ties: more rows) is the one estimates
@@ -185,6 +185,9 @@ def setup_groups(rows: list[dict]) -> tuple[np.ndarray, list[str]]:
     setup in file order, as the tables write it). Another setup gets its own factor only where the same model
     was measured in both setups: otherwise its offset could not be told apart from its models' families, and
     its rows join the reference. Microbench rows share one setup.
+
+    Returns the setup index of each row (0: the reference), the kept setups' names and the names of the setups
+    pooled into the reference.
     """
     names: list[str] = []
     index = []
@@ -197,7 +200,7 @@ def setup_groups(rows: list[dict]) -> tuple[np.ndarray, list[str]]:
         index.append(names.index(text))
     index = np.asarray(index, dtype=int)
     if len(names) < 2:
-        return index, names
+        return index, names, []
     years = [max([int(y) for r, i in zip(rows, index, strict=True) if i == k
                   for y in re.findall(r"\b(20[0-4]\d)\b", r.get("source") or "")] or [0]) for k in range(len(names))]
     order = sorted(range(len(names)), key=lambda k: (-years[k], -int(np.sum(index == k))))
@@ -206,7 +209,8 @@ def setup_groups(rows: list[dict]) -> tuple[np.ndarray, list[str]]:
     reference = order[0]
     kept = [reference] + [k for k in order[1:] if models[k] & models[reference]]
     remap = {k: kept.index(k) if k in kept else 0 for k in range(len(names))}
-    return np.asarray([remap[i] for i in index], dtype=int), [names[k] for k in kept]
+    pooled = [names[k] for k in range(len(names)) if k not in kept]
+    return np.asarray([remap[i] for i in index], dtype=int), [names[k] for k in kept], pooled
 
 
 def _bounds(name: str) -> tuple[float, float]:
@@ -336,7 +340,7 @@ def calibrate_device(device, rows: list[dict], data_name: str, progress=None, ne
         samples = samples_for(group, progress)
         feats = [Features.of(s.costs, setting) for s in samples]
         measured = np.array([s.measured_ms for s in samples])
-        setups, setup_names = setup_groups(group)
+        setups, setup_names, pooled = setup_groups(group)
         classes = classes_in(feats)
         free = free_params_for(len(samples), classes)
         params = fit_params(feats, measured, device, setting, free, setups=setups)
@@ -370,6 +374,8 @@ def calibrate_device(device, rows: list[dict], data_name: str, progress=None, ne
                      "cv_per_op": {k: v for k, v in cv_op.items() if k != "errors_pct"},
                      "cv_baseline": {k: v for k, v in cv_base.items() if k != "errors_pct"},
                      "families": sorted(set(families)),
+                     "setup": setup_names[0] if setup_names else "",
+                     "pooled_setups": pooled,
                      "setups": [{"setup": name, "factor": round(math.exp(off), 4), "rows": int(np.sum(setups == i))}
                                 for i, (name, off) in enumerate(zip(setup_names, offsets, strict=True))],
                      "table": [{"label": s.label, "family": fam, "measured_ms": round(s.measured_ms, 4),
@@ -416,7 +422,7 @@ def estimator_table(estimator: dict, default: str | None):
 
 
 _FIT_KEYS = (*PARAMS, "switch_us", "expected_error_pct", "fit_rows", "fit_classes", "fit_setups", "fit_host",
-             "model", *BASELINE_KEYS, "interval_low", "interval_high", "cv_method", "fit_families",
+             "model", *BASELINE_KEYS, "interval_low", "interval_high", "cv_method", "fit_families", "setup",
              "per_op_error_pct", "baseline_error_pct", "spearman")
 
 
@@ -461,6 +467,12 @@ def merged_estimator(device, fits: dict) -> dict:
                         table[name] = fit[part]["mape_pct"]
                         table[f"{name}_source"] = (f"{fit[part]['method']} mean absolute error on {fit['data']} "
                                                    f"({today})")
+            if fit.get("setup"):
+                table["setup"] = fit["setup"][:160]
+                table["setup_source"] = (
+                    f"the newest measurement setup in {fit['data']}: estimates are for it"
+                    + (f"; pooled with it (no model timed in both, so no factor can be told apart from the "
+                       f"families): {'; '.join(p[:80] for p in fit['pooled_setups'])}" if fit["pooled_setups"] else ""))
             if cv.get("interval_factors"):
                 table["interval_low"], table["interval_high"] = cv["interval_factors"]
                 table["interval_low_source"] = table["interval_high_source"] = (

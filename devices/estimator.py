@@ -190,6 +190,7 @@ def estimate_latency(costs: list[OpCost], device, setting: Setting | None = None
         "interval_ms": interval_of(total, setting),
         "model": setting.model,
         "cv_method": setting.cv_method,
+        "setup": setting.setup,
         "calibrated": setting.calibrated,
         "unfitted_share": round(prior_ms / total, 3) if total else 0.0,
         "fit_host": setting.fit_host,
@@ -268,6 +269,8 @@ def describe(est: dict, device) -> str:
         cv = est.get("cv_method") or "held-out rows"
         err = f"80% interval {interval[0]:.3f}-{interval[1]:.3f} ms, expected error ±{error:.0f}% ({cv})"
     how = f", scaled from {est['scaled_from']} by peak rates" if est.get("scaled_from") else ""
+    if est.get("setup"):
+        how += f"; for the setup {est['setup'][:70]}"
     basis = f" [{est['expected_error_source']}]" if est.get("expected_error_source") else ""
     if est.get("fit_host") and device.measured:
         from slimx.devices.host import cpu_model

@@ -63,7 +63,7 @@ class ComputeUnit:
 _SETTING_KEYS = {"runtime", "unit", "dtype", "fallback_unit", "fallback_classes", "match", "exclude", "match_device",
                  "scale_setting", "scaled_from", "fuse_add", "expected_error_pct", "fit_rows", "fit_classes",
                  "fit_host", "fit_setups", "model", "interval_low", "interval_high", "cv_method", "fit_families",
-                 "per_op_error_pct", "baseline_error_pct", "spearman"}
+                 "per_op_error_pct", "baseline_error_pct", "spearman", "setup"}
 # the baseline's terms (``devices.validation``): latency = ms_per_gmac * GMACs + us_per_op * ops / 1000
 # + ms_per_gb * GB moved + fixed_ms
 BASELINE_KEYS = ("ms_per_gmac", "us_per_op", "ms_per_gb", "fixed_ms")
@@ -95,6 +95,7 @@ class EstimatorSetting:
     baseline: dict = field(default_factory=dict)  # the baseline's coefficients (BASELINE_KEYS)
     interval: tuple[float, float] | None = None  # measured / estimated factors covering 80% of unseen models
     cv_method: str = ""  # how the expected error was measured (leave-one-family-out, ...)
+    setup: str = ""  # the measurement setup estimates are for (the newest in the fit's data)
 
     @classmethod
     def from_table(cls, key: str, table: dict, default_runtime: str, where: str) -> EstimatorSetting:
@@ -120,7 +121,7 @@ class EstimatorSetting:
                    match=tuple(values.get("match", ())), exclude=tuple(values.get("exclude", ())),
                    match_device=values.get("match_device"), scale_setting=values.get("scale_setting"),
                    model=model, baseline={k: float(values[k]) for k in BASELINE_KEYS if k in values},
-                   interval=interval, cv_method=values.get("cv_method", ""))
+                   interval=interval, cv_method=values.get("cv_method", ""), setup=values.get("setup", ""))
 
     def param(self, name: str) -> float:
         return float(self.params.get(name, PRIOR[name]))

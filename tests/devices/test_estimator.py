@@ -55,9 +55,16 @@ def test_fit_recovers_known_parameters():
 
 
 def test_setups_get_their_own_offset():
-    rows = [{"runtime": "app A"}, {"runtime": "same setup as A"}, {"runtime": "Xcode report"}]
-    index, names = setup_groups(rows)
-    assert index.tolist() == [0, 0, 1] and names == ["app A", "Xcode report"]
+    # the newest setup (by the years its sources name) is the reference; another keeps its own factor only where
+    # a model was timed in both, else it is pooled into the reference (its offset would be the family's)
+    rows = [{"runtime": "app A", "timm_name": "m1", "source": "paper 2022"},
+            {"runtime": "same setup as A", "timm_name": "m2", "source": "paper 2022"},
+            {"runtime": "Xcode report", "timm_name": "m1", "source": "paper 2023"}]
+    index, names, pooled = setup_groups(rows)
+    assert index.tolist() == [1, 1, 0] and names == ["Xcode report", "app A"] and pooled == []
+    rows[2]["timm_name"] = "m3"
+    index, names, pooled = setup_groups(rows)
+    assert index.tolist() == [0, 0, 0] and names == ["Xcode report"] and pooled == ["app A"]
     rng = np.random.default_rng(1)
     device = load_device("jetson-nano")
     setting = Setting("t", "tensorrt", "gpu", "fp16")
