@@ -576,6 +576,9 @@ def scale_from(device_name: str, base_name: str, extra_error_pct: float = 15.0, 
             table["expected_error_pct_source"] = (
                 f"{base.name}'s per-op held-out error ({base_error}%{how}) plus {extra_error_pct:g} points for "
                 f"carrying its efficiencies over to {device.name} by peak rates (not measured on {device.name})")
+            table["cv_method"] = (
+                f"{src['cv_method']} on {base.name}, + {extra_error_pct:g} points for the transfer"
+                if "cv_method" in src else f"{base.name}'s held-out error + {extra_error_pct:g} points")
             table["scaled_from"] = base.name
             table["fit_classes"] = src.get("fit_classes", [])
             copied.append(key)
