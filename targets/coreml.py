@@ -234,7 +234,7 @@ def coreml_input_types(specs, buckets: tuple[int, ...], backend: str, ios: int):
         elif enumerated:
             shapes = [list(s.sized({1: b}).shape) for b in buckets]
             types.append(ct.TensorType(name=s.name, dtype=dtype(s), shape=ct.EnumeratedShapes(
-                shapes=shapes, default=list(s.sized({1: _bucket_at_least(s.shape[1], buckets)}).shape))))
+                shapes=shapes, default=list(s.sized({1: pick_bucket(s.shape[1], buckets, truncate=True)}).shape))))
         else:
             dims = tuple(ct.RangeDim(lower_bound=lo, upper_bound=buckets[-1], default=s.shape[1]) if a == 1 else d
                          for a, d in enumerate(s.shape))
@@ -249,10 +249,6 @@ def coreml_input_types(specs, buckets: tuple[int, ...], backend: str, ios: int):
                          f"model has {len(flexible)}; a bounded range instead (the Neural Engine may not run a "
                          "range-shaped model: --deployment-target iOS18 gives enumerated shapes)"}
     return types, record
-
-
-def _bucket_at_least(length: int, buckets) -> int:
-    return next((b for b in sorted(buckets) if b >= length), max(buckets))
 
 
 def flexible_shapes(spec) -> dict[str, dict]:
