@@ -454,15 +454,13 @@ def shape_form(loaded, m: ModelConfig, target, precision: str) -> dict:
     buckets = None
     if seq is not None and target.buckets and (m.buckets or target.default_buckets):
         buckets = bucket_sizes(*seq, m.buckets)
-        if target.dynamic_shapes:  # the artifact stays dynamic; the buckets shape how it is built (profiles)
-            specs = [dataclasses.replace(s, dynamic=tuple((a, lo, min(hi, buckets[-1])) if a == 1 else (a, lo, hi)
-                                                          for a, lo, hi in s.dynamic)) for s in specs]
-            why = target.buckets_reason
-        else:  # one fixed shape per bucket: the sequence axis spans the buckets, every other axis is static
-            batch_dynamic = any(a == 0 for s in specs for a, _, _ in s.dynamic)
-            specs = [dataclasses.replace(s, dynamic=tuple((a, lo, min(hi, buckets[-1])) for a, lo, hi in s.dynamic
-                                                          if a == 1)) for s in specs]
-            why = target.buckets_reason + (f"; {target.static_reason}" if batch_dynamic else "")
+        # a dynamic format keeps every axis (the buckets shape how it is built: profiles); a bucketed one keeps
+        # only the sequence axis, spanning the buckets, and every other axis is static
+        dropped = not target.dynamic_shapes and any(a != 1 for s in specs for a, _, _ in s.dynamic)
+        specs = [dataclasses.replace(s, dynamic=tuple((a, lo, min(hi, buckets[-1]) if a == 1 else hi)
+                                                      for a, lo, hi in s.dynamic
+                                                      if a == 1 or target.dynamic_shapes)) for s in specs]
+        why = target.buckets_reason + (f"; {target.static_reason}" if dropped else "")
         specs = [s.sized({1: min(s.shape[1], buckets[-1])}) for s in specs]
     elif asked and not target.dynamic_shapes:
         specs, why = [s.static() for s in specs], target.static_reason
