@@ -1,6 +1,6 @@
 """Real-length inference bench on MiniLM (real weights) with real English sentences.
 
-    python bench/real_length_minilm.py [--calib 256] [--eval 400] [--rounds 5] [--timed 150]
+    python bench/real_length_minilm.py [--calib 256] [--eval 400] [--rounds 7] [--timed 150]
 
 Against the ordinary recipe a skilled user follows (TorchScript ONNX export with dynamic batch and sequence
 axes, onnxruntime's BERT fusions, ``quantize_dynamic``), built here: slimx's artifacts (``slimx export
@@ -38,7 +38,7 @@ def main() -> int:
     parser.add_argument("--calib", type=int, default=256)
     parser.add_argument("--eval", type=int, default=400)
     parser.add_argument("--timed", type=int, default=150, help="sentences timed per round at batch 1")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="slimx-bench-real-length-"))
@@ -76,6 +76,9 @@ def run(args, work: Path) -> dict:
     for key, extra in (("slimx fp32 (dynamic)", []),
                        ("slimx int8-weights (dynamic)", ["--precision", "int8-weights"]),
                        ("slimx int8 static QDQ (dynamic)", ["--precision", "int8"]),
+                       # onnxruntime's fusions off: what the Attention/SkipLayerNorm/BiasGelu fusions are worth
+                       ("slimx fp32 (dynamic, --no-fuse)", ["--no-fuse"]),
+                       ("slimx int8-weights (dynamic, --no-fuse)", ["--precision", "int8-weights", "--no-fuse"]),
                        ("slimx fp32 (dynamic, batch 1..32)", ["--batch", "1..32"]),
                        ("slimx int8-weights (dynamic, batch 1..32)",
                         ["--batch", "1..32", "--precision", "int8-weights"]),
@@ -227,14 +230,21 @@ def render(result: dict) -> str:
                      f"{r['cosine_mean']:.4f} | {r['nn_agreement']:.3f} |")
     fp32, int8 = rows["slimx fp32 (dynamic)"], rows["slimx int8-weights (dynamic)"]
     rec_int8, static = rows["recipe fused + dynamic int8"], rows["slimx fp32 static 1x128"]
-    fp32_met = fp32["b1_speed"] >= 0.95 and fp32["cosine_mean"] >= 0.9999
-    int8_met = (int8["b1_speed"] >= 0.95 * rec_int8["b1_speed"] and int8["cosine_mean"] >= rec_int8["cosine_mean"]
-                - 1e-4 and int8["nn_agreement"] >= rec_int8["nn_agreement"])
-    lines += ["", "Targets of issue 11 (speed within 5% counts as noise):",
-              f"- slimx fp32 at least as fast as the recipe's fp32 at cosine >= 0.9999: {fp32['b1_speed']:.2f}x, "
-              f"cosine {fp32['cosine_mean']:.5f}: {'met' if fp32_met else 'MISSED'}",
+    rec_fp32 = rows[base]
+    # met only where the paired ratio and the medians of milliseconds agree (a noisy round can move one alone)
+    fp32_met = (fp32["b1_speed"] >= 0.95 and fp32["b1_ms"] <= 1.05 * rec_fp32["b1_ms"]
+                and fp32["cosine_mean"] >= 0.9999)
+    int8_met = (int8["b1_speed"] >= 0.95 * rec_int8["b1_speed"] and int8["b1_ms"] <= 1.05 * rec_int8["b1_ms"]
+                and int8["cosine_mean"] >= rec_int8["cosine_mean"] - 1e-4
+                and int8["nn_agreement"] >= rec_int8["nn_agreement"])
+    lines += ["", "Targets of issue 11 (speed within 5% counts as noise; met only where the paired ratio and the "
+              "medians agree):",
+              f"- slimx fp32 at least as fast as the recipe's fp32 at cosine >= 0.9999: {fp32['b1_speed']:.2f}x "
+              f"({fp32['b1_ms']:.3f} vs {rec_fp32['b1_ms']:.3f} ms), cosine {fp32['cosine_mean']:.5f}: "
+              f"{'met' if fp32_met else 'MISSED'}",
               f"- slimx int8 at least as fast as the recipe's fused int8 at equal or better fidelity: "
-              f"{int8['b1_speed']:.2f}x vs {rec_int8['b1_speed']:.2f}x, cosine {int8['cosine_mean']:.4f} vs "
+              f"{int8['b1_speed']:.2f}x vs {rec_int8['b1_speed']:.2f}x ({int8['b1_ms']:.3f} vs {rec_int8['b1_ms']:.3f} "
+              f"ms), cosine {int8['cosine_mean']:.4f} vs "
               f"{rec_int8['cosine_mean']:.4f}, NN {int8['nn_agreement']:.3f} vs {rec_int8['nn_agreement']:.3f}: "
               f"{'met' if int8_met else 'MISSED'}",
               f"- both several times faster than the static-128 artifact: fp32 "

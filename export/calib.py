@@ -36,17 +36,22 @@ _FLAG: contextvars.ContextVar[str] = contextvars.ContextVar("calibration_flag", 
 
 
 def load_calibration(path: str | Path, model, limit: int = 64, seed: int = 0,
-                     flag: str = "--calib") -> CalibrationData:
+                     flag: str = "--calib", truncate: bool = False) -> CalibrationData:
     """Read calibration samples for ``model`` (a LoadedModel) from ``path``; batch size 1. ``flag``: the option
-    that named the file, in error lines (``slimx eval`` reads its ``--data`` the same way)."""
+    that named the file, in error lines (``slimx eval`` reads its ``--data`` the same way).
+
+    Text is tokenized up to the longest sequence the model's inputs take (a dynamic axis's maximum, else the
+    export length) and padded to the export length when shorter; a sentence longer than that maximum is an
+    error naming it, or is cut to it with ``truncate`` (``--truncate``).
+    """
     token = _FLAG.set(flag)
     try:
-        return _load_calibration(Path(path), model, limit, seed)
+        return _load_calibration(Path(path), model, limit, seed, truncate)
     finally:
         _FLAG.reset(token)
 
 
-def _load_calibration(path: Path, model, limit: int, seed: int) -> CalibrationData:
+def _load_calibration(path: Path, model, limit: int, seed: int, truncate: bool = False) -> CalibrationData:
     if not path.exists():
         raise UsageError(f"{_FLAG.get()} {path}", "no such file or folder",
                          "give a .npz of input arrays, a text file of sentences, or a folder of images")
@@ -57,7 +62,7 @@ def _load_calibration(path: Path, model, limit: int, seed: int) -> CalibrationDa
         batches = _npz(path, model, limit, seed)
         kind = "npz"
     elif path.suffix in _TEXT_EXT:
-        batches = _text(path, model, limit, seed)
+        batches = _text(path, model, limit, seed, truncate)
         kind = "text"
     else:
         raise UsageError(f"{_FLAG.get()} {path}", f"slimx does not read {path.suffix or 'extension-less'} files",
@@ -99,16 +104,26 @@ def _npz(path: Path, model, limit: int, seed: int) -> list[tuple]:
                   for a, s in zip(ordered, model.inputs, strict=True)) for i in order]
 
 
-def _text(path: Path, model, limit: int, seed: int) -> list[tuple]:
+def _text(path: Path, model, limit: int, seed: int, truncate: bool = False) -> list[tuple]:
+    from slimx.export.shapes import seq_range_of
+
     if model.tokenizer is None:
         raise UsageError(f"{_FLAG.get()} {path}", "is text, but the model has no tokenizer",
                          "use text with a text model (minilm, hf:DIR), or give a .npz of inputs")
     lines = [ln.strip() for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
     order = _order(len(lines), limit, seed)
     seq = model.inputs[0].shape[-1]
+    dynamic = seq_range_of(model.inputs)
+    longest = max(seq, dynamic[1]) if dynamic else seq  # what the artifact takes: past it, cut or refuse
     batches = []
     for i in order:
-        enc = model.tokenizer(lines[i], padding="max_length", max_length=seq, truncation=True, return_tensors="pt")
+        n = len(model.tokenizer(lines[i], truncation=False)["input_ids"])
+        if n > longest and not truncate:
+            raise UsageError(f"{_FLAG.get()} {path}", f"line {i + 1} has {n} tokens, more than the {longest} the "
+                             "model takes", "pass --truncate to cut long samples to that length, or export with a "
+                             "larger --seq-len")
+        length = seq if n <= seq else min(n, longest)  # padded to the export length, a longer one kept whole
+        enc = model.tokenizer(lines[i], padding="max_length", max_length=length, truncation=True, return_tensors="pt")
         batches.append(tuple(enc[s.name] for s in model.inputs))
     return batches
 

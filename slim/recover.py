@@ -46,7 +46,16 @@ class RecoverConfig:
 
 
 def _stack(batches: list[tuple]) -> tuple:
-    return tuple(torch.cat([b[i] for b in batches]) for i in range(len(batches[0])))
+    """Concatenate samples along the batch axis; text samples of different lengths are zero-padded (pad token,
+    mask 0) to the longest first."""
+    out = []
+    for i in range(len(batches[0])):
+        parts = [b[i] for b in batches]
+        longest = max(p.shape[1] for p in parts) if parts[0].dim() >= 2 else None
+        if longest is not None and any(p.shape[1] != longest for p in parts) and not parts[0].is_floating_point():
+            parts = [torch.nn.functional.pad(p, (0, longest - p.shape[1])) for p in parts]
+        out.append(torch.cat(parts))
+    return tuple(out)
 
 
 def _loss(student_out, teacher_out, kind: str):

@@ -72,8 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="CoreML compute units (default: the device's)")
     exp.add_argument("--palettize", type=int, default=keep, metavar="BITS", help="CoreML: palettize weights (iOS16+)")
     exp.add_argument("--dla-core", type=int, default=keep, help="TensorRT: build for this DLA core, GPU fallback")
+    exp.add_argument("--no-fuse", action="store_true", default=keep,
+                     help="onnx: keep a plain ONNX graph (default: onnxruntime's Attention/SkipLayerNorm/BiasGelu "
+                          "fusions, contrib ops that only onnxruntime runs)")
     exp.add_argument("--opset", type=int, default=keep, help="ONNX opset of the onnx and tensorrt formats (default 18)")
     exp.add_argument("--calib", default=keep, help="calibration data: .npz of inputs, text file, or image folder")
+    exp.add_argument("--truncate", action="store_true", default=keep,
+                     help="text longer than the artifact's longest sequence is cut to it (default: an error)")
     exp.add_argument("--calib-samples", type=int, default=keep,
                      help=f"samples to use from --calib (default {d('calib_samples')})")
     exp.add_argument("--parity-inputs", type=int, default=keep,
@@ -105,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--weights", default=None,
                     help="weights for the original model (default: the export's, when --against is its model)")
     ev.add_argument("--samples", type=int, default=64)
+    ev.add_argument("--truncate", action="store_true",
+                    help="text longer than the artifact's longest sequence is cut to it (default: an error)")
     ev.add_argument("--runs", type=int, default=30)
     ev.add_argument("--json", action="store_true")
 
@@ -254,7 +261,7 @@ def _eval(args) -> int:
     from slimx.evaluate import evaluate, summary
 
     result = evaluate(args.out_dir, args.against, args.data, samples=args.samples, runs=args.runs,
-                      weights=args.weights, labels=args.labels)
+                      weights=args.weights, labels=args.labels, truncate=args.truncate)
     print(json.dumps(result, indent=2) if args.json else summary(result))
     return 0
 

@@ -18,7 +18,7 @@ from slimx.export.shapes import seq_range_of
 
 
 def evaluate(out_dir: str | Path, against: str | None, data: str | Path, samples: int = 64, runs: int = 30,
-             weights: str | None = None, labels: str | Path | None = None) -> dict:
+             weights: str | None = None, labels: str | Path | None = None, truncate: bool = False) -> dict:
     from slimx.devices import load_device
     from slimx.export import export_program, load_calibration, load_model, to_deployment, torch_outputs
     from slimx.export.program import Program
@@ -51,7 +51,7 @@ def evaluate(out_dir: str | Path, against: str | None, data: str | Path, samples
     shapes = [f"{s.name}={'x'.join(map(str, s.shape))}:{s.dtype}" for s in specs]
     original = load_model(against, weights=weights, input_shapes=shapes)
     original.inputs = specs  # the artifact's shape form (dynamic axes), so the baseline is built the same way
-    calib = load_calibration(data, original, limit=samples, seed=0, flag="--data")
+    calib = load_calibration(data, original, limit=samples, seed=0, flag="--data", truncate=truncate)
     label_list = None
     if labels is not None:
         label_list = [int(x) for x in Path(labels).read_text().split()]

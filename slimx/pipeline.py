@@ -47,6 +47,7 @@ class DataConfig:
 
     calib: str | None = None
     calib_samples: int = 16
+    truncate: bool = False  # text longer than the artifact's longest sequence is cut to it (else an error)
 
 
 @dataclass(frozen=True)
@@ -71,12 +72,14 @@ class CompileConfig:
     palettize: int | None = None
     dla_core: int | None = None
     opt_len: int | None = None
+    no_fuse: bool = False  # onnx: keep a plain ONNX graph (no onnxruntime contrib-op fusions)
 
     def format_option_values(self) -> dict:
         """The format-specific flags the user gave (the chosen target's options class checks them)."""
         return {k: v for k, v in (("deployment_target", self.deployment_target), ("compute_units", self.compute_units),
                                   ("palettize", self.palettize), ("dla_core", self.dla_core),
-                                  ("opt_len", self.opt_len)) if v is not None}
+                                  ("opt_len", self.opt_len), ("fuse", False if self.no_fuse else None))
+                if v is not None}
 
 
 @dataclass(frozen=True)
@@ -127,7 +130,7 @@ _SECTIONS = {"model": ModelConfig, "data": DataConfig, "compress": CompressConfi
 _FLAT_ORDER = ("model", "target", "format", "out", "weights", "input_shapes", "precision", "opset",
                "deployment_target", "compute_units", "palettize", "dla_core", "calib", "calib_samples",
                "parity_inputs", "min_cosine", "max_rel_err", "warmup", "runs", "threads", "seed", "passes", "recipe",
-               "recover", "seq_len", "batch", "static", "opt_len", "buckets")
+               "recover", "seq_len", "batch", "static", "opt_len", "buckets", "no_fuse", "truncate")
 
 
 @dataclass(frozen=True)
@@ -398,7 +401,8 @@ def prepare(cfg: ExportConfig, prepared: Prepared, progress: Progress) -> Prepar
             progress.note("dynamic " + ", ".join(f"{d['input']}[{d['axis']}] {d['min']}..{d['max']}"
                                                  for d in prepared.shapes["dynamic"]))
         if cfg.data.calib:
-            prepared.calib = load_calibration(cfg.data.calib, loaded, limit=cfg.data.calib_samples, seed=m.seed)
+            prepared.calib = load_calibration(cfg.data.calib, loaded, limit=cfg.data.calib_samples, seed=m.seed,
+                                              truncate=cfg.data.truncate)
             progress.note(prepared.calib.describe())
             tune_to_data(prepared, loaded, progress)
     with progress.stage("deployment form"):

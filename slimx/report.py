@@ -58,6 +58,12 @@ def _compile_line(meta: dict) -> str:
     for key in ("backend", "deployment_target", "compute_units", "compute_precision"):
         if meta.get(key):
             parts.append(str(meta[key]))
+    fused = (meta.get("fusions") or {}).get("applied") or {}
+    kinds = [(label, fused[key]) for key, label in (("attention", "Attention"), ("sdpa_via_mha", "MultiHeadAttention"),
+                                                     ("skip_layer_normalization", "SkipLayerNorm"),
+                                                     ("bias_gelu", "BiasGelu")) if fused.get(key)]
+    if kinds:
+        parts.append("onnxruntime fusions " + ", ".join(f"{label} x{n}" for label, n in kinds))
     quant = meta.get("quantization") or {}
     if quant.get("method") and quant["method"] != "none":
         parts.append(quant["method"])

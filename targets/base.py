@@ -254,7 +254,8 @@ class Target:
         from slimx._core.config import config_from_dict
 
         if values and self.options_cls is NoOptions:
-            raise UsageError(", ".join(f"--{k.replace('_', '-')}" for k in values),
+            flags = (f"--{'no-' if v is False else ''}{k.replace('_', '-')}" for k, v in values.items())
+            raise UsageError(", ".join(flags),
                              f"the {self.name} format takes no such option", "drop it, or pick the format it is for")
         return config_from_dict(self.options_cls, {k: v for k, v in values.items() if v is not None},
                                 f"{where} ({self.name})")

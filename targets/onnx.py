@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,10 +43,24 @@ ORT_RUNNERS = (
 )
 
 
+@dataclass(frozen=True)
+class OnnxOptions:
+    """The onnx format's own options.
+
+    Attributes:
+        fuse: apply onnxruntime's transformer fusions (``targets.ort_fusions``: Attention, SkipLayerNorm,
+            BiasGelu, as com.microsoft contrib ops, checked against the unfused graph); ``--no-fuse`` keeps a
+            plain ONNX graph that runtimes other than onnxruntime can load.
+    """
+
+    fuse: bool = True
+
+
 @register_target
 class OnnxTarget(Target):
     name = "onnx"
     suffixes = (".onnx",)
+    options_cls = OnnxOptions
     model_form_suffixes = (".onnx",)  # an .onnx file is also a MODEL form
     runners = ORT_RUNNERS
     default_runner = "onnxruntime"
@@ -106,6 +121,11 @@ class OnnxTarget(Target):
         else:
             program_to_onnx(program.exported, path, program.input_names, program.output_names, opset=options.opset)
         meta = {"opset": _opset_of(path)}
+        fuse = getattr(options.format_options, "fuse", True)
+        if program.exported is not None and fuse:
+            meta["fusions"] = self._fuse(path, program, options.precision)
+        elif program.exported is not None:
+            meta["fusions"] = {"applied": {}, "skipped": "--no-fuse"}
         if options.precision != "fp32":
             from slimx.quant import QuantContext, quantize
 
@@ -113,6 +133,25 @@ class OnnxTarget(Target):
             _, meta["quantization"] = quantize("onnx", path, options.quant_config(), ctx)
         return Artifact(format=self.name, path=path, inputs=program.inputs, output_names=program.output_names,
                         meta=meta)
+
+    @staticmethod
+    def _fuse(path: Path, program, precision: str) -> dict:
+        """onnxruntime's fusions on the written file, checked on fresh inputs (padded masks, two lengths)."""
+        from slimx._core.inputs import sample_inputs
+        from slimx.export.shapes import at_length, seq_range_of
+        from slimx.targets.ort_fusions import fuse_for_onnxruntime
+
+        if precision == "int8":  # the QDQ quantizer leaves a fused Attention float: static int8 stays unfused
+            return {"applied": {}, "skipped": "static int8: onnxruntime's QDQ quantizer does not quantize the fused "
+                                              "attention, so the graph is quantized unfused"}
+        specs = program.inputs
+        seq = seq_range_of(specs)
+        shapes = [specs] if seq is None else [at_length(specs, n) for n in sorted({min(max(seq[0], 7), seq[1]),
+                                                                                  specs[0].shape[1]})]
+        checks = [sample_inputs(s, seed=4242 + i) for i, s in enumerate(shapes)]
+        mask = next((s.name for s in specs if s.kind == "mask"), None)
+        return fuse_for_onnxruntime(path, checks, mask_input=mask)
+
 
 def verify_onnx_file(path: Path) -> str | None:
     """Why an uploaded file is not a self-contained, valid ONNX model (None when it is)."""

@@ -84,6 +84,21 @@ def test_hf_dir_with_text_calibration(tmp_path, capsys, tiny_st_dir):
     assert rep["parity"]["calibration"]["n_inputs"] == 3 and rep["parity"]["calibration"]["passed"]
 
 
+def test_text_past_the_longest_sequence_needs_truncate(tmp_path, capsys, tiny_st_dir):
+    text = tmp_path / "calib.txt"
+    text.write_text("the cat sat on the mat\n" + " ".join(["dog"] * 40) + "\n")
+    args = ("--input-shape", "1x16", "--seq-len", "1..32", "--calib", str(text), "--out", str(tmp_path / "o"), *FAST)
+    code, _, err = export(capsys, f"hf:{tiny_st_dir}", *args)
+    assert code == 2 and "line 2 has 42 tokens, more than the 32" in err and "--truncate" in err, err
+    assert not (tmp_path / "o").exists(), "a refused run leaves no folder"
+    code, _, err = export(capsys, f"hf:{tiny_st_dir}", *args, "--truncate")
+    assert code == 0, err
+    assert report_of(tmp_path / "o")["config"]["truncate"] is True
+    assert main(["eval", str(tmp_path / "o"), "--data", str(text), "--runs", "30"]) == 2
+    assert "--data" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "o"), "--data", str(text), "--runs", "30", "--truncate"]) == 0
+
+
 def test_pt2_model(tmp_path, capsys):
     torch.manual_seed(0)
     model = TinyMLP().eval()

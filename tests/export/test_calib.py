@@ -34,6 +34,23 @@ def test_text_is_tokenized_with_the_models_tokenizer(tmp_path, tiny_bert_dir):
     assert int(mask.sum()) < 12, "padded to the model's sequence length"
 
 
+def test_text_longer_than_the_model_takes_is_refused_or_cut(tmp_path, tiny_bert_dir):
+    from slimx.export.shapes import apply_shape_policy
+
+    loaded = load_model(f"hf:{tiny_bert_dir}", input_shapes=["1x12"])
+    loaded.inputs = apply_shape_policy(loaded.inputs, 20, None, None, False)  # a dynamic axis up to 20 tokens
+    long = " ".join(["cat"] * 30)
+    (tmp_path / "t.txt").write_text(f"the cat sat\n{' '.join(['dog'] * 15)}\n{long}\n")
+    with pytest.raises(UsageError) as info:
+        load_calibration(tmp_path / "t.txt", loaded, flag="--data")
+    line = info.value.line()
+    assert "--data" in line and "line 3 has 32 tokens, more than the 20" in line and "--truncate" in line
+    data = load_calibration(tmp_path / "t.txt", loaded, truncate=True)
+    lengths = sorted(b[0].shape[1] for b in data.batches)
+    assert lengths == [12, 17, 20], "short text padded to the export length, longer kept whole, too long cut"
+    assert all(int(b[1].sum()) == b[1].shape[1] for b in data.batches if b[0].shape[1] > 12)
+
+
 def test_text_needs_a_tokenizer(tmp_path):
     (tmp_path / "t.txt").write_text("hello\n")
     with pytest.raises(UsageError, match="no tokenizer"):

@@ -63,3 +63,11 @@ def test_hidden_state_distillation_matches_every_block():
     _, plain = recover(lowrank(teacher, cfg, PassContext(calib=data)).model, teacher, data,
                        RecoverConfig(steps=20, hidden=False))
     assert plain["hidden_states_matched"] == 0
+
+
+def test_recovery_stacks_samples_of_different_lengths():
+    from slimx.slim.recover import _stack
+
+    ids, mask = _stack([(torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.long)),
+                        (torch.ones(1, 5, dtype=torch.long), torch.ones(1, 5, dtype=torch.long))])
+    assert ids.shape == (2, 5) and mask[0].tolist() == [1, 1, 1, 0, 0]
