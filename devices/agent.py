@@ -7,10 +7,12 @@ Protocol (JSON answers, ``Authorization: Bearer TOKEN`` on every request)::
                                            -> {"timing": {...}, "outputs": [shapes]}
     POST /v1/build?precision=fp16|int8     body: a zip with artifact/model.onnx -> TensorRT engine built here, timed
 
-Safety: the token is compared in constant time; uploads above the size limit are refused before the body is
-read; only artifact formats are accepted (ONNX, TFLite, CoreML packages, TensorRT plans; inputs as ``.npz``
-loaded with ``allow_pickle=False``), never code or pickles; archive paths and sizes are checked; each job runs in
-a child process killed at the per-job timeout; each runner runs one job at a time, others wait in a bounded queue.
+Safety: the token is taken only as ``Authorization: Bearer`` and compared in constant time; the server
+(uvicorn with Starlette, ``devices.agent_http``) bounds connections, header and body time, and upload size while
+streaming to disk; only artifact formats are accepted (ONNX, TFLite, CoreML packages, TensorRT plans; inputs as
+``.npz`` loaded with ``allow_pickle=False``), never code or pickles; archive paths are checked, and sizes on the
+bytes actually unpacked; each job runs in a child process killed at the per-job timeout; each runner runs one job
+at a time, others wait in a bounded queue.
 """
 
 from __future__ import annotations
@@ -19,17 +21,12 @@ import hmac
 import io
 import json
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 import zipfile
+import zlib
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, urlparse
 
 READ_CHUNK = 1 << 16
 
@@ -42,18 +39,32 @@ def runner_suffixes() -> dict[str, tuple[str, ...]]:
 
 
 class JobError(Exception):
-    def __init__(self, status: int, message: str):
+    """A job refused or failed: the HTTP status to answer with, and (503) when to retry."""
+
+    def __init__(self, status: int, message: str, retry_after: int | None = None):
         super().__init__(message)
         self.status = status
+        self.retry_after = retry_after
 
 
-def read_token(path: str | Path) -> str:
+def read_token(path: str | Path, allow_insecure: bool = False, warn=None) -> str:
+    """The shared token from ``path``: 16+ characters, in a file only its owner can read (ssh's rule for keys);
+    ``allow_insecure`` accepts a group- or world-readable file with a warning."""
+    import stat
+
     from slimx._core.errors import UsageError
 
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"--token-file {path}", "does not exist", "write a random token into it, e.g. "
-                         "python -c 'import secrets; print(secrets.token_urlsafe(32))' > token")
+                         "python -c 'import secrets; print(secrets.token_urlsafe(32))' > token; chmod 600 token")
+    mode = path.stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        if not allow_insecure:
+            raise UsageError(f"--token-file {path}", f"can be read by other users (mode {stat.filemode(mode)})",
+                             f"chmod 600 {path}, or pass --allow-insecure-token-file")
+        (warn or (lambda m: print(f"slimx: warning: {m}", file=sys.stderr)))(
+            f"--token-file {path} can be read by other users (mode {stat.filemode(mode)}); chmod 600 it")
     token = path.read_text().strip()
     if len(token) < 16:
         raise UsageError(f"--token-file {path}", "holds a token shorter than 16 characters",
@@ -61,23 +72,35 @@ def read_token(path: str | Path) -> str:
     return token
 
 
-def check_archive(data: bytes, max_unpacked: int) -> tuple[zipfile.ZipFile, str]:
-    """Open an upload and vet it: safe names, bounded size, one artifact, nothing but artifact and inputs."""
+UNPACK_RATIO = 20  # an archive may unpack to at most this many times its own size (artifacts barely compress)
+
+
+def unpack_limit(archive_bytes: int, max_unpacked: int) -> int:
+    """The most an archive of ``archive_bytes`` may unpack to: a small multiple of its size (weights compress
+    little; a zip bomb compresses by 1000x), never more than ``max_unpacked``."""
+    return min(max_unpacked, max(1 << 20, UNPACK_RATIO * archive_bytes))
+
+
+def check_archive(source, max_unpacked: int) -> tuple[zipfile.ZipFile, str]:
+    """Open an upload (a path or bytes) and vet its directory: safe names, declared sizes under
+    ``max_unpacked``, one artifact, nothing but artifact and inputs. The sizes are checked again on the bytes
+    actually written (``extract``): a header may lie."""
     try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
+        archive = zipfile.ZipFile(io.BytesIO(source) if isinstance(source, bytes) else source)
         infos = archive.infolist()
-    except (zipfile.BadZipFile, ValueError) as exc:
+    except (zipfile.BadZipFile, ValueError, OSError) as exc:
         raise JobError(HTTPStatus.UNPROCESSABLE_ENTITY, f"the upload is not a zip archive ({exc})") from exc
     total = 0
     roots = set()
     for info in infos:
         name = info.filename
         parts = Path(name).parts
-        if name.startswith(("/", "\\")) or ".." in parts or ":" in name:
+        if name.startswith(("/", "\\")) or ".." in parts or ":" in name or "\\" in name:
             raise JobError(HTTPStatus.UNPROCESSABLE_ENTITY, f"unsafe path in the archive: {name!r}")
         total += info.file_size
         if total > max_unpacked:
-            raise JobError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "the archive unpacks past the size limit")
+            raise JobError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                           f"the archive declares more than {max_unpacked} unpacked bytes (the limit for its size)")
         if name == "inputs.npz" or name.endswith("/"):
             continue
         if len(parts) < 2 or parts[0] != "artifact":
@@ -96,6 +119,33 @@ def check_archive(data: bytes, max_unpacked: int) -> tuple[zipfile.ZipFile, str]
     return archive, root
 
 
+def extract(archive: zipfile.ZipFile, dest: Path, max_unpacked: int) -> int:
+    """Unpack every member under ``dest``, counting the bytes actually written (413 past ``max_unpacked``); a
+    member whose data do not match its header (size, CRC) is a 422. Returns the bytes written."""
+    written = 0
+    dest = Path(dest).resolve()
+    for info in archive.infolist():
+        target = (dest / info.filename).resolve()
+        if dest not in target.parents:
+            raise JobError(HTTPStatus.UNPROCESSABLE_ENTITY, f"unsafe path in the archive: {info.filename!r}")
+        if info.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with archive.open(info) as src, open(target, "wb") as out:
+                while chunk := src.read(READ_CHUNK):
+                    written += len(chunk)
+                    if written > max_unpacked:
+                        raise JobError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                                       f"the archive unpacked past {max_unpacked} bytes (the limit for its size)")
+                    out.write(chunk)
+        except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, NotImplementedError, RuntimeError) as exc:
+            raise JobError(HTTPStatus.UNPROCESSABLE_ENTITY,
+                           f"the archive is corrupt at {info.filename!r} ({exc})") from None
+    return written
+
+
 def check_artifact(path: Path) -> None:
     """Refuse a file that is not what its name says (before any runtime parses it in earnest)."""
     from slimx.targets import target_for_path
@@ -107,10 +157,19 @@ def check_artifact(path: Path) -> None:
 
 
 class Agent:
-    """State shared by the request handlers: token, limits, one lock per runner and the queue bound."""
+    """State shared by the request handlers (all on the server's event loop): token, limits, one lock and a
+    waiting count per runner, the requests in flight.
+
+    Attributes:
+        max_upload: bytes an upload (and what it unpacks to) may have.
+        max_queue: jobs that may wait per runner while one runs (503 with Retry-After beyond).
+        max_connections: requests served at once (503 with Retry-After beyond).
+    """
 
     def __init__(self, token: str, device: str = "host", max_upload: int = 512 << 20, job_timeout: float = 300.0,
-                 max_queue: int = 8, threads: int | None = None, log=None) -> None:
+                 max_queue: int = 8, threads: int | None = None, log=None, max_connections: int = 64) -> None:
+        import asyncio
+
         from slimx.devices.runners import runner_infos
 
         self.token = token
@@ -118,16 +177,23 @@ class Agent:
         self.max_upload = max_upload
         self.job_timeout = job_timeout
         self.max_queue = max_queue
+        self.max_connections = max_connections
         self.threads = threads
-        self.locks = {name: threading.Lock() for name in runner_infos()}
+        self.locks = {name: asyncio.Lock() for name in runner_infos()}
         self.waiting = dict.fromkeys(self.locks, 0)
-        self.guard = threading.Lock()
+        self.active = 0
         self.log = log or (lambda msg: print(f"slimx agent: {msg}", file=sys.stderr, flush=True))
         self.jobs_done = 0
+        self.job_seconds: list[float] = []
 
-    def authorized(self, header: str | None) -> bool:
-        given = (header or "").removeprefix("Bearer ").strip()
-        return hmac.compare_digest(given.encode(), self.token.encode())
+    def authorized(self, header: str | bytes | None) -> bool:
+        """Only ``Authorization: Bearer TOKEN`` (the scheme in any case), compared in constant time."""
+        if isinstance(header, bytes):
+            header = header.decode("latin-1")
+        scheme, _, given = (header or "").strip().partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(given.strip().encode("utf-8", "replace"), self.token.encode())
 
     def info(self) -> dict:
         from slimx import __version__
@@ -135,64 +201,84 @@ class Agent:
         from slimx.devices.runners import available_runners
 
         return {"device": self.device, "host": cpu_model(), "runners": available_runners(), "slimx": __version__,
-                "max_upload_bytes": self.max_upload, "job_timeout_s": self.job_timeout, "max_queue": self.max_queue}
+                "max_upload_bytes": self.max_upload, "job_timeout_s": self.job_timeout, "max_queue": self.max_queue,
+                "max_connections": self.max_connections, "unpack_ratio": UNPACK_RATIO}
 
-    def run_job(self, runner: str, data: bytes, params: dict, build: bool = False) -> dict:
+    def check_runner(self, runner: str, build: bool) -> None:
+        """400 for an unknown runner, 501 for one this device cannot run."""
         from slimx.devices.runners import runner_missing_reason
 
         formats = runner_suffixes()
         if runner not in formats or runner not in self.locks:
-            raise JobError(HTTPStatus.BAD_REQUEST,
-                           f"unknown runner {runner!r} (use one of {', '.join(formats)})")
+            raise JobError(HTTPStatus.BAD_REQUEST, f"unknown runner {runner!r} (use one of {', '.join(formats)})")
         why = runner_missing_reason(runner)
         if why:
             raise JobError(HTTPStatus.NOT_IMPLEMENTED, f"runner {runner} is not available on this agent: {why}")
-        archive, root = check_archive(data, self.max_upload * 4)
-        want = _build_suffixes(runner) if build else formats[runner]
-        if not root.lower().endswith(want):
-            raise JobError(HTTPStatus.UNPROCESSABLE_ENTITY,
-                           f"runner {runner} runs {'/'.join(want)} files, not {root!r}")
-        with self.guard:
-            if self.waiting[runner] >= self.max_queue:
-                raise JobError(HTTPStatus.SERVICE_UNAVAILABLE, f"the {runner} queue is full ({self.max_queue} jobs)")
-            self.waiting[runner] += 1
-        try:
-            with self.locks[runner]:  # one job at a time per runner; the others wait here, in arrival order
-                return self._execute(runner, archive, root, params, build)
-        finally:
-            with self.guard:
-                self.waiting[runner] -= 1
+        if build:
+            _build_suffixes(runner)
 
-    def _execute(self, runner: str, archive: zipfile.ZipFile, root: str, params: dict, build: bool) -> dict:
-        work = Path(tempfile.mkdtemp(prefix="slimx-agent-"))
+    def retry_after(self, runner: str) -> int:
+        """Seconds until a place is likely free: the recent mean job time times the jobs ahead."""
+        mean = sum(self.job_seconds[-10:]) / len(self.job_seconds[-10:]) if self.job_seconds else 5.0
+        return max(1, round(mean * (self.waiting.get(runner, 0) + 1)))
+
+    def reserve(self, runner: str) -> None:
+        if self.waiting[runner] >= self.max_queue:
+            raise JobError(HTTPStatus.SERVICE_UNAVAILABLE, f"the {runner} queue is full ({self.max_queue} jobs)",
+                           retry_after=self.retry_after(runner))
+        self.waiting[runner] += 1
+
+    def release(self, runner: str) -> None:
+        self.waiting[runner] -= 1
+
+    def unpack(self, upload: Path, work: Path) -> str:
+        """Vet the uploaded archive and unpack it under ``work`` within its limit; returns the artifact's name."""
+        limit = unpack_limit(upload.stat().st_size, self.max_upload)
+        archive, root = check_archive(upload, limit)
+        with archive:
+            extract(archive, work, limit)
+        check_artifact(work / "artifact" / root)
+        return root
+
+    async def execute(self, runner: str, work: Path, root: str, params: dict, build: bool) -> dict:
+        """Run one unpacked job in a child process (killed at ``job_timeout``); returns its result."""
+        import asyncio
+
+        if build:
+            want = _build_suffixes(runner)
+            if not root.lower().endswith(want):
+                raise JobError(HTTPStatus.UNPROCESSABLE_ENTITY, f"runner {runner} builds from {'/'.join(want)} "
+                               f"files, not {root!r}")
+        elif not root.lower().endswith(runner_suffixes()[runner]):
+            raise JobError(HTTPStatus.UNPROCESSABLE_ENTITY,
+                           f"runner {runner} runs {'/'.join(runner_suffixes()[runner])} files, not {root!r}")
+        job = {"runner": runner, "artifact": str(work / "artifact" / root), "inputs": str(work / "inputs.npz"),
+               "warmup": params.get("warmup", 5), "runs": params.get("runs", 50), "threads": self.threads,
+               "build": build, "precision": params.get("precision", "fp16")}
+        (work / "job.json").write_text(json.dumps(job))
+        started_at = time.time()
+        start = time.perf_counter()
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "slimx.devices.agent", "--job",
+                                                    str(work / "job.json"), stdout=asyncio.subprocess.DEVNULL,
+                                                    stderr=asyncio.subprocess.PIPE)
         try:
-            archive.extractall(work)
-            artifact = work / "artifact" / root
-            check_artifact(artifact)
-            job = {"runner": runner, "artifact": str(artifact), "inputs": str(work / "inputs.npz"),
-                   "warmup": params.get("warmup", 5), "runs": params.get("runs", 50), "threads": self.threads,
-                   "build": build, "precision": params.get("precision", "fp16")}
-            (work / "job.json").write_text(json.dumps(job))
-            started_at = time.time()
-            start = time.perf_counter()
-            try:
-                proc = subprocess.run([sys.executable, "-m", "slimx.devices.agent", "--job", str(work / "job.json")],
-                                      capture_output=True, text=True, timeout=self.job_timeout)
-            except subprocess.TimeoutExpired:
-                raise JobError(HTTPStatus.GATEWAY_TIMEOUT, f"the job ran past the agent's {self.job_timeout:g} s "
-                               "limit and was stopped") from None
-            result_path = work / "result.json"
-            if proc.returncode != 0 or not result_path.is_file():
-                tail = (proc.stderr or "").strip().splitlines()
-                raise JobError(HTTPStatus.UNPROCESSABLE_ENTITY,
-                               f"the runner failed on this artifact ({tail[-1][:200] if tail else 'no message'})")
-            result = json.loads(result_path.read_text())
-            result["job_s"] = round(time.perf_counter() - start, 3)
-            result["started_at"], result["finished_at"] = started_at, time.time()
-            self.jobs_done += 1
-            return result
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+            _, stderr = await asyncio.wait_for(proc.communicate(), self.job_timeout)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise JobError(HTTPStatus.GATEWAY_TIMEOUT, f"the job ran past the agent's {self.job_timeout:g} s limit "
+                           "and was stopped") from None
+        result_path = work / "result.json"
+        if proc.returncode != 0 or not result_path.is_file():
+            tail = stderr.decode("utf-8", "replace").strip().splitlines()
+            raise JobError(HTTPStatus.UNPROCESSABLE_ENTITY,
+                           f"the runner failed on this artifact ({tail[-1][:200] if tail else 'no message'})")
+        result = json.loads(result_path.read_text())
+        result["job_s"] = round(time.perf_counter() - start, 3)
+        result["started_at"], result["finished_at"] = started_at, time.time()
+        self.jobs_done += 1
+        self.job_seconds.append(result["job_s"])
+        return result
 
 
 def _build_suffixes(runner: str) -> tuple[str, ...]:
@@ -251,123 +337,11 @@ def _spec(name: str, array):
     return InputSpec(name, tuple(array.shape), str(array.dtype))
 
 
-def make_handler(agent: Agent):
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "slimx-agent"
-        protocol_version = "HTTP/1.1"
-        timeout = 60  # a client that stops sending for this long is dropped
+def serve(agent: Agent, host: str, port: int, ready=None):
+    """Bind the agent's HTTP server (uvicorn, ``devices.agent_http``); call ``serve_forever`` on what it returns."""
+    from slimx.devices.agent_http import serve as serve_http
 
-        def log_message(self, fmt, *args):  # requests are logged through agent.log, briefly
-            pass
-
-        def _answer(self, status: int, body: dict) -> None:
-            data = json.dumps(body).encode()
-            try:
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                if status >= 400:
-                    self.send_header("Connection", "close")
-                    self.close_connection = True
-                self.end_headers()
-                self.wfile.write(data)
-            except (BrokenPipeError, ConnectionResetError):
-                agent.log(f"client went away before the {status} answer")
-
-        def _error(self, status: int, message: str) -> None:
-            agent.log(f"{self.command} {self.path}: {status} {message}")
-            self._answer(status, {"error": message, "status": status})
-
-        def _authorized(self) -> bool:
-            if agent.authorized(self.headers.get("Authorization")):
-                return True
-            self._error(HTTPStatus.UNAUTHORIZED, "missing or wrong token")
-            return False
-
-        def do_GET(self):
-            if not self._authorized():
-                return
-            if urlparse(self.path).path == "/v1/info":
-                self._answer(HTTPStatus.OK, agent.info())
-            else:
-                self._error(HTTPStatus.NOT_FOUND, f"no such endpoint {self.path}")
-
-        def do_POST(self):
-            if not self._authorized():
-                return
-            url = urlparse(self.path)
-            if url.path not in ("/v1/run", "/v1/build"):
-                self._error(HTTPStatus.NOT_FOUND, f"no such endpoint {url.path}")
-                return
-            length = self.headers.get("Content-Length")
-            if length is None or not length.isdigit():
-                self._error(HTTPStatus.LENGTH_REQUIRED, "send Content-Length")
-                return
-            length = int(length)
-            if length > agent.max_upload:
-                self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                            f"upload of {length} bytes is over this agent's limit of {agent.max_upload} bytes")
-                return
-            data = self._read_body(length)
-            if data is None:
-                return
-            query = {k: v[-1] for k, v in parse_qs(url.query).items()}
-            try:
-                params = {"warmup": int(query.get("warmup", 5)), "runs": int(query.get("runs", 50)),
-                          "precision": query.get("precision", "fp16")}
-                if not (0 <= params["warmup"] <= 1000 and 1 <= params["runs"] <= 10000):
-                    raise ValueError("warmup must be 0..1000 and runs 1..10000")
-                runner = query.get("runner", "tensorrt" if url.path == "/v1/build" else "onnxruntime")
-                result = agent.run_job(runner, data, params, build=url.path == "/v1/build")
-            except ValueError as exc:
-                self._error(HTTPStatus.BAD_REQUEST, f"bad query: {exc}")
-                return
-            except JobError as exc:
-                self._error(exc.status, str(exc))
-                return
-            except Exception as exc:  # the agent stays up whatever one job does
-                self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(exc).__name__}: {str(exc)[:200]}")
-                return
-            agent.log(f"{runner}: {result['timing']['median_ms']:.3f} ms median ({result['job_s']} s job)")
-            self._answer(HTTPStatus.OK, {**result, "device": agent.device, "runner": runner})
-
-        def _read_body(self, length: int) -> bytes | None:
-            chunks, got = [], 0
-            try:
-                while got < length:
-                    chunk = self.rfile.read(min(READ_CHUNK, length - got))
-                    if not chunk:
-                        break
-                    chunks.append(chunk)
-                    got += len(chunk)
-            except (TimeoutError, ConnectionResetError, OSError) as exc:
-                agent.log(f"client disconnected mid-upload after {got} of {length} bytes ({type(exc).__name__})")
-                self.close_connection = True
-                return None
-            if got < length:
-                agent.log(f"client disconnected mid-upload after {got} of {length} bytes")
-                self.close_connection = True
-                return None
-            return b"".join(chunks)
-
-    return Handler
-
-
-class AgentServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def handle_error(self, request, client_address):  # a dropped client is logged in one line, not a trace
-        exc = sys.exc_info()[1]
-        print(f"slimx agent: connection from {client_address[0]} ended: {type(exc).__name__}", file=sys.stderr)
-
-
-def serve(agent: Agent, host: str, port: int, ready=None) -> AgentServer:
-    """Start the server (returns it; call ``serve_forever`` or run it in a thread)."""
-    server = AgentServer((host, port), make_handler(agent))
-    if ready is not None:
-        ready(server)
-    return server
+    return serve_http(agent, host, port, ready)
 
 
 # --- the client --------------------------------------------------------------------------------------------

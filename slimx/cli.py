@@ -151,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="MODEL or ARTIFACT (default: minilm)")
     prof.add_argument("--device", "-d", default="host", help="device or alias (default: host)")
     prof.add_argument("--remote", default=None, metavar="URL", help="a slimx agent on the device, e.g. http://jetson:8765")
-    prof.add_argument("--token-file", default=None, help="file holding the agent's token (with --remote)")
+    prof.add_argument("--token-file", default=None, help="file holding the agent's token (with --remote; mode 600)")
+    prof.add_argument("--allow-insecure-token-file", action="store_true",
+                      help="accept a token file other users can read (with a warning)")
     how = prof.add_mutually_exclusive_group()
     how.add_argument("--estimate", action="store_true", help="use the estimator, also on the host")
     how.add_argument("--measure", action="store_true", help="measure or fail; never estimate")
@@ -177,11 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("action", choices=["serve"])
     agent.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     agent.add_argument("--port", type=int, default=8765)
-    agent.add_argument("--token-file", required=True, help="file holding the shared token (16+ characters)")
+    agent.add_argument("--token-file", required=True,
+                       help="file holding the shared token (16+ characters, readable by its owner only: chmod 600)")
+    agent.add_argument("--allow-insecure-token-file", action="store_true",
+                       help="accept a token file other users can read (with a warning)")
     agent.add_argument("--device", default="host", help="the device profile this agent runs on (default host)")
     agent.add_argument("--max-upload-mb", type=float, default=512.0)
     agent.add_argument("--job-timeout", type=float, default=300.0, help="seconds per job (default 300)")
     agent.add_argument("--queue", type=int, default=8, help="jobs that may wait per runner (default 8)")
+    agent.add_argument("--max-connections", type=int, default=64,
+                       help="requests served at once; more get 503 with Retry-After (default 64)")
     agent.add_argument("--threads", type=int, default=None)
     return parser
 
@@ -297,7 +304,7 @@ def _profile(args) -> int:
             raise UsageError("--remote", "needs the agent's token", "add --token-file FILE")
         from slimx.devices.agent import read_token
 
-        token = read_token(args.token_file)
+        token = read_token(args.token_file, allow_insecure=args.allow_insecure_token_file)
     elif args.token_file:
         raise UsageError("--token-file", "is only used with --remote", "add --remote URL or drop it")
     if args.runs < 1 or args.warmup < 0:
@@ -318,14 +325,16 @@ def _agent(args) -> int:
     from slimx.devices import load_device
     from slimx.devices.agent import Agent, read_token, serve
 
-    token = read_token(args.token_file)
-    device = load_device(args.device, measure_host=False)
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port {args.port}", "is not a TCP port", "give one in 1..65535 (0: any free port)")
-    if args.max_upload_mb <= 0 or args.job_timeout <= 0 or args.queue < 0:
-        raise UsageError("--max-upload-mb/--job-timeout/--queue", "must be positive", "e.g. --max-upload-mb 512")
+    if args.max_upload_mb <= 0 or args.job_timeout <= 0 or args.queue < 0 or args.max_connections < 1:
+        raise UsageError("--max-upload-mb/--job-timeout/--queue/--max-connections", "must be positive",
+                         "e.g. --max-upload-mb 512 --max-connections 64")
+    token = read_token(args.token_file, allow_insecure=args.allow_insecure_token_file)
+    device = load_device(args.device, measure_host=False)
     agent = Agent(token, device=device.name, max_upload=int(args.max_upload_mb * (1 << 20)),
-                  job_timeout=args.job_timeout, max_queue=args.queue, threads=args.threads)
+                  job_timeout=args.job_timeout, max_queue=args.queue, threads=args.threads,
+                  max_connections=args.max_connections)
     try:
         server = serve(agent, args.host, args.port)
     except OSError as exc:
@@ -334,7 +343,8 @@ def _agent(args) -> int:
     info = agent.info()
     print(f"slimx agent: serving {device.name} on http://{args.host}:{server.server_address[1]} "
           f"(runners: {', '.join(info['runners'])}; upload limit {args.max_upload_mb:g} MB; "
-          f"job timeout {args.job_timeout:g} s)", file=sys.stderr, flush=True)
+          f"job timeout {args.job_timeout:g} s; {args.max_connections} requests at once, {args.queue} jobs queued "
+          "per runner)", file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     finally:

@@ -253,10 +253,15 @@ class Target:
         """The format's typed options from ``values`` (flag or recipe values); unknown keys are a usage error."""
         from slimx._core.config import config_from_dict
 
-        if values and self.options_cls is NoOptions:
-            flags = (f"--{'no-' if v is False else ''}{k.replace('_', '-')}" for k, v in values.items())
-            raise UsageError(", ".join(flags),
-                             f"the {self.name} format takes no such option", "drop it, or pick the format it is for")
+        import dataclasses
+
+        known = {f.name for f in dataclasses.fields(self.options_cls)}
+        unknown = {k: v for k, v in values.items() if k not in known}
+        if unknown:
+            flags = (f"--{'no-' if v is False else ''}{k.replace('_', '-')}" for k, v in unknown.items())
+            takes = f" ({self.name}'s own: {', '.join(sorted(known))})" if known else ""
+            raise UsageError(", ".join(flags), f"the {self.name} format takes no such option",
+                             f"drop it, or pick the format it is for{takes}")
         return config_from_dict(self.options_cls, {k: v for k, v in values.items() if v is not None},
                                 f"{where} ({self.name})")
 

@@ -85,6 +85,11 @@ def test_remote_needs_a_token_and_a_reachable_agent(capsys, tmp_path, tiny_onnx)
     assert_one_line_error(err, "needs the agent's token")
     token = tmp_path / "token"
     token.write_text(TOKEN)
+    token.chmod(0o644)
+    code, _, err = run(capsys, "profile", str(tiny_onnx), "--remote", "http://127.0.0.1:9", "--token-file", str(token))
+    assert code == 2
+    assert_one_line_error(err, "can be read by other users")
+    token.chmod(0o600)
     code, _, err = run(capsys, "profile", str(tiny_onnx), "--remote", "http://127.0.0.1:9", "--token-file", str(token))
     assert code == 1
     assert_one_line_error(err, "unreachable")
@@ -99,6 +104,7 @@ def test_profile_through_a_loopback_agent(capsys, tmp_path, tiny_onnx):
     try:
         token = tmp_path / "token"
         token.write_text(TOKEN + "\n")
+        token.chmod(0o600)
         url = f"http://127.0.0.1:{server.server_address[1]}"
         code, out, _ = run(capsys, "profile", str(tiny_onnx), "--remote", url, "--token-file", str(token),
                            "--runs", "10", "--json")
@@ -107,6 +113,7 @@ def test_profile_through_a_loopback_agent(capsys, tmp_path, tiny_onnx):
         assert latency["measured"] and f"via agent {url}" in latency["where"] and latency["runs"] == 10
         bad = tmp_path / "bad"
         bad.write_text("x" * 20)
+        bad.chmod(0o600)
         code, _, err = run(capsys, "profile", str(tiny_onnx), "--remote", url, "--token-file", str(bad))
         assert code == 2
         assert_one_line_error(err, "refused the token")
@@ -127,6 +134,12 @@ def test_calibrate_usage_errors(capsys, tmp_path):
 def test_agent_refuses_a_weak_token(capsys, tmp_path):
     weak = tmp_path / "weak"
     weak.write_text("short")
+    weak.chmod(0o600)
     code, _, err = run(capsys, "agent", "serve", "--token-file", str(weak), "--port", "0")
     assert code == 2
     assert_one_line_error(err, "shorter than 16")
+    weak.write_text(TOKEN)
+    weak.chmod(0o640)
+    code, _, err = run(capsys, "agent", "serve", "--token-file", str(weak), "--port", "0")
+    assert code == 2
+    assert_one_line_error(err, "can be read by other users")

@@ -1,9 +1,12 @@
-"""The remote device agent on loopback: real onnxruntime and LiteRT runners behind a real HTTP server."""
+"""The remote device agent on loopback: real onnxruntime and LiteRT runners behind the real uvicorn server, and
+every limit it has (token, size, zip bombs, slow clients, malformed requests, queue and connection limits)."""
 
 from __future__ import annotations
 
 import http.client
 import io
+import json
+import os
 import socket
 import threading
 import time
@@ -13,7 +16,8 @@ import pytest
 
 from slimx._core.errors import SlimxFailure, UsageError
 from slimx._core.inputs import sample_inputs
-from slimx.devices.agent import Agent, RemoteRunner, pack, serve
+from slimx.devices import agent_http
+from slimx.devices.agent import Agent, RemoteRunner, pack, read_token, serve
 from slimx.targets import CompileOptions, get_target
 from tests.models import TinyMLP, seeded
 
@@ -49,21 +53,43 @@ class _Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
+        deadline = time.time() + 10
+        while not self.server.server.started and time.time() < deadline:
+            time.sleep(0.01)
 
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+        self.thread.join(timeout=10)
 
-    def post(self, path: str, body: bytes, token: str | None = TOKEN, length: int | None = None):
+    def request(self, method: str, path: str, body: bytes = b"", token: str | None = TOKEN, headers=None,
+                length: int | None = None):
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        headers = {"Content-Length": str(len(body) if length is None else length)}
+        sent = {"Content-Length": str(len(body) if length is None else length)} if method == "POST" else {}
         if token:
-            headers["Authorization"] = f"Bearer {token}"
-        conn.request("POST", path, body=body, headers=headers)
+            sent["Authorization"] = f"Bearer {token}"
+        sent.update(headers or {})
+        conn.request(method, path, body=body if method == "POST" else None, headers=sent)
         resp = conn.getresponse()
         data = resp.read()
         conn.close()
-        return resp.status, data
+        return resp.status, data, dict(resp.getheaders())
+
+    def post(self, path: str, body: bytes, token: str | None = TOKEN, length: int | None = None):
+        status, data, _ = self.request("POST", path, body, token=token, length=length)
+        return status, data
+
+    def raw(self, data: bytes, wait: float = 20.0) -> bytes:
+        """Send raw bytes and read whatever comes back until the server closes."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=wait) as sock:
+            sock.sendall(data)
+            chunks = []
+            try:
+                while chunk := sock.recv(65536):
+                    chunks.append(chunk)
+            except (TimeoutError, ConnectionResetError):
+                pass
+        return b"".join(chunks)
 
 
 @pytest.fixture(scope="module")
@@ -75,20 +101,25 @@ def agent():
 
 def _zip(entries: dict[str, bytes]) -> bytes:
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for name, data in entries.items():
             zf.writestr(name, data)
     return buf.getvalue()
 
 
-def test_info_needs_the_token(agent):
+def test_info_needs_the_token_as_a_bearer_header(agent):
     runner = RemoteRunner(agent.url, TOKEN, "onnxruntime")
     info = runner.info()
     assert "onnxruntime" in info["runners"] and info["max_upload_bytes"] == 2 << 20
     with pytest.raises(UsageError, match="refused the token"):
         RemoteRunner(agent.url, "wrong-token-wrong-token", "onnxruntime").info()
-    status, _ = agent.post("/v1/run", b"x", token=None)
-    assert status == 401
+    assert agent.post("/v1/run", b"x", token=None)[0] == 401
+    status, _, headers = agent.request("GET", "/v1/info", token=None, headers={"Authorization": TOKEN})
+    assert status == 401 and headers.get("www-authenticate") == "Bearer", "a bare token without 'Bearer' is refused"
+    status, data, _ = agent.request("GET", f"/v1/info?token={TOKEN}", token=None)
+    assert status == 400 and b"Authorization: Bearer" in data
+    assert agent.request("GET", "/v1/info", headers={"Authorization": f"bearer {TOKEN}"})[0] == 200
+    assert agent.log and not any(TOKEN in line for line in agent.log), "the token is never logged"
 
 
 def test_onnx_job_is_timed_on_the_agent(agent, artifacts):
@@ -107,9 +138,15 @@ def test_litert_job_is_timed_on_the_agent(agent, artifacts):
     assert timing.runtime == "litert" and timing.runs == 5 and timing.median_ms > 0
 
 
-def test_oversized_upload_is_refused_before_reading(agent):
+def test_oversized_uploads_are_refused_before_and_while_reading(agent):
     status, data = agent.post("/v1/run?runner=onnxruntime", b"0" * 16, length=3 << 20)
     assert status == 413 and b"over this agent's limit" in data
+    # a chunked body declares no length: the cap is enforced on the bytes as they stream in
+    chunk = b"0" * (1 << 20)
+    body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(3)) + b"0\r\n\r\n"
+    answer = agent.raw(f"POST /v1/run?runner=onnxruntime HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                       "Transfer-Encoding: chunked\r\n\r\n".encode() + body)
+    assert answer.startswith(b"HTTP/1.1 413") and b"while streaming" in answer
 
 
 def test_corrupt_and_non_artifact_uploads_are_refused(agent, artifacts):
@@ -125,6 +162,42 @@ def test_corrupt_and_non_artifact_uploads_are_refused(agent, artifacts):
     assert status == 422 and b"not a zip" in data
     status, data = agent.post("/v1/run?runner=litert", pack(artifacts["onnx"].path, artifacts["inputs"], ["x"]))
     assert status == 422 and b"runs .tflite files" in data
+    for query, needle in (("runner=nope", b"unknown runner"), ("runner=onnxruntime&runs=0", b"runs 1..10000"),
+                          ("runner=onnxruntime&warmup=x", b"bad query")):
+        status, data = agent.post(f"/v1/run?{query}", b"x")
+        assert status == 400 and needle in data, (query, data)
+
+
+def _bomb(declared_small: bool) -> bytes:
+    """A zip of 64 MiB of zeros (about 64 KiB packed); ``declared_small``: its headers claim 1 KiB unpacked."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        with zf.open("artifact/model.onnx", "w") as fh:
+            for _ in range(64):
+                fh.write(bytes(1 << 20))
+    data = bytearray(buf.getvalue())
+    if declared_small:  # the uncompressed size in the local and central headers; the data still inflate to 64 MiB
+        small = (1024).to_bytes(4, "little")
+        local, central = data.index(b"PK\x03\x04"), data.index(b"PK\x01\x02")
+        data[local + 22:local + 26] = small
+        data[central + 24:central + 28] = small
+    return bytes(data)
+
+
+def test_zip_bombs_are_refused_with_memory_and_disk_bounded(tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # pick TMPDIR up again: the agent's work folders go there
+    server = _Server(max_upload=4 << 20)
+    try:
+        status, data = server.post("/v1/run?runner=onnxruntime", _bomb(declared_small=False))
+        assert status == 413 and b"declares more than" in data
+        status, data = server.post("/v1/run?runner=onnxruntime", _bomb(declared_small=True))
+        assert status in (413, 422) and (b"unpacked past" in data or b"corrupt" in data), data
+    finally:
+        server.close()
+    assert not list(tmp_path.glob("slimx-agent-*")), "every work folder is removed"
 
 
 def test_pickled_inputs_are_refused(agent, artifacts):
@@ -148,13 +221,44 @@ def test_client_disconnecting_mid_upload_leaves_the_agent_serving(agent):
     assert RemoteRunner(agent.url, TOKEN, "onnxruntime").info()["device"] == "host"
 
 
+@pytest.mark.parametrize("raw, status", [
+    (b"POST /v1/run HTTP/1.1\r\nHost: x\r\nContent-Length: \xc3\xa9\r\n\r\n", b"400"),
+    (b"GET /v1/\xc3\xa9 HTTP/1.1\r\nHost: x\r\n\r\n", b"4"),  # answered (401: no token), not dropped
+    (b"GET /v1/info HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 300000 + b"\r\n\r\n", b"4"),
+    (b"NONSENSE\r\n\r\n", b"400"),
+])
+def test_malformed_requests_get_a_4xx_answer(agent, raw, status):
+    answer = agent.raw(raw)
+    assert answer.startswith(b"HTTP/1.1 " + status), answer[:120]
+
+
+def test_unknown_paths_and_methods_are_4xx(agent):
+    assert agent.request("GET", "/v1/nothing")[0] == 404
+    assert agent.request("GET", "/v1/run")[0] == 405
+    assert agent.request("GET", "/v1/nothing", token=None)[0] == 401, "nothing is said without the token"
+
+
+def test_slow_headers_and_stalled_bodies_time_out_with_408(monkeypatch):
+    monkeypatch.setattr(agent_http.GuardedH11Protocol, "header_timeout", 0.5)
+    monkeypatch.setattr(agent_http, "BODY_IDLE_TIMEOUT_S", 0.5)
+    server = _Server()
+    try:
+        start = time.time()
+        answer = server.raw(b"GET /v1/info HTTP/1.1\r\nHost: x\r\nX-Slow: ")  # and nothing more
+        assert answer.startswith(b"HTTP/1.1 408") and time.time() - start < 5
+        answer = server.raw(f"POST /v1/run?runner=onnxruntime HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}"
+                            f"\r\nContent-Length: 1000\r\n\r\n".encode() + b"PK")
+        assert answer.startswith(b"HTTP/1.1 408") and b"stalled" in answer
+        assert server.request("GET", "/v1/info")[0] == 200
+    finally:
+        server.close()
+
+
 def test_jobs_on_one_runner_run_one_at_a_time(agent, artifacts):
     body = pack(artifacts["onnx"].path, artifacts["inputs"], ["x"])
     results = []
 
     def job():
-        import json
-
         status, data = agent.post("/v1/run?runner=onnxruntime&warmup=1&runs=20", body)
         results.append((status, json.loads(data)))
 
@@ -169,21 +273,37 @@ def test_jobs_on_one_runner_run_one_at_a_time(agent, artifacts):
 
 
 def test_full_queue_and_timeouts_answer_cleanly(artifacts):
+    body = pack(artifacts["onnx"].path, artifacts["inputs"], ["x"])
+    server = _Server(max_queue=0, job_timeout=0.05)
+    try:
+        status, data = server.post("/v1/run?runner=onnxruntime", body)
+        assert status == 503 and b"queue is full" in data, "no place may wait: refused before the body is read"
+    finally:
+        server.close()
     server = _Server(max_queue=1, job_timeout=0.05)
     try:
-        body = pack(artifacts["onnx"].path, artifacts["inputs"], ["x"])
         status, data = server.post("/v1/run?runner=onnxruntime", body)
         assert status == 504 and b"limit" in data  # a child process cannot even start in 50 ms
-        server.agent.locks["onnxruntime"].acquire()  # a job is running: the next one waits, the one after is refused
-        waiting = threading.Thread(target=server.post, args=("/v1/run?runner=onnxruntime", body))
-        waiting.start()
-        deadline = time.time() + 10
-        while server.agent.waiting["onnxruntime"] < 1 and time.time() < deadline:
-            time.sleep(0.02)
-        status, data = server.post("/v1/run?runner=onnxruntime", body)
-        assert status == 503 and b"queue is full" in data
-        server.agent.locks["onnxruntime"].release()
-        waiting.join(timeout=30)
+    finally:
+        server.close()
+    server = _Server(max_queue=1, job_timeout=120)
+    try:  # one job runs (a child process takes seconds to start), one waits, the rest are refused
+        answers = []
+
+        def post():
+            answers.append(server.request("POST", "/v1/run?runner=onnxruntime&runs=5", body))
+
+        threads = []
+        for _ in range(4):
+            threads.append(threading.Thread(target=post))
+            threads[-1].start()
+            time.sleep(0.3)
+        for t in threads:
+            t.join(timeout=120)
+        statuses = sorted(a[0] for a in answers)
+        assert statuses == [200, 200, 503, 503], statuses
+        refused = [a for a in answers if a[0] == 503]
+        assert all(int(a[2]["retry-after"]) >= 1 for a in refused), "a 503 says when to retry"
     finally:
         server.close()
 
@@ -194,3 +314,95 @@ def test_unreachable_agent_is_one_clear_failure(artifacts):
         port = s.getsockname()[1]
     with pytest.raises(SlimxFailure, match="unreachable"):
         RemoteRunner(f"http://127.0.0.1:{port}", TOKEN, "onnxruntime", timeout=5).info()
+
+
+def test_token_file_must_be_private(tmp_path):
+    path = tmp_path / "token"
+    path.write_text(TOKEN)
+    path.chmod(0o644)
+    with pytest.raises(UsageError, match=r"can be read by other users.*chmod 600"):
+        read_token(path)
+    warned = []
+    assert read_token(path, allow_insecure=True, warn=warned.append) == TOKEN and "chmod 600" in warned[0]
+    path.chmod(0o600)
+    assert read_token(path) == TOKEN
+
+
+@pytest.mark.slow
+def test_fifty_concurrent_clients_all_get_an_answer_three_times(artifacts):
+    body = pack(artifacts["onnx"].path, artifacts["inputs"], ["x"])
+    server = _Server(max_queue=2, max_connections=16, job_timeout=120)
+    try:
+        for round_ in range(3):
+            answers, errors = [], []
+
+            def client(answers=answers, errors=errors):
+                try:
+                    answers.append(server.request("POST", "/v1/run?runner=onnxruntime&runs=5", body))
+                except OSError as exc:  # a reset or a dropped connection: what must not happen
+                    errors.append(repr(exc))
+
+            threads = [threading.Thread(target=client) for _ in range(50)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=300)
+            assert not errors and len(answers) == 50, (round_, errors[:3])
+            assert {a[0] for a in answers} <= {200, 503}, {a[0] for a in answers}
+            assert sum(a[0] == 200 for a in answers) >= 1
+            assert all("retry-after" in a[2] for a in answers if a[0] == 503)
+    finally:
+        server.close()
+
+
+def _vm_hwm_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM"))
+
+
+@pytest.mark.slow
+def test_concurrent_large_uploads_are_streamed_not_held_in_memory(tmp_path):
+    import subprocess
+    import sys
+
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    token.chmod(0o600)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "slimx.cli", "agent", "serve", "--port", str(port),
+                             "--token-file", str(token), "--max-upload-mb", "64"], env=env,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                RemoteRunner(url, TOKEN, "onnxruntime", timeout=2).info()
+                break
+            except SlimxFailure:
+                time.sleep(0.2)
+        before = _vm_hwm_kb(proc.pid)
+        body = os.urandom(40 << 20)  # 40 MB each, incompressible; not a zip, so each is refused after streaming
+        answers = []
+
+        def upload():
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            conn.request("POST", "/v1/run?runner=onnxruntime", body=body,
+                         headers={"Authorization": f"Bearer {TOKEN}", "Content-Length": str(len(body))})
+            answers.append(conn.getresponse().status)
+            conn.close()
+
+        threads = [threading.Thread(target=upload) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=180)
+        grown_mb = (_vm_hwm_kb(proc.pid) - before) / 1024
+        assert answers == [422] * 6, answers
+        assert grown_mb < 60, f"six 40 MB uploads grew the agent by {grown_mb:.0f} MB: bodies are held in memory"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
