@@ -251,9 +251,9 @@ class Target:
 
     def options(self, values: dict, where: str = "format options"):
         """The format's typed options from ``values`` (flag or recipe values); unknown keys are a usage error."""
-        from slimx._core.config import config_from_dict
-
         import dataclasses
+
+        from slimx._core.config import config_from_dict
 
         known = {f.name for f in dataclasses.fields(self.options_cls)}
         unknown = {k: v for k, v in values.items() if k not in known}
