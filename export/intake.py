@@ -106,6 +106,39 @@ def load_model(spec: str, weights: str | Path | None = None, input_shapes: list[
     return loaded
 
 
+def check_spec(spec: str) -> None:
+    """Refuse a MODEL string that cannot name a model (UsageError), without building anything: a known built-in
+    name, a timm name in its registry, an existing ``hf:`` folder or ``.pt2``/``.onnx`` file, or a well-formed
+    ``pkg.module:factory``.
+
+    Example:
+        >>> check_spec("minilm")
+        >>> try:
+        ...     check_spec("no-such-model")
+        ... except UsageError as exc:
+        ...     print(exc.line().split(";")[0])
+        model 'no-such-model': is not a model slimx can load
+    """
+    spec = spec.strip()
+    if spec in BUILTIN_MODELS or (re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", spec) and not spec.startswith(
+            ("timm:", "hf:"))):
+        return
+    if spec.startswith("timm:"):
+        import timm
+
+        if not timm.is_model(spec[len("timm:"):]):
+            raise UsageError(f"model {spec}", "is not in timm's registry", "see timm.list_models() for the names")
+        return
+    path = Path(spec[len("hf:"):] if spec.startswith("hf:") else spec).expanduser()
+    if spec.startswith("hf:") or spec.lower().endswith((".pt2", ".onnx")):
+        if not path.exists():
+            raise UsageError(f"model {spec}", "does not exist", "give the path of the model")
+        return
+    close = difflib.get_close_matches(spec, BUILTIN_MODELS.names(), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise UsageError(f"model {spec!r}", "is not a model slimx can load", f"{hint}give one of: {MODEL_FORMS}")
+
+
 # --------------------------------------------------------------------------- built-in
 
 

@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="text longer than the artifact's longest sequence is cut to it (default: an error)")
     ev.add_argument("--runs", type=int, default=30)
     ev.add_argument("--json", action="store_true")
+    ev.add_argument("--html", default=None, metavar="FILE", help="the HTML report (default: OUT_DIR/eval.html)")
 
     data = sub.add_parser("data", parents=[common], help="write calibration/evaluation data",
                           description="Write real English text (Python standard-library docstrings), one sentence "
@@ -170,7 +171,44 @@ def build_parser() -> argparse.ArgumentParser:
                       help="host: time the microbenchmark suite here and fit the host's estimator first (about a "
                            "minute; do it when the profile was fitted on another CPU)")
     prof.add_argument("--json", action="store_true", help="print the report's latency object as JSON")
+    prof.add_argument("--html", default=None, metavar="FILE", help="write a self-contained HTML report")
     prof.add_argument("--quiet", "-q", action="store_true")
+
+    gate = sub.add_parser("gate", parents=[common], help="fail CI when a model got slower on its device",
+                          description="Judge latency budgets: a gate file of [[gate]] entries, or one MODEL with "
+                                      "--device and --budget-ms. Measured where a runner exists (candidate and "
+                                      "baseline interleaved in rounds; a check fails only when its bootstrap "
+                                      "interval lies past the budget), estimated elsewhere (fails only when the "
+                                      "estimate's interval does). Exit 0 pass, 1 regression, 2 usage error.")
+    gate.add_argument("subject", metavar="FILE.toml|MODEL", help="a gate file, or a MODEL / export OUT folder")
+    gate.add_argument("--device", "-d", default="host", help="with MODEL: the device (default host)")
+    gate.add_argument("--budget-ms", type=float, default=None, help="with MODEL: the most it may take")
+    gate.add_argument("--max-regression-pct", type=float, default=None,
+                      help="with MODEL: how much slower than the baseline it may be")
+    gate.add_argument("--statistic", default="median", choices=["median", "p90"], help="what --budget-ms limits")
+    gate.add_argument("--baseline", default=None, help="with MODEL: an artifact or OUT folder to compare against")
+    gate.add_argument("--baseline-file", default=None,
+                      help="recorded baselines (default: FILE-baseline.json beside the gate file)")
+    gate.add_argument("--update-baseline", action="store_true",
+                      help="measure and record each entry as its baseline (artifact copy, latency, versions)")
+    gate.add_argument("--precision", default=None, choices=PRECISIONS)
+    gate.add_argument("--format", default=None)
+    gate.add_argument("--input-shape", action="append", default=[], metavar="[NAME=]D1xD2[:DTYPE]")
+    gate.add_argument("--weights", default=None)
+    gate.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 7)")
+    gate.add_argument("--runs", type=int, default=None, help="timed runs per artifact per round (default 30)")
+    gate.add_argument("--warmup", type=int, default=None)
+    gate.add_argument("--threads", type=int, default=None)
+    gate.add_argument("--strict", action="store_true", help="judge point estimates instead of intervals")
+    gate.add_argument("--remote", default=None, metavar="URL", help="measure through a slimx agent on the device")
+    gate.add_argument("--token-file", default=None)
+    gate.add_argument("--allow-insecure-token-file", action="store_true")
+    gate.add_argument("--junit", default=None, metavar="FILE", help="write JUnit XML (one test case per entry)")
+    gate.add_argument("--markdown", default=None, metavar="FILE",
+                      help="write a Markdown summary (also appended to $GITHUB_STEP_SUMMARY when set)")
+    gate.add_argument("--html", default=None, metavar="FILE", help="write a self-contained HTML report")
+    gate.add_argument("--json", action="store_true", help="print the result as JSON")
+    gate.add_argument("--quiet", "-q", action="store_true")
 
     agent = sub.add_parser("agent", parents=[common], help="run the remote device agent",
                            description="Serve this device to 'slimx profile --remote': accepts artifact uploads over "
@@ -245,6 +283,8 @@ def _dispatch(args, argv: list[str]) -> int:
         return _profile(args)
     if args.command == "agent":
         return _agent(args)
+    if args.command == "gate":
+        return _gate(args)
     return _devices(args)
 
 
@@ -260,7 +300,7 @@ def _export(args, argv: list[str]) -> int:
         print(json.dumps(report, indent=2))
     else:
         print(summary(report))
-        print(f"  report    {os.path.join(report['out'], 'report.json')}")
+        print(f"  report    {os.path.join(report['out'], 'report.json')} (and report.html)")
     return 0
 
 
@@ -269,6 +309,11 @@ def _eval(args) -> int:
 
     result = evaluate(args.out_dir, args.against, args.data, samples=args.samples, runs=args.runs,
                       weights=args.weights, labels=args.labels, truncate=args.truncate)
+    from pathlib import Path
+
+    from slimx.html import eval_page, write
+
+    write(Path(args.html or os.path.join(args.out_dir, "eval.html")), eval_page(result))
     print(json.dumps(result, indent=2) if args.json else summary(result))
     return 0
 
@@ -316,9 +361,76 @@ def _profile(args) -> int:
                          runs=args.runs, warmup=args.warmup, threads=args.threads, top=args.top,
                          calibrate=args.calibrate)
     progress = Progress(total=1, enabled=not (args.quiet or args.json))
+    if args.html and not os.path.isdir(os.path.dirname(os.path.abspath(args.html))):
+        raise UsageError(f"--html {args.html}", "is in a folder that does not exist", "create the folder first")
     result = profile(req, progress)
+    if args.html:
+        from pathlib import Path
+
+        from slimx.html import profile_page, write
+
+        write(Path(args.html), profile_page(result, args.subject))
     print(json.dumps(result, indent=2) if args.json else render(result, top=args.top))
     return 0
+
+
+def _gate(args) -> int:
+    from pathlib import Path
+
+    from slimx._core.progress import Progress
+    from slimx.gate import junit, load_gate_file, markdown, plan_from_flags, run_gate, table
+
+    overrides = {k: v for k, v in (("rounds", args.rounds), ("runs", args.runs), ("warmup", args.warmup),
+                                   ("threads", args.threads), ("strict", args.strict or None)) if v is not None}
+    is_file = args.subject.lower().endswith(".toml")
+    if is_file:
+        given = [f for f, v in (("--budget-ms", args.budget_ms), ("--max-regression-pct", args.max_regression_pct),
+                                ("--baseline", args.baseline), ("--precision", args.precision),
+                                ("--format", args.format), ("--weights", args.weights)) if v is not None]
+        if given or args.input_shape:
+            raise UsageError(", ".join(given or ["--input-shape"]), "set an entry, and the gate file holds the entries",
+                             "put them in the file's [[gate]] tables, or gate a MODEL instead of a file")
+        plan = load_gate_file(args.subject, overrides)
+        if args.baseline_file:
+            plan.baseline_file = Path(args.baseline_file)
+    else:
+        if args.budget_ms is None and args.max_regression_pct is None:
+            raise UsageError(f"slimx gate {args.subject}", "has no budget", "add --budget-ms X and/or "
+                             "--max-regression-pct P (or give a gate file)")
+        plan = plan_from_flags(args.subject, args.device, args.budget_ms, args.max_regression_pct, args.statistic,
+                               args.precision, args.format, tuple(args.input_shape), args.weights, args.baseline,
+                               args.baseline_file, overrides)
+    for out in (args.junit, args.markdown, args.html):
+        if out and not Path(out).absolute().parent.is_dir():
+            raise UsageError(f"{out}", "is in a folder that does not exist", "create the folder first")
+    if args.remote:
+        from slimx.devices.agent import read_token
+
+        if not args.token_file:
+            raise UsageError("--remote", "needs the agent's token", "add --token-file FILE")
+        plan.remote = args.remote
+        plan.token = read_token(args.token_file, allow_insecure=args.allow_insecure_token_file)
+    result = run_gate(plan, update_baseline=args.update_baseline,
+                      progress=Progress(total=1, enabled=not (args.quiet or args.json)))
+    text = markdown(result)
+    for path, content in ((args.junit, junit(result) if args.junit else None), (args.markdown, text)):
+        if path:
+            _write_text(Path(path), content)
+    if os.environ.get("GITHUB_STEP_SUMMARY"):
+        with open(os.environ["GITHUB_STEP_SUMMARY"], "a", encoding="utf-8") as fh:
+            fh.write(text)
+    if args.html:
+        from slimx.html import write_gate_html
+
+        write_gate_html(Path(args.html), result)
+    print(json.dumps(result, indent=2) if args.json else table(result))
+    return 0 if result["passed"] else 1
+
+
+def _write_text(path, content: str) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(content, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _agent(args) -> int:

@@ -253,6 +253,7 @@ def run_export(cfg: ExportConfig, progress: Progress | None = None) -> dict:
         with progress.stage("report"):
             report = build_report(cfg, prepared, compressed, compiled, proven, progress)
             write_json(staging / "report.json", report)
+            write_html(staging / "report.html", report)
             publish(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -1001,6 +1002,15 @@ def write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.partial")
     tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
     os.replace(tmp, path)
+
+
+def write_html(path: Path, report: dict) -> None:
+    """``report.html``: the same report for people (``slimx.html``), rendered from the report's JSON form."""
+    import json
+
+    from slimx.html import export_page, write
+
+    write(path, export_page(json.loads(json.dumps(report, default=_json_default))))
 
 
 def _json_default(obj):

@@ -146,6 +146,22 @@ def tiny_mlp() -> nn.Module:
     return TinyMLP()
 
 
+def gate_mlp() -> nn.Module:
+    """An MLP big enough (about 0.1 ms) that its timing is more than call overhead."""
+    seeded(0)
+    model = TinyMLP(256, 1024, 256)
+    model.example_inputs = lambda: (torch.randn(16, 256),)
+    return model
+
+
+def gate_mlp_wide() -> nn.Module:
+    """``gate_mlp`` with a four times wider hidden layer: clearly slower."""
+    seeded(0)
+    model = TinyMLP(256, 4096, 256)
+    model.example_inputs = lambda: (torch.randn(16, 256),)
+    return model
+
+
 def tiny_conv_bn() -> nn.Module:
     seeded(0)
     model = TinyConvBN()

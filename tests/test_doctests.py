@@ -10,7 +10,8 @@ MODULES = [
     "slimx.export.parity", "slimx.export.binding", "slimx.export.shapes", "slimx.export.textdata",
     "slimx.devices.registry", "slimx.targets", "slimx.targets.base", "slimx.targets.tensorrt", "slimx.slim.base",
     "slimx.slim.lowrank", "slimx.slim.fidelity", "slimx.slim.dsformer", "slimx.devices.opmix",
-    "slimx.devices.estimator", "slimx.devices.records", "slimx.devices.validation",
+    "slimx.devices.estimator", "slimx.devices.records", "slimx.devices.validation", "slimx.quant.onnx",
+    "slimx.export.intake", "slimx.gate", "slimx.html",
 ]
 
 
