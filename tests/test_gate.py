@@ -12,6 +12,7 @@ from junitparser import Failure, JUnitXml
 
 from slimx.cli import main
 
+
 def _gate_file(tmp_path: Path, body: str, name: str = "gate.toml", rounds: int = 5) -> Path:
     path = tmp_path / name
     path.write_text(f"version = 1\n[settings]\nrounds = {rounds}\nruns = 20\nwarmup = 2\n" + body)
