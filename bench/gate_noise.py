@@ -1,6 +1,6 @@
 """The CI gate on this noisy machine: an unchanged model must pass, a 20% slower one must fail, every time.
 
-    python bench/gate_noise.py [--repeats 10] [--rounds 7] [--runs 30]
+    python bench/gate_noise.py [--repeats 10] [--rounds 15] [--runs 20]
 
 A small ViT-style encoder (64 tokens, width 192, 3 heads) with 10 blocks is exported twice (the baseline and an
 unchanged candidate, two files with the same content) and once with 12 blocks (20% more work: "an extra block",
@@ -71,8 +71,8 @@ def encoder_12() -> nn.Module:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--runs", type=int, default=20)
     args = parser.parse_args()
     from slimx.cli import main as slimx
 

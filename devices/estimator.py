@@ -251,6 +251,27 @@ class EstimatorLatencyModel:
             out["interval_ms"] = est["interval_ms"]
         return out
 
+    def breakdown(self, module, example_inputs: tuple) -> dict:
+        """``latency`` plus ``per_module``: milliseconds per full module path (each op priced where it runs, the
+        fixed overhead left out), so that a pass can price removing any module from one estimate."""
+        from slimx.devices.opmix import op_mix
+        from slimx.export.program import export_program
+
+        costs = op_mix(export_program(module, example_inputs))
+        est = estimate_latency(costs, self.profile, self.setting, top=0)
+        feats = Features.of(costs, self.setting)
+        per_op = price(feats, full_params(self.setting), *rates(self.profile, self.setting)) if feats.costs else []
+        scale = est["total_ms"] / (float(np.sum(per_op)) + est["fixed_ms"]) if len(per_op) else 1.0
+        per_module: dict[str, float] = {}
+        for cost, ms in zip(feats.costs, per_op, strict=True):
+            path = cost.module.rsplit(" (", 1)[0]  # "layer.0.attention.self (BertSelfAttention)" -> the path
+            per_module[path] = per_module.get(path, 0.0) + float(ms) * scale
+        out = {"ms": est["total_ms"], "kind": self.kind, "device": self.device, "setting": self.setting.key,
+               "fixed_ms": est["fixed_ms"], "per_module": per_module}
+        if est["interval_ms"] is not None:
+            out["interval_ms"] = est["interval_ms"]
+        return out
+
 
 def _module_group(path: str, depth: int = 3) -> str:
     """Group module paths a few levels deep (``stages.2.blocks.1``), which is where users look for cost."""

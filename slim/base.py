@@ -44,6 +44,7 @@ class PassContext:
         device: the target device profile (hardware-friendly rank multiples), if any.
         latency_model: the chosen device's ``LatencyModel`` (filled by the pipeline), for latency-driven passes.
         progress: a Progress for long steps, if any.
+        labels: one task label per ``calib`` sample (``--labels``): accuracy-driven passes judge by task loss.
         mask_index: position of the attention-mask input in each calibration tuple (text models), or None.
             Where given, statistics and distillation losses count real tokens only, and batches are cut to
             their longest real sequence: with sentences padded to a fixed length, padding is most positions.
@@ -56,6 +57,7 @@ class PassContext:
     latency_model: LatencyModel | None = None
     progress: Any = None
     mask_index: int | None = None
+    labels: list[int] | None = None  # a task label per calibration sample (accuracy-driven passes), if given
     cache: dict = field(default_factory=dict)  # statistics a pass's plan computed for its apply (slim.surgery)
 
 
@@ -103,9 +105,11 @@ class PassResult:
     config: dict
     layers: list[dict] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # more of the report (a search's trials and trajectory)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "config": self.config, "summary": self.summary, "layers": self.layers}
+        return {"name": self.name, "config": self.config, "summary": self.summary, "layers": self.layers,
+                **self.extra}
 
 
 @dataclass(frozen=True)

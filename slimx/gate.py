@@ -17,7 +17,7 @@ A gate file (TOML, strict)::
     version = 1
     baseline_file = "gate-baseline.json"   # optional (default: beside the gate file)
     [settings]                             # optional: rounds, runs, warmup, threads, strict, confidence
-    rounds = 7
+    rounds = 15
     [[gate]]
     name = "minilm-host"
     model = "minilm"                       # any MODEL form, an export OUT folder or an artifact file
@@ -102,8 +102,8 @@ class GateSettings:
         confidence: the interval's level (two-sided; its lower end must pass the budget to fail).
     """
 
-    rounds: int = 7
-    runs: int = 30
+    rounds: int = 15
+    runs: int = 20
     warmup: int = 5
     threads: int | None = None
     strict: bool = False

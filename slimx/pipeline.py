@@ -584,9 +584,16 @@ def check_verdicts(parity: dict, artifact, out: Path) -> None:
             "use more or better --calib data, another --precision, or loosen --min-cosine / --max-rel-err",
         )
     if parity.get("measured") and not parity["passed"]:
+        failed = parity  # the fresh inputs, or else the calibration data that failed
+        where = f"on {parity.get('n_inputs')} fresh inputs"
+        calib = parity.get("calibration") or {}
+        if calib and not calib.get("passed", True) and (parity.get("cosine", 0) >= parity["tolerance"]["min_cosine"]
+                                                          and parity.get("rel_err", 0) <= parity["tolerance"][
+                                                              "max_rel_err"]):
+            failed, where = calib, f"on the calibration data ({calib.get('n_inputs')} samples, worst sample)"
         raise SlimxFailure(
             f"parity of {artifact.path.name}",
-            f"cosine {parity['cosine']:.6f} / rel err {parity['rel_err']:.2e} is past the tolerance "
+            f"cosine {failed['cosine']:.6f} / rel err {failed['rel_err']:.2e} {where} is past the tolerance "
             f"(min cosine {parity['tolerance']['min_cosine']}, max rel err {parity['tolerance']['max_rel_err']}); "
             f"the report is in {out / 'report.json'}",
             "inspect the report, or loosen --min-cosine / --max-rel-err if this drift is acceptable",

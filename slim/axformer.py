@@ -1,0 +1,299 @@
+"""AxFormer: accuracy-driven removal of what does not help the task (Nagarajan et al., "Specialized
+Transformers: faster, smaller and more accurate NLP models"; public code amrnag/Specialized-Transformers, read to
+understand the method, not copied).
+
+On a validation split carved from the calibration data, with a per-sample loss (cross-entropy with the task's
+labels; for an embedding model, 1 - cosine to the original model's output), greedily from the last block to the
+first: try removing the whole FFN branch, then the whole attention branch (the residual and its norm kept). A
+removal is accepted only if (1) the total validation loss is not worse than the best seen so far and (2) more than
+half of the validation samples are no worse than before: the paper's rule. ``tolerance`` relaxes both by that much
+loss (per sample for the second): an embedding model starts at loss 0, so without it nothing could ever be taken
+away; with it, the mean loss never rises more than ``tolerance`` above the best seen (0.05: mean cosine >= 0.95 on
+the validation split before recovery). Where a branch removal narrowly fails (its rise is within ``narrow`` times
+the allowance), its heads or FFN neuron groups are tried one at a time by the same rule. Every trial, accepted or
+not, goes in the report with its loss and its latency saving (from the device's latency model: one per-module
+breakdown of the current model prices every candidate).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from slimx._core.config import config_to_dict
+from slimx._core.errors import UsageError
+from slimx.slim.attention import attention_modules, blocks, prune_heads
+from slimx.slim.base import PassContext, PassResult, register_pass, trim_padding
+
+EMBEDDING_TOLERANCE = 0.05  # the default for a model without labels: mean 1 - cosine may rise this much
+
+
+@dataclass(frozen=True)
+class AxFormerConfig:
+    """Options of the ``axformer`` pass.
+
+    Attributes:
+        tolerance: loss the search may give up relative to the best seen (None: 0 with labels, the paper's
+            rule; 0.05 for an embedding model, where the loss is 1 - cosine to the original).
+        validation: the fraction of the calibration samples held out for the search.
+        units: where a branch removal narrowly fails, try its heads / FFN neuron groups one at a time.
+        ffn_groups: an FFN's neurons form this many groups (by weight magnitude, weakest first).
+        narrow: a branch removal "narrowly fails" when its loss rise is within this many allowances.
+        include, exclude: regexes on block paths (include wins).
+        max_trials: stop after this many trials.
+    """
+
+    tolerance: float | None = None
+    validation: float = 0.25
+    units: bool = True
+    ffn_groups: int = 4
+    narrow: float = 2.0
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    max_trials: int = 300
+
+    def __post_init__(self) -> None:
+        if self.tolerance is not None and not 0 <= self.tolerance <= 1:
+            raise ValueError(f"tolerance must be in [0, 1], got {self.tolerance}")
+        if not 0 < self.validation < 1:
+            raise ValueError("validation must be a fraction in (0, 1)")
+        if self.ffn_groups < 2 or self.narrow < 1 or self.max_trials < 1:
+            raise ValueError("ffn_groups must be at least 2, narrow at least 1, max_trials at least 1")
+        for pattern in (*self.include, *self.exclude):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a regular expression ({exc})") from None
+
+    def selects(self, path: str) -> bool:
+        if any(re.search(p, path) for p in self.include):
+            return True
+        return not any(re.search(p, path) for p in self.exclude)
+
+
+class ValidationLoss:
+    """Per-sample loss of a candidate on the validation split: cross-entropy with labels, else 1 - cosine to the
+    original model's output (computed once)."""
+
+    def __init__(self, teacher, batches: list[tuple], labels: list[int] | None, mask_index: int | None) -> None:
+        self.batches = [trim_padding(b, mask_index) for b in batches]
+        self.labels = labels
+        with torch.no_grad():
+            self.reference = [teacher(*b).float() for b in self.batches]
+
+    @property
+    def kind(self) -> str:
+        return "cross-entropy" if self.labels is not None else "1 - cosine to the original"
+
+    def __call__(self, model) -> np.ndarray:
+        out = []
+        with torch.no_grad():
+            for i, (batch, ref) in enumerate(zip(self.batches, self.reference, strict=True)):
+                got = model(*batch).float()
+                if self.labels is not None:
+                    target = torch.tensor([self.labels[i]] * got.shape[0])
+                    out.append(torch.nn.functional.cross_entropy(got.flatten(1), target, reduction="none"))
+                else:
+                    out.append(1 - torch.nn.functional.cosine_similarity(got.flatten(1), ref.flatten(1), dim=-1))
+        return torch.cat(out).double().numpy()
+
+    def accuracy(self, model) -> float | None:
+        if self.labels is None:
+            return None
+        with torch.no_grad():
+            hits = [int(model(*b).flatten(1).argmax(-1)[0] == self.labels[i]) for i, b in enumerate(self.batches)]
+        return float(np.mean(hits))
+
+
+@dataclass
+class Acceptance:
+    """The paper's rule with a tolerance: total loss not worse than the best seen (+tolerance), and more than half
+    the samples no worse than under the current model (+tolerance each)."""
+
+    tolerance: float
+    best: float
+
+    def judge(self, losses: np.ndarray, current: np.ndarray) -> tuple[bool, dict]:
+        mean = float(losses.mean())
+        no_worse = float(np.mean(losses <= current + self.tolerance + 1e-9))
+        ok = mean <= self.best + self.tolerance + 1e-12 and no_worse > 0.5
+        return ok, {"loss": round(mean, 6), "rise": round(mean - self.best, 6), "samples_no_worse": round(no_worse, 3)}
+
+    def narrowly(self, losses: np.ndarray, narrow: float) -> bool:
+        allowance = max(self.tolerance, 0.01 * max(self.best, 1e-6))
+        return float(losses.mean()) - self.best <= narrow * allowance
+
+
+def plan_axformer(model, cfg: AxFormerConfig, ctx: PassContext) -> list[dict]:
+    """The blocks the search walks (last first) and what each offers: plain data, nothing changed."""
+    found = [b for b in blocks(model) if cfg.selects(b.path)]
+    if not found:
+        raise UsageError("--pass axformer", "found no residual block slimx can take apart in this model",
+                         "it knows timm ViT/DeiT and EfficientFormer blocks and BERT layers")
+    heads = {v.path: v.num_heads for v in attention_modules(model, strict=False)}
+    return [{"layer": b.path, "attention": b.attention, "attention_kind": b.attention_kind,
+             "heads": heads.get(b.attention), "ffn": b.ffn.path if b.ffn else None,
+             "ffn_hidden": b.ffn.hidden if b.ffn else None} for b in reversed(found)]
+
+
+def _savings(ctx: PassContext, model, example) -> dict | None:
+    lm = ctx.latency_model
+    if lm is None or not hasattr(lm, "breakdown") or example is None:
+        return None
+    return lm.breakdown(model, example)
+
+
+def _sum_paths(breakdown, paths: list[str]) -> float | None:
+    if breakdown is None:
+        return None
+    return round(sum(_ms_under(breakdown, p) or 0.0 for p in paths), 5)
+
+
+def _ms_under(breakdown: dict | None, path: str | None) -> float | None:
+    if breakdown is None or path is None:
+        return None
+    return round(sum(ms for p, ms in breakdown["per_module"].items() if p == path or p.startswith(path + ".")), 5)
+
+
+@register_pass("axformer", AxFormerConfig, plan=plan_axformer,
+               selects=lambda model, cfg: [b.path for b in blocks(model) if cfg.selects(b.path)])
+def apply_axformer(model, plan: list[dict], cfg: AxFormerConfig, ctx: PassContext) -> PassResult:
+    """Run the greedy search on a copy of ``model``; the report lists every trial."""
+    if len(ctx.calib) < 4:
+        raise UsageError("--pass axformer", "needs calibration data to judge removals on",
+                         "give --calib with real samples (a few hundred is good)")
+    n_val = max(2, round(len(ctx.calib) * cfg.validation))
+    val = ctx.calib[-n_val:]
+    labels = ctx.labels[-n_val:] if ctx.labels is not None else None
+    loss = ValidationLoss(ctx.teacher if ctx.teacher is not None else model, val, labels, ctx.mask_index)
+    tolerance = cfg.tolerance if cfg.tolerance is not None else (0.0 if labels is not None else EMBEDDING_TOLERANCE)
+    current = copy.deepcopy(model).eval()
+    current_losses = loss(current)
+    rule = Acceptance(tolerance, float(current_losses.mean()))
+    example = trim_padding(ctx.calib[0], ctx.mask_index) if ctx.calib else None
+    before = _savings(ctx, current, example)
+    trials: list[dict] = []
+    if ctx.progress is not None:
+        ctx.progress.note(f"axformer: {len(plan)} blocks, {n_val} validation samples, loss {loss.kind}, "
+                          f"tolerance {tolerance:g}")
+    removed = {"attention": [], "ffn": [], "heads": {}, "ffn_groups": {}}
+
+    def attempt(what: dict, change, saving: float | None) -> tuple[bool, np.ndarray]:
+        nonlocal current, current_losses
+        candidate = copy.deepcopy(current)
+        change(candidate)
+        losses = loss(candidate)
+        ok, figures = rule.judge(losses, current_losses)
+        trials.append({**what, **figures, "accepted": ok, "saving_ms": saving,
+                       "saving_kind": getattr(ctx.latency_model, "kind", None) if saving is not None else None})
+        if ctx.progress is not None:
+            unit = f" {what['unit']}" if what["unit"] is not None else ""
+            ctx.progress.note(f"axformer: {what['block']} {what['remove']}{unit}: loss {figures['loss']:.4f} "
+                              f"({'accepted' if ok else 'kept'})")
+        if ok:
+            current, current_losses = candidate, losses
+            rule.best = min(rule.best, float(losses.mean()))
+        return ok, losses
+
+    breakdown = before
+    for entry in plan:
+        for branch in ("ffn", "attention"):
+            if len(trials) >= cfg.max_trials:
+                break
+            block = next((b for b in blocks(current) if b.path == entry["layer"]), None)
+            if block is None:
+                break
+            remove = block.remove_ffn if branch == "ffn" else block.remove_attention
+            if remove is None or (branch == "attention" and block.attention_kind != "attention"):
+                continue
+            if branch == "ffn":  # a BERT FFN is intermediate + output: price both
+                price = ([f"{block.path}.intermediate", f"{block.path}.output"]
+                         if block.ffn.path.endswith(".intermediate") else [block.ffn.path])
+            else:
+                price = [block.attention]
+            whole = _sum_paths(breakdown, price)
+            ok, losses = attempt({"block": block.path, "remove": branch, "unit": None}, remove, whole)
+            if ok:
+                removed[branch].append(block.path)
+            elif cfg.units and rule.narrowly(losses, cfg.narrow):
+                _try_units(block, branch, entry, attempt, removed, cfg, whole)
+            breakdown = _savings(ctx, current, example) if ok or cfg.units else breakdown
+    after = _savings(ctx, current, example)
+    summary = {"trials": len(trials), "accepted": sum(t["accepted"] for t in trials),
+               "removed_attention": len(removed["attention"]), "removed_ffn": len(removed["ffn"]),
+               "removed_heads": sum(len(v) for v in removed["heads"].values()),
+               "removed_ffn_groups": sum(len(v) for v in removed["ffn_groups"].values()),
+               "loss": loss.kind, "tolerance": tolerance, "validation_samples": n_val,
+               "validation_loss_before": round(float(loss(model).mean()), 6),
+               "validation_loss_after": round(float(current_losses.mean()), 6),
+               "params_before": sum(p.numel() for p in model.parameters()),
+               "params_after": sum(p.numel() for p in current.parameters())}
+    if before is not None and after is not None:
+        summary.update({"latency_before_ms": round(before["ms"], 4), "latency_after_ms": round(after["ms"], 4),
+                        "latency_kind": getattr(ctx.latency_model, "kind", None),
+                        "latency_device": getattr(ctx.latency_model, "device", None)})
+    accuracy = loss.accuracy(current)
+    if accuracy is not None:
+        summary["validation_accuracy_before"] = loss.accuracy(model)
+        summary["validation_accuracy_after"] = accuracy
+    layers = [{**entry, "removed": [t["remove"] + (f" {t['unit']}" if t["unit"] is not None else "")
+                                    for t in trials if t["block"] == entry["layer"] and t["accepted"]]}
+              for entry in plan]
+    return PassResult(model=current, name="axformer", config=config_to_dict(cfg), layers=layers, summary=summary,
+                      extra={"trials": trials, "removed": removed,
+                             "trajectory": _trajectory(trials, before, labels is not None)})
+
+
+def _trajectory(trials: list[dict], before: dict | None, task: bool) -> list[dict]:
+    """After each accepted removal: the estimated latency (before minus the savings so far) and the validation
+    fidelity (1 - loss for an embedding model; the task loss itself with labels)."""
+    if before is None:
+        return []
+    ms = before["ms"]
+    points = [{"step": 0, "latency_ms": round(ms, 4), "fidelity": 1.0 if not task else None, "removed": None}]
+    for t in (t for t in trials if t["accepted"]):
+        ms -= t["saving_ms"] or 0.0
+        points.append({"step": len(points), "latency_ms": round(ms, 4),
+                       "fidelity": None if task else round(1 - t["loss"], 5), "loss": t["loss"],
+                       "removed": f"{t['block']} {t['remove']}" + (f" {t['unit']}" if t["unit"] is not None else "")})
+    return points
+
+
+def _try_units(block, branch: str, entry: dict, attempt, removed: dict, cfg: AxFormerConfig,
+               whole: float | None) -> None:
+    """The branch narrowly failed: its heads (attention) or neuron groups (FFN, weakest first), one at a time."""
+    if branch == "attention":
+        heads = entry.get("heads") or 0
+        kept = list(range(heads))
+        for head in range(heads):
+            if len(kept) <= 1:
+                break
+            keep = [h for h in kept if h != head]
+
+            def change(model, keep=keep, path=block.attention, kept=kept):
+                prune_heads(model, path, [kept.index(h) for h in keep])
+
+            ok, _ = attempt({"block": block.path, "remove": "head", "unit": head}, change,
+                            None if whole is None else round(whole / heads, 5))
+            if ok:
+                kept = keep
+                removed["heads"].setdefault(block.path, []).append(head)
+        return
+    if block.ffn is None:
+        return
+    groups, size = cfg.ffn_groups, block.ffn.hidden // cfg.ffn_groups
+    for g in range(groups - 1):  # at least one group stays: removing all of it is removing the branch
+        def change(model, block_path=block.path):
+            view = next(b for b in blocks(model) if b.path == block_path).ffn
+            keep = view.importance(model).argsort(descending=True)[: view.hidden - size].sort().values.tolist()
+            view.prune(model, keep)
+
+        ok, _ = attempt({"block": block.path, "remove": "ffn group", "unit": g}, change,
+                        None if whole is None else round(whole / groups, 5))
+        if not ok:
+            break  # the weakest group left is needed: the stronger ones are too
+        removed["ffn_groups"].setdefault(block.path, []).append(g)
