@@ -40,7 +40,7 @@ def main() -> int:
         calib.write_text("\n".join(stdlib_sentences(64, 0)) + "\n")
         common = ["--calib", str(calib), "--calib-samples", "64", "--runs", "30", "-q"]
         for name, extra in (("base", []), ("lrt", ["--pass", "lowrank:rank_ratio=0.5,exclude=attention|pooler",
-                                                   "--recover", "steps=40"])):
+                                                   "--recover", "steps=40", "--min-fidelity", "0.5"])):
             if slimx(["export", "minilm", "--out", str(work / name), *common, *extra]) != 0:
                 raise SystemExit(f"export {name} failed")
         slimx(["gate", str(work / "lrt"), "--baseline", str(work / "base"), "--max-regression-pct", "5",

@@ -23,6 +23,8 @@ class CalibrationData:
     batches: list[tuple]
     source: str
     kind: str  # npz | text | images | synthetic
+    labels: list[int] | None = None  # a task label per batch (``--labels``), in the batches' order
+    total: int = 0  # samples in the source (the batches are a seeded draw of them)
 
     @property
     def synthetic(self) -> bool:
@@ -35,20 +37,42 @@ class CalibrationData:
 _FLAG: contextvars.ContextVar[str] = contextvars.ContextVar("calibration_flag", default="--calib")
 
 
-def load_calibration(path: str | Path, model, limit: int = 64, seed: int = 0,
-                     flag: str = "--calib", truncate: bool = False) -> CalibrationData:
+def load_calibration(path: str | Path, model, limit: int = 64, seed: int = 0, flag: str = "--calib",
+                     truncate: bool = False, labels: str | Path | None = None) -> CalibrationData:
     """Read calibration samples for ``model`` (a LoadedModel) from ``path``; batch size 1. ``flag``: the option
     that named the file, in error lines (``slimx eval`` reads its ``--data`` the same way).
 
     Text is tokenized up to the longest sequence the model's inputs take (a dynamic axis's maximum, else the
     export length) and padded to the export length when shorter; a sentence longer than that maximum is an
-    error naming it, or is cut to it with ``truncate`` (``--truncate``).
+    error naming it, or is cut to it with ``truncate`` (``--truncate``). ``labels``: a file of one integer per
+    sample in the data's own order (whitespace-separated), kept aligned with the samples drawn.
     """
     token = _FLAG.set(flag)
     try:
-        return _load_calibration(Path(path), model, limit, seed, truncate)
+        data = _load_calibration(Path(path), model, limit, seed, truncate)
+        if labels is not None:
+            data.labels = _labels(Path(labels), data, path, limit, seed)
+        return data
     finally:
         _FLAG.reset(token)
+
+
+def _labels(path: Path, data: CalibrationData, source, limit: int, seed: int) -> list[int]:
+    if not path.is_file():
+        raise UsageError(f"--labels {path}", "does not exist", "give a file of one integer label per sample")
+    try:
+        values = [int(x) for x in path.read_text().split()]
+    except ValueError:
+        raise UsageError(f"--labels {path}", "holds something that is not an integer",
+                         "write one integer class label per sample, whitespace-separated") from None
+    total = data.total
+    if data.batches and data.batches[0][0].shape[0] != 1:
+        raise UsageError(f"--labels {path}", f"labels one sample per batch, and the model takes batches of "
+                         f"{data.batches[0][0].shape[0]}", "export at batch 1 (--input-shape 1x...)")
+    if len(values) != total:
+        raise UsageError(f"--labels {path}", f"has {len(values)} labels for the {total} samples of {source}",
+                         "give exactly one label per sample, in the data's order")
+    return [values[i] for i in _order(total, limit, seed)]
 
 
 def _load_calibration(path: Path, model, limit: int, seed: int, truncate: bool = False) -> CalibrationData:
@@ -56,20 +80,20 @@ def _load_calibration(path: Path, model, limit: int, seed: int, truncate: bool =
         raise UsageError(f"{_FLAG.get()} {path}", "no such file or folder",
                          "give a .npz of input arrays, a text file of sentences, or a folder of images")
     if path.is_dir():
-        batches = _images(path, model, limit, seed)
+        batches, total = _images(path, model, limit, seed)
         kind = "images"
     elif path.suffix == ".npz":
-        batches = _npz(path, model, limit, seed)
+        batches, total = _npz(path, model, limit, seed)
         kind = "npz"
     elif path.suffix in _TEXT_EXT:
-        batches = _text(path, model, limit, seed, truncate)
+        batches, total = _text(path, model, limit, seed, truncate)
         kind = "text"
     else:
         raise UsageError(f"{_FLAG.get()} {path}", f"slimx does not read {path.suffix or 'extension-less'} files",
                          "give a .npz, a .txt with one sentence per line, or a folder of images")
     if not batches:
         raise UsageError(f"{_FLAG.get()} {path}", "holds no samples", "add samples to it")
-    return CalibrationData(batches=batches, source=str(path), kind=kind)
+    return CalibrationData(batches=batches, source=str(path), kind=kind, total=total)
 
 
 def _npz(path: Path, model, limit: int, seed: int) -> list[tuple]:
@@ -99,9 +123,12 @@ def _npz(path: Path, model, limit: int, seed: int) -> list[tuple]:
             raise UsageError(f"{_FLAG.get()} {path}", f"array {spec.name!r} has samples of shape "
                              f"{list(arr.shape[1:])}, the model takes {list(spec.shape[1:])}",
                              "reshape the data or set --input-shape")
-    order = _order(count.pop(), limit, seed)
-    return [tuple(torch.from_numpy(np.ascontiguousarray(a[i:i + 1])).to(getattr(torch, s.dtype))
-                  for a, s in zip(ordered, model.inputs, strict=True)) for i in order]
+    total = count.pop()
+    per = max(1, int(model.inputs[0].shape[0])) if model.inputs[0].shape else 1  # the model's batch size
+    order = _order(total, limit * per, seed)
+    groups = [order[i:i + per] for i in range(0, len(order) - per + 1, per)]  # a static batch of 2 gets pairs
+    return [tuple(torch.from_numpy(np.ascontiguousarray(a[idx])).to(getattr(torch, s.dtype))
+                  for a, s in zip(ordered, model.inputs, strict=True)) for idx in groups], total
 
 
 def _text(path: Path, model, limit: int, seed: int, truncate: bool = False) -> list[tuple]:
@@ -125,7 +152,7 @@ def _text(path: Path, model, limit: int, seed: int, truncate: bool = False) -> l
         length = seq if n <= seq else min(n, longest)  # padded to the export length, a longer one kept whole
         enc = model.tokenizer(lines[i], padding="max_length", max_length=length, truncation=True, return_tensors="pt")
         batches.append(tuple(enc[s.name] for s in model.inputs))
-    return batches
+    return batches, len(lines)
 
 
 def _images(path: Path, model, limit: int, seed: int) -> list[tuple]:
@@ -147,7 +174,7 @@ def _images(path: Path, model, limit: int, seed: int) -> list[tuple]:
         except OSError as exc:
             raise UsageError(f"--calib {files[i]}", f"is not a readable image ({first_line(exc)})",
                              "remove it from the folder") from exc
-    return batches
+    return batches, len(files)
 
 
 def _order(n: int, limit: int, seed: int) -> list[int]:

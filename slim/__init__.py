@@ -1,11 +1,15 @@
 """Compression passes from the papers, the distillation ("recover") step and fidelity measures.
 
 Each pass is a strict config plus a registered function ``apply(model, cfg, ctx) -> PassResult``
-(``slimx.slim.base``). In this version: ``lowrank`` (LRT) and ``dsformer``. ``ecoformer``,
-``axformer``, ``hard-attention`` and ``latency-slim`` come in later versions.
+(``slimx.slim.base``): ``lowrank`` (LRT), ``dsformer`` (DSFormer), ``ecoformer`` (hashed linear attention),
+``axformer`` (accuracy-driven removal) and ``hard-attention`` (top-k attention). The attention passes reach
+each model family through ``slimx.slim.attention``'s adapters.
 """
 
+from slimx.slim import axformer as _axformer  # noqa: F401  (registers the pass)
 from slimx.slim import dsformer as _dsformer  # noqa: F401  (registers the pass)
+from slimx.slim import ecoformer as _ecoformer  # noqa: F401  (registers the pass)
+from slimx.slim import hardattention as _hardattention  # noqa: F401  (registers the pass)
 from slimx.slim import lowrank as _lowrank  # noqa: F401  (registers the pass)
 from slimx.slim.base import (
     PASSES,

@@ -80,7 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--truncate", action="store_true", default=keep,
                      help="text longer than the artifact's longest sequence is cut to it (default: an error)")
     exp.add_argument("--calib-samples", type=int, default=keep,
-                     help=f"samples to use from --calib (default {d('calib_samples')})")
+                     help="samples to use from --calib (default 16; with --pass, all of it up to 1024)")
+    exp.add_argument("--labels", default=keep, metavar="FILE",
+                     help="one integer task label per --calib sample (file order): fidelity is then accuracy")
+    exp.add_argument("--min-fidelity", type=float, default=keep,
+                     help="with --pass: the run fails below this held-out cosine to the original (default 0.95)")
+    exp.add_argument("--max-accuracy-drop", type=float, default=keep,
+                     help="with --pass and --labels: the run fails past this many points of accuracy lost "
+                          "(default 1)")
     exp.add_argument("--parity-inputs", type=int, default=keep,
                      help=f"fresh random inputs for parity (default {d('parity_inputs')})")
     exp.add_argument("--min-cosine", type=float, default=keep, help="parity fails below (fp32 default 0.9999)")

@@ -22,6 +22,9 @@ from slimx._core.versions import tool_versions
 from slimx.report import human
 
 PARITY_SEED_BASE = 1000  # parity inputs are drawn from seeds the export example never used
+PASS_CALIB_CAP = 1024  # calibration samples the passes use by default (all the data given, up to this)
+DEFAULT_MIN_FIDELITY = 0.95  # held-out cosine to the original, for embedding (unlabelled) outputs
+DEFAULT_MAX_ACCURACY_DROP = 1.0  # points of held-out accuracy, with --labels
 
 
 # --------------------------------------------------------------------------- configs, one per stage
@@ -46,8 +49,22 @@ class DataConfig:
     """Calibration data (int8, passes, parity on real data)."""
 
     calib: str | None = None
-    calib_samples: int = 16
+    calib_samples: int | None = None  # None: 16 without passes, up to PASS_CALIB_CAP with them
     truncate: bool = False  # text longer than the artifact's longest sequence is cut to it (else an error)
+    labels: str | None = None  # one integer task label per --calib sample (file order): accuracy as fidelity
+
+    def __post_init__(self) -> None:
+        if self.calib_samples is not None and self.calib_samples < 1:
+            raise UsageError("--calib-samples", "must be at least 1", "e.g. --calib-samples 256")
+        if self.labels and not self.calib:
+            raise UsageError("--labels", "label the --calib samples, and none were given", "add --calib FILE")
+
+    def samples(self, passes: bool) -> int:
+        """How many calibration samples to read: what was asked, else 16 (int8 ranges, parity on data) or, with
+        compression passes, all there is up to ``PASS_CALIB_CAP`` (the passes fit, recover and are judged on it)."""
+        if self.calib_samples is not None:
+            return self.calib_samples
+        return PASS_CALIB_CAP if passes else 16
 
 
 @dataclass(frozen=True)
@@ -57,6 +74,16 @@ class CompressConfig:
     passes: tuple[str, ...] = ()
     recipe: str | None = None
     recover: str | None = None
+    min_fidelity: float | None = None  # held-out cosine floor after compression (None: DEFAULT_MIN_FIDELITY)
+    max_accuracy_drop: float | None = None  # with --labels: points of accuracy the compression may lose
+
+    def __post_init__(self) -> None:
+        if self.min_fidelity is not None and not 0 < self.min_fidelity <= 1:
+            raise UsageError(f"--min-fidelity {self.min_fidelity}", "is a cosine, in (0, 1]",
+                             "e.g. --min-fidelity 0.95")
+        if self.max_accuracy_drop is not None and not 0 <= self.max_accuracy_drop <= 100:
+            raise UsageError(f"--max-accuracy-drop {self.max_accuracy_drop}", "is in points of accuracy, 0..100",
+                             "e.g. --max-accuracy-drop 1")
 
 
 @dataclass(frozen=True)
@@ -130,7 +157,8 @@ _SECTIONS = {"model": ModelConfig, "data": DataConfig, "compress": CompressConfi
 _FLAT_ORDER = ("model", "target", "format", "out", "weights", "input_shapes", "precision", "opset",
                "deployment_target", "compute_units", "palettize", "dla_core", "calib", "calib_samples",
                "parity_inputs", "min_cosine", "max_rel_err", "warmup", "runs", "threads", "seed", "passes", "recipe",
-               "recover", "seq_len", "batch", "static", "opt_len", "buckets", "no_fuse", "truncate")
+               "recover", "seq_len", "batch", "static", "opt_len", "buckets", "no_fuse", "truncate", "labels",
+               "min_fidelity", "max_accuracy_drop")
 
 
 @dataclass(frozen=True)
@@ -262,6 +290,7 @@ def run_export(cfg: ExportConfig, progress: Progress | None = None) -> dict:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     check_verdicts(proven.parity, compiled.artifact, out)
+    check_fidelity(compressed.record, out)
     return report
 
 
@@ -402,8 +431,8 @@ def prepare(cfg: ExportConfig, prepared: Prepared, progress: Progress) -> Prepar
             progress.note("dynamic " + ", ".join(f"{d['input']}[{d['axis']}] {d['min']}..{d['max']}"
                                                  for d in prepared.shapes["dynamic"]))
         if cfg.data.calib:
-            prepared.calib = load_calibration(cfg.data.calib, loaded, limit=cfg.data.calib_samples, seed=m.seed,
-                                              truncate=cfg.data.truncate)
+            prepared.calib = load_calibration(cfg.data.calib, loaded, limit=cfg.data.samples(bool(prepared.specs)),
+                                              seed=m.seed, truncate=cfg.data.truncate, labels=cfg.data.labels)
             progress.note(prepared.calib.describe())
             tune_to_data(prepared, loaded, progress)
     with progress.stage("deployment form"):
@@ -521,7 +550,7 @@ def compile_artifact(cfg: ExportConfig, prepared: Prepared, compressed: Compress
         real_lengths = seq_range_of(program.inputs) is not None
         if prepared.precision == "int8":
             calib = prepared.calib
-            batches, synthetic = calibration_batches(calib, program.inputs, count=cfg.data.calib_samples,
+            batches, synthetic = calibration_batches(calib, program.inputs, count=cfg.data.samples(False),
                                                      seed=cfg.model.seed, warn=progress.warn)
             calib_record = {"source": calib.source if calib else "synthetic random inputs",
                             "kind": calib.kind if calib else "synthetic", "samples": len(batches),
@@ -598,6 +627,34 @@ def check_verdicts(parity: dict, artifact, out: Path) -> None:
             f"the report is in {out / 'report.json'}",
             "inspect the report, or loosen --min-cosine / --max-rel-err if this drift is acceptable",
         )
+
+
+FIX_HINTS = {
+    "lowrank": "a larger rank_ratio (or energy=0.99) or exclude=attention",
+    "dsformer": "a larger k_ratio or density",
+    "axformer": "a smaller tolerance",
+    "ecoformer": "more bits, or fewer layers (include=...)",
+    "hard-attention": "a larger k",
+}
+
+
+def check_fidelity(record: dict | None, out: Path) -> None:
+    """Fail the run (exit 1, report kept) when the compressed model's held-out fidelity is below the floor."""
+    gate = (record or {}).get("gate")
+    if not gate or gate["passed"]:
+        return
+    worst = gate.get("lost_most") or {}
+    name = worst.get("pass", "the passes")
+    hint = FIX_HINTS.get(name, "milder settings")
+    more = "" if gate.get("recovered") else ", or --recover steps=300"
+    if gate["metric"].startswith("held-out accuracy"):
+        what = (f"held-out accuracy {gate['accuracy']:.4f} is {gate['value']:.2f} points below the original's "
+                f"{gate['accuracy_reference']:.4f} (at most {gate['floor']:g} allowed, --max-accuracy-drop)")
+    else:
+        what = f"held-out cosine {gate['value']:.4f} is below --min-fidelity {gate['floor']:g}"
+    lost = (f"; {name} lost the most ({worst['before']:.4f} -> {worst['after']:.4f})" if worst else "")
+    raise SlimxFailure("fidelity of the compressed model", f"{what}{lost}; the report is in {out / 'report.json'}",
+                       f"try {name} with {hint}{more}, or more --calib data")
 
 
 # --------------------------------------------------------------------------- the stages' work
@@ -821,24 +878,28 @@ def run_passes(module, prepared: Prepared, cfg: ExportConfig, progress) -> dict:
                       "figures do not reflect real data; give --calib")
 
     loaded, calib, specs = prepared.deployable.loaded, prepared.calib, prepared.specs
-    batches, synthetic = calibration_batches(calib, loaded.inputs, count=max(cfg.data.calib_samples, 16),
+    batches, synthetic = calibration_batches(calib, loaded.inputs, count=max(cfg.data.samples(True), 16),
                                              seed=cfg.model.seed, warn=warn)
     held = max(2, len(batches) // 4) if len(batches) >= 8 else 0
     fit, heldout = (batches[:-held], batches[-held:]) if held else (batches, batches)
+    labels = calib.labels if calib is not None else None
+    fit_labels, held_labels = ((labels[:-held], labels[-held:]) if held else (labels, labels)) if labels else (None,
+                                                                                                               None)
     data = (f"{len(heldout)} held-out {'SYNTHETIC ' if synthetic else ''}samples of "
             f"{calib.source if calib else 'random inputs'}")
     if not held:
         data += " (too few to hold any out: in-sample)"
     mask_index = mask_index_of([s.name for s in loaded.inputs])
     ctx = PassContext(calib=fit, synthetic=synthetic, teacher=module, device=prepared.device, progress=progress,
-                      mask_index=mask_index, latency_model=latency_model_for(prepared.device, prepared.precision))
+                      mask_index=mask_index, latency_model=latency_model_for(prepared.device, prepared.precision),
+                      labels=fit_labels)
     teacher = module
     model = module
     records = []
     for spec in specs:
         model, (result,) = apply(model, [spec], ctx)
         entry = result.to_dict()
-        entry["fidelity"] = torch_fidelity(teacher, model, heldout)
+        entry["fidelity"] = torch_fidelity(teacher, model, heldout, held_labels)
         records.append(entry)
         progress.note(f"{spec.name}: {result.summary}; held-out cosine {entry['fidelity']['cosine_mean']:.4f}")
     quant = load_recipe_quant(cfg.compress.recipe) if cfg.compress.recipe else None
@@ -849,11 +910,40 @@ def run_passes(module, prepared: Prepared, cfg: ExportConfig, progress) -> dict:
     if prepared.recover is not None:
         model, record = recover(model, teacher, fit, prepared.recover, progress, mask_index=mask_index)
         out["recover"] = {"config": dataclasses.asdict(prepared.recover), **record}
-        out["fidelity"]["after_recover"] = torch_fidelity(teacher, model, heldout)
+        out["fidelity"]["after_recover"] = torch_fidelity(teacher, model, heldout, held_labels)
         progress.note(f"recovered: held-out cosine {out['fidelity']['after_recover']['cosine_mean']:.4f}")
     out["fidelity"]["final"] = out["fidelity"].get("after_recover", out["fidelity"]["after_passes"])
+    out["gate"] = fidelity_gate(out["fidelity"]["final"], records, cfg.compress, bool(held_labels),
+                                prepared.recover is not None)
     out["model"] = finalize(model)  # deployable form (e.g. dense-sparse layers as two plain linears)
     return out
+
+
+def fidelity_gate(final: dict, records: list[dict], c: CompressConfig, labelled: bool, recovered: bool) -> dict:
+    """Fidelity judged like parity: held-out cosine to the original at or above the floor (with labels: accuracy
+    at most ``max_accuracy_drop`` points below the original's), and which pass lost the most."""
+    if labelled and "accuracy" in final:
+        drop = DEFAULT_MAX_ACCURACY_DROP if c.max_accuracy_drop is None else c.max_accuracy_drop
+        value = round((final["accuracy_reference"] - final["accuracy"]) * 100, 2)
+        gate = {"metric": "held-out accuracy drop (points)", "value": value, "floor": drop, "passed": value <= drop,
+                "accuracy": final["accuracy"], "accuracy_reference": final["accuracy_reference"]}
+        key, start = "accuracy", final["accuracy_reference"]
+    else:
+        floor = DEFAULT_MIN_FIDELITY if c.min_fidelity is None else c.min_fidelity
+        gate = {"metric": "held-out cosine to the original", "value": final["cosine_mean"], "floor": floor,
+                "passed": final["cosine_mean"] >= floor}
+        key, start = "cosine_mean", 1.0
+    previous, worst = start, None
+    for record in records:  # what each pass cost, before recovery
+        now = record["fidelity"].get(key, previous)
+        lost = previous - now
+        if worst is None or lost > worst["lost"]:
+            worst = {"pass": record["name"], "before": round(previous, 4), "after": round(now, 4),
+                     "lost": round(lost, 4)}
+        previous = now
+    gate["lost_most"] = worst
+    gate["recovered"] = recovered
+    return gate
 
 
 def latency_model_for(device, precision: str):

@@ -25,6 +25,9 @@ def summary(report: dict) -> str:
     if shapes:
         lines.append(f"  shapes    {shapes}")
     lines.append("  parity    " + _parity_line(report["parity"]))
+    gate = (report.get("compression") or {}).get("gate")
+    if gate:
+        lines.append("  fidelity  " + _fidelity_line(report["compression"]))
     if report["parity"].get("proxy"):
         lines.append("  proxy     " + _parity_line(report["parity"]["proxy"]) + " [TensorRT-ready ONNX]")
     from slimx.devices.records import Latency
@@ -108,6 +111,22 @@ def _parity_line(parity: dict) -> str:
     if calib:
         text += f"; on calibration data cosine {calib['cosine']:.6f}"
     return text
+
+
+def _fidelity_line(compression: dict) -> str:
+    """The compressed model against the original on held-out data, judged like parity."""
+    gate, fid = compression["gate"], compression.get("fidelity") or {}
+    verdict = "PASS" if gate["passed"] else "FAIL"
+    if gate["metric"].startswith("held-out accuracy"):
+        text = (f"{verdict} held-out accuracy {gate['accuracy']:.4f} (original {gate['accuracy_reference']:.4f}, "
+                f"{gate['value']:.2f} points lost, at most {gate['floor']:g})")
+    else:
+        text = f"{verdict} held-out cosine {gate['value']:.4f} to the original (floor {gate['floor']:g})"
+    steps = [f"after passes {fid['after_passes']['cosine_mean']:.4f}"] if fid.get("after_passes") else []
+    if fid.get("after_recover"):
+        steps.append(f"after recovery {fid['after_recover']['cosine_mean']:.4f}")
+    data = fid.get("data", "")
+    return text + (f"; {', '.join(steps)}" if steps else "") + (f" on {data}" if data else "")
 
 
 def _lengths_line(over: dict) -> str:

@@ -307,7 +307,8 @@ def test_compression_pass_end_to_end(tmp_path, capsys, tiny_st_dir):
     text.write_text("\n".join(stdlib_sentences(24)))
     code, _, err = export(capsys, f"hf:{tiny_st_dir}", "--input-shape", "1x16", "--calib", str(text),
                             "--calib-samples", "24", "--pass", "lowrank:rank_ratio=0.25,min_features=16",
-                            "--recover", "steps=20,lr=1e-3", "--out", str(tmp_path / "o"), *FAST)
+                            "--recover", "steps=20,lr=1e-3", "--min-fidelity", "0.5", "--out", str(tmp_path / "o"),
+                            *FAST)
     assert code == 0, err
     rep = report_of(tmp_path / "o")
     (entry,) = rep["passes"]
@@ -330,6 +331,53 @@ def test_compression_pass_end_to_end(tmp_path, capsys, tiny_st_dir):
     assert result["fidelity"]["samples"] == 12 and 0 < result["fidelity"]["cosine_mean"] <= 1
     assert "nn_agreement" in result["fidelity"] and result["latency"]["ratio"] > 0
     assert result["latency"]["runtime"] == "onnxruntime" and "real length" in result["latency"]["method"]
+
+
+def test_fidelity_is_gated_like_parity(tmp_path, capsys):
+    import numpy as np
+
+    np.savez(tmp_path / "data.npz", x=np.random.default_rng(0).standard_normal((40, 16)).astype(np.float32))
+    args = ("tests.models:tiny_mlp", "--input-shape", "1x16", "--calib", str(tmp_path / "data.npz"), "--pass",
+            "lowrank:rank_ratio=0.1,min_features=8,multiple=1", "--out", str(tmp_path / "o"), *FAST)
+    code, out, err = export(capsys, *args, "--min-fidelity", "0.9999")
+    assert code == 1, err
+    line = err.strip().splitlines()[-1]
+    assert "fidelity of the compressed model" in line and "below --min-fidelity 0.9999" in line
+    assert "lowrank lost the most" in line and "rank_ratio" in line and "--recover" in line
+    rep = report_of(tmp_path / "o")  # the report is kept
+    gate = rep["compression"]["gate"]
+    assert gate["passed"] is False and gate["floor"] == 0.9999 and gate["lost_most"]["pass"] == "lowrank"
+    assert gate["value"] < 0.999
+    assert rep["compression"]["calibration"]["fit_samples"] + rep["compression"]["calibration"][
+        "heldout_samples"] == 40, "with a pass, all the calibration data is used (up to 1024), not 16"
+    code, out, err = export(capsys, *args, "--min-fidelity", "0.05")
+    assert code == 0, err
+    assert "fidelity  PASS held-out cosine" in out and "(floor 0.05)" in out
+
+
+def test_fidelity_with_labels_is_accuracy(tmp_path, capsys):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 16)).astype(np.float32)
+    np.savez(tmp_path / "data.npz", x=x)
+    from tests.models import tiny_mlp
+
+    with torch.no_grad():  # labels the model gets right: accuracy starts at 1.0
+        labels = tiny_mlp()(torch.from_numpy(x)).argmax(1).tolist()
+    (tmp_path / "labels.txt").write_text(" ".join(map(str, labels)))
+    args = ("tests.models:tiny_mlp", "--input-shape", "1x16", "--calib", str(tmp_path / "data.npz"), "--labels",
+            str(tmp_path / "labels.txt"),
+            "--pass", "lowrank:rank_ratio=0.1,min_features=8,multiple=1", "--out", str(tmp_path / "o"), *FAST)
+    code, out, err = export(capsys, *args, "--max-accuracy-drop", "100")
+    assert code == 0, err
+    gate = report_of(tmp_path / "o")["compression"]["gate"]
+    assert gate["metric"].startswith("held-out accuracy") and gate["accuracy_reference"] == 1.0
+    assert "held-out accuracy" in out
+    (tmp_path / "short.txt").write_text("1 2 3")
+    code, _, err = export(capsys, *args[:-len(FAST) - 2], "--labels", str(tmp_path / "short.txt"), "--out",
+                          str(tmp_path / "p"), *FAST)
+    assert code == 2 and "has 3 labels for the 40 samples" in err
 
 
 def test_eval_needs_an_export_folder(tmp_path, capsys):

@@ -10,8 +10,9 @@ def test_npz(tmp_path):
     loaded = load_model("tests.models:tiny_mlp")
     np.savez(tmp_path / "c.npz", x=np.random.default_rng(0).standard_normal((5, 16)).astype(np.float32))
     data = load_calibration(tmp_path / "c.npz", loaded, limit=3)
-    assert data.kind == "npz" and len(data.batches) == 3
-    assert data.batches[0][0].shape == (1, 16) and data.batches[0][0].dtype == torch.float32
+    assert data.kind == "npz" and len(data.batches) == 2 and data.total == 5, "5 samples make 2 batches of 2"
+    assert data.batches[0][0].shape == (2, 16) and data.batches[0][0].dtype == torch.float32, \
+        "samples are grouped into the model's own batch size (tiny_mlp takes 2)"
 
 
 def test_npz_wrong_shape_and_names(tmp_path):

@@ -14,28 +14,40 @@ from torch import nn
 from slimx._core.config import config_from_dict
 from slimx.slim import PASSES, PassContext, PassSpec, finalize, load_recipe, recipe_text
 
-# options that keep each pass fast here; every other option is the pass's default
-FAST = {"dsformer": {"steps": 5}}
+# options that keep each pass fast here (and make the search passes take something away); every other option is
+# the pass's default
+FAST = {"dsformer": {"steps": 5}, "ecoformer": {"steps": 3, "anchors": 8, "bits": 4},
+        "axformer": {"tolerance": 1.0}, "hard-attention": {"tolerance": 1.0, "k": 2}}
+ATTENTION_PASSES = ("ecoformer", "axformer", "hard-attention")
 
 
-def _model():
+def _model(name: str = ""):
     torch.manual_seed(0)
+    if name in ATTENTION_PASSES:  # a two-block timm ViT: attention the adapters know
+        import timm
+
+        return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2, num_classes=10).eval()
     return nn.Sequential(nn.Linear(128, 256), nn.GELU(), nn.Linear(256, 128), nn.GELU(), nn.Linear(128, 10)).eval()
 
 
-def _calib(n=6):
+def _inputs(name: str, batch: int, gen=None):
+    shape = (batch, 3, 32, 32) if name in ATTENTION_PASSES else (batch, 128)
+    return (torch.randn(*shape, generator=gen),)
+
+
+def _calib(name: str = "", n=6):
     gen = torch.Generator().manual_seed(1)
-    return [(torch.randn(2, 128, generator=gen),) for _ in range(n)]
+    return [_inputs(name, 2, gen) for _ in range(n)]
 
 
 @pytest.mark.parametrize("name", PASSES.names())
 def test_pass_contract(name, tmp_path):
     entry = PASSES.get(name)
     cfg = config_from_dict(entry.config_cls, FAST.get(name, {}), name)
-    model = _model()
+    model = _model(name)
     before = copy.deepcopy(model.state_dict())
     kinds = [type(m) for m in model.modules()]
-    ctx = PassContext(calib=_calib())
+    ctx = PassContext(calib=_calib(name), teacher=model)
 
     plan = entry.plan(model, cfg, ctx)
     json.dumps(plan)  # plain data: no tensors or modules hidden in it
@@ -50,7 +62,7 @@ def test_pass_contract(name, tmp_path):
     assert any("skipped" not in e for e in result.layers), "the default config changes something on this model"
     assert [type(m) for m in result.model.modules()] != kinds
 
-    x = (torch.randn(3, 128),)
+    x = _inputs(name, 3)
     for candidate in (result.model, finalize(copy.deepcopy(result.model))):
         exported = torch.export.export(candidate.eval(), x, strict=False)
         torch.testing.assert_close(exported.module()(*x), candidate(*x))
