@@ -2,7 +2,8 @@
 
 Each pass is a strict config plus a registered function ``apply(model, cfg, ctx) -> PassResult``
 (``slimx.slim.base``): ``lowrank`` (LRT), ``dsformer`` (DSFormer), ``ecoformer`` (hashed linear attention),
-``axformer`` (accuracy-driven removal) and ``hard-attention`` (top-k attention). The attention passes reach
+``axformer`` (accuracy-driven removal), ``hard-attention`` (top-k attention) and ``latency-slim``
+(EfficientFormer's latency-driven slimming to a budget). The attention passes reach
 each model family through ``slimx.slim.attention``'s adapters.
 """
 
@@ -11,6 +12,7 @@ from slimx.slim import dsformer as _dsformer  # noqa: F401  (registers the pass)
 from slimx.slim import ecoformer as _ecoformer  # noqa: F401  (registers the pass)
 from slimx.slim import hardattention as _hardattention  # noqa: F401  (registers the pass)
 from slimx.slim import lowrank as _lowrank  # noqa: F401  (registers the pass)
+from slimx.slim import slimming as _slimming  # noqa: F401  (registers the pass)
 from slimx.slim.base import (
     PASSES,
     LatencyModel,

@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="samples to use from --calib (default 16; with --pass, all of it up to 1024)")
     exp.add_argument("--labels", default=keep, metavar="FILE",
                      help="one integer task label per --calib sample (file order): fidelity is then accuracy")
+    exp.add_argument("--budget-ms", type=float, default=keep,
+                     help="slim the model (latency-slim pass) until the device's latency model says it takes at "
+                          "most this many ms")
     exp.add_argument("--min-fidelity", type=float, default=keep,
                      help="with --pass: the run fails below this held-out cosine to the original (default 0.95)")
     exp.add_argument("--max-accuracy-drop", type=float, default=keep,

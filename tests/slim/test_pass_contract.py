@@ -17,8 +17,10 @@ from slimx.slim import PASSES, PassContext, PassSpec, finalize, load_recipe, rec
 # options that keep each pass fast here (and make the search passes take something away); every other option is
 # the pass's default
 FAST = {"dsformer": {"steps": 5}, "ecoformer": {"steps": 3, "anchors": 8, "bits": 4},
-        "axformer": {"tolerance": 1.0}, "hard-attention": {"tolerance": 1.0, "k": 2}}
-ATTENTION_PASSES = ("ecoformer", "axformer", "hard-attention")
+        "axformer": {"tolerance": 1.0}, "hard-attention": {"tolerance": 1.0, "k": 2},
+        "latency-slim": {"budget_ms": 0.001, "max_steps": 2, "min_fidelity": 0.0001, "recover_steps": 0,
+                         "ffn": False, "heads": False}}
+ATTENTION_PASSES = ("ecoformer", "axformer", "hard-attention", "latency-slim")
 
 
 def _model(name: str = ""):
@@ -48,6 +50,11 @@ def test_pass_contract(name, tmp_path):
     before = copy.deepcopy(model.state_dict())
     kinds = [type(m) for m in model.modules()]
     ctx = PassContext(calib=_calib(name), teacher=model)
+    if name == "latency-slim":  # a latency-driven pass prices its steps on the device's latency model
+        from slimx.devices import load_device
+        from slimx.devices.estimator import EstimatorLatencyModel
+
+        ctx.latency_model = EstimatorLatencyModel.for_device(load_device("host"), "fp32")
 
     plan = entry.plan(model, cfg, ctx)
     json.dumps(plan)  # plain data: no tensors or modules hidden in it
