@@ -168,8 +168,8 @@ class _Recorder(nn.Module):
 def fit_hash(samples: list[tuple], cfg: EcoFormerConfig, gen: torch.Generator) -> HashedLinearKernel:
     """Kernelised hash functions for one layer (per head) from recorded (q, k, scores) per sequence."""
     heads = samples[0][0].shape[0]
-    q_all = _normalise(torch.cat([s[0] for s in samples], dim=1).double())  # (H, T, D)
-    k_all = _normalise(torch.cat([s[1] for s in samples], dim=1).double())
+    q_all = _normalise(torch.cat([s[0] for s in samples], dim=1).float())  # (H, T, D)
+    k_all = _normalise(torch.cat([s[1] for s in samples], dim=1).float())
     tokens = torch.cat([q_all, k_all], dim=1)
     pick = torch.randperm(tokens.shape[1], generator=gen)[: cfg.anchors]
     anchors = tokens[:, pick]  # (H, m, D)
@@ -197,7 +197,7 @@ def fit_hash(samples: list[tuple], cfg: EcoFormerConfig, gen: torch.Generator) -
             for idx, sign in ((top, 1.0), (low, -1.0)):
                 pairs_q.append(rows + offset)
                 pairs_k.append(idx + offset)
-                target.append(torch.full(idx.shape, sign, dtype=torch.float64))
+                target.append(torch.full(idx.shape, sign, dtype=torch.float32))
         offset += n
     if not pairs_q:
         raise UsageError("--pass ecoformer", "the calibration sequences are too short to learn attention "
@@ -207,14 +207,14 @@ def fit_hash(samples: list[tuple], cfg: EcoFormerConfig, gen: torch.Generator) -
     s = torch.cat([p.flatten(1) for p in target], 1)[:, : pq.shape[1]]
     fq, fk = feats(q_all), feats(k_all)  # (H, T, m)
     residual = cfg.bits * s  # KSH: codes' inner products should reach b * S on the constrained pairs
-    weight = torch.zeros(heads, cfg.bits, cfg.anchors, dtype=torch.float64)
+    weight = torch.zeros(heads, cfg.bits, cfg.anchors, dtype=torch.float32)
     for r in range(cfg.bits):
         init = _spectral_init(fq, fk, pq, pk, residual)
         a = init.clone().requires_grad_(True)
         opt = torch.optim.Adam([a], lr=cfg.lr)
-        for _ in range(cfg.steps):
-            yq = torch.tanh(torch.gather(fq, 1, pq[..., None].expand(-1, -1, fq.shape[-1])) @ a[..., None])[..., 0]
-            yk = torch.tanh(torch.gather(fk, 1, pk[..., None].expand(-1, -1, fk.shape[-1])) @ a[..., None])[..., 0]
+        for _ in range(cfg.steps):  # the surrogate codes per token, then looked up per pair (cheap)
+            yq = torch.gather(torch.tanh(fq @ a[..., None])[..., 0], 1, pq)
+            yk = torch.gather(torch.tanh(fk @ a[..., None])[..., 0], 1, pk)
             loss = -(residual * yq * yk).mean()
             opt.zero_grad()
             loss.backward()
@@ -241,13 +241,12 @@ def _spectral_init(fq, fk, pq, pk, residual) -> torch.Tensor:
     """The relaxed bit: the top eigenvector of sym(Fq^T R Fk) over the constrained pairs (per head)."""
     heads, _, m = fq.shape
     out = torch.empty(heads, m, dtype=fq.dtype)
-    for h in range(heads):
-        gq = fq[h][pq[h]] * residual[h][:, None]  # (P, m)
-        gk = fk[h][pk[h]]
-        mat = gq.T @ gk
+    for h in range(heads):  # sum over pairs of r_p fq_p fk_p^T, accumulated per query token first
+        acc = torch.zeros(fq.shape[1], m, dtype=fq.dtype).index_add_(0, pq[h], residual[h][:, None] * fk[h][pk[h]])
+        mat = (fq[h].T @ acc).double()
         mat = (mat + mat.T) / 2
         _, vecs = torch.linalg.eigh(mat)
-        out[h] = vecs[:, -1] * math.sqrt(m)
+        out[h] = (vecs[:, -1] * math.sqrt(m)).to(fq.dtype)
     return out
 
 

@@ -149,7 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--rounds", type=int, default=3, help="microbench: interleaved timing rounds (default 3)")
     dev.add_argument("--runs", type=int, default=50, help="microbench: timed runs per case and round (default 50)")
     dev.add_argument("--threads", type=int, default=None, help="microbench: runtime threads (default: all cores)")
-    dev.add_argument("--measurements", default=None, help="calibrate: a microbench CSV or a published latency table")
+    dev.add_argument("--measurements", action="append", default=None,
+                     help="calibrate: a microbench CSV or a published latency table (with --family: repeat it, one "
+                          "table per --measurements)")
+    dev.add_argument("--family", default=None, metavar="FAMILY",
+                     help="calibrate every device of a family (jetson, apple-ane) in one fit tied to their specs")
     dev.add_argument("--scale-from", default=None, metavar="DEVICE",
                      help="calibrate: carry a calibrated device's efficiencies over by peak rates (same family)")
 
@@ -219,6 +223,19 @@ def build_parser() -> argparse.ArgumentParser:
     gate.add_argument("--html", default=None, metavar="FILE", help="write a self-contained HTML report")
     gate.add_argument("--json", action="store_true", help="print the result as JSON")
     gate.add_argument("--quiet", "-q", action="store_true")
+
+    sweep = sub.add_parser("sweep", parents=[common], help="models x devices x recipes on Ray, with a Pareto front",
+                           description="Run every trial of a sweep file (models x devices x precisions x recipes) "
+                                       "as a Ray task: slimx export (and eval) into OUT/trials/KEY, results appended "
+                                       "to OUT/results.csv and results.json, the latency-fidelity front per device "
+                                       "in the terminal and OUT/report.html. Finished trials are skipped on a rerun.")
+    sweep.add_argument("file", help="the sweep file (TOML)")
+    sweep.add_argument("--out", "-o", required=True, help="the sweep's folder (results, trials, report.html)")
+    sweep.add_argument("--address", default=None, help="an existing Ray cluster (default: a local one)")
+    sweep.add_argument("--workers", type=int, default=None, help="local Ray: CPUs to use (default: up to 2)")
+    sweep.add_argument("--retry-failed", action="store_true", help="rerun trials that failed before")
+    sweep.add_argument("--json", action="store_true")
+    sweep.add_argument("--quiet", "-q", action="store_true")
 
     agent = sub.add_parser("agent", parents=[common], help="run the remote device agent",
                            description="Serve this device to 'slimx profile --remote': accepts artifact uploads over "
@@ -295,6 +312,8 @@ def _dispatch(args, argv: list[str]) -> int:
         return _agent(args)
     if args.command == "gate":
         return _gate(args)
+    if args.command == "sweep":
+        return _sweep(args)
     return _devices(args)
 
 
@@ -382,6 +401,27 @@ def _profile(args) -> int:
         write(Path(args.html), profile_page(result, args.subject))
     print(json.dumps(result, indent=2) if args.json else render(result, top=args.top))
     return 0
+
+
+def _sweep(args) -> int:
+    from pathlib import Path
+
+    from slimx._core.progress import Progress
+    from slimx.sweep import load_sweep, run_sweep, table
+
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise UsageError("slimx sweep", "runs its trials on Ray, which is not installed",
+                         "pip install 'slimx[sweep]' (or ray)") from None
+    if args.workers is not None and args.workers < 1:
+        raise UsageError("--workers", "must be at least 1", "e.g. --workers 2")
+    plan = load_sweep(args.file)
+    result = run_sweep(plan, Path(args.out), address=args.address, workers=args.workers,
+                       retry_failed=args.retry_failed, progress=Progress(total=1, enabled=not (args.quiet or
+                                                                                              args.json)))
+    print(json.dumps(result, indent=2) if args.json else table(result, plan.rank_by))
+    return 0 if all(r["status"] == "ok" for r in result["trials"]) else 1
 
 
 def _gate(args) -> int:
@@ -502,9 +542,13 @@ def _calibrate(args) -> int:
     from slimx._core.progress import Progress
     from slimx.devices.calibrate import calibrate, scale_from
 
+    if args.family:
+        return _calibrate_family(args)
     if not args.name:
         raise UsageError("slimx devices calibrate", "needs a device name", "e.g. slimx devices calibrate host "
                          "--measurements microbench.csv")
+    if args.measurements and len(args.measurements) > 1:
+        raise UsageError("--measurements", "takes one table for one device", "give one, or use --family")
     if bool(args.measurements) == bool(args.scale_from):
         raise UsageError("slimx devices calibrate", "needs exactly one of --measurements CSV and --scale-from DEVICE",
                          "give the measurements to fit, or the calibrated device of the same family")
@@ -515,7 +559,7 @@ def _calibrate(args) -> int:
               f"wrote {result['path']}")
         return 0
     progress = Progress(total=1, enabled=not args.json)
-    result = calibrate(args.name, Path(args.measurements), out=out, progress=progress)
+    result = calibrate(args.name, Path(args.measurements[0]), out=out, progress=progress)
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "path"} | {"path": str(result["path"])},
                          indent=2, default=float))
@@ -542,6 +586,35 @@ def _calibrate(args) -> int:
     for why, n in result["skipped"].items():
         print(f"  skipped {n} row(s): {why}")
     print(f"wrote {result['path']}")
+    return 0
+
+
+def _calibrate_family(args) -> int:
+    from pathlib import Path
+
+    from slimx._core.progress import Progress
+    from slimx.devices.calibrate import read_rows
+    from slimx.devices.family import calibrate_family, write_family
+
+    if args.name or args.scale_from:
+        raise UsageError("--family", "fits every device of the family", "drop the device name and --scale-from")
+    if not args.measurements:
+        raise UsageError("--family", "needs the published tables to fit", "add --measurements CSV (repeatable)")
+    tables = [(Path(p).name, read_rows(Path(p))) for p in args.measurements]
+    progress = Progress(total=1, enabled=not args.json)
+    result = calibrate_family(args.family, tables, progress)
+    paths = write_family(result, Path(args.out) if args.out else None)
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "table"}, indent=2, default=float))
+        return 0
+    lodo = result["lodo"]
+    print(f"{result['family']}: {result['rows']} rows on {', '.join(result['devices_with_rows'])}; exponents "
+          f"{result['exponents']}; {lodo['method']}: mean {lodo['mape_pct']:.1f}%, median "
+          f"{lodo['median_abs_pct']:.1f}%, Spearman {lodo['spearman']:.2f}")
+    for name, m in result["members"].items():
+        print(f"  {name:<18} {m['basis']:<34} {m['cv']['method'][:48]}: mean {m['cv']['mape_pct']:.1f}%, "
+              f"interval x{m['cv']['interval_factors'][0]:.2f}-x{m['cv']['interval_factors'][1]:.2f}")
+    print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
 

@@ -315,8 +315,9 @@ def compression_section(report: dict) -> str:
                      f"floor {fmt(g.get('floor'), 4)}</p>")
     for p in passes:
         traj = p.get("trajectory") or []
-        if traj:
-            pts = [(t["latency_ms"], t["fidelity"]) for t in traj if t.get("latency_ms") is not None]
+        pts = [(t["latency_ms"], t["fidelity"]) for t in traj
+               if t.get("latency_ms") is not None and t.get("fidelity") is not None]
+        if len(pts) > 1:
             parts.append(xy_chart({p["name"]: pts}, "latency (ms)", "fidelity", f"{p['name']}: trajectory"))
         trials = p.get("trials") or []
         pts = [(t["latency_ms"], t["fidelity"]) for t in trials if t.get("latency_ms") is not None

@@ -3,6 +3,7 @@ trajectory and final architecture in the report, and the budget's usage errors."
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -46,7 +47,7 @@ def test_a_budget_is_met_on_the_latency_model(importance):
     assert result.summary["within_budget"] and result.summary["latency_after_ms"] <= budget
     traj = result.extra["trajectory"]
     assert traj[0]["step"] == 0 and traj[-1]["latency_ms"] <= budget
-    assert all(b["latency_ms"] < a["latency_ms"] for a, b in zip(traj, traj[1:], strict=False)), traj
+    assert all(b["latency_ms"] < a["latency_ms"] for a, b in itertools.pairwise(traj)), traj
     assert all(p["interval_ms"] for p in traj), "every point carries the estimate's interval"
     assert result.extra["architecture"] != result.extra["architecture_before"]
     assert all(s["importance"] == importance and s["saving_ms"] > 0 for s in result.extra["steps"])

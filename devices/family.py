@@ -1,0 +1,271 @@
+"""Devices of a family learn from each other: one latency model over every device of a family that has published
+measurements, with per-device terms tied to the devices' published specs, so that a device without rows (Jetson
+Orin, iPhone 15 Pro) is predicted from how latency moved between the devices that have them.
+
+For model m on device d (GMACs G, priced op count O, GB moved B from the model's op mix)::
+
+    t(d, m) = f_d * [ a * G * (P0 / P_d)^alpha  +  w * B * (W0 / W_d)^gamma  +  (b * O + c) * (K0 / K_d)^beta ]
+
+P_d is the compute unit's peak for the setting's dtype (fp16 for TensorRT and the Neural Engine), W_d the memory
+bandwidth, K_d the speed of the unit's per-layer work (the fp32 peak: cores x clock; on the Neural Engine its own
+peak); a, w, b, c >= 0 (relative-error least squares for each exponent triple on a grid), and f_d a per-device
+factor for devices with rows (shrunk towards 1 by their row count; 1 for a device without rows). The fit replaces
+``--scale-from``'s flat +15 points with measured ones:
+
+- a device without rows states the **leave-one-device-out** error: each device with rows predicted by a family
+  fit that never saw it (f = 1), the interval from those residuals;
+- a device with rows states the **leave-one-family-out** error of its own rows under the family fit (its rows'
+  model families left out in turn, all devices' rows of that family with them).
+
+The result for each member is an ordinary ``baseline`` setting (its coefficients evaluated at that device's
+specs), so the estimator needs nothing new.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from slimx._core.errors import UsageError
+
+GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25)
+SHRINK_ROWS = 4  # a device factor from n rows is pulled towards 1 as n / (n + SHRINK_ROWS)
+
+
+@dataclass(frozen=True)
+class Member:
+    profile: str  # the slimx device profile
+    data_device: str  # regex on a published row's ``device`` column
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    setting: str  # the estimator setting of each member it fits
+    runtime_match: tuple[str, ...]  # words a row's runtime text must contain (any)
+    runtime_exclude: tuple[str, ...]
+    members: tuple[Member, ...]
+    description: str
+
+
+FAMILIES = {
+    "jetson": Family(
+        "jetson", "tensorrt-gpu-fp16", ("tensorrt fp16", "fp16_mode", "half"), ("fp32", "tensorflow"),
+        (Member("jetson-nano", r"^Jetson Nano"), Member("jetson-tx2", r"^Jetson TX2"),
+         Member("jetson-xavier-nx", r"^Jetson (Xavier )?NX"), Member("jetson-agx-xavier", r"^Jetson (AGX )?Xavier"),
+         Member("jetson-orin-nano", r"^Jetson Orin Nano"), Member("jetson-agx-orin", r"^Jetson AGX Orin")),
+        "NVIDIA Jetson GPUs, TensorRT fp16 (Maxwell, Pascal, Volta, Ampere)"),
+    "apple-ane": Family(
+        "apple-ane", "coreml-ane-fp16", ("coreml",), ("compute unit = cpu", "compute unit = gpu"),
+        (Member("iphone11pro", r"^iPhone 11 Pro"), Member("iphone12", r"^iPhone 12"),
+         Member("iphone13", r"^iPhone 13"), Member("iphone14", r"^iPhone 14"),
+         Member("iphone15pro", r"^iPhone 15 Pro")),
+        "Apple Neural Engines through Core ML (A13, A14, A15, A17 Pro)"),
+}
+
+
+def family_of_device(name: str) -> Family | None:
+    return next((f for f in FAMILIES.values() if any(m.profile == name for m in f.members)), None)
+
+
+def specs(device, setting) -> tuple[float, float, float]:
+    """(P, W, K): the unit's peak for the setting's dtype, the memory bandwidth, and the per-layer speed proxy."""
+    from slimx.devices.estimator import bandwidth_gbs, peak_gops
+
+    peak = peak_gops(device, setting.unit, setting.dtype)
+    fp32 = next((cu.peak("fp32") for cu in device.compute_units if cu.name == setting.unit), None)
+    return peak, bandwidth_gbs(device), float(fp32 or peak)
+
+
+@dataclass
+class FamilyFit:
+    coef: np.ndarray  # a, w, b, c
+    exponents: tuple[float, float, float]  # alpha, gamma, beta
+    ref: tuple[float, float, float]  # P0, W0, K0
+    device_factor: dict  # device -> f_d
+
+    def terms(self, spec: tuple[float, float, float]) -> np.ndarray:
+        """The multipliers of [G, B, O, 1] on a device with ``spec`` (P, W, K)."""
+        (p0, w0, k0), (alpha, gamma, beta) = self.ref, self.exponents
+        p, w, k = spec
+        over = (k0 / k) ** beta
+        return np.array([(p0 / p) ** alpha, (w0 / w) ** gamma, over, over])
+
+    def predict(self, x: np.ndarray, spec: tuple, device: str | None = None) -> np.ndarray:
+        """x: rows of [G, B, O, 1]."""
+        f = self.device_factor.get(device, 1.0) if device is not None else 1.0
+        return np.maximum((x * self.terms(spec)) @ self.coef * f, 1e-6)
+
+    def baseline(self, spec: tuple, device: str | None) -> dict:
+        """The fit at one device's specs, as the estimator's baseline coefficients (ms per GMAC, us per op, ms
+        per GB, fixed ms)."""
+        t = self.terms(spec) * self.coef * (self.device_factor.get(device, 1.0) if device else 1.0)
+        return {"ms_per_gmac": float(t[0]), "ms_per_gb": float(t[1]), "us_per_op": float(t[2]),
+                "fixed_ms": float(t[3])}
+
+
+def fit_family(x: np.ndarray, y: np.ndarray, spec: np.ndarray, devices: list[str]) -> FamilyFit:
+    """Fit the family model to rows x = [G, B, O (thousands), 1], latencies y, per-row device specs (P, W, K)."""
+    from scipy.optimize import nnls
+
+    ref = tuple(float(np.exp(np.mean(np.log(spec[:, i])))) for i in range(3))  # geometric means: well scaled
+    best = None
+    for alpha, gamma, beta in itertools.product(GRID, GRID, GRID):
+        mult = np.column_stack([(ref[0] / spec[:, 0]) ** alpha, (ref[1] / spec[:, 1]) ** gamma,
+                                (ref[2] / spec[:, 2]) ** beta, (ref[2] / spec[:, 2]) ** beta])
+        a = x * mult / y[:, None]
+        coef, _ = nnls(a, np.ones(len(y)))
+        pred = np.maximum((x * mult) @ coef, 1e-9)
+        err = float(np.mean(np.log(pred / y) ** 2))
+        if best is None or err < best[0]:
+            best = (err, coef, (alpha, gamma, beta), pred)
+    _, coef, exps, pred = best
+    factors = {}
+    for d in sorted(set(devices)):
+        idx = [i for i, dv in enumerate(devices) if dv == d]
+        ratio = float(np.exp(np.mean(np.log(y[idx] / pred[idx]))))
+        weight = len(idx) / (len(idx) + SHRINK_ROWS)
+        factors[d] = ratio ** weight
+    return FamilyFit(coef, exps, ref, factors)
+
+
+def family_rows(family: Family, tables: list[tuple[str, list[dict]]]) -> list[dict]:
+    """The published rows of the family's members with a timm model, tagged with the member profile."""
+    out = []
+    for name, rows in tables:
+        for row in rows:
+            if not (row.get("timm_name") or "").strip():
+                continue
+            text = (row.get("runtime") or "").lower()
+            if not any(w in text for w in family.runtime_match) or any(w in text for w in family.runtime_exclude):
+                continue
+            member = next((m for m in family.members if re.search(m.data_device, row.get("device") or "")), None)
+            if member is None:
+                continue
+            out.append({**row, "profile": member.profile, "table": name})
+    return out
+
+
+def calibrate_family(family_name: str, tables: list[tuple[str, list[dict]]], progress=None) -> dict:
+    """Fit the family on its members' rows; return per member the baseline setting values, the errors they
+    state and how they were measured, plus the family's own figures."""
+    from slimx.devices import load_device
+    from slimx.devices.calibrate import samples_for
+    from slimx.devices.estimator import Features, settings_of
+    from slimx.devices.validation import baseline_features, family_of, summarize
+
+    if family_name not in FAMILIES:
+        raise UsageError(f"--family {family_name}", f"is not a device family slimx knows ({', '.join(FAMILIES)})",
+                         "use one of them")
+    family = FAMILIES[family_name]
+    rows = family_rows(family, tables)
+    if not rows:
+        raise UsageError(f"--family {family_name}", "no row of the measurements belongs to its devices",
+                         "give the published tables of its devices (shared/data)")
+    profiles = {m.profile: load_device(m.profile, measure_host=False) for m in family.members}
+    settings = {name: settings_of(p)[family.setting] for name, p in profiles.items()}
+    samples = samples_for(rows, progress)
+    devices = [r["profile"] for r in rows]
+    x = np.array([baseline_features(Features.of(s.costs, settings[d])) for s, d in zip(samples, devices,
+                                                                                       strict=True)])
+    x = x[:, [0, 2, 1, 3]]  # [G, B, O, 1]
+    y = np.array([s.measured_ms for s in samples])
+    spec_of = {name: specs(profiles[name], settings[name]) for name in profiles}
+    spec = np.array([spec_of[d] for d in devices])
+    fit = fit_family(x, y, spec, devices)
+    with_rows = sorted(set(devices))
+    # leave-one-device-out: what a device without rows can expect
+    lodo = np.empty(len(y))
+    for d in with_rows:
+        test = np.array([dv == d for dv in devices])
+        sub = fit_family(x[~test], y[~test], spec[~test], [dv for dv, t in zip(devices, test, strict=True) if not t])
+        lodo[test] = sub.predict(x[test], spec_of[d])
+    lodo_cv = summarize(lodo, y, f"leave-one-device-out ({len(with_rows)} devices: {', '.join(with_rows)})",
+                        with_rows)
+    # leave-one-family-out over the model families: what a device with rows can expect on an unseen family
+    families = [family_of(s.spec) for s in samples]
+    lofo = np.empty(len(y))
+    for fam in sorted(set(families)):
+        test = np.array([f == fam for f in families])
+        if test.all():
+            lofo[test] = fit.predict(x[test], spec[0])
+            continue
+        sub = fit_family(x[~test], y[~test], spec[~test], [dv for dv, t in zip(devices, test, strict=True) if not t])
+        lofo[test] = [sub.predict(x[i:i + 1], spec_of[devices[i]], devices[i])[0] for i in np.flatnonzero(test)]
+    members = {}
+    for name in profiles:
+        idx = [i for i, d in enumerate(devices) if d == name]
+        if len(idx) >= 3 and len({families[i] for i in idx}) >= 2:
+            cv = summarize(lofo[idx], y[idx], f"leave-one-family-out within the {family.name} family fit "
+                                              f"({len({families[i] for i in idx})} families on this device)")
+            basis = f"its {len(idx)} rows"
+        else:
+            cv = lodo_cv
+            basis = "no rows of its own" if not idx else f"{len(idx)} rows of its own, too few to validate on"
+        members[name] = {"baseline": fit.baseline(spec_of[name], name if idx else None), "cv": cv,
+                         "rows": len(idx), "basis": basis, "factor": fit.device_factor.get(name)}
+        if progress is not None:
+            progress.note(f"{family.name}: {name}: {basis}; {cv['method']}: mean {cv['mape_pct']:.1f}%, median "
+                          f"{cv['median_abs_pct']:.1f}%")
+    return {"family": family.name, "setting": family.setting, "rows": len(y), "devices_with_rows": with_rows,
+            "exponents": dict(zip(("compute", "memory", "per_layer"), fit.exponents, strict=True)),
+            "coef": dict(zip(("a_ms_per_gmac", "w_ms_per_gb", "b_us_per_op", "c_fixed_ms"), map(float, fit.coef),
+                             strict=True)),
+            "reference_specs": dict(zip(("peak_gops", "bandwidth_gbs", "per_layer_gops"), fit.ref, strict=True)),
+            "lodo": {k: v for k, v in lodo_cv.items() if k != "errors_pct"}, "members": members,
+            "table": [{"label": s.label, "device": d, "family": f, "measured_ms": round(float(m), 4),
+                       "lodo_ms": round(float(a), 4), "lofo_ms": round(float(b), 4)}
+                      for s, d, f, m, a, b in zip(samples, devices, families, y, lodo, lofo, strict=True)]}
+
+
+def write_family(result: dict, out_dir=None) -> list:
+    """Write each member's setting (model ``baseline``, the family fit at its specs) into its profile, every
+    figure with its source; returns the paths written."""
+    import datetime
+
+    from slimx.devices.calibrate import _FIT_KEYS, write_profile
+    from slimx.devices.registry import load_device, profile_path, reload_profiles
+    from slimx.devices.validation import BASELINE_TERMS
+
+    today = datetime.date.today().isoformat()
+    key = result["setting"]
+    fam = result["family"]
+    exps = result["exponents"]
+    how = (f"the {fam} family fit (`slimx devices calibrate --family {fam}`, {result['rows']} rows on "
+           f"{', '.join(result['devices_with_rows'])}; exponents compute {exps['compute']:g}, memory "
+           f"{exps['memory']:g}, per-layer {exps['per_layer']:g}; {today})")
+    paths = []
+    for name, member in result["members"].items():
+        device = load_device(name, measure_host=False)
+        estimator = {k: dict(v) for k, v in device.raw.get("estimator", {}).items() if isinstance(v, dict)}
+        table = {k: v for k, v in estimator.get(key, {}).items() if k.split("_source")[0] not in _FIT_KEYS
+                 and k not in ("scaled_from",)}
+        cv = member["cv"]
+        table["model"] = "baseline"
+        table["model_source"] = f"evaluated at this device's specs from {how}"
+        for term in BASELINE_TERMS:
+            table[term] = round(float(member["baseline"][term]), 6)
+            table[f"{term}_source"] = f"{how}, at {name}'s peak rate, bandwidth and per-layer speed" + (
+                f", times its device factor {member['factor']:.3f} (from {member['rows']} rows)"
+                if member["factor"] is not None else " (no rows of its own: no device factor)")
+        table["expected_error_pct"] = cv["mape_pct"]
+        table["expected_error_pct_source"] = (f"{cv['method']} mean absolute error ({member['basis']}); median "
+                                              f"{cv['median_abs_pct']:.1f}%, within ±15%: "
+                                              f"{cv['within_15pct'] * 100:.0f}% of rows ({today})")
+        table["cv_method"] = cv["method"]
+        table["interval_low"], table["interval_high"] = cv["interval_factors"]
+        table["interval_low_source"] = table["interval_high_source"] = (
+            f"10th/90th percentile of measured / estimated over the {cv['method']} held-out rows ({today}): sized "
+            "to cover 80% of unseen models")
+        table["spearman"] = cv["spearman"]
+        table["spearman_source"] = f"rank correlation of the {cv['method']} held-out estimates ({today})"
+        table["fit_rows"] = member["rows"]
+        table["fit_rows_source"] = how
+        estimator[key] = table
+        path = profile_path(name) if out_dir is None else out_dir / profile_path(name).name
+        paths.append(write_profile(path, profile_path(name).read_text(), estimator, device.estimator_default))
+    reload_profiles()
+    return paths

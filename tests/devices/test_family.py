@@ -1,0 +1,93 @@
+"""Family fits: one latency model over the devices of a family, tied to their specs, predicting a device without
+rows; its errors measured leave-one-device-out and leave-one-family-out; written as baseline settings."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+
+from slimx.devices.family import FAMILIES, fit_family
+
+
+def _synthetic(seed: int = 0):
+    """Rows on four devices whose latency follows the family model exactly (plus 3% noise)."""
+    rng = np.random.default_rng(seed)
+    specs = {"a": (500.0, 25.0, 250.0), "b": (1300.0, 60.0, 650.0), "c": (6800.0, 60.0, 850.0),
+             "d": (11000.0, 137.0, 1400.0), "new": (42500.0, 205.0, 5300.0)}
+    truth = {"coef": np.array([2.0, 0.5, 0.04, 0.3]), "alpha": 1.0, "gamma": 0.5, "beta": 0.75}
+    ref = (2000.0, 60.0, 700.0)
+
+    def latency(x, spec):
+        p, w, k = spec
+        mult = np.array([(ref[0] / p) ** truth["alpha"], (ref[1] / w) ** truth["gamma"], (ref[2] / k) ** truth["beta"],
+                         (ref[2] / k) ** truth["beta"]])
+        return (x * mult) @ truth["coef"]
+
+    models = np.column_stack([rng.uniform(0.2, 8, 12), rng.uniform(0.01, 0.3, 12), rng.uniform(0.05, 1.0, 12),
+                              np.ones(12)])
+    rows = [(d, m) for d in "abcd" for m in range(12)]
+    x = np.array([models[m] for _, m in rows])
+    spec = np.array([specs[d] for d, _ in rows])
+    y = np.array([latency(models[m], specs[d]) for d, m in rows]) * rng.lognormal(0, 0.03, len(rows))
+    return x, y, spec, [d for d, _ in rows], models, specs, latency
+
+
+def test_a_device_without_rows_is_predicted_from_the_others():
+    x, y, spec, devices, models, specs, latency = _synthetic()
+    fit = fit_family(x, y, spec, devices)
+    truth = np.array([latency(m, specs["new"]) for m in models])
+    got = fit.predict(models, specs["new"])
+    errors = np.abs(got / truth - 1)
+    assert np.median(errors) < 0.12, errors  # 4x faster than any device it saw, extrapolated from their specs
+    # what a flat peak-rate scaling of the fastest device (per-layer cost kept) would say, for comparison
+    flat = fit.predict(models, specs["d"], "d") * 11000.0 / 42500.0
+    assert np.median(np.abs(flat / truth - 1)) > np.median(errors)
+    assert set(fit.device_factor) == set("abcd") and all(0.8 < f < 1.25 for f in fit.device_factor.values())
+
+
+def test_the_fit_at_a_device_is_an_ordinary_baseline():
+    x, y, spec, devices, models, specs, _ = _synthetic()
+    fit = fit_family(x, y, spec, devices)
+    from slimx.devices.validation import predict_baseline
+
+    coef = fit.baseline(specs["new"], None)
+    as_baseline = predict_baseline(models[:, [0, 2, 1, 3]], coef)  # the estimator's [G, kops, GB, 1] order
+    np.testing.assert_allclose(as_baseline, fit.predict(models, specs["new"]), rtol=1e-9)
+
+
+@pytest.mark.slow
+def test_calibrate_family_writes_every_member(tmp_path, monkeypatch):
+    from slimx.devices import load_device
+    from slimx.devices.estimator import default_setting
+    from slimx.devices.family import calibrate_family, write_family
+
+    table = tmp_path / "t.csv"
+    names = ("test_vit", "test_efficientnet", "test_resnet", "test_convnext")
+    with table.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["model", "timm_name", "input_size", "device", "runtime", "latency_ms", "source"])
+        for i, name in enumerate(names):
+            for j, device in enumerate(("Jetson Nano", "Jetson TX2", "Jetson AGX Xavier")):
+                writer.writerow([name, name, 160, device, "TensorRT FP16, batch 1", (i + 1) * (3 - j) * 1.3,
+                                 "synthetic test table (2026)"])
+    from slimx.devices.calibrate import read_rows
+
+    result = calibrate_family("jetson", [("t.csv", read_rows(table))])
+    assert result["devices_with_rows"] == ["jetson-agx-xavier", "jetson-nano", "jetson-tx2"]
+    orin = result["members"]["jetson-agx-orin"]
+    assert orin["basis"] == "no rows of its own" and orin["cv"]["method"].startswith("leave-one-device-out")
+    paths = write_family(result, tmp_path)
+    assert len(paths) == len(FAMILIES["jetson"].members)
+    from slimx.devices.registry import reload_profiles
+
+    monkeypatch.setenv("SLIMX_DEVICES_DIR", str(tmp_path))
+    reload_profiles()
+    try:
+        setting = default_setting(load_device("jetson-agx-orin"))
+        assert setting.model == "baseline" and "leave-one-device-out" in setting.cv_method
+        assert setting.interval is not None and setting.expected_error_pct is not None
+    finally:
+        monkeypatch.delenv("SLIMX_DEVICES_DIR")
+        reload_profiles()
