@@ -180,7 +180,7 @@ class Agent:
         self.max_connections = max_connections
         self.threads = threads
         self.locks = {name: asyncio.Lock() for name in runner_infos()}
-        self.waiting = dict.fromkeys(self.locks, 0)
+        self.admitted = dict.fromkeys(self.locks, 0)  # per runner: jobs receiving, waiting or running
         self.active = 0
         self.log = log or (lambda msg: print(f"slimx agent: {msg}", file=sys.stderr, flush=True))
         self.jobs_done = 0
@@ -220,16 +220,18 @@ class Agent:
     def retry_after(self, runner: str) -> int:
         """Seconds until a place is likely free: the recent mean job time times the jobs ahead."""
         mean = sum(self.job_seconds[-10:]) / len(self.job_seconds[-10:]) if self.job_seconds else 5.0
-        return max(1, round(mean * (self.waiting.get(runner, 0) + 1)))
+        return max(1, round(mean * max(1, self.admitted.get(runner, 0))))
 
     def reserve(self, runner: str) -> None:
-        if self.waiting[runner] >= self.max_queue:
-            raise JobError(HTTPStatus.SERVICE_UNAVAILABLE, f"the {runner} queue is full ({self.max_queue} jobs)",
-                           retry_after=self.retry_after(runner))
-        self.waiting[runner] += 1
+        """Admit one job (503 when one runs and ``max_queue`` more are already admitted: receiving, unpacking or
+        waiting); a job counts from here until it ends, so simultaneous uploads cannot all slip in."""
+        if self.admitted[runner] > self.max_queue:
+            raise JobError(HTTPStatus.SERVICE_UNAVAILABLE, f"the {runner} queue is full (one job running and "
+                           f"{self.max_queue} waiting)", retry_after=self.retry_after(runner))
+        self.admitted[runner] += 1
 
     def release(self, runner: str) -> None:
-        self.waiting[runner] -= 1
+        self.admitted[runner] -= 1
 
     def unpack(self, upload: Path, work: Path) -> str:
         """Vet the uploaded archive and unpack it under ``work`` within its limit; returns the artifact's name."""

@@ -179,8 +179,6 @@ async def _job(agent, request):
         root = agent.unpack(upload, work)
         upload.unlink()
         async with agent.locks[runner]:
-            agent.release(runner)  # running, no longer waiting
-            reserved = False
             result = await agent.execute(runner, work, root, params, build)
     except JobError as exc:
         agent.log(f"{where}: {int(exc.status)} {exc}")

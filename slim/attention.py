@@ -135,9 +135,12 @@ class TopKSoftmaxKernel(nn.Module):
         scores = (q @ k.transpose(-2, -1)) * scale
         if bias is not None:
             scores = scores + bias
-        keep = min(self.k, scores.shape[-1])
-        kth = scores.topk(keep, dim=-1).values[..., -1:]
-        scores = scores.masked_fill(scores < kth, torch.finfo(scores.dtype).min)
+        low = torch.finfo(scores.dtype).min
+        # k columns of the lowest value appended: top-k is defined at any length (shorter than k: every key stays),
+        # with no branch on the length, so a dynamic sequence axis exports as it is
+        padded = torch.cat([scores, torch.full_like(scores[..., :1], low).expand(*scores.shape[:-1], self.k)], -1)
+        kth = padded.topk(self.k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, low)
         return scores.softmax(-1) @ v
 
 

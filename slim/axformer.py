@@ -45,6 +45,10 @@ class AxFormerConfig:
         narrow: a branch removal "narrowly fails" when its loss rise is within this many allowances.
         include, exclude: regexes on block paths (include wins).
         max_trials: stop after this many trials.
+        recover_steps, recover_lr: distillation from the original on the rest of the calibration data after
+            every accepted removal (0: none, as the paper, which fine-tunes once at the end: ``--recover``), so
+            that each next decision starts from a recovered model; the rule is then judged on the recovered
+            model's losses.
     """
 
     tolerance: float | None = None
@@ -55,6 +59,8 @@ class AxFormerConfig:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     max_trials: int = 300
+    recover_steps: int = 0
+    recover_lr: float = 1e-4
 
     def __post_init__(self) -> None:
         if self.tolerance is not None and not 0 <= self.tolerance <= 1:
@@ -63,6 +69,8 @@ class AxFormerConfig:
             raise ValueError("validation must be a fraction in (0, 1)")
         if self.ffn_groups < 2 or self.narrow < 1 or self.max_trials < 1:
             raise ValueError("ffn_groups must be at least 2, narrow at least 1, max_trials at least 1")
+        if self.recover_steps < 0 or self.recover_lr <= 0:
+            raise ValueError("recover_steps must not be negative and recover_lr positive")
         for pattern in (*self.include, *self.exclude):
             try:
                 re.compile(pattern)
@@ -167,9 +175,10 @@ def apply_axformer(model, plan: list[dict], cfg: AxFormerConfig, ctx: PassContex
         raise UsageError("--pass axformer", "needs calibration data to judge removals on",
                          "give --calib with real samples (a few hundred is good)")
     n_val = max(2, round(len(ctx.calib) * cfg.validation))
-    val = ctx.calib[-n_val:]
+    val, fit = ctx.calib[-n_val:], ctx.calib[:-n_val]
     labels = ctx.labels[-n_val:] if ctx.labels is not None else None
-    loss = ValidationLoss(ctx.teacher if ctx.teacher is not None else model, val, labels, ctx.mask_index)
+    teacher = ctx.teacher if ctx.teacher is not None else model
+    loss = ValidationLoss(teacher, val, labels, ctx.mask_index)
     tolerance = cfg.tolerance if cfg.tolerance is not None else (0.0 if labels is not None else EMBEDDING_TOLERANCE)
     current = copy.deepcopy(model).eval()
     current_losses = loss(current)
@@ -195,6 +204,14 @@ def apply_axformer(model, plan: list[dict], cfg: AxFormerConfig, ctx: PassContex
             ctx.progress.note(f"axformer: {what['block']} {what['remove']}{unit}: loss {figures['loss']:.4f} "
                               f"({'accepted' if ok else 'kept'})")
         if ok:
+            if cfg.recover_steps and len(fit) >= 2:
+                from slimx.slim.recover import RecoverConfig, recover
+
+                candidate, _ = recover(candidate, teacher, fit, RecoverConfig(
+                    steps=cfg.recover_steps, lr=cfg.recover_lr, loss="kl" if labels is not None else "cosine",
+                    patience=3, batch_size=8), None, mask_index=ctx.mask_index)
+                losses = loss(candidate)
+                trials[-1]["loss_after_recovery"] = round(float(losses.mean()), 6)
             current, current_losses = candidate, losses
             rule.best = min(rule.best, float(losses.mean()))
         return ok, losses

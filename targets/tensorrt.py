@@ -118,7 +118,7 @@ class TensorRTTarget(Target):
                              "drop --dla-core, or pick a core the device has")
 
     def compile(self, program, device, options: CompileOptions, out_dir: Path, calib_batches=None) -> Artifact:
-        from slimx.targets.onnx import OnnxTarget, OrtRunner
+        from slimx.targets.onnx import OnnxOptions, OnnxTarget, OrtRunner
 
         trt_opts = device.format_options.get("tensorrt", {})
         max_opset = int(trt_opts.get("max_onnx_opset", 18))
@@ -126,7 +126,9 @@ class TensorRTTarget(Target):
         self.validate(device, options)
         precision = options.precision
         out_dir = Path(out_dir)
-        onnx_artifact = OnnxTarget().compile(program, device, CompileOptions(precision="fp32", opset=opset), out_dir)
+        # plain ONNX: onnxruntime's fused contrib ops (com.microsoft Attention...) are not for TensorRT's parser
+        onnx_artifact = OnnxTarget().compile(program, device, CompileOptions(
+            precision="fp32", opset=opset, format_options=OnnxOptions(fuse=False)), out_dir)
         onnx_path = onnx_artifact.path
         notes = []
         if opset < options.opset:

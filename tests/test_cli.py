@@ -59,7 +59,7 @@ def test_factory_model(tmp_path, capsys):
     assert lat["device"] == "host" and lat["kind"] == "measured" and lat["runs"] == 30
     assert lat["median_ms"] > 0 and lat["p90_ms"] >= lat["median_ms"] and lat["threads"] >= 1 and lat["per_op"]
     assert rep["versions"]["onnxruntime"] and rep["versions"]["torch"]
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["model.onnx", "report.json"]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["model.onnx", "report.html", "report.json"]
     assert "parity    PASS" in out and "median" in out
 
 
@@ -157,7 +157,7 @@ def test_rerun_replaces_files_in_place(tmp_path, capsys):
     out_dir = tmp_path / "o"
     for _ in range(2):
         assert export(capsys, "tests.models:tiny_mlp", "--out", str(out_dir), *FAST)[0] == 0
-    assert sorted(p.name for p in out_dir.iterdir()) == ["model.onnx", "report.json"]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["model.onnx", "report.html", "report.json"]
 
 
 # --------------------------------------------------------------------------- bad input
@@ -166,7 +166,7 @@ def test_rerun_replaces_files_in_place(tmp_path, capsys):
 @pytest.mark.parametrize("args,code,needles", [
     (["nosuchmodel"], 2, ["model 'nosuchmodel'", "minilm, timm:NAME"]),
     (["timm:no_such_net"], 2, ["timm's registry"]),
-    (["tests.models:tiny_mlp", "--target", "iphone13"], 2, ["unknown device 'iphone13'"]),
+    (["tests.models:tiny_mlp", "--target", "iphone99"], 2, ["unknown device 'iphone99'"]),
     (["tests.models:tiny_mlp", "--format", "tfjs"], 2, ["unknown format 'tfjs'"]),
     (["tests.models:tiny_mlp", "--target", "jetson-orin-nano", "--precision", "int8-weights"], 2,
      ["TensorRT has no weight-only int8"]),

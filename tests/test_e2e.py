@@ -99,6 +99,10 @@ def test_minilm_to_jetson_int8_with_text_calibration(tmp_path, capsys):
     rep = json.loads((out / "report.json").read_text())
     meta = rep["compile"]
     assert meta["quantization"]["qdq_nodes"]["QuantizeLinear"] > 50
+    import onnx
+
+    domains = {n.domain for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node}
+    assert "com.microsoft" not in domains, "onnxruntime's contrib ops are not for TensorRT's parser"
     assert meta["calibration"] == {"source": str(calib), "kind": "text", "samples": 48, "synthetic": False}
     assert meta["engine"]["built"] is False and "tensorrt" in meta["engine"]["reason"]
     assert (out / "build_engine.sh").stat().st_mode & 0o111

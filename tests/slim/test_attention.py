@@ -146,3 +146,21 @@ def test_an_unknown_attention_module_is_one_line():
         attention_modules(model)
     line = info.value.line()
     assert "MyAttention" in line and "add an adapter" in line and "\n" not in line
+
+
+def test_topk_exports_with_a_dynamic_sequence_axis(bert):
+    """Top-k with k above some lengths and below others, one exported graph: no branch on the length."""
+    import copy
+
+    model, (ids, mask) = bert
+    swapped = copy.deepcopy(model)
+    for view in attention_modules(swapped):
+        kernelize(swapped, view.path, TopKSoftmaxKernel(k=5))
+    seq = torch.export.Dim("seq", min=2, max=12)
+    exported = torch.export.export(swapped, (ids, mask), dynamic_shapes=({1: seq}, {1: seq}), strict=False)
+    with torch.no_grad():
+        for n in (3, 12):  # fewer keys than k: every key stays; more: five stay
+            x = (ids[:, :n], mask[:, :n])
+            torch.testing.assert_close(exported.module()(*x), swapped(*x), rtol=1e-4, atol=1e-5)
+        x = (ids[:, :3], mask[:, :3])
+        torch.testing.assert_close(swapped(*x), model(*x), rtol=1e-4, atol=1e-5)

@@ -91,6 +91,18 @@ def test_axformer_removes_by_the_rule_and_reports_every_trial():
     assert any(removed), "the report lists what was removed per block"
 
 
+def test_axformer_recovers_after_each_accepted_removal():
+    model = vit_factory()
+    calib = _calib(32)
+    result = run_pass("axformer", model, AxFormerConfig(tolerance=0.3, recover_steps=3),
+                      PassContext(calib=calib, teacher=model))
+    accepted = [t for t in result.extra["trials"] if t["accepted"]]
+    assert accepted and all("loss_after_recovery" in t for t in accepted)
+    assert all("loss_after_recovery" not in t for t in result.extra["trials"] if not t["accepted"])
+    with pytest.raises(ValueError, match="recover_steps"):
+        AxFormerConfig(recover_steps=-1)
+
+
 def test_axformer_with_labels_judges_task_loss():
     model = vit_factory()
     calib = _calib(32)
