@@ -26,6 +26,10 @@ TABLES = (("iphone12", "iphone12_coreml.csv"), ("jetson-nano", "jetson_tensorrt_
           ("jetson-nano", "jetson_netspresso_tensorrt_fp16.csv"),
           ("jetson-agx-xavier", "jetson_tensorrt_fp16.csv"),
           ("jetson-agx-xavier", "jetson_netspresso_tensorrt_fp16.csv"), ("pixel3", "pixel3_tflite.csv"))
+FAMILY_TABLES = (("jetson", ("jetson_tensorrt_fp16.csv", "jetson_netspresso_tensorrt_fp16.csv",
+                             "jetson_tx2_tensorrt.csv")),
+                 ("apple-ane", ("iphone12_coreml.csv", "iphone11pro_iphone7_coreml.csv", "iphone13_coreml.csv",
+                                "iphone14_coreml.csv")))
 
 
 def run(data_dir: Path) -> dict:
@@ -33,6 +37,7 @@ def run(data_dir: Path) -> dict:
     from slimx._core.progress import Progress
     from slimx.devices import load_device
     from slimx.devices.calibrate import calibrate_device, read_rows
+    from slimx.devices.family import calibrate_family
 
     rows, skipped = [], []
     progress = Progress(total=1, enabled=True)
@@ -50,7 +55,13 @@ def run(data_dir: Path) -> dict:
                          "baseline": fit["cv_baseline"], "coverage": fit.get("coverage", {}),
                          "held_out": [{k: r[k] for k in ("label", "family", "measured_ms", "held_out_error_pct")}
                                       for r in fit["table"]]})
-    return {"fits": rows, "skipped": skipped}
+    families = []
+    for name, tables in FAMILY_TABLES:
+        print(f"family {name} ...", file=sys.stderr)
+        result = calibrate_family(name, [(t, read_rows(data_dir / t)) for t in tables], progress,
+                                  nested_coverage=True)
+        families.append({k: v for k, v in result.items()} | {"tables": list(tables)})
+    return {"fits": rows, "skipped": skipped, "families": families}
 
 
 def _pct(cv: dict, key: str) -> str:
@@ -90,7 +101,39 @@ def render(result: dict) -> str:
             lines.append(f"- {f['device']} / {f['data']}: {', '.join(f['families'])}")
     for s in result.get("skipped", []):
         lines.append(f"- {s['device']} / {s['data']}: not used ({s['why']})")
+    lines += render_families(result.get("families", []))
     return "\n".join(lines)
+
+
+def render_families(families: list[dict]) -> list[str]:
+    lines = ["", "## Device families: one fit over every device of a family, tied to their specs", "",
+             "t = setup factor x device factor x [a G (P0/P)^alpha + w B (W0/W)^gamma + (b O + c) (K0/K)^beta], least "
+             "squares on log latency with a soft-L1 loss (`devices/family.py`). A device with rows is scored "
+             "leave-one-family-out inside the family fit (its families' rows left out on every device); a device "
+             "without rows states the leave-one-device-out error (each device with rows predicted by a fit without "
+             "it, no device factor, its setup's factor only where another device was timed in that setup). "
+             "Coverage: nested, the interval cut from a grouped CV that did not see the held-out group either. A "
+             "member keeps its own fit where its own grouped error is lower.", ""]
+    for fam in families:
+        lodo = fam["lodo"]
+        exps = ", ".join(f"{k} {v:.2f}" for k, v in fam["exponents"].items())
+        lines += [f"### {fam['family']} ({fam['rows']} rows from {', '.join(fam['tables'])})", "",
+                  f"Spec exponents {exps}; estimates for the setup `{fam['reference_setup']}`; setup factors: " +
+                  "; ".join(f"`{u['setup']}` x{u['factor']:.2f} ({u['rows']} rows)" for u in fam["setups"]), "",
+                  "| device | rows | validated by | mean / median error | Spearman | 80% interval | coverage (nested) "
+                  "| ships |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for name, m in fam["members"].items():
+            cv = m["cv"]
+            cov = cv.get("coverage")
+            lo, hi = cv["interval_factors"]
+            ships = "yes" if m["ships"] else f"no (own fit ±{m['own_error_pct']:.1f}%)"
+            lines.append(f"| {name} | {m['rows']} | {cv['method']} | {cv['mape_pct']:.1f}% / "
+                         f"{cv['median_abs_pct']:.1f}% | {cv['spearman']:.2f} | x{lo:.2f}-x{hi:.2f} | "
+                         f"{'-' if cov is None else f'{cov * 100:.0f}%'} | {ships} |")
+        lines += ["", f"Leave-one-device-out over {', '.join(lodo['groups'])}: mean {lodo['mape_pct']:.1f}%, median "
+                  f"{lodo['median_abs_pct']:.1f}%, within ±15% {lodo['within_15pct'] * 100:.0f}% of rows, Spearman "
+                  f"{lodo['spearman']:.2f}.", ""]
+    return lines
 
 
 def main() -> int:

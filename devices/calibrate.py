@@ -551,9 +551,15 @@ def scale_from(device_name: str, base_name: str, extra_error_pct: float = 15.0, 
     The efficiencies and overheads carry over; the peaks and bandwidth are the newer device's. The stated
     error is the base fit's held-out error plus ``extra_error_pct``, because the transfer itself is not measured.
     """
+    from slimx.devices.family import family_of_device
     from slimx.devices.registry import load_device, profile_path, reload_profiles
 
     device, base = load_device(device_name), load_device(base_name)
+    family = family_of_device(device.name)
+    if family is not None:
+        raise UsageError(f"--scale-from {base_name}", f"{device.name} belongs to the {family.name} family, whose fit "
+                         "measures the transfer to a device without rows (leave-one-device-out) instead of adding a "
+                         "flat margin", f"run `slimx devices calibrate --family {family.name} --measurements CSV ...`")
     base_settings = {k: v for k, v in base.raw.get("estimator", {}).items() if isinstance(v, dict)}
     estimator = {}
     copied = []

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import itertools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from slimx._core.errors import UsageError
 
-GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25)
+EXPONENT_MAX = 1.5  # the spec exponents' upper bound (1: latency inversely proportional to the spec)
+ROBUST_SCALE = 0.3  # soft-L1 loss scale on log latency: residuals beyond about 30% count linearly
 SHRINK_ROWS = 4  # a device factor from n rows is pulled towards 1 as n / (n + SHRINK_ROWS)
 
 
@@ -86,6 +87,8 @@ class FamilyFit:
     exponents: tuple[float, float, float]  # alpha, gamma, beta
     ref: tuple[float, float, float]  # P0, W0, K0
     device_factor: dict  # device -> f_d
+    setup_factor: dict = field(default_factory=dict)  # measurement setup -> its factor (the reference's is 1)
+    reference_setup: str = ""
 
     def terms(self, spec: tuple[float, float, float]) -> np.ndarray:
         """The multipliers of [G, B, O, 1] on a device with ``spec`` (P, W, K)."""
@@ -94,42 +97,71 @@ class FamilyFit:
         over = (k0 / k) ** beta
         return np.array([(p0 / p) ** alpha, (w0 / w) ** gamma, over, over])
 
-    def predict(self, x: np.ndarray, spec: tuple, device: str | None = None) -> np.ndarray:
-        """x: rows of [G, B, O, 1]."""
+    def predict(self, x: np.ndarray, spec: tuple, device: str | None = None, setup: str | None = None) -> np.ndarray:
+        """x: rows of [G, B, O, 1]; for the reference setup unless ``setup`` names one the fit has a factor for."""
         f = self.device_factor.get(device, 1.0) if device is not None else 1.0
+        f *= self.setup_factor.get(setup, 1.0) if setup is not None else 1.0
         return np.maximum((x * self.terms(spec)) @ self.coef * f, 1e-6)
 
     def baseline(self, spec: tuple, device: str | None) -> dict:
-        """The fit at one device's specs, as the estimator's baseline coefficients (ms per GMAC, us per op, ms
-        per GB, fixed ms)."""
+        """The fit at one device's specs, for the reference setup, as the estimator's baseline coefficients (ms
+        per GMAC, us per op, ms per GB, fixed ms)."""
         t = self.terms(spec) * self.coef * (self.device_factor.get(device, 1.0) if device else 1.0)
         return {"ms_per_gmac": float(t[0]), "ms_per_gb": float(t[1]), "us_per_op": float(t[2]),
                 "fixed_ms": float(t[3])}
 
 
-def fit_family(x: np.ndarray, y: np.ndarray, spec: np.ndarray, devices: list[str]) -> FamilyFit:
-    """Fit the family model to rows x = [G, B, O (thousands), 1], latencies y, per-row device specs (P, W, K)."""
-    from scipy.optimize import nnls
+def fit_family(x: np.ndarray, y: np.ndarray, spec: np.ndarray, devices: list[str], setups: list[str] | None = None,
+               reference: str | None = None) -> FamilyFit:
+    """Fit the family model to rows x = [G, B, O (thousands), 1], latencies y, per-row device specs (P, W, K).
 
+    ``setups``: each row's measurement setup (its table and runtime text); every setup but ``reference`` gets a
+    factor (setups are data: the same model timed by two protocols differs by its factor), estimates are for the
+    reference. The fit is least squares on log latency with a robust (soft-L1) loss, so that one row far off the
+    model (a network whose ops fall off the accelerator) does not bend the rest; the exponents are fitted with
+    the coefficients, from several starting points.
+    """
+    from scipy.optimize import least_squares, nnls
+
+    n = len(y)
+    setups = list(setups) if setups is not None else ["-"] * n
+    names = sorted(set(setups))
+    reference = reference if reference in names else names[0]
+    others = [s for s in names if s != reference]
+    which = np.array([others.index(s) if s != reference else -1 for s in setups])
     ref = tuple(float(np.exp(np.mean(np.log(spec[:, i])))) for i in range(3))  # geometric means: well scaled
+    ratio = np.asarray(ref)[None, :] / spec  # (P0/P, W0/W, K0/K) per row
+    logy = np.log(y)
+
+    def unpack(p):
+        return p[:4], p[4:7], np.concatenate([p[7:], [0.0]])[which]
+
+    def residual(p):
+        coef, (alpha, gamma, beta), off = unpack(p)
+        mult = np.column_stack([ratio[:, 0] ** alpha, ratio[:, 1] ** gamma, ratio[:, 2] ** beta,
+                                ratio[:, 2] ** beta])
+        return np.log(np.maximum((x * mult) @ coef, 1e-9)) + off - logy
+
     best = None
-    for alpha, gamma, beta in itertools.product(GRID, GRID, GRID):
-        mult = np.column_stack([(ref[0] / spec[:, 0]) ** alpha, (ref[1] / spec[:, 1]) ** gamma,
-                                (ref[2] / spec[:, 2]) ** beta, (ref[2] / spec[:, 2]) ** beta])
-        a = x * mult / y[:, None]
-        coef, _ = nnls(a, np.ones(len(y)))
-        pred = np.maximum((x * mult) @ coef, 1e-9)
-        err = float(np.mean(np.log(pred / y) ** 2))
-        if best is None or err < best[0]:
-            best = (err, coef, (alpha, gamma, beta), pred)
-    _, coef, exps, pred = best
-    factors = {}
+    for start in itertools.product((0.5, 1.0), (0.25, 0.75), (0.5, 1.0)):
+        mult = np.column_stack([ratio[:, 0] ** start[0], ratio[:, 1] ** start[1], ratio[:, 2] ** start[2],
+                                ratio[:, 2] ** start[2]])
+        coef0, _ = nnls(x * mult / y[:, None], np.ones(n))
+        p0 = np.concatenate([np.maximum(coef0, 1e-6), start, np.zeros(len(others))])
+        lo = np.concatenate([np.zeros(4), np.zeros(3), np.full(len(others), -3.0)])
+        hi = np.concatenate([np.full(4, np.inf), np.full(3, EXPONENT_MAX), np.full(len(others), 3.0)])
+        sol = least_squares(residual, p0, bounds=(lo, hi), loss="soft_l1", f_scale=ROBUST_SCALE)
+        if best is None or sol.cost < best.cost:
+            best = sol
+    coef, exps, _ = unpack(best.x)
+    setup_factor = {reference: 1.0, **{s: float(np.exp(best.x[7 + i])) for i, s in enumerate(others)}}
+    fit = FamilyFit(np.asarray(coef, dtype=float), tuple(float(e) for e in exps), ref, {}, setup_factor, reference)
+    pred = np.array([fit.predict(x[i:i + 1], tuple(spec[i]), setup=setups[i])[0] for i in range(n)])
     for d in sorted(set(devices)):
         idx = [i for i, dv in enumerate(devices) if dv == d]
-        ratio = float(np.exp(np.mean(np.log(y[idx] / pred[idx]))))
-        weight = len(idx) / (len(idx) + SHRINK_ROWS)
-        factors[d] = ratio ** weight
-    return FamilyFit(coef, exps, ref, factors)
+        shift = float(np.median(np.log(y[idx] / pred[idx])))
+        fit.device_factor[d] = float(np.exp(shift * len(idx) / (len(idx) + SHRINK_ROWS)))
+    return fit
 
 
 def family_rows(family: Family, tables: list[tuple[str, list[dict]]]) -> list[dict]:
@@ -149,9 +181,30 @@ def family_rows(family: Family, tables: list[tuple[str, list[dict]]]) -> list[di
     return out
 
 
-def calibrate_family(family_name: str, tables: list[tuple[str, list[dict]]], progress=None) -> dict:
+def family_setups(rows: list[dict]) -> tuple[list[str], str]:
+    """Each row's measurement setup (its table and runtime text; "same setup as ..." joins the table's first
+    setup) and the reference setup estimates are for: the newest (the latest year its rows' sources name; ties:
+    more rows)."""
+    first: dict[str, str] = {}
+    keys = []
+    for row in rows:
+        text = (row.get("runtime") or "").strip()
+        if "same setup as" in text.lower() and row["table"] in first:
+            text = first[row["table"]]
+        first.setdefault(row["table"], text)
+        keys.append(f"{row['table']}: {text}")
+    years = {k: max([int(y) for r, kk in zip(rows, keys, strict=True) if kk == k
+                     for y in re.findall(r"\b(20[0-4]\d)\b", r.get("source") or "")] or [0]) for k in set(keys)}
+    reference = max(sorted(years), key=lambda k: (years[k], keys.count(k)))
+    return keys, reference
+
+
+def calibrate_family(family_name: str, tables: list[tuple[str, list[dict]]], progress=None,
+                     nested_coverage: bool = False) -> dict:
     """Fit the family on its members' rows; return per member the baseline setting values, the errors they
-    state and how they were measured, plus the family's own figures."""
+    state and how they were measured, plus the family's own figures. ``nested_coverage``: also measure how often
+    the stated 80% intervals cover a held-out device or family, each interval cut from a grouped CV that did not
+    see it either (slower)."""
     from slimx.devices import load_device
     from slimx.devices.calibrate import samples_for
     from slimx.devices.estimator import Features, settings_of
@@ -175,26 +228,56 @@ def calibrate_family(family_name: str, tables: list[tuple[str, list[dict]]], pro
     y = np.array([s.measured_ms for s in samples])
     spec_of = {name: specs(profiles[name], settings[name]) for name in profiles}
     spec = np.array([spec_of[d] for d in devices])
-    fit = fit_family(x, y, spec, devices)
+    setups, reference = family_setups(rows)
+    fit = fit_family(x, y, spec, devices, setups, reference)
     with_rows = sorted(set(devices))
-    # leave-one-device-out: what a device without rows can expect
-    lodo = np.empty(len(y))
-    for d in with_rows:
-        test = np.array([dv == d for dv in devices])
-        sub = fit_family(x[~test], y[~test], spec[~test], [dv for dv, t in zip(devices, test, strict=True) if not t])
-        lodo[test] = sub.predict(x[test], spec_of[d])
+
+    families = [family_of(s.spec) for s in samples]
+
+    def held_out(keep: np.ndarray, groups: list[str], with_device: bool, only: str | None = None) -> np.ndarray:
+        """Predictions for the rows in ``keep``, each group predicted by a fit on the other kept rows: a row gets
+        its setup's factor where the fit has one, and its device's factor only ``with_device`` (leave-one-family-
+        out; a device left out has none)."""
+        pred = np.full(len(y), np.nan)
+        names = [only] if only is not None else sorted({g for g, k in zip(groups, keep, strict=True) if k})
+        for g in names:
+            test = keep & np.array([gg == g for gg in groups])
+            train = keep & ~test
+            if not train.any():
+                continue
+            sub = fit_family(x[train], y[train], spec[train], [d for d, t in zip(devices, train, strict=True) if t],
+                             [u for u, t in zip(setups, train, strict=True) if t], reference)
+            pred[test] = [sub.predict(x[i:i + 1], spec_of[devices[i]], devices[i] if with_device else None,
+                                      setups[i])[0] for i in np.flatnonzero(test)]
+        return pred
+
+    def nested(groups: list[str], with_device: bool) -> np.ndarray:
+        """Whether each row lies inside the 80% interval cut from a grouped CV over the *other* groups only."""
+        inside = np.zeros(len(y), dtype=bool)
+        everything = np.ones(len(y), dtype=bool)
+        for g in sorted(set(groups)):
+            test = np.array([gg == g for gg in groups])
+            inner = held_out(everything & ~test, groups, with_device)
+            ok = ~np.isnan(inner)
+            if ok.sum() < 3:
+                continue
+            lo, hi = summarize(inner[ok], y[ok], "inner")["interval_factors"]
+            outer = held_out(everything, groups, with_device, only=g)
+            inside[test] = (y[test] >= outer[test] * lo) & (y[test] <= outer[test] * hi)
+        return inside
+
+    everything = np.ones(len(y), dtype=bool)
+    # leave-one-device-out: what a device without rows can expect (its rows get the factor of their setup where
+    # another device was timed in it, else none)
+    lodo = held_out(everything, devices, with_device=False)
     lodo_cv = summarize(lodo, y, f"leave-one-device-out ({len(with_rows)} devices: {', '.join(with_rows)})",
                         with_rows)
     # leave-one-family-out over the model families: what a device with rows can expect on an unseen family
-    families = [family_of(s.spec) for s in samples]
-    lofo = np.empty(len(y))
-    for fam in sorted(set(families)):
-        test = np.array([f == fam for f in families])
-        if test.all():
-            lofo[test] = fit.predict(x[test], spec[0])
-            continue
-        sub = fit_family(x[~test], y[~test], spec[~test], [dv for dv, t in zip(devices, test, strict=True) if not t])
-        lofo[test] = [sub.predict(x[i:i + 1], spec_of[devices[i]], devices[i])[0] for i in np.flatnonzero(test)]
+    lofo = held_out(everything, families, with_device=True)
+    lofo = np.where(np.isnan(lofo), fit.predict(x, spec[0]), lofo)
+    if nested_coverage:
+        lodo_cv["coverage"] = round(float(nested(devices, False).mean()), 3)
+        lofo_inside = nested(families, True)
     members = {}
     for name in profiles:
         idx = [i for i, d in enumerate(devices) if d == name]
@@ -202,31 +285,49 @@ def calibrate_family(family_name: str, tables: list[tuple[str, list[dict]]], pro
             cv = summarize(lofo[idx], y[idx], f"leave-one-family-out within the {family.name} family fit "
                                               f"({len({families[i] for i in idx})} families on this device)")
             basis = f"its {len(idx)} rows"
+            if nested_coverage:
+                cv["coverage"] = round(float(lofo_inside[idx].mean()), 3)
         else:
             cv = lodo_cv
             basis = "no rows of its own" if not idx else f"{len(idx)} rows of its own, too few to validate on"
+        own = settings[name]
+        own_error = None if own.scaled_from else own.expected_error_pct
+        ships = own_error is None or cv["mape_pct"] <= own_error
         members[name] = {"baseline": fit.baseline(spec_of[name], name if idx else None), "cv": cv,
-                         "rows": len(idx), "basis": basis, "factor": fit.device_factor.get(name)}
+                         "rows": len(idx), "basis": basis, "factor": fit.device_factor.get(name),
+                         "own_error_pct": own_error, "ships": ships}
         if progress is not None:
             progress.note(f"{family.name}: {name}: {basis}; {cv['method']}: mean {cv['mape_pct']:.1f}%, median "
-                          f"{cv['median_abs_pct']:.1f}%")
+                          f"{cv['median_abs_pct']:.1f}%; " + (
+                              "ships" if ships else f"its own fit ({own_error:.1f}%) stays"))
     return {"family": family.name, "setting": family.setting, "rows": len(y), "devices_with_rows": with_rows,
             "exponents": dict(zip(("compute", "memory", "per_layer"), fit.exponents, strict=True)),
             "coef": dict(zip(("a_ms_per_gmac", "w_ms_per_gb", "b_us_per_op", "c_fixed_ms"), map(float, fit.coef),
                              strict=True)),
             "reference_specs": dict(zip(("peak_gops", "bandwidth_gbs", "per_layer_gops"), fit.ref, strict=True)),
+            "reference_setup": reference,
+            "setups": [{"setup": k, "factor": round(v, 4), "rows": setups.count(k)}
+                       for k, v in fit.setup_factor.items()],
             "lodo": {k: v for k, v in lodo_cv.items() if k != "errors_pct"}, "members": members,
-            "table": [{"label": s.label, "device": d, "family": f, "measured_ms": round(float(m), 4),
+            "table": [{"label": s.label, "device": d, "family": f, "setup": u, "measured_ms": round(float(m), 4),
                        "lodo_ms": round(float(a), 4), "lofo_ms": round(float(b), 4)}
-                      for s, d, f, m, a, b in zip(samples, devices, families, y, lodo, lofo, strict=True)]}
+                      for s, d, f, u, m, a, b in zip(samples, devices, families, setups, y, lodo, lofo, strict=True)]}
+
+
+# what a family fit writes into a member's setting (the rest of the setting, per-op figures included, stays)
+FAMILY_KEYS = ("model", "ms_per_gmac", "us_per_op", "ms_per_gb", "fixed_ms", "expected_error_pct", "cv_method",
+               "interval_low", "interval_high", "spearman", "fit_rows", "setup", "fit_setups", "fit_families",
+               "per_op_error_pct", "baseline_error_pct")
 
 
 def write_family(result: dict, out_dir=None) -> list:
-    """Write each member's setting (model ``baseline``, the family fit at its specs) into its profile, every
-    figure with its source; returns the paths written."""
+    """Write each member's setting (model ``baseline``, the family fit at its specs, for the reference setup) into
+    its profile, every figure with its source, where it ships: a device without a fit of its own (or one scaled
+    from another device), or one whose own grouped error is higher than the family's on its rows. Returns the
+    paths written."""
     import datetime
 
-    from slimx.devices.calibrate import _FIT_KEYS, write_profile
+    from slimx.devices.calibrate import write_profile
     from slimx.devices.registry import load_device, profile_path, reload_profiles
     from slimx.devices.validation import BASELINE_TERMS
 
@@ -239,10 +340,13 @@ def write_family(result: dict, out_dir=None) -> list:
            f"{exps['memory']:g}, per-layer {exps['per_layer']:g}; {today})")
     paths = []
     for name, member in result["members"].items():
+        if not member.get("ships", True):  # the device's own grouped error is lower: its own fit stays
+            continue
         device = load_device(name, measure_host=False)
         estimator = {k: dict(v) for k, v in device.raw.get("estimator", {}).items() if isinstance(v, dict)}
-        table = {k: v for k, v in estimator.get(key, {}).items() if k.split("_source")[0] not in _FIT_KEYS
-                 and k not in ("scaled_from",)}
+        # the per-op figures stay: they split the family's total over ops and modules (what slimming reads)
+        table = {k: v for k, v in estimator.get(key, {}).items()
+                 if k.split("_source")[0] not in FAMILY_KEYS and k not in ("scaled_from",)}
         cv = member["cv"]
         table["model"] = "baseline"
         table["model_source"] = f"evaluated at this device's specs from {how}"
@@ -264,6 +368,10 @@ def write_family(result: dict, out_dir=None) -> list:
         table["spearman_source"] = f"rank correlation of the {cv['method']} held-out estimates ({today})"
         table["fit_rows"] = member["rows"]
         table["fit_rows_source"] = how
+        others = ", ".join(f"{u['setup']} x{u['factor']:.2f}" for u in result["setups"] if u["factor"] != 1.0)
+        table["setup"] = result["reference_setup"]
+        table["setup_source"] = (f"the newest measurement setup in the {fam} family's data (estimates are for it); "
+                                 f"the other setups' fitted factors: {others or 'none'}")
         estimator[key] = table
         path = profile_path(name) if out_dir is None else out_dir / profile_path(name).name
         paths.append(write_profile(path, profile_path(name).read_text(), estimator, device.estimator_default))

@@ -128,7 +128,8 @@ class EstimatorSetting:
 
     @property
     def calibrated(self) -> bool:
-        return bool(self.params)
+        """Fitted to measurements: per-op figures, or a baseline's coefficients (a family fit writes only those)."""
+        return bool(self.params) or (self.model == "baseline" and bool(self.baseline))
 
 
 @dataclass

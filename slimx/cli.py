@@ -608,12 +608,15 @@ def _calibrate_family(args) -> int:
         print(json.dumps({k: v for k, v in result.items() if k != "table"}, indent=2, default=float))
         return 0
     lodo = result["lodo"]
-    print(f"{result['family']}: {result['rows']} rows on {', '.join(result['devices_with_rows'])}; exponents "
-          f"{result['exponents']}; {lodo['method']}: mean {lodo['mape_pct']:.1f}%, median "
-          f"{lodo['median_abs_pct']:.1f}%, Spearman {lodo['spearman']:.2f}")
+    exps = ", ".join(f"{k} {v:.2f}" for k, v in result["exponents"].items())
+    print(f"{result['family']}: {result['rows']} rows on {', '.join(result['devices_with_rows'])}; spec exponents "
+          f"{exps}; {lodo['method']}: mean {lodo['mape_pct']:.1f}%, median {lodo['median_abs_pct']:.1f}%, "
+          f"Spearman {lodo['spearman']:.2f}; estimates for the setup {result['reference_setup']}")
     for name, m in result["members"].items():
-        print(f"  {name:<18} {m['basis']:<34} {m['cv']['method'][:48]}: mean {m['cv']['mape_pct']:.1f}%, "
-              f"interval x{m['cv']['interval_factors'][0]:.2f}-x{m['cv']['interval_factors'][1]:.2f}")
+        verdict = "ships" if m["ships"] else f"keeps its own fit (±{m['own_error_pct']:.1f}%)"
+        print(f"  {name:<18} {m['basis']:<34} {m['cv']['method'][:48]}: mean {m['cv']['mape_pct']:.1f}%, median "
+              f"{m['cv']['median_abs_pct']:.1f}%, interval x{m['cv']['interval_factors'][0]:.2f}-"
+              f"x{m['cv']['interval_factors'][1]:.2f}; {verdict}")
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
@@ -683,7 +686,8 @@ def _show(profile) -> str:
             how = f"scaled from {setting.scaled_from}, expected error ±{setting.expected_error_pct:.0f}%"
         elif setting.calibrated:
             rows = setting.fit.get("fit_rows", "?")
-            how = (f"{setting.model} model fitted on {rows} rows, expected error ±{setting.expected_error_pct:.0f}%"
+            rows = "its family's rows (none of its own)" if rows == 0 else f"{rows} rows"
+            how = (f"{setting.model} model fitted on {rows}, expected error ±{setting.expected_error_pct:.0f}%"
                    + (f" ({setting.cv_method})" if setting.cv_method else ""))
         else:
             how = "not calibrated"

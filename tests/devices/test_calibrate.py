@@ -111,3 +111,9 @@ def test_profile_calibrates_the_host_when_asked(capsys, scratch_profiles, monkey
     assert first.startswith("estimated for") and "leave-one-case-out (12 cases)" in first
     assert main(["profile", "tests.models:tiny_mlp", "--device", "iphone12", "--calibrate"]) == 2
     assert "calibrates only the host" in capsys.readouterr().err
+
+
+def test_scale_from_refuses_a_device_its_family_fit_covers(tmp_path):
+    with pytest.raises(UsageError, match="jetson family"):
+        scale_from("jetson-agx-orin", "jetson-agx-xavier", out=tmp_path / "orin.toml")
+    assert not (tmp_path / "orin.toml").exists()
