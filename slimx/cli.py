@@ -195,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "interval lies past the budget), estimated elsewhere (fails only when the "
                                       "estimate's interval does). Exit 0 pass, 1 regression, 2 usage error.")
     gate.add_argument("subject", metavar="FILE.toml|MODEL", help="a gate file, or a MODEL / export OUT folder")
-    gate.add_argument("--device", "-d", default="host", help="with MODEL: the device (default host)")
+    gate.add_argument("--device", "-d", default=None,
+                      help="with MODEL: the device (default: the one an export OUT folder was made for, else host)")
     gate.add_argument("--budget-ms", type=float, default=None, help="with MODEL: the most it may take")
     gate.add_argument("--max-regression-pct", type=float, default=None,
                       help="with MODEL: how much slower than the baseline it may be")

@@ -57,7 +57,8 @@ class GateEntry:
     Attributes:
         name: the entry's name in tables, JUnit and the baseline file (letters, digits, ``-_.``).
         model: any MODEL form, an export OUT folder or an artifact file.
-        device, format, precision, recipe, input_shapes, weights: how the candidate is exported (as ``slimx
+        device: the device (default: the one an OUT folder was exported for, else host).
+        format, precision, recipe, input_shapes, weights: how the candidate is exported (as ``slimx
             export``); an OUT folder or artifact is taken as it is.
         max_ms: the most the candidate may take (``statistic``: its median or its p90).
         max_regression_pct: how much slower than the baseline it may be.
@@ -67,7 +68,7 @@ class GateEntry:
 
     name: str
     model: str
-    device: str = "host"
+    device: str | None = None  # None: the device an export OUT folder was made for, else host
     format: str | None = None
     precision: str | None = None
     recipe: str | None = None
@@ -162,10 +163,11 @@ def load_gate_file(path: str | Path, overrides: dict | None = None) -> GatePlan:
     return plan
 
 
-def plan_from_flags(model: str, device: str, budget_ms: float | None, regression_pct: float | None,
+def plan_from_flags(model: str, device: str | None, budget_ms: float | None, regression_pct: float | None,
                     statistic: str, precision: str | None, fmt: str | None, input_shapes: tuple, weights: str | None,
                     baseline: str | None, baseline_file: str | None, overrides: dict) -> GatePlan:
     """``slimx gate MODEL --device D --budget-ms X``: one entry, no file."""
+    device = device or _exported_for(model) or "host"
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{Path(model).name or model}-{device}").strip("-")[:100] or "model"
     entry = config_from_dict(GateEntry, {k: v for k, v in {
         "name": name, "model": model, "device": device, "max_ms": budget_ms, "max_regression_pct": regression_pct,
@@ -184,8 +186,9 @@ def check_plan(plan: GatePlan, relative_to: Path) -> None:
 
     resolved = []
     for entry in plan.entries:
-        device = load_device(entry.device, measure_host=False)
         model = _relative(entry.model, relative_to)
+        entry = dataclasses.replace(entry, device=entry.device or _exported_for(model) or "host")
+        device = load_device(entry.device, measure_host=False)
         baseline = _relative(entry.baseline, relative_to) if entry.baseline else None
         for what, spec in (("model", model), ("baseline", baseline)):
             if spec is None or _is_artifact_like(spec):
@@ -201,6 +204,17 @@ def check_plan(plan: GatePlan, relative_to: Path) -> None:
                              "meet it", f"give a budget above {floor:.3f} ms")
         resolved.append(dataclasses.replace(entry, model=model, baseline=baseline))
     plan.entries = resolved
+
+
+def _exported_for(spec: str) -> str | None:
+    """The device an export OUT folder was made for (its report's device), else None."""
+    report = Path(spec) / "report.json"
+    if not report.is_file():
+        return None
+    try:
+        return (json.loads(report.read_text()).get("device") or {}).get("name")
+    except (ValueError, OSError):
+        return None
 
 
 def _relative(spec: str | None, base: Path) -> str | None:

@@ -39,6 +39,11 @@ def test_a_two_trial_sweep_on_local_ray(tmp_path, capsys):
     assert main(["sweep", str(sweep), "--out", str(out), "-q", "--json"]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["ran"] == 0 and again["skipped_finished"] == 2, "a rerun skips the finished trials"
+    for r in rows:  # slimx gate takes a chosen trial as its candidate, on the device the trial was exported for
+        assert main(["gate", str(out / "trials" / r["key"]), "--budget-ms", "500", "-q", "--rounds", "3",
+                     "--runs", "5", "--json"]) == 0
+        gated = json.loads(capsys.readouterr().out)["entries"][0]
+        assert gated["device"] == r["device"] and gated["kind"] == r["latency_kind"]
 
 
 @pytest.mark.parametrize("body, needle", [
