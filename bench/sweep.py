@@ -76,7 +76,7 @@ def main() -> int:
     try:
         (work / "calib.txt").write_text("\n".join(stdlib_sentences(128, 0)) + "\n")
         (work / "heldout.txt").write_text("\n".join(stdlib_sentences(64, 2000)) + "\n")
-        np.savez(work / "images.npz", x=np.random.default_rng(0).standard_normal((16, 3, 224, 224))
+        np.savez(work / "images.npz", pixel_values=np.random.default_rng(0).standard_normal((16, 3, 224, 224))
                  .astype(np.float32))
         (work / "sweep.toml").write_text(SWEEP.format())
         out = work / "run"
@@ -105,8 +105,12 @@ def _run(slimx, work: Path, out: Path) -> dict:
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        slimx(["sweep", str(work / "sweep.toml"), "--out", str(out), "--workers", "2", "--json"])
-    return json.loads(buf.getvalue())
+        code = slimx(["sweep", str(work / "sweep.toml"), "--out", str(out), "--workers", "2", "--json"])
+    text = buf.getvalue()
+    start = text.find("{\n")  # anything a library printed before the JSON
+    if start < 0:
+        raise SystemExit(f"slimx sweep exited {code} without its JSON: {text[-500:]!r}")
+    return json.JSONDecoder().raw_decode(text[start:])[0]
 
 
 def render(result: dict) -> str:

@@ -29,9 +29,10 @@ ones. Results are appended to
 or past ``timeout_s``) is recorded with its one-line error and the sweep goes on.
 
 Timing honesty: every trial that times on this host (device ``host``, or a format whose runtime is here) holds
-the Ray resource ``slimx_host_timing`` (one unit exists per node), so no two time at once; the others run
-alongside. Local by default (``ray.init`` on this machine, ``--workers`` CPUs); ``--address`` joins an existing
-cluster, in which case ``DIR`` and the data files must be on a path every node sees.
+the Ray resource ``slimx_host_timing`` (one unit exists per node) and every worker CPU of the sweep, so nothing
+else runs beside it while it exports and times; estimated trials run alongside each other. The table, the JSON and
+the report say so (``timing``). Local by default (``ray.init`` on this machine, ``--workers`` CPUs); ``--address``
+joins an existing cluster, in which case ``DIR`` and the data files must be on a path every node sees.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ from pathlib import Path
 from slimx._core.errors import UsageError
 
 TIMING_RESOURCE = "slimx_host_timing"
+TIMING_NOTE = ("trials measured on this machine ran alone on it (the node's timing resource and every worker CPU "
+               "held while they exported and timed); estimated trials ran alongside each other")
 CSV_COLUMNS = ("key", "model", "device", "precision", "recipe", "status", "latency_ms", "latency_kind",
                "interval_lo_ms", "interval_hi_ms", "fidelity", "fidelity_source", "params", "artifact_mb",
                "seconds", "error", "out")
@@ -263,8 +266,17 @@ def run_trial(trial: dict, plan_dict: dict, out: str) -> dict:
 
 
 def _last_error(stderr: str) -> str:
-    lines = [ln for ln in (stderr or "").strip().splitlines() if ln.startswith("slimx: error")]
-    return (lines[-1] if lines else (stderr or "").strip().splitlines()[-1:] or [""])[0][:300] if stderr else ""
+    """The run's one-line error (``slimx: error: ...``), else its last line of stderr.
+
+    Example:
+        >>> _last_error("warming up\\nslimx: error: --calib x.npz: has arrays ['x']; name them\\n")
+        "slimx: error: --calib x.npz: has arrays ['x']; name them"
+        >>> _last_error("Traceback ...\\nKilled\\n"), _last_error("")
+        ('Killed', '')
+    """
+    lines = (stderr or "").strip().splitlines()
+    errors = [ln for ln in lines if ln.startswith("slimx: error")]
+    return (errors[-1] if errors else lines[-1] if lines else "")[:300]
 
 
 def _from_report(report: dict) -> dict:
@@ -322,8 +334,8 @@ def run_sweep(plan: SweepPlan, out_dir: Path, address: str | None = None, worker
             pending = {}
             for key, trial in todo:
                 opts = {"num_cpus": 1}
-                if times_on_host(trial):
-                    opts["resources"] = {TIMING_RESOURCE: 1}
+                if times_on_host(trial):  # alone on the node: a trial beside it would share its cores
+                    opts = {"num_cpus": workers, "resources": {TIMING_RESOURCE: 1}}
                 ref = remote.options(**opts).remote(trial, plan_dict, str(out_dir / "trials" / key))
                 pending[ref] = (key, trial, time.time())
             while pending:
@@ -352,7 +364,7 @@ def run_sweep(plan: SweepPlan, out_dir: Path, address: str | None = None, worker
             ray.shutdown()
     rows = [done[trial_key(t, plan)] for t in plan.trials() if trial_key(t, plan) in done]
     result = {"source": plan.source, "out": str(out_dir), "trials": rows, "front": pareto(rows),
-              "skipped_finished": skipped, "ran": len(todo)}
+              "skipped_finished": skipped, "ran": len(todo), "timing": TIMING_NOTE}
     write_results(out_dir, list(done.values()), plan)
     write_report(out_dir, result, plan)
     return result
@@ -391,16 +403,28 @@ def write_results(out_dir: Path, rows: list[dict], plan: SweepPlan) -> None:
 
 
 def pareto(rows: list[dict]) -> dict:
-    """Per device: the trials no other beats on both latency (lower) and fidelity (higher)."""
+    """Per device: the trials no other trial of the same model beats on both latency (lower) and fidelity (higher).
+    Fronts are per model: fidelity to a text encoder and to an image classifier are not one scale, and a user picks
+    a recipe for the model they have.
+
+    Example:
+        >>> rows = [{"key": k, "model": m, "device": "d", "status": "ok", "latency_ms": ms, "fidelity": f}
+        ...         for k, m, ms, f in (("a", "big", 10, 1.0), ("b", "big", 6, 0.95), ("c", "big", 8, 0.9),
+        ...                             ("d", "small", 1, 1.0))]
+        >>> pareto(rows)  # c is slower and less faithful than b; d is faster than all but another model
+        {'d': ['a', 'b', 'd']}
+    """
     from slimx.html import pareto_front
 
     out = {}
     for device in sorted({r["device"] for r in rows}):
-        pts = [(r["latency_ms"], r["fidelity"]) for r in rows if r["device"] == device and r["status"] == "ok"
-               and r.get("latency_ms") is not None and r.get("fidelity") is not None]
-        front = set(pareto_front(pts))
-        out[device] = [r["key"] for r in rows if r["device"] == device and r["status"] == "ok"
-                       and (r.get("latency_ms"), r.get("fidelity")) in front]
+        keys = []
+        for model in sorted({r["model"] for r in rows if r["device"] == device}):
+            mine = [r for r in rows if r["device"] == device and r["model"] == model and r["status"] == "ok"
+                    and r.get("latency_ms") is not None and r.get("fidelity") is not None]
+            front = set(pareto_front([(r["latency_ms"], r["fidelity"]) for r in mine]))
+            keys += [r["key"] for r in mine if (r["latency_ms"], r["fidelity"]) in front]
+        out[device] = [r["key"] for r in rows if r["key"] in keys]
     return out
 
 
@@ -420,8 +444,9 @@ def table(result: dict, rank_by: str = "latency") -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     failed = [r for r in result["trials"] if r["status"] != "ok"]
     lines.append(f"slimx sweep: {len(result['trials'])} trials ({result['ran']} run now, {result['skipped_finished']}"
-                 f" already done), {len(failed)} not ok; * = on the latency-fidelity front of its device; "
+                 f" already done), {len(failed)} not ok; * = on the latency-fidelity front of its model and device; "
                  f"table in {Path(result['out']) / 'results.csv'}")
+    lines.append(f"  timing: {result.get('timing', TIMING_NOTE)}")
     for r in failed:
         again = "rerun the sweep" if r["status"] == "interrupted" else "--retry-failed reruns it"
         lines.append(f"  {r['status']} {r['key']}: {r.get('error', '')[:160]} ({again})")
@@ -433,21 +458,23 @@ def write_report(out_dir: Path, result: dict, plan: SweepPlan) -> None:
     from slimx.html import table as html_table
 
     charts = []
-    for device in sorted({r["device"] for r in result["trials"]}):
+    for device, model in sorted({(r["device"], r["model"]) for r in result["trials"]}):
         pts, labels = [], {}
         for r in result["trials"]:
-            if r["device"] == device and r["status"] == "ok" and r.get("latency_ms") is not None \
-                    and r.get("fidelity") is not None:
+            if r["device"] == device and r["model"] == model and r["status"] == "ok" \
+                    and r.get("latency_ms") is not None and r.get("fidelity") is not None:
                 pts.append((r["latency_ms"], r["fidelity"]))
-                labels[(r["latency_ms"], r["fidelity"])] = f"{r['model']} {r['precision']} {r['recipe']}"
+                labels[(r["latency_ms"], r["fidelity"])] = f"{r['precision']} {r['recipe']}"
         if pts:
-            charts.append(xy_chart({"trials": pts}, "latency (ms)", "fidelity", f"{device}: latency against fidelity",
-                                   points_only=True, highlight=pareto_front(pts), labels=labels))
+            charts.append(xy_chart({"trials": pts}, "latency (ms)", "fidelity",
+                                   f"{model} on {device}: latency against fidelity", points_only=True,
+                                   highlight=pareto_front(pts), labels=labels))
     front = {k for keys in result["front"].values() for k in keys}
     rows = [[("&#9733; " if r["key"] in front else "") + esc(r["model"]), esc(r["device"]), esc(r["precision"]),
              esc(r["recipe"]), esc(r["status"]), fmt(r.get("latency_ms")), esc(r.get("latency_kind") or "-"),
              fmt(r.get("fidelity"), 4), esc(r.get("error", "")[:120])] for r in result["trials"]]
-    html = page(f"slimx sweep: {Path(plan.source).name}", f"{len(result['trials'])} trials in {result['out']}",
+    html = page(f"slimx sweep: {Path(plan.source).name}", f"{len(result['trials'])} trials in {result['out']}; "
+                f"timing: {result.get('timing', TIMING_NOTE)}",
                 [section("Front", f"<div class=\"row\">{''.join(charts)}</div>"),
                  section("Trials", html_table(["model", "device", "precision", "recipe", "status", "latency ms",
                                                "kind", "fidelity", "error"], rows, {5, 7}))])

@@ -11,7 +11,7 @@ MODULES = [
     "slimx.devices.registry", "slimx.targets", "slimx.targets.base", "slimx.targets.tensorrt", "slimx.slim.base",
     "slimx.slim.lowrank", "slimx.slim.fidelity", "slimx.slim.dsformer", "slimx.devices.opmix",
     "slimx.devices.estimator", "slimx.devices.records", "slimx.devices.validation", "slimx.quant.onnx",
-    "slimx.export.intake", "slimx.gate", "slimx.html",
+    "slimx.export.intake", "slimx.gate", "slimx.html", "slimx.sweep",
 ]
 
 
