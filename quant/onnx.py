@@ -208,33 +208,31 @@ def onnx_fp16(path: Path, cfg: QuantConfig, ctx: QuantContext):
 @register_quantizer("onnx", "dynamic", "int8-weights")
 def onnx_dynamic(path: Path, cfg: QuantConfig, ctx: QuantContext):
     """int8 weights, activations quantized at run time. Per-channel scales only where a weight loses too much
-    per tensor (``per_channel_below_db``): on MiniLM the per-channel kernels cost about 5% and only 8 of 18
-    weights (the FFN output projections first, 3-15 dB per tensor) need them; per tensor everywhere gave cosine
-    0.963, per channel everywhere 0.9918. Per-channel weights are 7-bit (reduced range: u8s8 saturates in x86
-    kernels without VNNI); per-tensor ones are 7-bit only on a CPU without VNNI, where that saturation happens
-    (7-bit per tensor cost MiniLM cosine 0.99 -> 0.88)."""
-    reduce = True if cfg.reduce_range is None else cfg.reduce_range
+    per tensor (``per_channel_below_db``): on MiniLM the per-channel kernels cost about 2-5% and only 8 of 18
+    weights (the FFN output projections first, 8-26 dB per tensor) need them; per tensor everywhere gave cosine
+    0.963, per channel everywhere 0.9918. The fused attention's packed QKV weight is per tensor (per channel it
+    cost about 1% and gained 0.0004 cosine). Weights are 7-bit (reduced range) only on a CPU without VNNI, where
+    onnxruntime's u8s8 kernels saturate; with VNNI they are 8-bit (7-bit per tensor cost MiniLM cosine 0.99 ->
+    0.88; 8-bit per channel gave 0.9922 against 0.9913 at 7 bits)."""
+    # 7-bit weights only where onnxruntime's u8s8 kernels saturate: an x86 CPU without VNNI
+    reduce = (not cpu_has_vnni()) if cfg.reduce_range is None else cfg.reduce_range
     if not cfg.per_channel or cfg.per_channel_below_db is None:
         return path, quantize_onnx(path, path, "int8-weights", reduce_range=reduce, per_channel=cfg.per_channel)
-    tensor_reduce = (not cpu_has_vnni()) if cfg.reduce_range is None else cfg.reduce_range
-    sqnr = per_tensor_weight_sqnr(path, tensor_reduce)
+    sqnr = per_tensor_weight_sqnr(path, reduce)
     fine = sorted(n for n, db in sqnr.items() if db < cfg.per_channel_below_db)
     if not fine:
-        record = quantize_onnx(path, path, "int8-weights", reduce_range=tensor_reduce, per_channel=False)
+        record = quantize_onnx(path, path, "int8-weights", reduce_range=reduce, per_channel=False)
     elif len(fine) == len(sqnr):
         record = quantize_onnx(path, path, "int8-weights", reduce_range=reduce, per_channel=True)
-    else:  # the per-channel layers first (and the fused attention, which onnxruntime scales per channel), then
-        # the rest per tensor: the second pass leaves the nodes the first one quantized alone
-        attention = [n.name for n in _onnx_nodes(path) if n.op_type == "Attention"]
-        quantize_onnx(path, path, "int8-weights", reduce_range=reduce, per_channel=True,
-                      nodes_to_quantize=fine + attention)
-        record = quantize_onnx(path, path, "int8-weights", reduce_range=tensor_reduce, per_channel=False)
-    record["method"] = (f"onnxruntime.quantization.quantize_dynamic (int8 weights: per-channel"
-                        f"{' 7-bit' if reduce else ''} for {len(fine)} of {len(sqnr)} MatMul weights, those under "
-                        f"{cfg.per_channel_below_db:g} dB per tensor; per-tensor{' 7-bit' if tensor_reduce else ''}"
-                        " for the rest)")
+    else:  # the per-channel layers first, then the rest (the fused attention among them) per tensor: the second
+        # pass leaves the nodes the first one quantized alone
+        quantize_onnx(path, path, "int8-weights", reduce_range=reduce, per_channel=True, nodes_to_quantize=fine)
+        record = quantize_onnx(path, path, "int8-weights", reduce_range=reduce, per_channel=False)
+    record["method"] = (f"onnxruntime.quantization.quantize_dynamic (int8{' 7-bit' if reduce else ''} weights: "
+                        f"per-channel for {len(fine)} of {len(sqnr)} MatMul weights, those under "
+                        f"{cfg.per_channel_below_db:g} dB per tensor; per-tensor for the rest)")
     record["per_channel_nodes"] = {n: round(sqnr[n], 1) for n in fine}
-    record["per_tensor_reduced_range"] = tensor_reduce
+    record["reduced_range"] = reduce
     return path, record
 
 

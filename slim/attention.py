@@ -365,21 +365,30 @@ def _sliced_norm(norm: nn.Module, keep) -> nn.Module:
 
 
 class ZeroBranch(nn.Module):
-    """A removed residual branch: contributes nothing (the block's residual carries the input through)."""
+    """A removed residual branch: contributes its mean output over calibration tokens (``mean``, a constant; zero
+    without calibration data), so the block's residual carries the input through, shifted as the branch shifted it
+    on average. Keeping the mean matters where a branch writes a large constant into some channels (BERT-like FFN
+    outputs do): dropping it would move every token's features, not only lose their variation."""
+
+    def __init__(self, mean: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean, persistent=mean is not None)
 
     def forward(self, x, *args, **kwargs):
-        return torch.zeros_like(x)
+        return torch.zeros_like(x) if self.mean is None else self.mean.to(x.dtype).expand_as(x)
 
 
 class BertAttentionRemoved(nn.Module):
-    """A BERT layer's attention removed: its residual and LayerNorm kept (LN(x + 0))."""
+    """A BERT layer's attention removed: its residual and LayerNorm kept, LN(x + mean of the branch's output)."""
 
-    def __init__(self, norm: nn.LayerNorm) -> None:
+    def __init__(self, norm: nn.LayerNorm, mean: torch.Tensor | None = None) -> None:
         super().__init__()
         self.LayerNorm = norm
+        self.register_buffer("mean", mean, persistent=mean is not None)
 
     def forward(self, hidden_states, *args, **kwargs):
-        return self.LayerNorm(hidden_states), None
+        shifted = hidden_states if self.mean is None else hidden_states + self.mean.to(hidden_states.dtype)
+        return self.LayerNorm(shifted), None
 
 
 class BertFFNInputPassThrough(nn.Module):
@@ -388,14 +397,70 @@ class BertFFNInputPassThrough(nn.Module):
 
 
 class BertFFNRemoved(nn.Module):
-    """A BERT layer's FFN removed: its residual and LayerNorm kept (LN(x + 0))."""
+    """A BERT layer's FFN removed: its residual and LayerNorm kept, LN(x + mean of the branch's output)."""
 
-    def __init__(self, norm: nn.LayerNorm) -> None:
+    def __init__(self, norm: nn.LayerNorm, mean: torch.Tensor | None = None) -> None:
         super().__init__()
         self.LayerNorm = norm
+        self.register_buffer("mean", mean, persistent=mean is not None)
 
     def forward(self, hidden_states, input_tensor):
-        return self.LayerNorm(input_tensor)
+        shifted = input_tensor if self.mean is None else input_tensor + self.mean.to(input_tensor.dtype)
+        return self.LayerNorm(shifted)
+
+
+@dataclass(frozen=True)
+class BranchData:
+    """Calibration batches for a removal: the removed branch's mean output over their tokens (real tokens only,
+    where ``mask_index`` names the model's attention-mask input) replaces it."""
+
+    batches: list[tuple]
+    mask_index: int | None = None
+    limit: int = 64  # samples read (a mean needs few)
+
+
+def branch_mean(model: nn.Module, path: str, data: BranchData | None) -> torch.Tensor | None:
+    """The mean output of the module at ``path`` over ``data``'s tokens, shaped to broadcast against it (per
+    channel: the last axis of a (B, N, C) output, axis 1 of a (B, C, H, W) one); None without data."""
+    if data is None or not data.batches:
+        return None
+    from slimx.slim.base import token_mask, trim_padding
+
+    total, count = None, 0
+    seen = 0
+    mask_now: list = [None]
+
+    def hook(_module, _inputs, output):
+        nonlocal total, count
+        out = (output[0] if isinstance(output, tuple) else output).detach().float()
+        if out.dim() == 4:
+            summed, n = out.sum((0, 2, 3), keepdim=True)[:1], out.shape[0] * out.shape[2] * out.shape[3]
+        else:
+            flat = out.reshape(-1, out.shape[-1])
+            mask = mask_now[0]
+            if mask is not None and mask.numel() == flat.shape[0]:
+                keep = mask.reshape(-1).bool()
+                flat = flat[keep]
+            summed, n = flat.sum(0), flat.shape[0]
+        total = summed if total is None else total + summed
+        count += n
+
+    handle = model.get_submodule(path).register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            for batch in data.batches:
+                if seen >= data.limit:
+                    break
+                batch = trim_padding(batch, data.mask_index)
+                mask = token_mask(batch, data.mask_index)
+                mask_now[0] = mask if mask is not None and mask.dim() == 2 else None
+                model(*batch)
+                seen += int(batch[0].shape[0]) if hasattr(batch[0], "shape") and batch[0].dim() else 1
+    finally:
+        handle.remove()
+    if total is None or count == 0:
+        return None
+    return total / count
 
 
 @dataclass
@@ -416,8 +481,8 @@ class BlockView:
     attention: str | None  # path of the attention (or token mixer) module, None when it has been removed
     attention_kind: str  # "attention", "pooling", or "removed"
     ffn: FFNView | None
-    remove_attention: Callable[[nn.Module], None] | None
-    remove_ffn: Callable[[nn.Module], None] | None
+    remove_attention: Callable[..., None] | None  # (model, data: BranchData | None = None), in place
+    remove_ffn: Callable[..., None] | None
 
     def to_dict(self) -> dict:
         return {"block": self.path, "attention": self.attention, "attention_kind": self.attention_kind,
@@ -445,8 +510,9 @@ def _timm_block(path: str, module) -> BlockView:
     kind = "removed" if isinstance(mixer, ZeroBranch) else (
         "attention" if adapter_for(mixer) or isinstance(mixer, KernelAttention) else "pooling")
 
-    def remove_mixer(model, p=mixer_path):
-        _replace(model, p, ZeroBranch())
+    def remove_mixer(model, data: BranchData | None = None, p=mixer_path):
+        _replace(model, p, ZeroBranch(branch_mean(model, p, data)))
+        _drop_norm(model, f"{path}.norm1")
 
     ffn = None
     mlp = module.mlp
@@ -456,11 +522,20 @@ def _timm_block(path: str, module) -> BlockView:
                       lambda model, p=mlp_path: _neuron_importance(model.get_submodule(p).fc1,
                                                                    model.get_submodule(p).fc2))
 
-    def remove_mlp(model, p=mlp_path):
-        _replace(model, p, ZeroBranch())
+    def remove_mlp(model, data: BranchData | None = None, p=mlp_path):
+        _replace(model, p, ZeroBranch(branch_mean(model, p, data)))
+        _drop_norm(model, f"{path}.norm2")
 
     return BlockView(path, None if kind == "removed" else mixer_path, kind, ffn,
                      None if kind == "removed" else remove_mixer, None if isinstance(mlp, ZeroBranch) else remove_mlp)
+
+
+def _drop_norm(model, path: str) -> None:
+    """The norm in front of a removed branch feeds only its shape: an identity keeps the shape without the work."""
+    parent, _, name = path.rpartition(".")
+    owner = model.get_submodule(parent) if parent else model
+    if isinstance(getattr(owner, name, None), nn.Module):
+        setattr(owner, name, nn.Identity())
 
 
 def _hidden_of(fc) -> int:
@@ -491,14 +566,16 @@ def _bert_block(path: str, layer) -> BlockView:
     attn_removed = isinstance(layer.attention, BertAttentionRemoved)
     ffn_removed = isinstance(layer.output, BertFFNRemoved)
 
-    def remove_attention(model, p=path):
+    def remove_attention(model, data: BranchData | None = None, p=path):
+        mean = branch_mean(model, f"{p}.attention.output.dense", data)
         target = model.get_submodule(p)
-        target.attention = BertAttentionRemoved(target.attention.output.LayerNorm)
+        target.attention = BertAttentionRemoved(target.attention.output.LayerNorm, mean)
 
-    def remove_ffn(model, p=path):
+    def remove_ffn(model, data: BranchData | None = None, p=path):
+        mean = branch_mean(model, f"{p}.output.dense", data)
         target = model.get_submodule(p)
         target.intermediate = BertFFNInputPassThrough()
-        target.output = BertFFNRemoved(target.output.LayerNorm)
+        target.output = BertFFNRemoved(target.output.LayerNorm, mean)
 
     ffn = None
     if not ffn_removed:

@@ -4,7 +4,8 @@ understand the method, not copied).
 
 On a validation split carved from the calibration data, with a per-sample loss (cross-entropy with the task's
 labels; for an embedding model, 1 - cosine to the original model's output), greedily from the last block to the
-first: try removing the whole FFN branch, then the whole attention branch (the residual and its norm kept). A
+first: try removing the whole FFN branch, then the whole attention branch (the residual and its norm kept, the
+branch's mean output over the calibration tokens added in its place: a constant, no weights). A
 removal is accepted only if (1) the total validation loss is not worse than the best seen so far and (2) more than
 half of the validation samples are no worse than before: the paper's rule. ``tolerance`` relaxes both by that much
 loss (per sample for the second): an embedding model starts at loss 0, so without it nothing could ever be taken
@@ -26,7 +27,7 @@ import torch
 
 from slimx._core.config import config_to_dict
 from slimx._core.errors import UsageError
-from slimx.slim.attention import attention_modules, blocks, prune_heads
+from slimx.slim.attention import BranchData, attention_modules, blocks, prune_heads
 from slimx.slim.base import PassContext, PassResult, register_pass, trim_padding
 
 EMBEDDING_TOLERANCE = 0.05  # the default for a model without labels: mean 1 - cosine may rise this much
@@ -190,6 +191,7 @@ def apply_axformer(model, plan: list[dict], cfg: AxFormerConfig, ctx: PassContex
         ctx.progress.note(f"axformer: {len(plan)} blocks, {n_val} validation samples, loss {loss.kind}, "
                           f"tolerance {tolerance:g}")
     removed = {"attention": [], "ffn": [], "heads": {}, "ffn_groups": {}}
+    branch_data = BranchData(fit or val, ctx.mask_index)  # a removed branch keeps its mean output over these
 
     def attempt(what: dict, change, saving: float | None) -> tuple[bool, np.ndarray]:
         nonlocal current, current_losses
@@ -233,7 +235,8 @@ def apply_axformer(model, plan: list[dict], cfg: AxFormerConfig, ctx: PassContex
             else:
                 price = [block.attention]
             whole = _sum_paths(breakdown, price)
-            ok, losses = attempt({"block": block.path, "remove": branch, "unit": None}, remove, whole)
+            ok, losses = attempt({"block": block.path, "remove": branch, "unit": None},
+                                 lambda m, remove=remove: remove(m, branch_data), whole)
             if ok:
                 removed[branch].append(block.path)
             elif cfg.units and rule.narrowly(losses, cfg.narrow):

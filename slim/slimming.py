@@ -28,7 +28,7 @@ import torch
 
 from slimx._core.config import config_to_dict
 from slimx._core.errors import SlimxFailure, UsageError
-from slimx.slim.attention import attention_modules, blocks, prune_heads
+from slimx.slim.attention import BranchData, attention_modules, blocks, prune_heads
 from slimx.slim.axformer import ValidationLoss
 from slimx.slim.base import PassContext, PassResult, register_pass, trim_padding
 
@@ -87,15 +87,17 @@ class Candidate:
     detail: dict
     price: list  # module paths whose time it saves (with a fraction): [(path, fraction)]
 
-    def apply(self, model) -> None:
+    def apply(self, model, data: BranchData | None = None) -> None:
+        """Change ``model`` in place; ``data``: calibration batches whose mean branch output replaces a removed
+        branch (else it contributes zero)."""
         view = next(b for b in blocks(model) if b.path == self.block)
         if self.action == "remove-attention":
-            view.remove_attention(model)
+            view.remove_attention(model, data)
         elif self.action == "remove-ffn":
-            view.remove_ffn(model)
+            view.remove_ffn(model, data)
         elif self.action == "remove-block":
-            view.remove_attention(model)
-            next(b for b in blocks(model) if b.path == self.block).remove_ffn(model)
+            view.remove_attention(model, data)
+            next(b for b in blocks(model) if b.path == self.block).remove_ffn(model, data)
         elif self.action == "narrow-ffn":
             keep = view.ffn.importance(model).argsort(descending=True)[: self.detail["to"]].sort().values.tolist()
             view.ffn.prune(model, keep)
@@ -220,6 +222,7 @@ def apply_slimming(model, plan: list[dict], cfg: SlimmingConfig, ctx: PassContex
     example = trim_padding(ctx.calib[0], ctx.mask_index)
     lut = LatencyTable(ctx, example, cfg.measure_lut)
     multiple = _multiple(cfg, ctx)
+    branch_data = BranchData(fit or val, ctx.mask_index)
     current = copy.deepcopy(model).eval()
     start = lut.total(current)
     floor = _fidelity(loss, current, labels)
@@ -247,7 +250,7 @@ def apply_slimming(model, plan: list[dict], cfg: SlimmingConfig, ctx: PassContex
                 scored.append((cost / saving, cand, saving, None, cost))
             else:
                 trial = copy.deepcopy(current)
-                cand.apply(trial)
+                cand.apply(trial, branch_data)
                 fid = fidelity(trial)
                 cost = max(current_fid - fid, 0.0)
                 scored.append((cost / saving, cand, saving, fid, cost))
@@ -256,7 +259,7 @@ def apply_slimming(model, plan: list[dict], cfg: SlimmingConfig, ctx: PassContex
         scored.sort(key=lambda s: s[0])
         _, best, saving, fid, cost = scored[0]
         trial = copy.deepcopy(current)
-        best.apply(trial)
+        best.apply(trial, branch_data)
         fid = fidelity(trial) if fid is None else fid
         recovered = False
         if fid < cfg.recover_below and cfg.recover_steps and fit:

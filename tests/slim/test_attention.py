@@ -11,6 +11,7 @@ from torch import nn
 
 from slimx._core.errors import UsageError
 from slimx.slim.attention import (
+    BranchData,
     SoftmaxKernel,
     TopKSoftmaxKernel,
     attention_modules,
@@ -130,6 +131,41 @@ def test_blocks_lose_branches_and_ffn_neurons(family, bert):
     assert torch.isfinite(out).all()
     program = torch.export.export(model, x, strict=False)
     torch.testing.assert_close(program.module()(*x), out)
+
+
+@pytest.mark.parametrize("family", ["vit", "efficientformer", "bert"])
+def test_a_removed_branch_keeps_its_mean_output(family, bert):
+    """With calibration data, a removed branch adds its mean output over the data's real tokens (a constant, no
+    weights): the model stays closer to the original than with the branch zeroed, and still exports."""
+    import copy
+
+    original, x = {"vit": _vit, "efficientformer": _efficientformer, "bert": lambda: bert}[family]()
+    mask_index = 1 if family == "bert" else None
+    block = blocks(original)[-1]
+    branch = f"{block.path}.output.dense" if family == "bert" else block.ffn.path
+    seen = []
+    handle = original.get_submodule(branch).register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+    with torch.no_grad():
+        reference = original(*x)
+    handle.remove()
+    out = seen[0]
+    if family == "bert":  # real tokens only: the second sentence's padding does not count
+        expected = out[x[1].bool()].mean(0)
+    elif out.dim() == 4:
+        expected = out.mean((0, 2, 3), keepdim=True)
+    else:
+        expected = out.reshape(-1, out.shape[-1]).mean(0)
+    zeroed, kept = copy.deepcopy(original), copy.deepcopy(original)
+    block.remove_ffn(zeroed)
+    block.remove_ffn(kept, BranchData([x], mask_index))
+    removed = kept.get_submodule(block.path + (".output" if family == "bert" else ".mlp"))
+    torch.testing.assert_close(removed.mean.reshape(expected.shape), expected, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        cos = {name: torch.nn.functional.cosine_similarity(m(*x).flatten(1), reference.flatten(1)).mean().item()
+               for name, m in (("zeroed", zeroed), ("kept", kept))}
+    assert cos["kept"] >= cos["zeroed"] - 1e-6, cos
+    program = torch.export.export(kept, x, strict=False)
+    torch.testing.assert_close(program.module()(*x), kept(*x))
 
 
 def test_an_unknown_attention_module_is_one_line():
