@@ -127,9 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--html", default=None, metavar="FILE", help="the HTML report (default: OUT_DIR/eval.html)")
 
     data = sub.add_parser("data", parents=[common], help="write calibration/evaluation data",
-                          description="Write real English text (Python standard-library docstrings), one sentence "
-                                      "per line, for --calib or evaluation.")
-    data.add_argument("kind", choices=["stdlib-text"])
+                          description="Write real English text, one sentence per line, for --calib or evaluation: "
+                                      "stdlib-text from Python's standard-library docstrings (about 2,900 "
+                                      "sentences), package-text from the docstrings of the installed packages "
+                                      "(tens of thousands; none shared with stdlib-text).")
+    data.add_argument("kind", choices=["stdlib-text", "package-text"])
     data.add_argument("--out", "-o", required=True, help="text file to write")
     data.add_argument("--count", type=int, default=256, help="sentences (default 256)")
     data.add_argument("--offset", type=int, default=0, help="skip this many first (disjoint sets)")
@@ -349,11 +351,11 @@ def _eval(args) -> int:
 
 
 def _data(args) -> int:
-    from slimx.export.textdata import stdlib_sentences
+    from slimx.export.textdata import package_sentences, stdlib_sentences
 
     if args.count < 1 or args.offset < 0:
         raise UsageError("--count/--offset", "must be positive / non-negative", "e.g. --count 256 --offset 0")
-    lines = stdlib_sentences(args.count, args.offset)
+    lines = (package_sentences if args.kind == "package-text" else stdlib_sentences)(args.count, args.offset)
     if not lines:
         raise UsageError("--offset", f"{args.offset} skips past every sentence there is", "give a smaller offset")
     folder = os.path.dirname(os.path.abspath(args.out))

@@ -73,3 +73,16 @@ def test_unknown_calibration_file(tmp_path):
     (tmp_path / "c.csv").write_text("1,2\n")
     with pytest.raises(UsageError, match=r"does not read \.csv"):
         load_calibration(tmp_path / "c.csv", load_model("tests.models:tiny_mlp"))
+
+
+def test_package_text_is_real_sentences_disjoint_from_stdlib_text(tmp_path, capsys):
+    from slimx.cli import main
+    from slimx.export.textdata import package_sentences, stdlib_sentences
+
+    out = tmp_path / "pkg.txt"
+    assert main(["data", "package-text", "--out", str(out), "--count", "40", "--offset", "10"]) == 0
+    lines = out.read_text().splitlines()
+    assert len(lines) == 40 and len(set(lines)) == 40 and lines == package_sentences(40, 10)
+    assert all(6 <= len(s.split()) <= 60 and s[0].isupper() for s in lines)
+    assert not set(lines) & set(stdlib_sentences(5000)), "a package sentence held out as stdlib text"
+    assert "wrote 40 sentences" in capsys.readouterr().out
