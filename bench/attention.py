@@ -91,7 +91,10 @@ MINILM_SETTINGS = (
     ("original", []),
     ("AxFormer tolerance 0.05", ["--pass", "axformer:tolerance=0.05", "--recover", "steps=300,loss=cosine"]),
     ("AxFormer tolerance 0.1", ["--pass", "axformer:tolerance=0.1", "--recover", "steps=300,loss=cosine"]),
-    ("AxFormer tolerance 0.2", ["--pass", "axformer:tolerance=0.2", "--recover", "steps=400,loss=cosine"]),
+    # quantization's speed on its own and on top: the deployment a user would ship, not counted as AxFormer's
+    ("int8-weights alone", ["--precision", "int8-weights"]),
+    ("int8-weights + AxFormer tolerance 0.05", ["--pass", "axformer:tolerance=0.05", "--recover",
+                                                "steps=300,loss=cosine", "--precision", "int8-weights"]),
     ("hard attention k=30", ["--pass", "hard-attention:k=30"]),
     ("EcoFormer (decides at 128 tokens)", ["--pass", "ecoformer"]),
 )
@@ -326,8 +329,8 @@ def render(result: dict) -> str:
         top = max(best, key=lambda r: r["speed"]) if best else None
         lines += ["", "Target (issue 13): AxFormer on MiniLM at least 1.5x faster at held-out cosine >= 0.95: "
                   + (f"best such setting {top['speed']:.2f}x at cosine {top['cosine']:.4f}: "
-                     f"{'met' if top['speed'] >= 1.5 else 'MISSED'}" if top else "no setting held cosine 0.95: MISSED"),
-                  ""]
+                     f"{'met' if top['speed'] >= 1.5 else 'MISSED'}" if top else "no setting held cosine 0.95: MISSED")
+                  + " (AxFormer alone, fp32; the int8 rows are quantization's speed and are not counted)", ""]
     d = result.get("digits")
     if d:
         lines += [f"## ViT on scikit-learn's digits (trained here to {d['trained_accuracy']:.4f}; {d['test']} held-out "

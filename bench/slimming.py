@@ -5,7 +5,8 @@ budget exported to ONNX and TFLite.
     python bench/slimming.py [--epochs 50] [--skip-minilm]
 
 1. Digits: a ViT of DeiT-Tiny width (192, 3 heads, 12 blocks; 8x8 digits in 2x2 patches) trained here on 1100
-   digits; 300 other labelled digits calibrate the pass; 397 are held out. The host's latency model is fitted on
+   digits; the pass is calibrated on what a user has, the labelled training digits plus 300 others (the last
+   quarter, the pass's validation split, is mostly those); 397 are held out. The host's latency model is fitted on
    this machine first (``slimx profile --calibrate``'s microbenchmarks). The budget is 60% of the model's
    latency on this host, measured in onnxruntime; the pass slims it on the host's latency model (once with loss
    importance, once with first-order Taylor importance), recovery by distillation after. Before and after: the
@@ -89,8 +90,9 @@ def run_digits(args, work: Path) -> dict:
         acc = float((model(torch.from_numpy(x[te])).argmax(1).numpy() == y[te]).mean())
     print(f"digits DeiT-Tiny: {acc:.4f} after {time.time() - started:.0f} s", file=sys.stderr)
     save_file(model.state_dict(), str(work / "w.safetensors"))
-    np.savez(work / "cal.npz", x=x[cal])
-    (work / "cal.txt").write_text(" ".join(map(str, y[cal])))
+    given = np.concatenate([tr, cal])  # what a user has: the labelled training digits, and 300 others last (the
+    np.savez(work / "cal.npz", x=x[given])  # pass's validation split is the last quarter of the calibration data)
+    (work / "cal.txt").write_text(" ".join(map(str, y[given])))
     base = work / "base"
     common = ["slimming:deit_digits", "--weights", str(work / "w.safetensors"), "--calib", str(work / "cal.npz"),
               "--labels", str(work / "cal.txt")]
