@@ -110,6 +110,8 @@ def _parity_line(parity: dict) -> str:
     calib = parity.get("calibration")
     if calib:
         text += f"; on calibration data cosine {calib['cosine']:.6f}"
+    if parity.get("tolerance_why"):
+        text += f"; rel err allowed {parity['tolerance']['max_rel_err']:g} (top-k selection)"
     return text
 
 
