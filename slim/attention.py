@@ -24,6 +24,7 @@ each FFN narrowable by neuron groups (``FFNView.prune``).
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -412,40 +413,54 @@ class BertFFNRemoved(nn.Module):
 @dataclass(frozen=True)
 class BranchData:
     """Calibration batches for a removal: the removed branch's mean output over their tokens (real tokens only,
-    where ``mask_index`` names the model's attention-mask input) replaces it."""
+    where ``mask_index`` names the model's attention-mask input) replaces it. ``means``: those means for a model,
+    measured in one pass (``with_means``), so that a search pricing many removals does not run the data again for
+    each."""
 
     batches: list[tuple]
     mask_index: int | None = None
-    limit: int = 64  # samples read (a mean needs few)
+    limit: int = 32  # samples read (a mean needs few)
+    means: dict | None = None  # branch output path -> mean, for the model they were measured on
+
+    def mean_of(self, model: nn.Module, path: str) -> torch.Tensor | None:
+        if self.means is not None and path in self.means:
+            return self.means[path]
+        return branch_means(model, [path], self).get(path)
+
+    def with_means(self, model: nn.Module) -> BranchData:
+        """This data with every removable branch's mean on ``model`` measured at once."""
+        paths = [p for b in blocks(model) for p in (b.attention_out, b.ffn_out) if p is not None]
+        return dataclasses.replace(self, means=branch_means(model, paths, self))
 
 
-def branch_mean(model: nn.Module, path: str, data: BranchData | None) -> torch.Tensor | None:
-    """The mean output of the module at ``path`` over ``data``'s tokens, shaped to broadcast against it (per
-    channel: the last axis of a (B, N, C) output, axis 1 of a (B, C, H, W) one); None without data."""
-    if data is None or not data.batches:
-        return None
+def branch_means(model: nn.Module, paths: list[str], data: BranchData | None) -> dict:
+    """The mean output of each module in ``paths`` over ``data``'s tokens (one pass over the data), shaped to
+    broadcast against it (per channel: the last axis of a (B, N, C) output, axis 1 of a (B, C, H, W) one); empty
+    without data."""
+    if data is None or not data.batches or not paths:
+        return {}
     from slimx.slim.base import token_mask, trim_padding
 
-    total, count = None, 0
-    seen = 0
+    totals: dict = {}
     mask_now: list = [None]
 
-    def hook(_module, _inputs, output):
-        nonlocal total, count
-        out = (output[0] if isinstance(output, tuple) else output).detach().float()
-        if out.dim() == 4:
-            summed, n = out.sum((0, 2, 3), keepdim=True)[:1], out.shape[0] * out.shape[2] * out.shape[3]
-        else:
-            flat = out.reshape(-1, out.shape[-1])
-            mask = mask_now[0]
-            if mask is not None and mask.numel() == flat.shape[0]:
-                keep = mask.reshape(-1).bool()
-                flat = flat[keep]
-            summed, n = flat.sum(0), flat.shape[0]
-        total = summed if total is None else total + summed
-        count += n
+    def hook_for(path):
+        def hook(_module, _inputs, output):
+            out = (output[0] if isinstance(output, tuple) else output).detach().float()
+            if out.dim() == 4:
+                summed, n = out.sum((0, 2, 3), keepdim=True)[:1], out.shape[0] * out.shape[2] * out.shape[3]
+            else:
+                flat = out.reshape(-1, out.shape[-1])
+                mask = mask_now[0]
+                if mask is not None and mask.numel() == flat.shape[0]:
+                    flat = flat[mask.reshape(-1).bool()]
+                summed, n = flat.sum(0), flat.shape[0]
+            total, count = totals.get(path, (0.0, 0))
+            totals[path] = (total + summed, count + n)
+        return hook
 
-    handle = model.get_submodule(path).register_forward_hook(hook)
+    handles = [model.get_submodule(p).register_forward_hook(hook_for(p)) for p in paths]
+    seen = 0
     try:
         with torch.no_grad():
             for batch in data.batches:
@@ -455,12 +470,11 @@ def branch_mean(model: nn.Module, path: str, data: BranchData | None) -> torch.T
                 mask = token_mask(batch, data.mask_index)
                 mask_now[0] = mask if mask is not None and mask.dim() == 2 else None
                 model(*batch)
-                seen += int(batch[0].shape[0]) if hasattr(batch[0], "shape") and batch[0].dim() else 1
+                seen += int(batch[0].shape[0]) if isinstance(batch[0], torch.Tensor) and batch[0].dim() else 1
     finally:
-        handle.remove()
-    if total is None or count == 0:
-        return None
-    return total / count
+        for handle in handles:
+            handle.remove()
+    return {p: total / count for p, (total, count) in totals.items() if count}
 
 
 @dataclass
@@ -483,6 +497,8 @@ class BlockView:
     ffn: FFNView | None
     remove_attention: Callable[..., None] | None  # (model, data: BranchData | None = None), in place
     remove_ffn: Callable[..., None] | None
+    attention_out: str | None = None  # the module whose output is the attention branch's contribution
+    ffn_out: str | None = None  # the same for the FFN branch
 
     def to_dict(self) -> dict:
         return {"block": self.path, "attention": self.attention, "attention_kind": self.attention_kind,
@@ -511,7 +527,7 @@ def _timm_block(path: str, module) -> BlockView:
         "attention" if adapter_for(mixer) or isinstance(mixer, KernelAttention) else "pooling")
 
     def remove_mixer(model, data: BranchData | None = None, p=mixer_path):
-        _replace(model, p, ZeroBranch(branch_mean(model, p, data)))
+        _replace(model, p, ZeroBranch(data.mean_of(model, p) if data is not None else None))
         _drop_norm(model, f"{path}.norm1")
 
     ffn = None
@@ -523,11 +539,13 @@ def _timm_block(path: str, module) -> BlockView:
                                                                    model.get_submodule(p).fc2))
 
     def remove_mlp(model, data: BranchData | None = None, p=mlp_path):
-        _replace(model, p, ZeroBranch(branch_mean(model, p, data)))
+        _replace(model, p, ZeroBranch(data.mean_of(model, p) if data is not None else None))
         _drop_norm(model, f"{path}.norm2")
 
+    mlp_gone = isinstance(mlp, ZeroBranch)
     return BlockView(path, None if kind == "removed" else mixer_path, kind, ffn,
-                     None if kind == "removed" else remove_mixer, None if isinstance(mlp, ZeroBranch) else remove_mlp)
+                     None if kind == "removed" else remove_mixer, None if mlp_gone else remove_mlp,
+                     None if kind == "removed" else mixer_path, None if mlp_gone else mlp_path)
 
 
 def _drop_norm(model, path: str) -> None:
@@ -567,12 +585,12 @@ def _bert_block(path: str, layer) -> BlockView:
     ffn_removed = isinstance(layer.output, BertFFNRemoved)
 
     def remove_attention(model, data: BranchData | None = None, p=path):
-        mean = branch_mean(model, f"{p}.attention.output.dense", data)
+        mean = data.mean_of(model, f"{p}.attention.output.dense") if data is not None else None
         target = model.get_submodule(p)
         target.attention = BertAttentionRemoved(target.attention.output.LayerNorm, mean)
 
     def remove_ffn(model, data: BranchData | None = None, p=path):
-        mean = branch_mean(model, f"{p}.output.dense", data)
+        mean = data.mean_of(model, f"{p}.output.dense") if data is not None else None
         target = model.get_submodule(p)
         target.intermediate = BertFFNInputPassThrough()
         target.output = BertFFNRemoved(target.output.LayerNorm, mean)
@@ -585,7 +603,9 @@ def _bert_block(path: str, layer) -> BlockView:
                                                                model.get_submodule(p).output.dense))
     return BlockView(path, None if attn_removed else f"{path}.attention.self",
                      "removed" if attn_removed else "attention", ffn,
-                     None if attn_removed else remove_attention, None if ffn_removed else remove_ffn)
+                     None if attn_removed else remove_attention, None if ffn_removed else remove_ffn,
+                     None if attn_removed else f"{path}.attention.output.dense",
+                     None if ffn_removed else f"{path}.output.dense")
 
 
 def _prune_bert_ffn(model, path: str, keep: list[int]) -> None:

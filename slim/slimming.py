@@ -240,6 +240,7 @@ def apply_slimming(model, plan: list[dict], cfg: SlimmingConfig, ctx: PassContex
     steps, current_fid = [], 1.0
     while lut.total(current)["ms"] > cfg.budget_ms and len(steps) < cfg.max_steps:
         cands = candidates(current, multiple, cfg)
+        step_data = branch_data.with_means(current)  # every branch's mean on this model, in one pass
         scored = []
         for cand in cands:
             saving = lut.saving(current, cand)
@@ -250,7 +251,7 @@ def apply_slimming(model, plan: list[dict], cfg: SlimmingConfig, ctx: PassContex
                 scored.append((cost / saving, cand, saving, None, cost))
             else:
                 trial = copy.deepcopy(current)
-                cand.apply(trial, branch_data)
+                cand.apply(trial, step_data)
                 fid = fidelity(trial)
                 cost = max(current_fid - fid, 0.0)
                 scored.append((cost / saving, cand, saving, fid, cost))
@@ -259,7 +260,7 @@ def apply_slimming(model, plan: list[dict], cfg: SlimmingConfig, ctx: PassContex
         scored.sort(key=lambda s: s[0])
         _, best, saving, fid, cost = scored[0]
         trial = copy.deepcopy(current)
-        best.apply(trial, branch_data)
+        best.apply(trial, step_data)
         fid = fidelity(trial) if fid is None else fid
         recovered = False
         if fid < cfg.recover_below and cfg.recover_steps and fit:
