@@ -26,14 +26,33 @@ def tiny_onnx(tmp_path_factory):
 
 
 def test_efficientformer_on_iphone12_is_estimated_near_the_published_figure(capsys):
-    code, out, _ = run(capsys, "profile", "timm:efficientformer_l1", "--device", "iphone12")
+    # Estimates are for the family's newest measurement setup (Xcode 14's Core ML performance report), where the
+    # EfficientFormerV2 paper timed V2-S2 at 1.6 ms on an iPhone 12.
+    code, out, _ = run(capsys, "profile", "timm:efficientformerv2_s2", "--device", "iphone12")
     assert code == 0
     first = out.splitlines()[0]
     assert first.startswith("estimated for Apple iPhone 12") and "expected error ±" in first
     assert "leave-one-family-out" in first and "80% interval" in first, "the grouped error and its interval"
+    assert "Xcode 14" in first, "the setup the estimate is for"
     ms = float(re.search(r": ([0-9.]+) ms", first).group(1))
     assert abs(ms / 1.6 - 1) <= 0.15, f"{ms} ms vs the published 1.6 ms"
     assert "per op class:" in out and "per module:" in out and "stages." in out
+
+
+def test_an_older_setups_figure_lies_in_the_interval_carried_into_that_setup(capsys):
+    # EfficientFormer-L1's published 1.6 ms is from the 2022 setup (coremltools 5.2, coreml-performance app); the
+    # profile names that setup's fitted factor, and the interval times it covers the published figure.
+    from slimx.devices.registry import PROFILE_DIR
+
+    code, out, _ = run(capsys, "profile", "timm:efficientformer_l1", "--device", "iphone12", "--json")
+    assert code == 0
+    latency = json.loads(out)
+    low, high = latency["interval_ms"]
+    assert low < latency["total_ms"] < high
+    source = (PROFILE_DIR / "iphone12.toml").read_text()
+    factor = float(re.search(r"coremltools 5\.2[^)]*\) x([0-9.]+)", source).group(1))
+    assert 1.1 < factor < 2.5, "the 2022 setup timed slower than Xcode 14's report"
+    assert low * factor <= 1.6 <= high * factor, (low * factor, high * factor)
 
 
 def test_host_artifact_is_measured(capsys, tiny_onnx):
