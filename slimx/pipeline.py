@@ -23,6 +23,8 @@ from slimx.report import human
 
 PARITY_SEED_BASE = 1000  # parity inputs are drawn from seeds the export example never used
 PASS_CALIB_CAP = 1024  # calibration samples the passes use by default (all the data given, up to this)
+SYNTHETIC_PASS_SAMPLES = 64  # without --calib: random inputs carry no information, and every pass step costs a
+# forward over its validation share (EfficientFormer-L3's slimming over 1024 random images took minutes a candidate)
 DEFAULT_MIN_FIDELITY = 0.95  # held-out cosine to the original, for embedding (unlabelled) outputs
 DEFAULT_MAX_ACCURACY_DROP = 1.0  # points of held-out accuracy, with --labels
 
@@ -920,8 +922,9 @@ def run_passes(module, prepared: Prepared, cfg: ExportConfig, progress) -> dict:
                       "figures do not reflect real data; give --calib")
 
     loaded, calib, specs = prepared.deployable.loaded, prepared.calib, prepared.specs
-    batches, synthetic = calibration_batches(calib, loaded.inputs, count=max(cfg.data.samples(True), 16),
-                                             seed=cfg.model.seed, warn=warn)
+    count = cfg.data.samples(True) if calib is not None or cfg.data.calib_samples else SYNTHETIC_PASS_SAMPLES
+    batches, synthetic = calibration_batches(calib, loaded.inputs, count=max(count, 16), seed=cfg.model.seed,
+                                             warn=warn)
     held = max(2, len(batches) // 4) if len(batches) >= 8 else 0
     fit, heldout = (batches[:-held], batches[-held:]) if held else (batches, batches)
     labels = calib.labels if calib is not None else None

@@ -380,6 +380,15 @@ def test_fidelity_with_labels_is_accuracy(tmp_path, capsys):
     assert code == 2 and "has 3 labels for the 40 samples" in err
 
 
+def test_passes_without_calib_run_on_a_few_synthetic_inputs_and_are_not_gated(tmp_path, capsys):
+    code, _, err = export(capsys, "tests.models:tiny_mlp", "--input-shape", "1x16", "--pass",
+                          "lowrank:rank_ratio=0.5,min_features=8,multiple=1", "--out", str(tmp_path / "o"), *FAST)
+    assert code == 0 and "SYNTHETIC" in err
+    comp = report_of(tmp_path / "o")["compression"]
+    assert comp["calibration"]["synthetic"] is True and comp["gate"]["gated"] is False
+    assert comp["calibration"]["fit_samples"] + comp["calibration"]["heldout_samples"] == 64, "not the 1024 cap"
+
+
 def test_eval_needs_an_export_folder(tmp_path, capsys):
     assert main(["eval", str(tmp_path), "--against", "minilm", "--data", str(tmp_path / "x.txt")]) == 2
     assert_one_line_error(capsys.readouterr().err, "has no report.json")
