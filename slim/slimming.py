@@ -4,18 +4,21 @@ a supernet slimmed under an on-device latency lookup table, each step taking the
 accuracy-per-millisecond; the authors' repository ships the final architectures, not the search).
 
 The search space comes from the model's own structure (``slim.attention``): drop a residual branch (attention or
-token mixer, FFN), replace a block by identity (both), narrow an FFN's hidden width by the device's preferred
-multiple (``multiple``, 16 on the Neural Engine as in the paper), drop one attention head. The plan lists every
-candidate with its shape change.
+token mixer, FFN), replace a block by identity (both), narrow an FFN's hidden width by an eighth (``ffn_step``)
+rounded to the device's preferred multiple (``multiple``, 16 on the Neural Engine as in the paper), drop one
+attention head. The plan lists every candidate with its shape change.
 
 Latency: a lookup table of what each candidate saves, from the device's ``LatencyModel`` (one per-module
 breakdown of the current model prices every candidate; rebuilt after each step, cached per architecture), or, with
 ``measure_lut``, from measuring the model with and without each candidate on a runner (slow, exact). Importance:
 ``loss`` (the measured increase of the validation loss when the candidate is applied: the honest one) or
 ``taylor`` (first-order Taylor, |sum(grad x weight)| over the weights the candidate removes, from one backward
-pass: cheap, approximate). Search: greedy on importance per millisecond saved until the estimate is within the
-budget; distillation recovery between steps when fidelity falls below ``recover_below``. The trajectory (latency,
-interval, fidelity after each step) and the final architecture go in the report.
+pass per round for every candidate: cheap, approximate). Search: greedy on importance per millisecond saved until
+the estimate is within the budget, in rounds: one scoring of every candidate, then up to ``per_round`` of the best
+actions on distinct blocks, each measured after it is applied (a round ends early when an action costs clearly more
+than it was scored to with the round's earlier actions in place); distillation recovery between steps when
+fidelity falls below ``recover_below``. The trajectory (latency, interval, fidelity after each step) and the final
+architecture go in the report.
 """
 
 from __future__ import annotations
@@ -40,7 +43,9 @@ class SlimmingConfig:
     Attributes:
         budget_ms: the latency to reach on the export's device (its latency model); required.
         importance: ``loss`` (measured loss increase on the validation split) or ``taylor`` (first-order).
-        multiple: FFN widths shrink by this many neurons a step (None: the device's ``rank_multiple``, else 16).
+        multiple: FFN widths are rounded to this many neurons (None: the device's ``rank_multiple``, else 16).
+        ffn_step: an FFN narrows by this fraction of its width a step (rounded down to ``multiple``, at least one).
+        per_round: at most this many actions (on distinct blocks) from one scoring of every candidate.
         min_fidelity: stop (fail) when fidelity on the validation split would fall below this (1 - loss for an
             embedding model; accuracy relative to the original's with labels).
         recover_below: distil between steps when fidelity falls below this.
@@ -55,6 +60,8 @@ class SlimmingConfig:
     budget_ms: float | None = None
     importance: str = "loss"
     multiple: int | None = None
+    ffn_step: float = 0.125
+    per_round: int = 4
     min_fidelity: float = 0.9
     recover_below: float = 0.97
     recover_steps: int = 40
@@ -76,6 +83,8 @@ class SlimmingConfig:
             raise ValueError("min_fidelity and recover_below must be in (0, 1]")
         if not 0 < self.validation < 1 or self.max_steps < 1 or self.recover_steps < 0:
             raise ValueError("validation must be in (0, 1), max_steps at least 1, recover_steps not negative")
+        if not 0 <= self.ffn_step < 1 or self.per_round < 1:
+            raise ValueError("ffn_step must be in [0, 1) and per_round at least 1")
 
 
 @dataclass
@@ -126,7 +135,8 @@ def candidates(model, multiple: int, cfg: SlimmingConfig) -> list[Candidate]:
             if b.remove_attention is not None and b.remove_ffn is not None:
                 out.append(Candidate("remove-block", b.path, {}, mixer_price + ffn_price))
         if cfg.ffn and b.ffn is not None and b.ffn.hidden > multiple:
-            to = max(multiple, (b.ffn.hidden - 1) // multiple * multiple)
+            cut = max(multiple, int(b.ffn.hidden * cfg.ffn_step) // multiple * multiple)
+            to = max(multiple, (b.ffn.hidden - cut) // multiple * multiple)
             out.append(Candidate("narrow-ffn", b.path, {"from": b.ffn.hidden, "to": to},
                                  [(p, (b.ffn.hidden - to) / b.ffn.hidden) for p, _ in ffn_price]))
         view = heads.get(b.attention)
@@ -159,7 +169,9 @@ class LatencyTable:
         self.cache: dict = {}
 
     def _key(self, model) -> tuple:
-        return tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
+        """The architecture: every module's type (a removed pooling mixer has no weights) and every weight's shape."""
+        return (tuple((n, type(m).__name__) for n, m in model.named_modules()),
+                tuple((n, tuple(p.shape)) for n, p in model.named_parameters()))
 
     def total(self, model) -> dict:
         key = self._key(model)
@@ -180,9 +192,9 @@ class LatencyTable:
         return base["ms"] - self.lm.latency(trial, self.example)["ms"]
 
 
-def _taylor(model, cand: Candidate, batches, teacher_out, mask_index) -> float:
-    """First-order estimate of the loss increase of removing what ``cand`` removes: |sum(grad * weight)|."""
-    trial = copy.deepcopy(model).train()
+def _taylor_terms(model, batches, teacher_out) -> dict:
+    """grad x weight of every parameter for the cosine loss to the teacher, from one backward pass."""
+    trial = copy.deepcopy(model).eval()
     params = dict(trial.named_parameters())
     for p in params.values():
         p.requires_grad_(True)
@@ -190,14 +202,14 @@ def _taylor(model, cand: Candidate, batches, teacher_out, mask_index) -> float:
     for batch, ref in zip(batches, teacher_out, strict=True):
         out = trial(*batch).float()
         loss = loss + (1 - torch.nn.functional.cosine_similarity(out.flatten(1), ref.flatten(1), dim=-1)).mean()
-    trial.zero_grad()
     loss.backward()
-    score = 0.0
-    for path, frac in cand.price:
-        for name, p in params.items():
-            if (name.startswith(path + ".")) and p.grad is not None:
-                score += float((p.grad * p).sum().abs()) * frac
-    return score
+    return {name: (p.grad * p).detach() for name, p in params.items() if p.grad is not None}
+
+
+def _taylor(terms: dict, cand: Candidate) -> float:
+    """First-order estimate of the loss increase of removing what ``cand`` removes: |sum(grad * weight)|."""
+    return sum(float(t.sum().abs()) * frac for path, frac in cand.price for name, t in terms.items()
+               if name.startswith(path + "."))
 
 
 @register_pass("latency-slim", SlimmingConfig, plan=plan_slimming,
@@ -238,16 +250,23 @@ def apply_slimming(model, plan: list[dict], cfg: SlimmingConfig, ctx: PassContex
     with torch.no_grad():
         taylor_ref = [teacher(*b).float() for b in taylor_batches]
     steps, current_fid = [], 1.0
-    while lut.total(current)["ms"] > cfg.budget_ms and len(steps) < cfg.max_steps:
+
+    def over_budget() -> bool:
+        return lut.total(current)["ms"] > cfg.budget_ms and len(steps) < cfg.max_steps
+
+    rounds = 0
+    while over_budget():
+        rounds += 1
         cands = candidates(current, multiple, cfg)
         step_data = branch_data.with_means(current)  # every branch's mean on this model, in one pass
+        terms = _taylor_terms(current, taylor_batches, taylor_ref) if cfg.importance == "taylor" else None
         scored = []
         for cand in cands:
             saving = lut.saving(current, cand)
             if saving <= 1e-6:
                 continue
-            if cfg.importance == "taylor":
-                cost = _taylor(current, cand, taylor_batches, taylor_ref, ctx.mask_index)
+            if terms is not None:
+                cost = _taylor(terms, cand)
                 scored.append((cost / saving, cand, saving, None, cost))
             else:
                 trial = copy.deepcopy(current)
@@ -258,32 +277,47 @@ def apply_slimming(model, plan: list[dict], cfg: SlimmingConfig, ctx: PassContex
         if not scored:
             break
         scored.sort(key=lambda s: s[0])
-        _, best, saving, fid, cost = scored[0]
-        trial = copy.deepcopy(current)
-        best.apply(trial, step_data)
-        fid = fidelity(trial) if fid is None else fid
-        recovered = False
-        if fid < cfg.recover_below and cfg.recover_steps and fit:
-            trial, _ = recover(trial, teacher, fit, RecoverConfig(steps=cfg.recover_steps, lr=1e-4,
-                                                                  loss="kl" if labels is not None else "cosine",
-                                                                  patience=3), None, mask_index=ctx.mask_index)
-            fid, recovered = fidelity(trial), True
-        if fid < cfg.min_fidelity and not ctx.synthetic:  # synthetic inputs: fidelity says nothing
-            lat = lut.total(current)
-            raise SlimxFailure(
-                f"--budget-ms {cfg.budget_ms:g}",
-                f"cannot be met without fidelity falling below {cfg.min_fidelity:g}: the closest point reached is "
-                f"{lat['ms']:.3f} ms at fidelity {current_fid:.4f} (next step, {best.action} {best.block}, would give "
-                f"{fid:.4f})", "raise the budget, lower min_fidelity, or give more --calib data for recovery")
-        current, current_fid = trial.eval(), fid
-        now = lut.total(current)
-        steps.append({**best.to_dict(), "saving_ms": round(saving, 5), "importance": cfg.importance,
-                      "cost": round(cost, 6), "fidelity": round(fid, 5), "recovered": recovered,
-                      "latency_ms": round(now["ms"], 5)})
-        trajectory.append(_point(len(steps), best, now, fid))
-        if ctx.progress is not None:
-            ctx.progress.note(f"latency-slim: {best.action} {best.block}{_detail(best)}: {now['ms']:.3f} ms "
-                              f"(budget {cfg.budget_ms:g}), fidelity {fid:.4f}{' (recovered)' if recovered else ''}")
+        touched: set = set()
+        for _, best, saving, fid, cost in scored:
+            if best.block in touched:
+                continue
+            if touched:  # a later action of the round: on the model the round's earlier actions left
+                if len(touched) >= cfg.per_round or not over_budget():
+                    break
+                step_data, saving, fid = branch_data.with_means(current), lut.saving(current, best), None
+            trial = copy.deepcopy(current)
+            best.apply(trial, step_data)
+            fid = fidelity(trial) if fid is None else fid
+            if touched and cfg.importance == "loss" and current_fid - fid > 2 * cost + 0.005:
+                break  # it interacts with the round's earlier actions: score everything again
+            recovered = False
+            if fid < cfg.recover_below and cfg.recover_steps and fit:
+                trial, _ = recover(trial, teacher, fit, RecoverConfig(steps=cfg.recover_steps, lr=1e-4,
+                                                                      loss="kl" if labels is not None else "cosine",
+                                                                      patience=3), None, mask_index=ctx.mask_index)
+                fid, recovered = fidelity(trial), True
+            if fid < cfg.min_fidelity and not ctx.synthetic:  # synthetic inputs: fidelity says nothing
+                lat = lut.total(current)
+                raise SlimxFailure(
+                    f"--budget-ms {cfg.budget_ms:g}",
+                    f"cannot be met without fidelity falling below {cfg.min_fidelity:g}: the closest point reached "
+                    f"is {lat['ms']:.3f} ms at fidelity {current_fid:.4f} (next step, {best.action} {best.block}, "
+                    f"would give {fid:.4f})", "raise the budget, lower min_fidelity, or give more --calib data for "
+                    "recovery")
+            current, current_fid = trial.eval(), fid
+            touched.add(best.block)
+            now = lut.total(current)
+            steps.append({**best.to_dict(), "saving_ms": round(saving, 5), "importance": cfg.importance,
+                          "cost": round(cost, 6), "fidelity": round(fid, 5), "recovered": recovered,
+                          "round": rounds,
+                          "latency_ms": round(now["ms"], 5)})
+            trajectory.append(_point(len(steps), best, now, fid))
+            if ctx.progress is not None:
+                ctx.progress.note(f"latency-slim: {best.action} {best.block}{_detail(best)}: {now['ms']:.3f} ms "
+                                  f"(budget {cfg.budget_ms:g}), fidelity {fid:.4f}"
+                                  f"{' (recovered)' if recovered else ''}")
+            if recovered:
+                break  # distillation moved every weight: the round's scores are stale
     return _result(model, current, cfg, trajectory, steps, start, lut.total(current), started,
                    "within the budget" if lut.total(current)["ms"] <= cfg.budget_ms else "stopped at max_steps")
 

@@ -80,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--truncate", action="store_true", default=keep,
                      help="text longer than the artifact's longest sequence is cut to it (default: an error)")
     exp.add_argument("--calib-samples", type=int, default=keep,
-                     help="samples to use from --calib (default 16; with --pass, all of it up to 1024; without --calib, "
-                          "64 random ones for the passes)")
+                     help="samples to use from --calib (default 16; with --pass, all of it up to 1024; "
+                          "without --calib, 64 random ones for the passes)")
     exp.add_argument("--labels", default=keep, metavar="FILE",
                      help="one integer task label per --calib sample (file order): fidelity is then accuracy")
     exp.add_argument("--budget-ms", type=float, default=keep,

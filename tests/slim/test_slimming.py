@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import timm
 import torch
 
 from slimx._core.errors import SlimxFailure
@@ -32,7 +33,10 @@ def test_the_search_space_is_the_models_structure():
     actions = {c.action for c in found}
     assert actions == {"remove-attention", "remove-ffn", "remove-block", "narrow-ffn", "drop-head"}
     narrow = next(c for c in found if c.action == "narrow-ffn")
-    assert narrow.detail == {"from": 256, "to": 240}, "one step is the device's multiple (16)"
+    assert narrow.detail == {"from": 256, "to": 224}, "an eighth of the width, in the device's multiple (16)"
+    fine = next(c for c in candidates(model, 16, SlimmingConfig(budget_ms=1.0, ffn_step=0.01))
+                if c.action == "narrow-ffn")
+    assert fine.detail == {"from": 256, "to": 240}, "at least one multiple"
     assert sum(c.action == "drop-head" for c in found) == 2 * 4
 
 
@@ -50,7 +54,11 @@ def test_a_budget_is_met_on_the_latency_model(importance):
     assert all(b["latency_ms"] < a["latency_ms"] for a, b in itertools.pairwise(traj)), traj
     assert all(p["interval_ms"] for p in traj), "every point carries the estimate's interval"
     assert result.extra["architecture"] != result.extra["architecture_before"]
-    assert all(s["importance"] == importance and s["saving_ms"] > 0 for s in result.extra["steps"])
+    steps = result.extra["steps"]
+    assert all(s["importance"] == importance and s["saving_ms"] > 0 for s in steps)
+    for r in {s["round"] for s in steps}:  # a round takes up to per_round actions, each on its own block
+        blocks_of_round = [s["block"] for s in steps if s["round"] == r]
+        assert 1 <= len(blocks_of_round) <= 4 and len(set(blocks_of_round)) == len(blocks_of_round)
 
 
 def test_a_budget_that_would_destroy_the_model_stops_with_the_closest_point():
@@ -79,3 +87,21 @@ def test_export_with_a_budget(tmp_path, capsys):
     assert main(["export", "tests.slim.test_attention_passes:vit_factory", "--target", "iphone12", "--budget-ms",
                  "0.01", "--out", str(tmp_path / "p"), *FAST]) == 2
     assert "fixed per-inference overhead" in capsys.readouterr().err
+
+
+def test_the_latency_table_sees_a_removal_without_weights():
+    # EfficientFormer's pooling mixer has no weights: a table keyed on weight shapes alone kept pricing the model
+    # from before its removal (the trajectory stood still while the search kept taking the same "saving")
+    from slimx.slim.attention import blocks
+    from slimx.slim.slimming import LatencyTable
+
+    torch.manual_seed(0)
+    model = timm.create_model("efficientformer_l1", pretrained=False).eval()
+    example = (torch.randn(1, 3, 224, 224),)
+    lut = LatencyTable(PassContext(calib=[example], latency_model=EstimatorLatencyModel.for_device(
+        load_device("iphone12"), "fp16")), example, measure=False)
+    before = lut.total(model)["ms"]
+    (pooling,) = [b for b in blocks(model) if b.path == "stages.0.blocks.1"]
+    assert pooling.attention_kind == "pooling"
+    pooling.remove_attention(model)
+    assert lut.total(model)["ms"] < before
