@@ -241,14 +241,15 @@ def main() -> int:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="slimx-bench-slimming-"))
     result = {"machine": platform.processor() or platform.machine()}
+    parts = [("efficientformer", lambda: run_efficientformer(work)), ("digits", lambda: run_digits(args, work))]
+    if not args.skip_minilm:
+        parts.append(("minilm", lambda: run_minilm(args, work)))
     try:
-        result["efficientformer"] = run_efficientformer(work)
-        result["digits"] = run_digits(args, work)
-        if not args.skip_minilm:
-            result["minilm"] = run_minilm(args, work)
+        for name, part in parts:
+            result[name] = part()
+            write_results("slimming", result, render(result))  # after each part: a long run keeps what it did
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    write_results("slimming", result, render(result))
     return 0
 
 
