@@ -212,7 +212,7 @@ def onnx_dynamic(path: Path, cfg: QuantConfig, ctx: QuantContext):
     weights (the FFN output projections first, 8-26 dB per tensor) need them; per tensor everywhere gave cosine
     0.963, per channel everywhere 0.9918. The fused attention's packed QKV weight is per channel too: per tensor it
     was about 1% faster at real lengths, but MiniLM's parity at 512 tokens fell to cosine 0.9796 (per channel
-    0.9909; the floor is 0.98). Weights are 7-bit (reduced range) only on a CPU without VNNI, where
+    0.987, as shipped; the floor is 0.98). Weights are 7-bit (reduced range) only on a CPU without VNNI, where
     onnxruntime's u8s8 kernels saturate; with VNNI they are 8-bit (7-bit per tensor cost MiniLM cosine 0.99 ->
     0.88; 8-bit per channel gave 0.9922 against 0.9913 at 7 bits)."""
     # 7-bit weights only where onnxruntime's u8s8 kernels saturate: an x86 CPU without VNNI
