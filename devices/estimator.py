@@ -297,7 +297,7 @@ def describe(est: dict, device) -> str:
         from slimx.devices.host import cpu_model
 
         if est["fit_host"] != cpu_model():
-            basis += (f"; fitted on another CPU ({est['fit_host']}): add --calibrate (about a minute) to fit this "
+            basis += (f"; fitted on another CPU ({est['fit_host']}): add --calibrate (about two minutes) to fit this "
                       "machine's own figures first")
     if est.get("calibrated") and est.get("unfitted_share", 0) >= 0.1:
         basis += (f"; {est['unfitted_share'] * 100:.0f}% of this estimate comes from op classes absent from the "

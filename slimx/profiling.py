@@ -95,7 +95,7 @@ def profile(req: ProfileRequest, progress=None) -> dict:
     return measure(req, device, artifact_path, progress)
 
 
-HOST_CALIBRATION = {"runs": 20, "rounds": 2, "warmup": 3}  # about a minute for the suite on 2 cores
+HOST_CALIBRATION = {"runs": 20, "rounds": 2, "warmup": 3}  # about two minutes for the suite on 2 cores
 
 
 def calibrate_host(setting, threads: int | None = None, progress=None):
@@ -112,7 +112,7 @@ def calibrate_host(setting, threads: int | None = None, progress=None):
     digest = "".join(c if c.isalnum() else "-" for c in cpu_model())[:40]
     csv_path = cache_dir() / f"microbench-{runner}-{digest}.csv"
     if progress is not None:
-        progress.note(f"timing the microbenchmark suite with {runner} on {cpu_model()} (about a minute)")
+        progress.note(f"timing the microbenchmark suite with {runner} on {cpu_model()} (about two minutes)")
     run_microbench(runner, csv_path, threads=threads, progress=progress, **HOST_CALIBRATION)
     result = calibrate("host", csv_path, progress=progress)
     if progress is not None:
