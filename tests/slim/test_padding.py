@@ -66,3 +66,35 @@ def test_recover_with_mask_runs_on_real_tokens():
     _, record = recover(student, teacher, data, RecoverConfig(steps=30, lr=3e-3, patience=10), mask_index=1)
     assert record["real_tokens_only"] and record["hidden_states_matched"] == 1
     assert record["heldout_loss_after"] < record["heldout_loss_before"]
+
+
+def test_the_validation_loss_runs_in_chunks_and_gives_each_samples_loss():
+    from slimx.slim.axformer import ValidationLoss
+
+    teacher = _TinyEncoder().eval()
+    student = _TinyEncoder().eval()
+    with torch.no_grad():
+        student.layers[0][0].weight.mul_(0.5)
+    batches = _padded([2, 9, 4, 6, 3])
+    chunked = ValidationLoss(teacher, batches, None, mask_index=1, chunk=2)
+    alone = ValidationLoss(teacher, batches, None, mask_index=1, chunk=1)
+    assert len(chunked.batches) == 3 and len(alone.batches) == 5
+    assert chunked.batches[0][0].shape == (2, 9)  # two samples, cut to the chunk's longest real sequence
+    got, want = chunked(student), alone(student)
+    assert got.shape == (5,) and want.max() > 1e-4
+    torch.testing.assert_close(torch.from_numpy(got), torch.from_numpy(want), rtol=1e-4, atol=1e-6)
+    labelled = ValidationLoss(teacher, batches, [0, 1, 2, 3, 4], mask_index=1, chunk=2)
+    hits = [int(teacher(*b).argmax(-1)[0] == i) for i, b in enumerate(batches)]
+    assert labelled.accuracy(teacher) == sum(hits) / 5
+    # without a mask, samples of different shapes are never padded into one chunk
+    ragged = [(torch.randn(1, n),) for n in (3, 3, 5)]
+    assert [b[0].shape for b in ValidationLoss(torch.nn.Identity(), ragged, None, None).batches] == [(2, 3), (1, 5)]
+
+
+def test_the_slimming_search_prices_the_median_length_sentence():
+    from slimx.slim.slimming import _typical_sample
+
+    batches = _padded([2, 9, 4, 6, 3])
+    picked = _typical_sample(batches, 1)
+    assert picked[0].shape == (1, 4) and int(picked[1].sum()) == 4
+    assert _typical_sample(batches, None) is batches[0]
