@@ -40,12 +40,16 @@ from _results import RESULTS, write_results
 FAST = ["--runs", "30", "-q"]
 
 
-def ort_session(path: Path, threads: int = 2):
+def ort_session(path: Path, threads: int = 2, spinning: bool = False):
+    """An onnxruntime session; ``spinning`` off by default (with many sessions open, the idle ones' spinning
+    workers take CPU from the one being timed), on where a figure is compared with slimx's runner, which keeps
+    onnxruntime's default."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = threads, 1, 3
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
