@@ -53,21 +53,26 @@ def ort_session(path: Path, threads: int = 2, spinning: bool = False):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def interleaved(sessions: dict, feeds: list[dict], rounds: int = 20, block: int = 10) -> dict:
-    """Per artifact, the median over rounds of ms per input; each round every session runs the same block of
-    inputs, in a shuffled order; ratios taken within each round."""
+def interleaved(sessions: dict, feeds: list[dict], rounds: int = 20, block: int = 10, warmup: int = 1,
+                open_session=None) -> dict:
+    """Per artifact, the ms per input of each round; each round every session runs the same block of inputs, in a
+    shuffled order, after ``warmup`` untimed runs; ratios taken within each round. With ``open_session``,
+    ``sessions`` holds what it opens (a path): each block gets a session of its own, closed after it, so that only
+    the timed one is alive."""
     times = {k: [] for k in sessions}
     for r in range(rounds):
         order = list(sessions)
         random.Random(r).shuffle(order)
         chunk = [feeds[(r * block + i) % len(feeds)] for i in range(block)]
         for key in order:
-            sess = sessions[key]
-            sess.run(None, chunk[0])
+            sess = open_session(sessions[key]) if open_session is not None else sessions[key]
+            for i in range(warmup):
+                sess.run(None, chunk[i % len(chunk)])
             start = time.perf_counter()
             for feed in chunk:
                 sess.run(None, feed)
             times[key].append((time.perf_counter() - start) * 1000 / len(chunk))
+            del sess
     return times
 
 

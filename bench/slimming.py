@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import random
 import shutil
 import sys
 import tempfile
@@ -36,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _results import RESULTS, write_results
-from attention import ort_session, speed
+from attention import interleaved, ort_session, speed
 
 FAST = ["--runs", "30", "-q"]
 
@@ -70,27 +69,13 @@ def train(model, x, y, epochs: int):
 
 
 def one_at_a_time(paths: dict, feeds: list[dict], rounds: int, block: int, warmup: int = 200) -> dict:
-    """Like ``attention.interleaved`` (shuffled order each round, ratios within a round), but timed as slimx's
+    """``attention.interleaved`` (shuffled order each round, ratios within a round), timed as slimx's
     runner runs, onnxruntime's spinning on (what the host's latency model is fitted to; with it off, each of this
     small model's ~250 nodes waits for a sleeping worker: 5.4 ms against 2.5 ms), with only the timed session
     alive: the spinning workers of idle sessions took CPU from the timed one (4.3 ms against 2.5 ms with three
     open). A session is opened for its block, warmed up with ``warmup`` runs (a new one takes a few hundred runs to
     its steady pace), timed, and closed."""
-    times = {k: [] for k in paths}
-    for r in range(rounds):
-        order = list(paths)
-        random.Random(r).shuffle(order)
-        chunk = [feeds[(r * block + i) % len(feeds)] for i in range(block)]
-        for key in order:
-            sess = ort_session(paths[key], spinning=True)
-            for i in range(warmup):
-                sess.run(None, chunk[i % len(chunk)])
-            start = time.perf_counter()
-            for feed in chunk:
-                sess.run(None, feed)
-            times[key].append((time.perf_counter() - start) * 1000 / len(chunk))
-            del sess
-    return times
+    return interleaved(paths, feeds, rounds, block, warmup, lambda path: ort_session(path, spinning=True))
 
 
 def run_digits(args, work: Path) -> dict:
