@@ -158,9 +158,10 @@ def run_efficientformer(work: Path) -> dict:
 
 def run_minilm(args, work: Path) -> dict:
     """MiniLM to 70% of its measured host latency on real sentences (onnxruntime, the host's default runtime),
-    exported as ONNX and, from the same search, as TFLite: the pass prices candidates on the host's latency model
-    whatever the format, so both runs slim to the same architecture; each export proves parity in its own runtime
-    and is measured there."""
+    exported as ONNX and as TFLite: the pass prices candidates on the host's latency model whatever the format, so
+    both runs slim to the same budget on the same latency model (the searches are separate, and their recoveries
+    draw batches differently, so the architectures can differ a little); each export proves parity in its own
+    runtime and is measured there."""
     from slimx.cli import main as slimx
     from slimx.export.textdata import stdlib_sentences
 
