@@ -64,7 +64,8 @@ def _compile_line(meta: dict) -> str:
     fused = (meta.get("fusions") or {}).get("applied") or {}
     kinds = [(label, fused[key]) for key, label in (("attention", "Attention"), ("sdpa_via_mha", "MultiHeadAttention"),
                                                      ("skip_layer_normalization", "SkipLayerNorm"),
-                                                     ("bias_gelu", "BiasGelu")) if fused.get(key)]
+                                                     ("bias_gelu", "BiasGelu"),
+                                                     ("embed_layer_normalization", "EmbedLayerNorm")) if fused.get(key)]
     if kinds:
         parts.append("onnxruntime fusions " + ", ".join(f"{label} x{n}" for label, n in kinds))
     quant = meta.get("quantization") or {}

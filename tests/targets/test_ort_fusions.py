@@ -54,8 +54,11 @@ def test_bert_attention_fuses_with_the_mask_as_index_and_matches_pytorch(tmp_pat
     fused = artifact.meta["fusions"]
     assert fused["applied"]["attention"] == 2 and fused["applied"]["attention_mask_index"] == 2, fused
     assert fused["applied"]["skip_layer_normalization"] >= 2 and fused["checked_cosine"] >= 0.99999
+    assert fused["applied"]["embed_layer_normalization"] == 1, fused
     ops = _ops(artifact.path)
     assert ops["Attention"] == 2 and ops["Softmax"] == 0 and ops["Erf"] == 0, ops
+    # the three lookups, their sum and its LayerNorm are one op reading the ids as int32
+    assert ops["EmbedLayerNormalization"] == 1 and ops["Gather"] == 0 and ops["LayerNormalization"] == 0, ops
     for node in onnx.load(str(artifact.path)).graph.node:
         if node.op_type == "Attention":
             assert "qkv_hidden_sizes" not in {a.name for a in node.attribute}
@@ -70,6 +73,7 @@ def test_dynamic_int8_of_the_fused_graph_quantizes_the_attention(tmp_path, bert_
     artifact = target.compile(bert_program, load_device("host"), CompileOptions(precision="int8-weights"), tmp_path)
     ops = _ops(artifact.path)
     assert ops["QAttention"] == 2 and ops["Attention"] == 0, ops
+    assert ops["QEmbedLayerNormalization"] == 1 and ops["EmbedLayerNormalization"] == 0, ops  # int8 tables
     assert min(_cosines(bert_program, artifact, target.runner(threads=1), 12)) > 0.98
 
 
@@ -95,6 +99,49 @@ def test_a_fused_graph_that_disagrees_is_not_kept(tmp_path, bert_program, monkey
     assert record["applied"] == {} and "kept unfused" in record["skipped"]
     assert plain.path.read_bytes() == before, "the unfused file is left as it was"
     assert not list(tmp_path.glob(".*partial")), "no temporary file is left behind"
+
+
+def test_an_embedding_fusion_that_disagrees_is_dropped_alone(tmp_path, bert_program, monkeypatch):
+    target = get_target("onnx")
+    plain = target.compile(bert_program, load_device("host"), CompileOptions(format_options=target.options(
+        {"fuse": False})), tmp_path)
+    real = ort_fusions._embed_layer_norm
+
+    def off_by_one_position(model):  # a wrong fusion: every position takes the next position's row
+        fused = real(model)
+        table = model.graph.initializers["slimx_position_plus_type"]
+        import onnx_ir as ir
+
+        table.const_value = ir.tensor(np.roll(table.const_value.numpy(), -1, axis=0))
+        return fused
+
+    monkeypatch.setattr(ort_fusions, "_embed_layer_norm", off_by_one_position)
+    record = ort_fusions.fuse_for_onnxruntime(plain.path, [sample_inputs(bert_program.inputs, seed=1)],
+                                              mask_input="attention_mask")
+    assert "embed_layer_normalization" not in record["applied"] and record["applied"]["attention"] == 2, record
+    assert "embedding fusion differed" in record["notes"][0] and record["checked_cosine"] >= 0.99999
+    ops = _ops(plain.path)
+    assert ops["Attention"] == 2 and ops["EmbedLayerNormalization"] == 0 and ops["Gather"] >= 2, ops
+
+
+def test_the_embedding_pattern_is_only_fused_where_positions_count_from_zero():
+    import onnx_ir as ir
+
+    def sliced(values, start):
+        data = ir.Value(name="d", const_value=ir.tensor(np.asarray(values, np.int64)))
+        starts = ir.Value(name="s", const_value=ir.tensor(np.asarray([start], np.int64)))
+        ends = ir.Value(name="e")
+        axes = ir.Value(name="a", const_value=ir.tensor(np.asarray([1], np.int64)))
+        return ir.node("Slice", inputs=[data, starts, ends, axes]).outputs[0]
+
+    assert ort_fusions._is_positions(sliced([list(range(8))], 0))
+    assert not ort_fusions._is_positions(sliced([list(range(8))], 2))  # positions from 2: not what the op assumes
+    assert not ort_fusions._is_positions(sliced([[0, 1, 2, 4]], 0))
+    zeros = ir.Value(name="z", const_value=ir.tensor(np.zeros((1, 8), np.int64)))
+    gathered = ir.node("GatherElements", inputs=[zeros, sliced([list(range(8))], 0)]).outputs[0]
+    assert ort_fusions._all_zero(gathered)
+    ones = ir.Value(name="o", const_value=ir.tensor(np.ones((1, 8), np.int64)))
+    assert not ort_fusions._all_zero(ir.node("GatherElements", inputs=[ones, gathered]).outputs[0])
 
 
 def test_cli_no_fuse_and_its_refusal_for_other_formats(tmp_path, tiny_bert_dir, capsys):
