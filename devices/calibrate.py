@@ -476,7 +476,7 @@ def merged_estimator(device, fits: dict) -> dict:
             if cv.get("interval_factors"):
                 table["interval_low"], table["interval_high"] = cv["interval_factors"]
                 table["interval_low_source"] = table["interval_high_source"] = (
-                    f"10th/90th percentile of measured / estimated over the {cv['method']} held-out rows of "
+                    f"conformal ranks of measured / estimated over the {cv['method']} held-out rows of "
                     f"{fit['data']} ({today}): sized to cover 80% of unseen models")
                 table["spearman"] = cv["spearman"]
                 table["spearman_source"] = (f"rank correlation of the {cv['method']} held-out estimates with the "

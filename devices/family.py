@@ -362,7 +362,7 @@ def write_family(result: dict, out_dir=None) -> list:
         table["cv_method"] = cv["method"]
         table["interval_low"], table["interval_high"] = cv["interval_factors"]
         table["interval_low_source"] = table["interval_high_source"] = (
-            f"10th/90th percentile of measured / estimated over the {cv['method']} held-out rows ({today}): sized "
+            f"conformal ranks of measured / estimated over the {cv['method']} held-out rows ({today}): sized "
             "to cover 80% of unseen models")
         table["spearman"] = cv["spearman"]
         table["spearman_source"] = f"rank correlation of the {cv['method']} held-out estimates ({today})"

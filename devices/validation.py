@@ -5,8 +5,11 @@ Leave-one-row-out flatters a fit: a row's siblings (EfficientFormer-L3 when L1 i
 training set, so an error that is really "this family runs differently" never shows. Here rows are grouped
 by architecture family (``efficientformer``, ``efficientformerv2``, ``repvit``, ``resnet``, ...) and every
 family is predicted by a fit that saw none of it. That figure is what an estimate states as its expected
-error, and the interval an estimate carries is cut from the same held-out residuals (the 10th and 90th
-percentile of measured / predicted), so that it is expected to cover 80% of unseen models.
+error, and the interval an estimate carries is cut from the same held-out residuals (measured / predicted) at
+split-conformal ranks: with n held-out rows, the k-th smallest and k-th largest ratio, k = floor((n + 1) * 0.1),
+never less than 1. Plain 10th/90th percentiles of a dozen rows are too narrow: nested grouped CV covered 64% of
+iPhone 12 rows with them, where the conformal ranks cover 71% (and cover the 4-device Jetson family's
+leave-one-device-out rows 68% of the time against 64%).
 
 The baseline is latency = a * GMACs + b * op count + c * MB moved + d (non-negative, relative-error
 weighted least squares): the per-op model ships for a setting only where its grouped error is at or below
@@ -69,17 +72,35 @@ def summarize(pred: np.ndarray, measured: np.ndarray, method: str, groups: list[
     """Held-out errors of ``pred`` against ``measured`` and the interval factors they imply."""
     errors = (pred / measured - 1.0) * 100.0
     ratio = measured / pred
-    lo_q, hi_q = (1 - INTERVAL_COVERAGE) / 2, (1 + INTERVAL_COVERAGE) / 2
     out = {"method": method, "errors_pct": errors.round(2).tolist(),
            "mape_pct": round(float(np.mean(np.abs(errors))), 2),
            "median_abs_pct": round(float(np.median(np.abs(errors))), 2),
            "within_15pct": round(float(np.mean(np.abs(errors) <= 15.0)), 3),
            "max_abs_pct": round(float(np.max(np.abs(errors))), 2),
            "spearman": round(spearman(pred, measured), 3),
-           "interval_factors": [round(float(np.quantile(ratio, lo_q)), 4), round(float(np.quantile(ratio, hi_q)), 4)]}
+           "interval_factors": conformal_interval(ratio, INTERVAL_COVERAGE)}
     if groups is not None:
         out["groups"] = groups
     return out
+
+
+def conformal_interval(ratio: np.ndarray, coverage: float) -> list[float]:
+    """``[lo, hi]`` factors from held-out ratios (measured / predicted) at split-conformal ranks: the k-th smallest
+    and the k-th largest, k = floor((n + 1) * (1 - coverage) / 2), at least 1. For n exchangeable held-out rows a
+    new row falls inside with probability at least ``coverage`` when k >= 1 by that formula; with fewer rows
+    (n < 9 at 80%) k is held at 1, the whole observed range, which is then all the data can say.
+
+    Example:
+        >>> conformal_interval(np.arange(1, 15) / 10, 0.8)  # 14 rows: k = 1, the extremes
+        [0.1, 1.4]
+        >>> conformal_interval(np.arange(1, 40) / 10, 0.8)  # 39 rows: k = 4
+        [0.4, 3.6]
+    """
+    r = np.sort(np.asarray(ratio, dtype=float))
+    n = len(r)
+    k = max(int(np.floor((n + 1) * (1 - coverage) / 2 + 1e-9)), 1)
+    k = min(k, n)
+    return [round(float(r[k - 1]), 4), round(float(r[n - k]), 4)]
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
