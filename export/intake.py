@@ -508,6 +508,13 @@ def load_onnx_file(path: Path, shapes: list[str]) -> LoadedModel:
               if n.op_type == "Gather" and len(n.input) > 1 and n.input[0] in rows}  # ids -> embedding rows
     positions = [rows[n.input[0]] for n in proto.graph.node  # a position-embedding table bounds the length
                  if n.op_type == "Gather" and n.input[0] in rows and "position" in n.input[0].lower()]
+    cast_of = {n.output[0]: n.input[0] for n in proto.graph.node if n.op_type == "Cast"}
+    for n in proto.graph.node:  # onnxruntime's fused embedding (slimx's fused exports): ids, word and position tables
+        if n.op_type in ("EmbedLayerNormalization", "QEmbedLayerNormalization") and len(n.input) > 3:
+            if n.input[2] in rows:
+                tables[cast_of.get(n.input[0], n.input[0])] = rows[n.input[2]]
+            if n.input[3] in rows:
+                positions.append(rows[n.input[3]])
     text_length = min([TEXT_DEFAULT_LENGTH, *positions])
     loaded_notes: list[str] = []
     given = {}
