@@ -286,9 +286,12 @@ def _is_positions(value) -> bool:
     if arange(_const(value)):
         return True
     node = value.producer()
-    if node is None or node.op_type != "Slice" or node.domain != "" or not arange(_const(node.inputs[0])):
+    if node is None or node.op_type != "Slice" or node.domain != "":
         return False
-    data_rank = _const(node.inputs[0]).ndim
+    data = _const(node.inputs[0])
+    if not arange(data):
+        return False
+    data_rank = data.ndim
     starts = _const(node.inputs[1])
     axes = _const(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else np.arange(data_rank)
     steps = _const(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else np.ones(len(axes))
