@@ -107,11 +107,14 @@ def render(result: dict) -> str:
 
 def render_families(families: list[dict]) -> list[str]:
     lines = ["", "## Device families: one fit over every device of a family, tied to their specs", "",
-             "t = setup factor x device factor x [a G (P0/P)^alpha + w B (W0/W)^gamma + (b O + c) (K0/K)^beta], least "
-             "squares on log latency with a soft-L1 loss (`devices/family.py`). A device with rows is scored "
+             "t = setup factor x device factor x [a G (P0/P)^alpha + w B (W0/W)^gamma + (b O + c) (K0/K)^beta] "
+             "(+ the setup's fixed time where that lowers the leave-one-device-out error), least squares on log "
+             "latency with a soft-L1 loss (`devices/family.py`). Setups are the timing tool and the versions a row "
+             "states (the iPhone 14's and the iPhone 12's Xcode 14 / iOS 16 rows share one). A device with rows is scored "
              "leave-one-family-out inside the family fit (its families' rows left out on every device); a device "
              "without rows states the leave-one-device-out error (each device with rows predicted by a fit without "
-             "it, no device factor, its setup's factor only where another device was timed in that setup). "
+             "it, no device factor, its setup's factor only where another device was timed in that setup; each "
+             "device weighted equally, whatever its row count). "
              "Coverage: nested, the interval cut from a grouped CV that did not see the held-out group either. A "
              "member keeps its own fit where its own grouped error is lower.", ""]
     for fam in families:
@@ -119,7 +122,12 @@ def render_families(families: list[dict]) -> list[str]:
         exps = ", ".join(f"{k} {v:.2f}" for k, v in fam["exponents"].items())
         lines += [f"### {fam['family']} ({fam['rows']} rows from {', '.join(fam['tables'])})", "",
                   f"Spec exponents {exps}; estimates for the setup `{fam['reference_setup']}`; setup factors: " +
-                  "; ".join(f"`{u['setup']}` x{u['factor']:.2f} ({u['rows']} rows)" for u in fam["setups"]), "",
+                  "; ".join(f"`{u['setup']}` x{u['factor']:.2f}" + (f" +{u['offset_ms']:.2f} ms" if "offset_ms" in u
+                                                                    else "") + f" ({u['rows']} rows)"
+                            for u in fam["setups"]) +
+                  (f". Setup fixed times: {'fitted' if fam.get('setup_offsets') else 'not fitted'} (leave-one-device-"
+                   f"out mean error without {fam['setup_offsets_why']['without']:.1f}%, with "
+                   f"{fam['setup_offsets_why']['with']:.1f}%)" if "setup_offsets_why" in fam else ""), "",
                   "| device | rows | validated by | mean / median error | Spearman | 80% interval | coverage (nested) "
                   "| ships |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for name, m in fam["members"].items():

@@ -12,8 +12,15 @@ peak); a, w, b, c >= 0 (relative-error least squares for each exponent triple on
 factor for devices with rows (shrunk towards 1 by their row count; 1 for a device without rows). The fit replaces
 ``--scale-from``'s flat +15 points with measured ones:
 
+Rows are timed in measurement setups (``setup_of``: the timing tool and the OS / app / converter versions a row
+states, so the iPhone 14's Xcode 14 report rows share the iPhone 12's setup); a row in setup s is predicted as
+``g_s * t(d, m) + o_s``, the reference setup (the newest) having g = 1, o = 0. The fixed times o_s are fitted only
+where they lower the family's leave-one-device-out error (they do for Jetson, where torch2trt adds about half a
+millisecond per call whatever the device; they do not for the Apple tables).
+
 - a device without rows states the **leave-one-device-out** error: each device with rows predicted by a family
-  fit that never saw it (f = 1), the interval from those residuals;
+  fit that never saw it (f = 1), each device weighted equally whatever its row count, the interval from those
+  residuals;
 - a device with rows states the **leave-one-family-out** error of its own rows under the family fit (its rows'
   model families left out in turn, all devices' rows of that family with them).
 
@@ -88,6 +95,7 @@ class FamilyFit:
     ref: tuple[float, float, float]  # P0, W0, K0
     device_factor: dict  # device -> f_d
     setup_factor: dict = field(default_factory=dict)  # measurement setup -> its factor (the reference's is 1)
+    setup_offset_ms: dict = field(default_factory=dict)  # measurement setup -> the time it adds (host-side work)
     reference_setup: str = ""
 
     def terms(self, spec: tuple[float, float, float]) -> np.ndarray:
@@ -101,7 +109,8 @@ class FamilyFit:
         """x: rows of [G, B, O, 1]; for the reference setup unless ``setup`` names one the fit has a factor for."""
         f = self.device_factor.get(device, 1.0) if device is not None else 1.0
         f *= self.setup_factor.get(setup, 1.0) if setup is not None else 1.0
-        return np.maximum((x * self.terms(spec)) @ self.coef * f, 1e-6)
+        extra = self.setup_offset_ms.get(setup, 0.0) if setup is not None else 0.0
+        return np.maximum((x * self.terms(spec)) @ self.coef * f + extra, 1e-6)
 
     def baseline(self, spec: tuple, device: str | None) -> dict:
         """The fit at one device's specs, for the reference setup, as the estimator's baseline coefficients (ms
@@ -112,14 +121,16 @@ class FamilyFit:
 
 
 def fit_family(x: np.ndarray, y: np.ndarray, spec: np.ndarray, devices: list[str], setups: list[str] | None = None,
-               reference: str | None = None) -> FamilyFit:
+               reference: str | None = None, offsets: bool = False) -> FamilyFit:
     """Fit the family model to rows x = [G, B, O (thousands), 1], latencies y, per-row device specs (P, W, K).
 
-    ``setups``: each row's measurement setup (its table and runtime text); every setup but ``reference`` gets a
-    factor (setups are data: the same model timed by two protocols differs by its factor), estimates are for the
-    reference. The fit is least squares on log latency with a robust (soft-L1) loss, so that one row far off the
-    model (a network whose ops fall off the accelerator) does not bend the rest; the exponents are fitted with
-    the coefficients, from several starting points.
+    ``setups``: each row's measurement setup (``setup_of``); every setup but ``reference`` gets a factor (setups
+    are data: the same model timed by two protocols differs by its factor), and with ``offsets`` also a fixed time
+    it adds (a framework's per-call overhead, copies: torch2trt's Python call costs the same half millisecond on
+    a Nano as on a Xavier, a tenth of one's time and half of the other's); estimates are for the reference.
+    The fit is least squares on log latency with a robust (soft-L1) loss, so that one row far off the model (a
+    network whose ops fall off the accelerator) does not bend the rest; the exponents are fitted with the
+    coefficients, from several starting points.
     """
     from scipy.optimize import least_squares, nnls
 
@@ -133,29 +144,40 @@ def fit_family(x: np.ndarray, y: np.ndarray, spec: np.ndarray, devices: list[str
     ratio = np.asarray(ref)[None, :] / spec  # (P0/P, W0/W, K0/K) per row
     logy = np.log(y)
 
+    m = len(others)
+    # a spec that does not vary between the devices with rows (the A13, A14 and A15 have one memory bandwidth)
+    # cannot teach its exponent: it is held at 1, the roofline's own assumption (time inversely proportional)
+    fixed = np.array([bool(np.ptp(np.log(spec[:, i])) < 1e-9) for i in range(3)])
+    # with ``offsets`` a setup may also add fixed time (host-side work: a framework's call overhead, copies on
+    # every call), told from its factor by models of different sizes timed in it
+    k = m if offsets else 0
+
     def unpack(p):
-        return p[:4], p[4:7], np.concatenate([p[7:], [0.0]])[which]
+        extra = np.concatenate([p[7 + m:7 + m + k], np.zeros(m - k + 1)])[which]
+        return p[:4], np.where(fixed, 1.0, p[4:7]), np.concatenate([p[7:7 + m], [0.0]])[which], extra
 
     def residual(p):
-        coef, (alpha, gamma, beta), off = unpack(p)
+        coef, (alpha, gamma, beta), off, extra = unpack(p)
         mult = np.column_stack([ratio[:, 0] ** alpha, ratio[:, 1] ** gamma, ratio[:, 2] ** beta,
                                 ratio[:, 2] ** beta])
-        return np.log(np.maximum((x * mult) @ coef, 1e-9)) + off - logy
+        return np.log(np.maximum((x * mult) @ coef * np.exp(off) + extra, 1e-9)) - logy
 
     best = None
     for start in itertools.product((0.5, 1.0), (0.25, 0.75), (0.5, 1.0)):
+        start = tuple(1.0 if f else v for f, v in zip(fixed, start, strict=True))
         mult = np.column_stack([ratio[:, 0] ** start[0], ratio[:, 1] ** start[1], ratio[:, 2] ** start[2],
                                 ratio[:, 2] ** start[2]])
         coef0, _ = nnls(x * mult / y[:, None], np.ones(n))
-        p0 = np.concatenate([np.maximum(coef0, 1e-6), start, np.zeros(len(others))])
-        lo = np.concatenate([np.zeros(4), np.zeros(3), np.full(len(others), -3.0)])
-        hi = np.concatenate([np.full(4, np.inf), np.full(3, EXPONENT_MAX), np.full(len(others), 3.0)])
+        p0 = np.concatenate([np.maximum(coef0, 1e-6), start, np.zeros(m), np.zeros(k)])
+        lo = np.concatenate([np.zeros(4), np.zeros(3), np.full(m, -3.0), np.zeros(k)])
+        hi = np.concatenate([np.full(4, np.inf), np.full(3, EXPONENT_MAX), np.full(m, 3.0), np.full(k, np.inf)])
         sol = least_squares(residual, p0, bounds=(lo, hi), loss="soft_l1", f_scale=ROBUST_SCALE)
         if best is None or sol.cost < best.cost:
             best = sol
-    coef, exps, _ = unpack(best.x)
+    coef, exps, _, _ = unpack(best.x)
     setup_factor = {reference: 1.0, **{s: float(np.exp(best.x[7 + i])) for i, s in enumerate(others)}}
-    fit = FamilyFit(np.asarray(coef, dtype=float), tuple(float(e) for e in exps), ref, {}, setup_factor, reference)
+    fit = FamilyFit(np.asarray(coef, dtype=float), tuple(float(e) for e in exps), ref, {}, setup_factor,
+                    {s: float(best.x[7 + m + i]) for i, s in enumerate(others) if i < k}, reference)
     pred = np.array([fit.predict(x[i:i + 1], tuple(spec[i]), setup=setups[i])[0] for i in range(n)])
     for d in sorted(set(devices)):
         idx = [i for i, dv in enumerate(devices) if dv == d]
@@ -181,22 +203,61 @@ def family_rows(family: Family, tables: list[tuple[str, list[dict]]]) -> list[di
     return out
 
 
-def family_setups(rows: list[dict]) -> tuple[list[str], str]:
-    """Each row's measurement setup (its table and runtime text; "same setup as ..." joins the table's first
-    setup) and the reference setup estimates are for: the newest (the latest year its rows' sources name; ties:
-    more rows)."""
+# timing tools a published row's runtime or source text can name: rows timed by the same tool share a setup across
+# tables and devices (the iPhone 14's Xcode report rows with the iPhone 12's), whatever words each table uses
+SETUP_TOOLS = (("xcode", "Xcode Core ML performance report"), ("coreml-performance", "coreml-performance app"),
+               ("modelbench", "ModelBench app"), ("netspresso", "NetsPresso Launcher"), ("torch2trt", "torch2trt"),
+               ("trtexec", "trtexec"))
+
+
+# versions a row's runtime or device text states: part of its setup (the same app under another OS or converter
+# version is another setup)
+SETUP_VERSIONS = re.compile(r"\b(xcode|ios|coremltools|jetpack|tensorrt)\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
+_SPELLING = {"xcode": "Xcode", "ios": "iOS", "coremltools": "coremltools", "jetpack": "JetPack", "tensorrt": "TensorRT"}
+
+
+def setup_of(row: dict, first: dict[str, str]) -> str:
+    """A row's measurement setup: the timing tool its runtime or source text names with the versions (OS, app,
+    converter) its runtime and device text state, else its table and runtime text ("same setup as ..." joins
+    the table's first setup)."""
+    text = (row.get("runtime") or "").strip()
+    if "same setup as" in text.lower() and row["table"] in first:
+        return first[row["table"]]
+    both = f"{text} {row.get('source') or ''}".lower()
+    tool = next((name for word, name in SETUP_TOOLS if word in both), None)
+    if tool is None:
+        key = f"{row['table']}: {text}"
+    else:
+        versions = sorted({f"{_SPELLING[m.group(1).lower()]} {m.group(2)}"
+                           for m in SETUP_VERSIONS.finditer(f"{text} {row.get('device') or ''}")})
+        key = tool + (f" ({', '.join(versions)})" if versions else "")
+    first.setdefault(row["table"], key)
+    return key
+
+
+def family_setups(rows: list[dict]) -> tuple[list[str], str, list[str]]:
+    """Each row's measurement setup (``setup_of``), the reference setup estimates are for (the newest: the latest
+    year its rows' sources name; ties: more rows) and the setups pooled into the reference.
+
+    A setup keeps a factor of its own only where it is tied to the reference by models timed in both (directly or
+    through other setups, on any device of the family): otherwise its offset cannot be told apart from its
+    devices' and models' own, and its rows join the reference (their device factor absorbs the difference)."""
     first: dict[str, str] = {}
-    keys = []
-    for row in rows:
-        text = (row.get("runtime") or "").strip()
-        if "same setup as" in text.lower() and row["table"] in first:
-            text = first[row["table"]]
-        first.setdefault(row["table"], text)
-        keys.append(f"{row['table']}: {text}")
+    keys = [setup_of(row, first) for row in rows]
     years = {k: max([int(y) for r, kk in zip(rows, keys, strict=True) if kk == k
                      for y in re.findall(r"\b(20[0-4]\d)\b", r.get("source") or "")] or [0]) for k in set(keys)}
     reference = max(sorted(years), key=lambda k: (years[k], keys.count(k)))
-    return keys, reference
+    models = {k: {(r.get("timm_name"), r.get("input_size")) for r, kk in zip(rows, keys, strict=True) if kk == k}
+              for k in set(keys)}
+    linked, frontier = {reference}, [reference]
+    while frontier:
+        k = frontier.pop()
+        for other in sorted(set(keys) - linked):
+            if models[other] & models[k]:
+                linked.add(other)
+                frontier.append(other)
+    pooled = sorted(set(keys) - linked)
+    return [k if k in linked else reference for k in keys], reference, pooled
 
 
 def calibrate_family(family_name: str, tables: list[tuple[str, list[dict]]], progress=None,
@@ -228,13 +289,14 @@ def calibrate_family(family_name: str, tables: list[tuple[str, list[dict]]], pro
     y = np.array([s.measured_ms for s in samples])
     spec_of = {name: specs(profiles[name], settings[name]) for name in profiles}
     spec = np.array([spec_of[d] for d in devices])
-    setups, reference = family_setups(rows)
-    fit = fit_family(x, y, spec, devices, setups, reference)
+    setups, reference, pooled = family_setups(rows)
     with_rows = sorted(set(devices))
+    chosen = {"offsets": False}  # the model structure the family's leave-one-device-out error picks (below)
 
     families = [family_of(s.spec) for s in samples]
 
-    def held_out(keep: np.ndarray, groups: list[str], with_device: bool, only: str | None = None) -> np.ndarray:
+    def held_out(keep: np.ndarray, groups: list[str], with_device: bool, only: str | None = None,
+                 offsets: bool | None = None) -> np.ndarray:
         """Predictions for the rows in ``keep``, each group predicted by a fit on the other kept rows: a row gets
         its setup's factor where the fit has one, and its device's factor only ``with_device`` (leave-one-family-
         out; a device left out has none)."""
@@ -246,7 +308,8 @@ def calibrate_family(family_name: str, tables: list[tuple[str, list[dict]]], pro
             if not train.any():
                 continue
             sub = fit_family(x[train], y[train], spec[train], [d for d, t in zip(devices, train, strict=True) if t],
-                             [u for u, t in zip(setups, train, strict=True) if t], reference)
+                             [u for u, t in zip(setups, train, strict=True) if t], reference,
+                             chosen["offsets"] if offsets is None else offsets)
             pred[test] = [sub.predict(x[i:i + 1], spec_of[devices[i]], devices[i] if with_device else None,
                                       setups[i])[0] for i in np.flatnonzero(test)]
         return pred
@@ -261,22 +324,32 @@ def calibrate_family(family_name: str, tables: list[tuple[str, list[dict]]], pro
             ok = ~np.isnan(inner)
             if ok.sum() < 3:
                 continue
-            lo, hi = summarize(inner[ok], y[ok], "inner")["interval_factors"]
+            lo, hi = summarize(inner[ok], y[ok], "inner", weights=per_device[ok] if not with_device else None
+                               )["interval_factors"]
             outer = held_out(everything, groups, with_device, only=g)
             inside[test] = (y[test] >= outer[test] * lo) & (y[test] <= outer[test] * hi)
         return inside
 
     everything = np.ones(len(y), dtype=bool)
+    # a device without rows is one device: each device with rows speaks for it equally, whatever its row count
+    per_device = np.array([1.0 / devices.count(d) for d in devices])
     # leave-one-device-out: what a device without rows can expect (its rows get the factor of their setup where
     # another device was timed in it, else none)
-    lodo = held_out(everything, devices, with_device=False)
-    lodo_cv = summarize(lodo, y, f"leave-one-device-out ({len(with_rows)} devices: {', '.join(with_rows)})",
-                        with_rows)
+    # (setups that add fixed time besides their factor are kept only where that lowers this error)
+    method = f"leave-one-device-out ({len(with_rows)} devices: {', '.join(with_rows)}; each device weighted equally)"
+    tried = {}
+    for offsets in (False, True):
+        pred = held_out(everything, devices, with_device=False, offsets=offsets)
+        tried[offsets] = (summarize(pred, y, method, with_rows, weights=per_device), pred)
+    chosen["offsets"] = tried[True][0]["mape_pct"] < tried[False][0]["mape_pct"]
+    lodo_cv, lodo = tried[chosen["offsets"]]
+    fit = fit_family(x, y, spec, devices, setups, reference, chosen["offsets"])
     # leave-one-family-out over the model families: what a device with rows can expect on an unseen family
     lofo = held_out(everything, families, with_device=True)
     lofo = np.where(np.isnan(lofo), fit.predict(x, spec[0]), lofo)
     if nested_coverage:
-        lodo_cv["coverage"] = round(float(nested(devices, False).mean()), 3)
+        inside = nested(devices, False)
+        lodo_cv["coverage"] = round(float(np.sum(inside * per_device) / np.sum(per_device)), 3)
         lofo_inside = nested(families, True)
     members = {}
     for name in profiles:
@@ -291,7 +364,10 @@ def calibrate_family(family_name: str, tables: list[tuple[str, list[dict]]], pro
             cv = lodo_cv
             basis = "no rows of its own" if not idx else f"{len(idx)} rows of its own, too few to validate on"
         own = settings[name]
-        own_error = None if own.scaled_from else own.expected_error_pct
+        written = profiles[name].raw.get("estimator", {}).get(family.setting, {})
+        # no fit of its own to keep: one scaled from another device, or one an earlier family fit wrote
+        by_family = "family fit" in str(written.get("model_source", "")) if isinstance(written, dict) else False
+        own_error = None if own.scaled_from or by_family else own.expected_error_pct
         ships = own_error is None or cv["mape_pct"] <= own_error
         members[name] = {"baseline": fit.baseline(spec_of[name], name if idx else None), "cv": cv,
                          "rows": len(idx), "basis": basis, "factor": fit.device_factor.get(name),
@@ -305,9 +381,13 @@ def calibrate_family(family_name: str, tables: list[tuple[str, list[dict]]], pro
             "coef": dict(zip(("a_ms_per_gmac", "w_ms_per_gb", "b_us_per_op", "c_fixed_ms"), map(float, fit.coef),
                              strict=True)),
             "reference_specs": dict(zip(("peak_gops", "bandwidth_gbs", "per_layer_gops"), fit.ref, strict=True)),
-            "reference_setup": reference,
+            "reference_setup": reference, "pooled_setups": pooled,
             "setups": [{"setup": k, "factor": round(v, 4), "rows": setups.count(k)}
+                       | ({"offset_ms": round(fit.setup_offset_ms[k], 4)}
+                          if chosen["offsets"] and k in fit.setup_offset_ms else {})
                        for k, v in fit.setup_factor.items()],
+            "setup_offsets": chosen["offsets"],
+            "setup_offsets_why": {"without": tried[False][0]["mape_pct"], "with": tried[True][0]["mape_pct"]},
             "lodo": {k: v for k, v in lodo_cv.items() if k != "errors_pct"}, "members": members,
             "table": [{"label": s.label, "device": d, "family": f, "setup": u, "measured_ms": round(float(m), 4),
                        "lodo_ms": round(float(a), 4), "lofo_ms": round(float(b), 4)}
@@ -368,7 +448,9 @@ def write_family(result: dict, out_dir=None) -> list:
         table["spearman_source"] = f"rank correlation of the {cv['method']} held-out estimates ({today})"
         table["fit_rows"] = member["rows"]
         table["fit_rows_source"] = how
-        others = ", ".join(f"{u['setup']} x{u['factor']:.2f}" for u in result["setups"] if u["factor"] != 1.0)
+        others = ", ".join(f"{u['setup']} x{u['factor']:.2f}" + (f" +{u['offset_ms']:.2f} ms" if u.get("offset_ms")
+                                                                   else "")
+                           for u in result["setups"] if u["setup"] != result["reference_setup"])
         table["setup"] = result["reference_setup"]
         table["setup_source"] = (f"the newest measurement setup in the {fam} family's data (estimates are for it); "
                                  f"the other setups' fitted factors: {others or 'none'}")

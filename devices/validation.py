@@ -68,39 +68,79 @@ def grouped_cv(n: int, groups: list[str], fit_predict: Callable[[np.ndarray, np.
     return summarize(pred, measured, f"leave-one-{what}-out ({len(names)} {plural})", names)
 
 
-def summarize(pred: np.ndarray, measured: np.ndarray, method: str, groups: list[str] | None = None) -> dict:
-    """Held-out errors of ``pred`` against ``measured`` and the interval factors they imply."""
+def summarize(pred: np.ndarray, measured: np.ndarray, method: str, groups: list[str] | None = None,
+              weights: np.ndarray | None = None) -> dict:
+    """Held-out errors of ``pred`` against ``measured`` and the interval factors they imply. ``weights``: how
+    much each row counts (leave-one-device-out weighs each device's rows 1 / its row count, so that a device
+    with 47 rows does not speak for a device without any); the figures are then weighted ones."""
     errors = (pred / measured - 1.0) * 100.0
     ratio = measured / pred
+    w = np.full(len(errors), 1.0 / max(len(errors), 1)) if weights is None else np.asarray(weights, float)
+    w = w / w.sum()
+    absolute = np.abs(errors)
     out = {"method": method, "errors_pct": errors.round(2).tolist(),
-           "mape_pct": round(float(np.mean(np.abs(errors))), 2),
-           "median_abs_pct": round(float(np.median(np.abs(errors))), 2),
-           "within_15pct": round(float(np.mean(np.abs(errors) <= 15.0)), 3),
-           "max_abs_pct": round(float(np.max(np.abs(errors))), 2),
+           "mape_pct": round(float(np.sum(w * absolute)), 2),
+           "median_abs_pct": round(weighted_median(absolute, w), 2),
+           "within_15pct": round(float(np.sum(w * (absolute <= 15.0))), 3),
+           "max_abs_pct": round(float(np.max(absolute)), 2),
            "spearman": round(spearman(pred, measured), 3),
-           "interval_factors": conformal_interval(ratio, INTERVAL_COVERAGE)}
+           "interval_factors": conformal_interval(ratio, INTERVAL_COVERAGE, weights)}
     if groups is not None:
         out["groups"] = groups
     return out
 
 
-def conformal_interval(ratio: np.ndarray, coverage: float) -> list[float]:
+def weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
+    """The value at half the total weight (the mean of the two middle values where equal weights split evenly,
+    as ``np.median``).
+
+    Example:
+        >>> weighted_median(np.array([1.0, 2.0, 10.0]), np.array([1.0, 1.0, 1.0]))
+        2.0
+        >>> weighted_median(np.array([1.0, 2.0, 3.0, 4.0]), np.ones(4))
+        2.5
+        >>> weighted_median(np.array([1.0, 2.0, 10.0]), np.array([0.1, 0.1, 0.8]))
+        10.0
+    """
+    order = np.argsort(values)
+    v, c = np.asarray(values, float)[order], np.cumsum(np.asarray(weights, float)[order])
+    c = c / c[-1]
+    i = int(np.searchsorted(c, 0.5 - 1e-12))
+    if abs(c[i] - 0.5) < 1e-12 and i + 1 < len(v):
+        return float((v[i] + v[i + 1]) / 2)
+    return float(v[i])
+
+
+def conformal_interval(ratio: np.ndarray, coverage: float, weights: np.ndarray | None = None) -> list[float]:
     """``[lo, hi]`` factors from held-out ratios (measured / predicted) at split-conformal ranks: the k-th smallest
     and the k-th largest, k = floor((n + 1) * (1 - coverage) / 2), at least 1. For n exchangeable held-out rows a
     new row falls inside with probability at least ``coverage`` when k >= 1 by that formula; with fewer rows
     (n < 9 at 80%) k is held at 1, the whole observed range, which is then all the data can say.
+
+    With ``weights`` (rows of unequal say), n is the effective count 1 / sum(w^2) of the normalised weights and
+    the bounds are where the weights accumulated from either end first reach k / n; equal weights give the
+    ranks above.
 
     Example:
         >>> conformal_interval(np.arange(1, 15) / 10, 0.8)  # 14 rows: k = 1, the extremes
         [0.1, 1.4]
         >>> conformal_interval(np.arange(1, 40) / 10, 0.8)  # 39 rows: k = 4
         [0.4, 3.6]
+        >>> conformal_interval(np.arange(1, 40) / 10, 0.8, np.ones(39))  # the same
+        [0.4, 3.6]
     """
-    r = np.sort(np.asarray(ratio, dtype=float))
+    order = np.argsort(np.asarray(ratio, dtype=float))
+    r = np.asarray(ratio, dtype=float)[order]
     n = len(r)
-    k = max(int(np.floor((n + 1) * (1 - coverage) / 2 + 1e-9)), 1)
-    k = min(k, n)
-    return [round(float(r[k - 1]), 4), round(float(r[n - k]), 4)]
+    w = np.ones(n) if weights is None else np.asarray(weights, dtype=float)[order]
+    w = w / w.sum()
+    n_eff = round(1.0 / float(np.sum(w ** 2)), 6)
+    k = max(int(np.floor((n_eff + 1) * (1 - coverage) / 2 + 1e-9)), 1)
+    level = min(k / n_eff, 1.0) - 1e-9
+    lo = int(np.searchsorted(np.cumsum(w), level))
+    hi = n - 1 - int(np.searchsorted(np.cumsum(w[::-1]), level))
+    lo, hi = min(lo, n - 1), max(hi, 0)
+    return [round(float(r[lo]), 4), round(float(r[hi]), 4)]
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:

@@ -121,3 +121,57 @@ def test_one_row_far_off_does_not_bend_the_fit():
         assert np.median(np.abs(b / a - 1)) < 0.04, device
     a, b = clean.predict(models, specs["new"]), bent.predict(models, specs["new"])
     assert np.median(np.abs(b / a - 1)) < 0.1  # plain least squares moved this one by 20% (checked by hand)
+
+
+def test_a_setup_that_adds_fixed_time_is_told_from_one_that_scales():
+    """torch2trt-like: a protocol adding 0.7 ms to every call, on slow and fast devices alike. With offsets the fit
+    recovers the added time (and a factor near 1); without, a single factor cannot fit both devices."""
+    x, y, spec, devices, models, specs, latency = _synthetic(seed=3)
+    setups = ["python" if i % 2 else "native" for i in range(len(y))]
+    y = np.where(np.array(setups) == "python", y + 0.7, y)
+    fit = fit_family(x, y, spec, devices, setups, reference="native", offsets=True)
+    assert abs(fit.setup_offset_ms["python"] - 0.7) < 0.15 and abs(fit.setup_factor["python"] - 1) < 0.1
+    plain = fit_family(x, y, spec, devices, setups, reference="native")
+    assert plain.setup_offset_ms == {}
+    x_py = np.array([x[i] for i in range(len(y)) if setups[i] == "python"])
+
+    def miss(f):
+        pred = np.array([f.predict(x[i:i + 1], tuple(spec[i]), setup=setups[i])[0] for i in range(len(y))])
+        return np.median(np.abs(pred / y - 1))
+
+    assert len(x_py) and miss(fit) < miss(plain)
+
+
+def test_a_spec_every_device_shares_keeps_exponent_one():
+    """Bandwidth identical on every device with rows: its exponent cannot be learnt and stays at 1 (not at a bound
+    the optimiser happened to stop at), so a new device with more bandwidth is predicted by the roofline's rule."""
+    x, y, spec, devices, *_ = _synthetic(seed=4)
+    spec = spec.copy()
+    spec[:, 1] = 34.1
+    fit = fit_family(x, y, spec, devices)
+    assert fit.exponents[1] == 1.0
+    assert fit.exponents[0] != 1.0  # the others are still fitted
+
+
+def test_setups_are_keyed_by_tool_and_version():
+    from slimx.devices.family import family_setups
+
+    def row(table, device, runtime, source="", model="m1"):
+        return {"table": table, "device": device, "runtime": runtime, "source": source, "timm_name": model,
+                "input_size": "224"}
+
+    rows = [row("a.csv", "iPhone 12 (A14)", "CoreML (coremltools 5.2; latency via coreml-performance app)",
+                "paper 2022"),
+            row("a.csv", "iPhone 12 (A14, iOS 16)", "CoreML (Xcode 14 Core ML performance report)", "paper 2023"),
+            row("b.csv", "iPhone 14 (A15, iOS 16)", "CoreML, Neural Engine (Xcode 14 Core ML performance report)",
+                "paper 2023", "m2"),
+            row("a.csv", "iPhone 12 (A14)", "CoreML (same setup as EfficientFormer V1)", "paper 2022", "m3"),
+            row("c.csv", "iPhone 11 Pro (A13)", "CoreML, compute unit = ANE", "model zoo (coreml-performance app)",
+                "m3"),
+            row("d.csv", "iPhone 13", "CoreML via some app", "paper 2021", "m9")]
+    keys, reference, pooled = family_setups(rows)
+    assert keys[1] == keys[2] == reference == "Xcode Core ML performance report (Xcode 14, iOS 16)"
+    assert keys[0] == keys[3] == "coreml-performance app (coremltools 5.2)"  # "same setup as" joins its table's
+    assert keys[4] == "coreml-performance app"  # the same app without a converter version: another setup
+    # m9 was timed in no other setup: its setup's factor could not be told from its device's, so it is pooled
+    assert pooled == ["d.csv: CoreML via some app"] and keys[5] == reference
