@@ -126,7 +126,7 @@ def test_one_row_far_off_does_not_bend_the_fit():
 def test_a_setup_that_adds_fixed_time_is_told_from_one_that_scales():
     """torch2trt-like: a protocol adding 0.7 ms to every call, on slow and fast devices alike. With offsets the fit
     recovers the added time (and a factor near 1); without, a single factor cannot fit both devices."""
-    x, y, spec, devices, models, specs, latency = _synthetic(seed=3)
+    x, y, spec, devices, *_ = _synthetic(seed=3)
     setups = ["python" if i % 2 else "native" for i in range(len(y))]
     y = np.where(np.array(setups) == "python", y + 0.7, y)
     fit = fit_family(x, y, spec, devices, setups, reference="native", offsets=True)
