@@ -112,8 +112,8 @@ def render_families(families: list[dict]) -> list[str]:
              "latency with a soft-L1 loss (`devices/family.py`). Setups are the timing tool and the versions a row "
              "states (the iPhone 14's and the iPhone 12's Xcode 14 / iOS 16 rows share one). A device with rows is "
              "scored leave-one-family-out inside the family fit (its families' rows left out on every device); a "
-             "device without rows states the leave-one-device-out error (each device with rows predicted by a fit without "
-             "it, no device factor, its setup's factor only where another device was timed in that setup; each "
+             "device without rows states the leave-one-device-out error (each device with rows predicted by a fit "
+             "without it, no device factor, its setup's factor only where another device was timed in that setup; each "
              "device weighted equally, whatever its row count). "
              "Coverage: nested, the interval cut from a grouped CV that did not see the held-out group either. A "
              "member keeps its own fit where its own grouped error is lower.", ""]
