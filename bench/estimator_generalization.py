@@ -29,7 +29,8 @@ TABLES = (("iphone12", "iphone12_coreml.csv"), ("jetson-nano", "jetson_tensorrt_
 FAMILY_TABLES = (("jetson", ("jetson_tensorrt_fp16.csv", "jetson_netspresso_tensorrt_fp16.csv",
                              "jetson_tx2_tensorrt.csv")),
                  ("apple-ane", ("iphone12_coreml.csv", "iphone11pro_iphone7_coreml.csv", "iphone13_coreml.csv",
-                                "iphone14_coreml.csv")))
+                                "iphone14_coreml.csv")),
+                 ("pixel", ("pixel3_tflite.csv", "pixel1_2_3_mobilenet_tflite.csv", "pixel1_mnasnet_tflite.csv")))
 
 
 def run(data_dir: Path) -> dict:
@@ -127,7 +128,10 @@ def render_families(families: list[dict]) -> list[str]:
                             for u in fam["setups"]) +
                   (f". Setup fixed times: {'fitted' if fam.get('setup_offsets') else 'not fitted'} (leave-one-device-"
                    f"out mean error without {fam['setup_offsets_why']['without']:.1f}%, with "
-                   f"{fam['setup_offsets_why']['with']:.1f}%)" if "setup_offsets_why" in fam else ""), "",
+                   f"{fam['setup_offsets_why']['with']:.1f}%)" if "setup_offsets_why" in fam else "") +
+                  (f". Left out, no model timed in them was timed in another setup: "
+                   f"{'; '.join(f'`{u}`' for u in fam['unlinked_setups'])}" if fam.get("unlinked_setups") else ""),
+                  "",
                   "| device | rows | validated by | mean / median error | Spearman | 80% interval | coverage (nested) "
                   "| ships |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for name, m in fam["members"].items():

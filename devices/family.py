@@ -57,6 +57,9 @@ class Family:
     runtime_exclude: tuple[str, ...]
     members: tuple[Member, ...]
     description: str
+    # the runtime configuration the members' settings describe (TFLite with 4 threads): where a setup names it, it
+    # is the reference estimates are for, whatever the sources' years
+    configuration: str = ""
 
 
 FAMILIES = {
@@ -72,6 +75,11 @@ FAMILIES = {
          Member("iphone13", r"^iPhone 13"), Member("iphone14", r"^iPhone 14"),
          Member("iphone15pro", r"^iPhone 15 Pro")),
         "Apple Neural Engines through Core ML (A13, A14, A15, A17 Pro)"),
+    "pixel": Family(
+        "pixel", "tflite-cpu-fp32", ("tflite float", "tflite (float)"), ("gpu", "nnapi", "uint8"),
+        (Member("pixel1", r"^Pixel 1\b"), Member("pixel2", r"^Pixel 2\b"), Member("pixel3", r"^Pixel 3\b"),
+         Member("pixel7", r"^Pixel 7\b")),
+        "Google Pixel phones' CPUs, TFLite float (Snapdragon 821, 835, 845; Tensor G2)", "4 threads"),
 }
 
 
@@ -214,6 +222,10 @@ SETUP_TOOLS = (("xcode", "Xcode Core ML performance report"), ("coreml-performan
 # version is another setup)
 SETUP_VERSIONS = re.compile(r"\b(xcode|ios|coremltools|jetpack|tensorrt)\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
 _SPELLING = {"xcode": "Xcode", "ios": "iOS", "coremltools": "coremltools", "jetpack": "JetPack", "tensorrt": "TensorRT"}
+# how many CPU threads a row ran: a configuration every table words its own way ("single large core", "Mobile CPU
+# (large core)", "CPU 4 threads"); rows that state the same one share a setup across tables
+_THREADS = re.compile(r"\b(\d+)\s*threads?\b")
+_ONE_CORE = re.compile(r"single[- ](?:large[- ])?core|\blarge core\b|single[- ]thread")
 
 
 def setup_of(row: dict, first: dict[str, str]) -> str:
@@ -225,7 +237,12 @@ def setup_of(row: dict, first: dict[str, str]) -> str:
         return first[row["table"]]
     both = f"{text} {row.get('source') or ''}".lower()
     tool = next((name for word, name in SETUP_TOOLS if word in both), None)
-    if tool is None:
+    threads = _THREADS.search(text.lower())
+    if tool is None and threads is not None:
+        key = f"{threads.group(1)} threads"
+    elif tool is None and _ONE_CORE.search(text.lower()):
+        key = "1 large core"
+    elif tool is None:
         key = f"{row['table']}: {text}"
     else:
         versions = sorted({f"{_SPELLING[m.group(1).lower()]} {m.group(2)}"
@@ -235,18 +252,20 @@ def setup_of(row: dict, first: dict[str, str]) -> str:
     return key
 
 
-def family_setups(rows: list[dict]) -> tuple[list[str], str, list[str]]:
-    """Each row's measurement setup (``setup_of``), the reference setup estimates are for (the newest: the latest
-    year its rows' sources name; ties: more rows) and the setups pooled into the reference.
+def family_setups(rows: list[dict], configuration: str = "") -> tuple[list[str], str, list[str]]:
+    """Each row's measurement setup (``setup_of``), the reference setup estimates are for (the one naming the
+    family's ``configuration`` where one does, else the newest: the latest year its rows' sources name; ties: more
+    rows) and the setups left out.
 
-    A setup keeps a factor of its own only where it is tied to the reference by models timed in both (directly or
-    through other setups, on any device of the family): otherwise its offset cannot be told apart from its
-    devices' and models' own, and its rows join the reference (their device factor absorbs the difference)."""
+    A setup is used only where it is tied to the reference by models timed in both (directly or through other
+    setups, on any device of the family): otherwise its factor cannot be told apart from its devices' and models'
+    own, and its rows, which cannot be put on the reference's scale, are left out of the fit."""
     first: dict[str, str] = {}
     keys = [setup_of(row, first) for row in rows]
     years = {k: max([int(y) for r, kk in zip(rows, keys, strict=True) if kk == k
                      for y in re.findall(r"\b(20[0-4]\d)\b", r.get("source") or "")] or [0]) for k in set(keys)}
-    reference = max(sorted(years), key=lambda k: (years[k], keys.count(k)))
+    named = sorted(k for k in set(keys) if configuration and configuration in k)
+    reference = named[0] if named else max(sorted(years), key=lambda k: (years[k], keys.count(k)))
     models = {k: {(r.get("timm_name"), r.get("input_size")) for r, kk in zip(rows, keys, strict=True) if kk == k}
               for k in set(keys)}
     linked, frontier = {reference}, [reference]
@@ -256,8 +275,7 @@ def family_setups(rows: list[dict]) -> tuple[list[str], str, list[str]]:
             if models[other] & models[k]:
                 linked.add(other)
                 frontier.append(other)
-    pooled = sorted(set(keys) - linked)
-    return [k if k in linked else reference for k in keys], reference, pooled
+    return keys, reference, sorted(set(keys) - linked)
 
 
 def calibrate_family(family_name: str, tables: list[tuple[str, list[dict]]], progress=None,
@@ -279,6 +297,9 @@ def calibrate_family(family_name: str, tables: list[tuple[str, list[dict]]], pro
     if not rows:
         raise UsageError(f"--family {family_name}", "no row of the measurements belongs to its devices",
                          "give the published tables of its devices (shared/data)")
+    setups, reference, unlinked = family_setups(rows, family.configuration)
+    rows = [r for r, u in zip(rows, setups, strict=True) if u not in unlinked]
+    setups = [u for u in setups if u not in unlinked]
     profiles = {m.profile: load_device(m.profile, measure_host=False) for m in family.members}
     settings = {name: settings_of(p)[family.setting] for name, p in profiles.items()}
     samples = samples_for(rows, progress)
@@ -289,7 +310,6 @@ def calibrate_family(family_name: str, tables: list[tuple[str, list[dict]]], pro
     y = np.array([s.measured_ms for s in samples])
     spec_of = {name: specs(profiles[name], settings[name]) for name in profiles}
     spec = np.array([spec_of[d] for d in devices])
-    setups, reference, pooled = family_setups(rows)
     with_rows = sorted(set(devices))
     chosen = {"offsets": False}  # the model structure the family's leave-one-device-out error picks (below)
 
@@ -381,7 +401,7 @@ def calibrate_family(family_name: str, tables: list[tuple[str, list[dict]]], pro
             "coef": dict(zip(("a_ms_per_gmac", "w_ms_per_gb", "b_us_per_op", "c_fixed_ms"), map(float, fit.coef),
                              strict=True)),
             "reference_specs": dict(zip(("peak_gops", "bandwidth_gbs", "per_layer_gops"), fit.ref, strict=True)),
-            "reference_setup": reference, "pooled_setups": pooled,
+            "reference_setup": reference, "unlinked_setups": unlinked,
             "setups": [{"setup": k, "factor": round(v, 4), "rows": setups.count(k)}
                        | ({"offset_ms": round(fit.setup_offset_ms[k], 4)}
                           if chosen["offsets"] and k in fit.setup_offset_ms else {})
@@ -452,7 +472,10 @@ def write_family(result: dict, out_dir=None) -> list:
                                                                    else "")
                            for u in result["setups"] if u["setup"] != result["reference_setup"])
         table["setup"] = result["reference_setup"]
-        table["setup_source"] = (f"the newest measurement setup in the {fam} family's data (estimates are for it); "
+        which = (f"the configuration the {fam} family's settings describe" if FAMILIES[fam].configuration
+                 and FAMILIES[fam].configuration in result["reference_setup"]
+                 else f"the newest measurement setup in the {fam} family's data")
+        table["setup_source"] = (f"{which} (estimates are for it); "
                                  f"the other setups' fitted factors: {others or 'none'}")
         estimator[key] = table
         path = profile_path(name) if out_dir is None else out_dir / profile_path(name).name

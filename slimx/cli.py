@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="calibrate: a microbench CSV or a published latency table (with --family: repeat it, one "
                           "table per --measurements)")
     dev.add_argument("--family", default=None, metavar="FAMILY",
-                     help="calibrate every device of a family (jetson, apple-ane) in one fit tied to their specs")
+                     help="calibrate every device of a family (jetson, apple-ane, pixel) in one fit tied to their "
+                          "specs")
     dev.add_argument("--scale-from", default=None, metavar="DEVICE",
                      help="calibrate: carry a calibrated device's efficiencies over by peak rates (same family)")
 
@@ -293,6 +294,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"slimx: terminated by {exc.name}; nothing half-written was left in the output folder",
               file=sys.stderr)
         return 128 + exc.signum
+    except BrokenPipeError:  # the reader of the output left (`slimx profile ... | head -1`): stop without a word
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        except (OSError, ValueError):
+            pass
+        return 141  # 128 + SIGPIPE, as a shell reports a writer killed by the closed pipe
     except Exception as exc:  # an unexpected failure still gets one line
         if args.debug:
             raise
@@ -615,7 +622,9 @@ def _calibrate_family(args) -> int:
     exps = ", ".join(f"{k} {v:.2f}" for k, v in result["exponents"].items())
     print(f"{result['family']}: {result['rows']} rows on {', '.join(result['devices_with_rows'])}; spec exponents "
           f"{exps}; {lodo['method']}: mean {lodo['mape_pct']:.1f}%, median {lodo['median_abs_pct']:.1f}%, "
-          f"Spearman {lodo['spearman']:.2f}; estimates for the setup {result['reference_setup']}")
+          f"Spearman {lodo['spearman']:.2f}; estimates for the setup {result['reference_setup']}" +
+          (f"; left out (no model shared with another setup): {', '.join(result['unlinked_setups'])}"
+           if result.get("unlinked_setups") else ""))
     for name, m in result["members"].items():
         verdict = "ships" if m["ships"] else f"keeps its own fit (±{m['own_error_pct']:.1f}%)"
         print(f"  {name:<18} {m['basis']:<34} {m['cv']['method'][:48]}: mean {m['cv']['mape_pct']:.1f}%, median "

@@ -74,7 +74,7 @@ def test_tflite_artifact_is_measured_in_litert(capsys, tmp_path):
 
 
 def test_devices_show_lists_estimator_settings(capsys):
-    code, text, _ = run(capsys, "devices", "show", "pixel7")
+    code, text, _ = run(capsys, "devices", "show", "raspberry-pi-5")
     assert code == 0
     assert "estimator tflite-cpu-fp32 (default): tflite on cpu, fp32; scaled from pixel3" in text
 

@@ -72,8 +72,8 @@ def test_calibrate_from_a_published_table(tmp_path, scratch_profiles):
 
 
 def test_scale_from_carries_efficiencies_with_added_error(tmp_path):
-    out = tmp_path / "pixel7.toml"
-    scale_from("pixel7", "pixel3", extra_error_pct=15, out=out)
+    out = tmp_path / "raspberry-pi-5.toml"
+    scale_from("raspberry-pi-5", "pixel3", extra_error_pct=15, out=out)
     data = tomllib.loads(out.read_text())
     base = load_device("pixel3").raw["estimator"]["tflite-cpu-fp32"]
     mine = data["estimator"]["tflite-cpu-fp32"]

@@ -169,9 +169,16 @@ def test_setups_are_keyed_by_tool_and_version():
             row("c.csv", "iPhone 11 Pro (A13)", "CoreML, compute unit = ANE", "model zoo (coreml-performance app)",
                 "m3"),
             row("d.csv", "iPhone 13", "CoreML via some app", "paper 2021", "m9")]
-    keys, reference, pooled = family_setups(rows)
+    keys, reference, unlinked = family_setups(rows)
     assert keys[1] == keys[2] == reference == "Xcode Core ML performance report (Xcode 14, iOS 16)"
     assert keys[0] == keys[3] == "coreml-performance app (coremltools 5.2)"  # "same setup as" joins its table's
     assert keys[4] == "coreml-performance app"  # the same app without a converter version: another setup
-    # m9 was timed in no other setup: its setup's factor could not be told from its device's, so it is pooled
-    assert pooled == ["d.csv: CoreML via some app"] and keys[5] == reference
+    # m9 was timed in no other setup: its setup's factor could not be told from its device's, so it is left out
+    assert unlinked == ["d.csv: CoreML via some app"] == [keys[5]]
+    # a configuration the family's settings name (TFLite on 4 threads) is the reference whatever the years say;
+    # the same thread count worded two ways is one setup
+    cpu = [row("p.csv", "Pixel 3", "TFLite float, CPU 4 threads, batch 1", "2019", "m1"),
+           row("q.csv", "Pixel 1 (large CPU core)", "TFLite float, single large core, batch 1", "2023", "m1"),
+           row("q.csv", "Pixel 1", "TFLite float, Mobile CPU (large core), batch 1", "2023", "m2")]
+    keys, reference, unlinked = family_setups(cpu, "4 threads")
+    assert reference == keys[0] == "4 threads" and keys[1] == keys[2] == "1 large core" and unlinked == []
