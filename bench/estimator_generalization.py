@@ -109,7 +109,7 @@ def render(result: dict) -> str:
 def render_families(families: list[dict]) -> list[str]:
     lines = ["", "## Device families: one fit over every device of a family, tied to their specs", "",
              "t = setup factor x device factor x [a G (P0/P)^alpha + w B (W0/W)^gamma + (b O + c) (K0/K)^beta] "
-             "(+ the setup's fixed time where that lowers the leave-one-device-out error), least squares on log "
+             "(+ the setup's fixed time), least squares on log "
              "latency with a soft-L1 loss (`devices/family.py`). Setups are the timing tool and the versions a row "
              "states (the iPhone 14's and the iPhone 12's Xcode 14 / iOS 16 rows share one). A device with rows is "
              "scored leave-one-family-out inside the family fit (its families' rows left out on every device); a "
@@ -126,9 +126,12 @@ def render_families(families: list[dict]) -> list[str]:
                   "; ".join(f"`{u['setup']}` x{u['factor']:.2f}" + (f" +{u['offset_ms']:.2f} ms" if "offset_ms" in u
                                                                     else "") + f" ({u['rows']} rows)"
                             for u in fam["setups"]) +
-                  (f". Setup fixed times: {'fitted' if fam.get('setup_offsets') else 'not fitted'} (leave-one-device-"
-                   f"out mean error without {fam['setup_offsets_why']['without']:.1f}%, with "
-                   f"{fam['setup_offsets_why']['with']:.1f}%)" if "setup_offsets_why" in fam else "") +
+                  (f". Structure, chosen by the leave-one-device-out mean error: setup fixed times "
+                   f"{'fitted' if fam['setup_offsets'] else 'not fitted'}, per-layer speed = the unit's "
+                   f"{fam['per_layer_speed']} (tried: " +
+                   ", ".join(f"{'with' if t['setup_offsets'] else 'without'} fixed times and the {t['per_layer_speed']}"
+                             f" {t['lodo_mape_pct']:.1f}%" for t in fam["structures"]) + ")"
+                   if "structures" in fam else "") +
                   (f". Left out, no model timed in them was timed in another setup: "
                    f"{'; '.join(f'`{u}`' for u in fam['unlinked_setups'])}" if fam.get("unlinked_setups") else ""),
                   "",

@@ -7,16 +7,18 @@ For model m on device d (GMACs G, priced op count O, GB moved B from the model's
     t(d, m) = f_d * [ a * G * (P0 / P_d)^alpha  +  w * B * (W0 / W_d)^gamma  +  (b * O + c) * (K0 / K_d)^beta ]
 
 P_d is the compute unit's peak for the setting's dtype (fp16 for TensorRT and the Neural Engine), W_d the memory
-bandwidth, K_d the speed of the unit's per-layer work (the fp32 peak: cores x clock; on the Neural Engine its own
-peak); a, w, b, c >= 0 (relative-error least squares for each exponent triple on a grid), and f_d a per-device
-factor for devices with rows (shrunk towards 1 by their row count; 1 for a device without rows). The fit replaces
+bandwidth, K_d the speed of the unit's per-layer work (the fp32 peak, cores x clock, or the dtype's peak, whichever
+gives the family the lower leave-one-device-out error; on the Neural Engine both are its own peak); a, w, b,
+c >= 0 and the exponents fitted together (soft-L1 least squares on log latency), and f_d a per-device factor for
+devices with rows (shrunk towards 1 by their row count; 1 for a device without rows). The fit replaces
 ``--scale-from``'s flat +15 points with measured ones:
 
 Rows are timed in measurement setups (``setup_of``: the timing tool and the OS / app / converter versions a row
 states, so the iPhone 14's Xcode 14 report rows share the iPhone 12's setup); a row in setup s is predicted as
 ``g_s * t(d, m) + o_s``, the reference setup (the newest) having g = 1, o = 0. The fixed times o_s are fitted only
 where they lower the family's leave-one-device-out error (they do for Jetson, where torch2trt adds about half a
-millisecond per call whatever the device; they do not for the Apple tables).
+millisecond per call whatever the device; they do not for the Apple tables): the family's model structure (fixed
+times or not, which per-layer speed) is the one of four with the lowest such error.
 
 - a device without rows states the **leave-one-device-out** error: each device with rows predicted by a family
   fit that never saw it (f = 1), each device weighted equally whatever its row count, the interval from those
@@ -87,13 +89,19 @@ def family_of_device(name: str) -> Family | None:
     return next((f for f in FAMILIES.values() if any(m.profile == name for m in f.members)), None)
 
 
-def specs(device, setting) -> tuple[float, float, float]:
+# what the per-layer speed K of a device is taken to be: its unit's fp32 peak (cores x clock), or the peak for the
+# setting's dtype (on Volta and Ampere the tensor cores'); each family keeps the one its leave-one-device-out error
+# prefers
+PER_LAYER_SPEEDS = ("fp32 peak", "dtype peak")
+
+
+def specs(device, setting, per_layer: str = "fp32 peak") -> tuple[float, float, float]:
     """(P, W, K): the unit's peak for the setting's dtype, the memory bandwidth, and the per-layer speed proxy."""
     from slimx.devices.estimator import bandwidth_gbs, peak_gops
 
     peak = peak_gops(device, setting.unit, setting.dtype)
     fp32 = next((cu.peak("fp32") for cu in device.compute_units if cu.name == setting.unit), None)
-    return peak, bandwidth_gbs(device), float(fp32 or peak)
+    return peak, bandwidth_gbs(device), float(fp32 or peak) if per_layer == "fp32 peak" else float(peak)
 
 
 @dataclass
@@ -308,18 +316,21 @@ def calibrate_family(family_name: str, tables: list[tuple[str, list[dict]]], pro
                                                                                        strict=True)])
     x = x[:, [0, 2, 1, 3]]  # [G, B, O, 1]
     y = np.array([s.measured_ms for s in samples])
-    spec_of = {name: specs(profiles[name], settings[name]) for name in profiles}
-    spec = np.array([spec_of[d] for d in devices])
+    spec_by = {k: {name: specs(profiles[name], settings[name], k) for name in profiles} for k in PER_LAYER_SPEEDS}
     with_rows = sorted(set(devices))
-    chosen = {"offsets": False}  # the model structure the family's leave-one-device-out error picks (below)
+    # the model structure the family's leave-one-device-out error picks (below)
+    chosen = {"offsets": False, "per_layer": PER_LAYER_SPEEDS[0]}
 
     families = [family_of(s.spec) for s in samples]
 
     def held_out(keep: np.ndarray, groups: list[str], with_device: bool, only: str | None = None,
-                 offsets: bool | None = None) -> np.ndarray:
+                 structure: tuple[bool, str] | None = None) -> np.ndarray:
         """Predictions for the rows in ``keep``, each group predicted by a fit on the other kept rows: a row gets
         its setup's factor where the fit has one, and its device's factor only ``with_device`` (leave-one-family-
         out; a device left out has none)."""
+        offsets, per_layer = structure or (chosen["offsets"], chosen["per_layer"])
+        spec_of = spec_by[per_layer]
+        spec = np.array([spec_of[d] for d in devices])
         pred = np.full(len(y), np.nan)
         names = [only] if only is not None else sorted({g for g, k in zip(groups, keep, strict=True) if k})
         for g in names:
@@ -328,8 +339,7 @@ def calibrate_family(family_name: str, tables: list[tuple[str, list[dict]]], pro
             if not train.any():
                 continue
             sub = fit_family(x[train], y[train], spec[train], [d for d, t in zip(devices, train, strict=True) if t],
-                             [u for u, t in zip(setups, train, strict=True) if t], reference,
-                             chosen["offsets"] if offsets is None else offsets)
+                             [u for u, t in zip(setups, train, strict=True) if t], reference, offsets)
             pred[test] = [sub.predict(x[i:i + 1], spec_of[devices[i]], devices[i] if with_device else None,
                                       setups[i])[0] for i in np.flatnonzero(test)]
         return pred
@@ -355,14 +365,19 @@ def calibrate_family(family_name: str, tables: list[tuple[str, list[dict]]], pro
     per_device = np.array([1.0 / devices.count(d) for d in devices])
     # leave-one-device-out: what a device without rows can expect (its rows get the factor of their setup where
     # another device was timed in it, else none)
-    # (setups that add fixed time besides their factor are kept only where that lowers this error)
+    # (setups that add fixed time besides their factor, and the per-layer speed proxy, are the ones that lower
+    # this error: a choice among four model structures by grouped CV)
     method = f"leave-one-device-out ({len(with_rows)} devices: {', '.join(with_rows)}; each device weighted equally)"
     tried = {}
-    for offsets in (False, True):
-        pred = held_out(everything, devices, with_device=False, offsets=offsets)
-        tried[offsets] = (summarize(pred, y, method, with_rows, weights=per_device), pred)
-    chosen["offsets"] = tried[True][0]["mape_pct"] < tried[False][0]["mape_pct"]
-    lodo_cv, lodo = tried[chosen["offsets"]]
+    for structure in itertools.product((False, True), PER_LAYER_SPEEDS):
+        pred = held_out(everything, devices, with_device=False, structure=structure)
+        tried[structure] = (summarize(pred, y, method, with_rows, weights=per_device), pred)
+    # ties (the two speeds are one figure on a Neural Engine or a CPU): no fixed times, then the fp32 peak
+    best = min(tried, key=lambda k: (tried[k][0]["mape_pct"], k[0], PER_LAYER_SPEEDS.index(k[1])))
+    chosen["offsets"], chosen["per_layer"] = best
+    lodo_cv, lodo = tried[best]
+    spec_of = spec_by[chosen["per_layer"]]
+    spec = np.array([spec_of[d] for d in devices])
     fit = fit_family(x, y, spec, devices, setups, reference, chosen["offsets"])
     # leave-one-family-out over the model families: what a device with rows can expect on an unseen family
     lofo = held_out(everything, families, with_device=True)
@@ -406,8 +421,9 @@ def calibrate_family(family_name: str, tables: list[tuple[str, list[dict]]], pro
                        | ({"offset_ms": round(fit.setup_offset_ms[k], 4)}
                           if chosen["offsets"] and k in fit.setup_offset_ms else {})
                        for k, v in fit.setup_factor.items()],
-            "setup_offsets": chosen["offsets"],
-            "setup_offsets_why": {"without": tried[False][0]["mape_pct"], "with": tried[True][0]["mape_pct"]},
+            "setup_offsets": chosen["offsets"], "per_layer_speed": chosen["per_layer"],
+            "structures": [{"setup_offsets": o, "per_layer_speed": k, "lodo_mape_pct": v[0]["mape_pct"],
+                            "lodo_median_pct": v[0]["median_abs_pct"]} for (o, k), v in tried.items()],
             "lodo": {k: v for k, v in lodo_cv.items() if k != "errors_pct"}, "members": members,
             "table": [{"label": s.label, "device": d, "family": f, "setup": u, "measured_ms": round(float(m), 4),
                        "lodo_ms": round(float(a), 4), "lofo_ms": round(float(b), 4)}

@@ -78,6 +78,11 @@ def test_calibrate_family_writes_every_member(tmp_path, monkeypatch):
     assert result["devices_with_rows"] == ["jetson-agx-xavier", "jetson-nano", "jetson-tx2"]
     orin = result["members"]["jetson-agx-orin"]
     assert orin["basis"] == "no rows of its own" and orin["cv"]["method"].startswith("leave-one-device-out")
+    # the model structure is the one of the four tried with the lowest leave-one-device-out error
+    tried = result["structures"]
+    assert len(tried) == 4 and result["lodo"]["mape_pct"] == min(t["lodo_mape_pct"] for t in tried)
+    assert any(t["setup_offsets"] == result["setup_offsets"] and t["per_layer_speed"] == result["per_layer_speed"]
+               and t["lodo_mape_pct"] == result["lodo"]["mape_pct"] for t in tried)
     paths = write_family(result, tmp_path)
     shipping = {n for n, m in result["members"].items() if m["ships"]}
     assert {p.stem for p in paths} == shipping and {"jetson-agx-orin", "jetson-orin-nano"} <= shipping
@@ -182,3 +187,15 @@ def test_setups_are_keyed_by_tool_and_version():
            row("q.csv", "Pixel 1", "TFLite float, Mobile CPU (large core), batch 1", "2023", "m2")]
     keys, reference, unlinked = family_setups(cpu, "4 threads")
     assert reference == keys[0] == "4 threads" and keys[1] == keys[2] == "1 large core" and unlinked == []
+
+
+def test_the_per_layer_speed_is_the_fp32_or_the_dtype_peak():
+    from slimx.devices import load_device
+    from slimx.devices.estimator import settings_of
+    from slimx.devices.family import specs
+
+    orin = load_device("jetson-agx-orin", measure_host=False)
+    setting = settings_of(orin)["tensorrt-gpu-fp16"]
+    p, w, k32 = specs(orin, setting, "fp32 peak")
+    assert (p, w) == (42500.0, 204.8) and k32 == 5320.0  # the profile's tensor-core fp16 and CUDA-core fp32 peaks
+    assert specs(orin, setting, "dtype peak") == (p, w, p)
