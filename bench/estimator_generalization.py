@@ -116,7 +116,9 @@ def render_families(families: list[dict]) -> list[str]:
              "device without rows states the leave-one-device-out error (each device with rows predicted by a fit "
              "without it, no device factor, its setup's factor only where another device was timed in that setup; each "
              "device weighted equally, whatever its row count). "
-             "Coverage: nested, the interval cut from a grouped CV that did not see the held-out group either. A "
+             "Coverage: nested, the interval cut from a grouped CV that did not see the held-out group either, the "
+             "way the device states it (from its own rows where they span 4 or more families, else from the "
+             "family's pooled rows). A "
              "member keeps its own fit where its own grouped error is lower.", ""]
     for fam in families:
         lodo = fam["lodo"]

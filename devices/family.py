@@ -43,6 +43,9 @@ from slimx._core.errors import UsageError
 EXPONENT_MAX = 1.5  # the spec exponents' upper bound (1: latency inversely proportional to the spec)
 ROBUST_SCALE = 0.3  # soft-L1 loss scale on log latency: residuals beyond about 30% count linearly
 SHRINK_ROWS = 4  # a device factor from n rows is pulled towards 1 as n / (n + SHRINK_ROWS)
+# a device with rows cuts its interval from its own held-out rows only when they span this many model families:
+# with two (Pixel 1: MobileNetV2 and V3), leaving one out leaves the other's narrow spread to speak for it
+OWN_BAND_FAMILIES = 4
 
 
 @dataclass(frozen=True)
@@ -354,13 +357,26 @@ def calibrate_family(family_name: str, tables: list[tuple[str, list[dict]]], pro
             ok = ~np.isnan(inner)
             if ok.sum() < 3:
                 continue
-            lo, hi = summarize(inner[ok], y[ok], "inner", weights=per_device[ok] if not with_device else None
-                               )["interval_factors"]
             outer = held_out(everything, groups, with_device, only=g)
-            inside[test] = (y[test] >= outer[test] * lo) & (y[test] <= outer[test] * hi)
+            if not with_device:  # a device without rows states the pooled interval, each device weighted equally
+                lo, hi = summarize(inner[ok], y[ok], "inner", weights=per_device[ok])["interval_factors"]
+                inside[test] = (y[test] >= outer[test] * lo) & (y[test] <= outer[test] * hi)
+                continue
+            # a device with rows states the interval of its own held-out rows where they span OWN_BAND_FAMILIES
+            # families, else the family's pooled one: cut each the same way, from the other families' rows
+            for d in sorted({devices[i] for i in np.flatnonzero(test)}):
+                mine = ok & np.array([dd == d for dd in devices])
+                own_band = d in own_band_devices and mine.sum() >= 3
+                use = mine if own_band else ok
+                lo, hi = summarize(inner[use], y[use], "inner", weights=None if own_band else per_device[use]
+                                   )["interval_factors"]
+                rows = test & np.array([dd == d for dd in devices])
+                inside[rows] = (y[rows] >= outer[rows] * lo) & (y[rows] <= outer[rows] * hi)
         return inside
 
     everything = np.ones(len(y), dtype=bool)
+    own_band_devices = {d for d in with_rows
+                        if len({f for f, dd in zip(families, devices, strict=True) if dd == d}) >= OWN_BAND_FAMILIES}
     # a device without rows is one device: each device with rows speaks for it equally, whatever its row count
     per_device = np.array([1.0 / devices.count(d) for d in devices])
     # leave-one-device-out: what a device without rows can expect (its rows get the factor of their setup where
@@ -393,6 +409,10 @@ def calibrate_family(family_name: str, tables: list[tuple[str, list[dict]]], pro
             cv = summarize(lofo[idx], y[idx], f"leave-one-family-out within the {family.name} family fit "
                                               f"({len({families[i] for i in idx})} families on this device)")
             basis = f"its {len(idx)} rows"
+            if name not in own_band_devices:  # too few families for a band of its own: the family's pooled one
+                cv["interval_factors"] = summarize(lofo, y, "pooled", weights=per_device)["interval_factors"]
+                cv["interval_basis"] = (f"the {family.name} family's leave-one-family-out rows, each device weighted "
+                                        f"equally (fewer than {OWN_BAND_FAMILIES} families on this device)")
             if nested_coverage:
                 cv["coverage"] = round(float(lofo_inside[idx].mean()), 3)
         else:
