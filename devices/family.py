@@ -15,7 +15,8 @@ devices with rows (shrunk towards 1 by their row count; 1 for a device without r
 
 Rows are timed in measurement setups (``setup_of``: the timing tool and the OS / app / converter versions a row
 states, so the iPhone 14's Xcode 14 report rows share the iPhone 12's setup); a row in setup s is predicted as
-``g_s * t(d, m) + o_s``, the reference setup (the newest) having g = 1, o = 0. The fixed times o_s are fitted only
+``g_s * t(d, m) + o_s``, the reference setup (the configuration the family's settings describe where it names one,
+else the newest) having g = 1, o = 0. The fixed times o_s are fitted only
 where they lower the family's leave-one-device-out error (they do for Jetson, where torch2trt adds about half a
 millisecond per call whatever the device; they do not for the Apple tables): the family's model structure (fixed
 times or not, which per-layer speed) is the one of four with the lowest such error.
@@ -402,6 +403,7 @@ def calibrate_family(family_name: str, tables: list[tuple[str, list[dict]]], pro
         inside = nested(devices, False)
         lodo_cv["coverage"] = round(float(np.sum(inside * per_device) / np.sum(per_device)), 3)
         lofo_inside = nested(families, True)
+    pooled_band = summarize(lofo, y, "pooled", weights=per_device)["interval_factors"]
     members = {}
     for name in profiles:
         idx = [i for i, d in enumerate(devices) if d == name]
@@ -410,7 +412,7 @@ def calibrate_family(family_name: str, tables: list[tuple[str, list[dict]]], pro
                                               f"({len({families[i] for i in idx})} families on this device)")
             basis = f"its {len(idx)} rows"
             if name not in own_band_devices:  # too few families for a band of its own: the family's pooled one
-                cv["interval_factors"] = summarize(lofo, y, "pooled", weights=per_device)["interval_factors"]
+                cv["interval_factors"] = pooled_band
                 cv["interval_basis"] = (f"the {family.name} family's leave-one-family-out rows, each device weighted "
                                         f"equally (fewer than {OWN_BAND_FAMILIES} families on this device)")
             if nested_coverage:
@@ -497,9 +499,9 @@ def write_family(result: dict, out_dir=None) -> list:
                                               f"{cv['within_15pct'] * 100:.0f}% of rows ({today})")
         table["cv_method"] = cv["method"]
         table["interval_low"], table["interval_high"] = cv["interval_factors"]
+        band = cv.get("interval_basis") or f"the {cv['method']} held-out rows"
         table["interval_low_source"] = table["interval_high_source"] = (
-            f"conformal ranks of measured / estimated over the {cv['method']} held-out rows ({today}): sized "
-            "to cover 80% of unseen models")
+            f"conformal ranks of measured / estimated over {band} ({today}): sized to cover 80% of unseen models")
         table["spearman"] = cv["spearman"]
         table["spearman_source"] = f"rank correlation of the {cv['method']} held-out estimates ({today})"
         table["fit_rows"] = member["rows"]
