@@ -366,12 +366,12 @@ def calibrate_family(family_name: str, tables: list[tuple[str, list[dict]]], pro
             # a device with rows states the interval of its own held-out rows where they span OWN_BAND_FAMILIES
             # families, else the family's pooled one: cut each the same way, from the other families' rows
             for d in sorted({devices[i] for i in np.flatnonzero(test)}):
-                mine = ok & np.array([dd == d for dd in devices])
-                own_band = d in own_band_devices and mine.sum() >= 3
-                use = mine if own_band else ok
+                on_d = np.array([dd == d for dd in devices])
+                own_band = d in own_band_devices and (ok & on_d).sum() >= 3
+                use = ok & on_d if own_band else ok
                 lo, hi = summarize(inner[use], y[use], "inner", weights=None if own_band else per_device[use]
                                    )["interval_factors"]
-                rows = test & np.array([dd == d for dd in devices])
+                rows = test & on_d
                 inside[rows] = (y[rows] >= outer[rows] * lo) & (y[rows] <= outer[rows] * hi)
         return inside
 
