@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.slimx-installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean refit
 
 setup: $(STAMP)
 
@@ -25,6 +25,26 @@ lint: setup
 test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest
+
+# refit every shipped device profile from the published tables in ../shared/data (about a minute once the timm op
+# mixes are cached): each device's own fit first, then the family fits, which ship where their grouped error is lower
+DATA ?= ../shared/data
+refit: setup
+	$(VENV)/bin/slimx devices calibrate iphone12 --measurements $(DATA)/iphone12_coreml.csv
+	$(VENV)/bin/slimx devices calibrate iphone11pro --measurements $(DATA)/iphone11pro_iphone7_coreml.csv
+	$(VENV)/bin/slimx devices calibrate iphone7 --measurements $(DATA)/iphone11pro_iphone7_coreml.csv
+	$(VENV)/bin/slimx devices calibrate jetson-nano --measurements $(DATA)/jetson_tensorrt_fp16.csv
+	$(VENV)/bin/slimx devices calibrate jetson-agx-xavier --measurements $(DATA)/jetson_tensorrt_fp16.csv
+	$(VENV)/bin/slimx devices calibrate pixel3 --measurements $(DATA)/pixel3_tflite.csv
+	$(VENV)/bin/slimx devices calibrate --family apple-ane --measurements $(DATA)/iphone12_coreml.csv \
+	  --measurements $(DATA)/iphone11pro_iphone7_coreml.csv --measurements $(DATA)/iphone13_coreml.csv \
+	  --measurements $(DATA)/iphone14_coreml.csv
+	$(VENV)/bin/slimx devices calibrate --family apple-gpu --measurements $(DATA)/iphone11pro_iphone7_coreml.csv
+	$(VENV)/bin/slimx devices calibrate --family apple-cpu --measurements $(DATA)/iphone11pro_iphone7_coreml.csv
+	$(VENV)/bin/slimx devices calibrate --family jetson --measurements $(DATA)/jetson_tensorrt_fp16.csv \
+	  --measurements $(DATA)/jetson_netspresso_tensorrt_fp16.csv --measurements $(DATA)/jetson_tx2_tensorrt.csv
+	$(VENV)/bin/slimx devices calibrate --family pixel --measurements $(DATA)/pixel3_tflite.csv \
+	  --measurements $(DATA)/pixel1_2_3_mobilenet_tflite.csv --measurements $(DATA)/pixel1_mnasnet_tflite.csv
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache

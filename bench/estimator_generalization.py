@@ -25,11 +25,13 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TABLES = (("iphone12", "iphone12_coreml.csv"), ("jetson-nano", "jetson_tensorrt_fp16.csv"),
           ("jetson-nano", "jetson_netspresso_tensorrt_fp16.csv"),
           ("jetson-agx-xavier", "jetson_tensorrt_fp16.csv"),
-          ("jetson-agx-xavier", "jetson_netspresso_tensorrt_fp16.csv"), ("pixel3", "pixel3_tflite.csv"))
+          ("jetson-agx-xavier", "jetson_netspresso_tensorrt_fp16.csv"), ("pixel3", "pixel3_tflite.csv"),
+          ("iphone11pro", "iphone11pro_iphone7_coreml.csv"), ("iphone7", "iphone11pro_iphone7_coreml.csv"))
 FAMILY_TABLES = (("jetson", ("jetson_tensorrt_fp16.csv", "jetson_netspresso_tensorrt_fp16.csv",
                              "jetson_tx2_tensorrt.csv")),
                  ("apple-ane", ("iphone12_coreml.csv", "iphone11pro_iphone7_coreml.csv", "iphone13_coreml.csv",
                                 "iphone14_coreml.csv")),
+                 ("apple-gpu", ("iphone11pro_iphone7_coreml.csv",)), ("apple-cpu", ("iphone11pro_iphone7_coreml.csv",)),
                  ("pixel", ("pixel3_tflite.csv", "pixel1_2_3_mobilenet_tflite.csv", "pixel1_mnasnet_tflite.csv")))
 
 
@@ -118,7 +120,8 @@ def render_families(families: list[dict]) -> list[str]:
              "device weighted equally, whatever its row count). "
              "Coverage: nested, the interval cut from a grouped CV that did not see the held-out group either, the "
              "way the device states it (from its own rows where they span 4 or more families, else from the "
-             "family's pooled rows). A "
+             "family's pooled rows; `-`: not measurable, as with two devices, where leaving one out leaves a "
+             "single device and no grouped CV to cut the interval from). A "
              "member keeps its own fit where its own grouped error is lower.", ""]
     for fam in families:
         lodo = fam["lodo"]

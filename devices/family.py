@@ -68,6 +68,10 @@ class Family:
     configuration: str = ""
 
 
+_APPLE = (Member("iphone7", r"^iPhone 7\b"), Member("iphone11pro", r"^iPhone 11 Pro"),
+          Member("iphone12", r"^iPhone 12"), Member("iphone13", r"^iPhone 13"), Member("iphone14", r"^iPhone 14"),
+          Member("iphone15pro", r"^iPhone 15 Pro"))
+
 FAMILIES = {
     "jetson": Family(
         "jetson", "tensorrt-gpu-fp16", ("tensorrt fp16", "fp16_mode", "half"), ("fp32", "tensorflow"),
@@ -81,6 +85,13 @@ FAMILIES = {
          Member("iphone13", r"^iPhone 13"), Member("iphone14", r"^iPhone 14"),
          Member("iphone15pro", r"^iPhone 15 Pro")),
         "Apple Neural Engines through Core ML (A13, A14, A15, A17 Pro)"),
+    # the A10 has no Neural Engine; its CPU and GPU rows, with the A13's, are what Core ML's other units have
+    "apple-gpu": Family(
+        "apple-gpu", "coreml-gpu-fp16", ("compute unit = gpu",), (), _APPLE,
+        "Apple GPUs through Core ML (A10 to A17 Pro)"),
+    "apple-cpu": Family(
+        "apple-cpu", "coreml-cpu-fp32", ("compute unit = cpu",), (), _APPLE,
+        "Apple CPUs through Core ML (A10 to A17 Pro)"),
     "pixel": Family(
         "pixel", "tflite-cpu-fp32", ("tflite float", "tflite (float)"), ("gpu", "nnapi", "uint8"),
         (Member("pixel1", r"^Pixel 1\b"), Member("pixel2", r"^Pixel 2\b"), Member("pixel3", r"^Pixel 3\b"),
@@ -297,7 +308,7 @@ def calibrate_family(family_name: str, tables: list[tuple[str, list[dict]]], pro
     the stated 80% intervals cover a held-out device or family, each interval cut from a grouped CV that did not
     see it either (slower)."""
     from slimx.devices import load_device
-    from slimx.devices.calibrate import samples_for
+    from slimx.devices.calibrate import classes_in, samples_for
     from slimx.devices.estimator import Features, settings_of
     from slimx.devices.validation import baseline_features, family_of, summarize
 
@@ -316,8 +327,8 @@ def calibrate_family(family_name: str, tables: list[tuple[str, list[dict]]], pro
     settings = {name: settings_of(p)[family.setting] for name, p in profiles.items()}
     samples = samples_for(rows, progress)
     devices = [r["profile"] for r in rows]
-    x = np.array([baseline_features(Features.of(s.costs, settings[d])) for s, d in zip(samples, devices,
-                                                                                       strict=True)])
+    feats = [Features.of(s.costs, settings[d]) for s, d in zip(samples, devices, strict=True)]
+    x = np.array([baseline_features(f) for f in feats])
     x = x[:, [0, 2, 1, 3]]  # [G, B, O, 1]
     y = np.array([s.measured_ms for s in samples])
     spec_by = {k: {name: specs(profiles[name], settings[name], k) for name in profiles} for k in PER_LAYER_SPEEDS}
@@ -349,8 +360,10 @@ def calibrate_family(family_name: str, tables: list[tuple[str, list[dict]]], pro
         return pred
 
     def nested(groups: list[str], with_device: bool) -> np.ndarray:
-        """Whether each row lies inside the 80% interval cut from a grouped CV over the *other* groups only."""
-        inside = np.zeros(len(y), dtype=bool)
+        """Whether each row lies inside the 80% interval cut from a grouped CV over the *other* groups only (NaN
+        where the other groups are too few to cut one: two devices, one left out, leave one to fit and none to
+        test on)."""
+        inside = np.full(len(y), np.nan)
         everything = np.ones(len(y), dtype=bool)
         for g in sorted(set(groups)):
             test = np.array([gg == g for gg in groups])
@@ -401,7 +414,10 @@ def calibrate_family(family_name: str, tables: list[tuple[str, list[dict]]], pro
     lofo = np.where(np.isnan(lofo), fit.predict(x, spec[0]), lofo)
     if nested_coverage:
         inside = nested(devices, False)
-        lodo_cv["coverage"] = round(float(np.sum(inside * per_device) / np.sum(per_device)), 3)
+        tested = ~np.isnan(inside)
+        if tested.any():  # else not measurable: no device left out leaves two to cut an interval from
+            lodo_cv["coverage"] = round(float(np.sum(inside[tested] * per_device[tested])
+                                              / np.sum(per_device[tested])), 3)
         lofo_inside = nested(families, True)
     pooled_band = summarize(lofo, y, "pooled", weights=per_device)["interval_factors"]
     members = {}
@@ -415,8 +431,8 @@ def calibrate_family(family_name: str, tables: list[tuple[str, list[dict]]], pro
                 cv["interval_factors"] = pooled_band
                 cv["interval_basis"] = (f"the {family.name} family's leave-one-family-out rows, each device weighted "
                                         f"equally (fewer than {OWN_BAND_FAMILIES} families on this device)")
-            if nested_coverage:
-                cv["coverage"] = round(float(lofo_inside[idx].mean()), 3)
+            if nested_coverage and not np.isnan(lofo_inside[idx]).all():
+                cv["coverage"] = round(float(np.nanmean(lofo_inside[idx])), 3)
         else:
             cv = lodo_cv
             basis = "no rows of its own" if not idx else f"{len(idx)} rows of its own, too few to validate on"
@@ -438,7 +454,7 @@ def calibrate_family(family_name: str, tables: list[tuple[str, list[dict]]], pro
             "coef": dict(zip(("a_ms_per_gmac", "w_ms_per_gb", "b_us_per_op", "c_fixed_ms"), map(float, fit.coef),
                              strict=True)),
             "reference_specs": dict(zip(("peak_gops", "bandwidth_gbs", "per_layer_gops"), fit.ref, strict=True)),
-            "reference_setup": reference, "unlinked_setups": unlinked,
+            "reference_setup": reference, "unlinked_setups": unlinked, "classes": classes_in(feats),
             "setups": [{"setup": k, "factor": round(v, 4), "rows": setups.count(k)}
                        | ({"offset_ms": round(fit.setup_offset_ms[k], 4)}
                           if chosen["offsets"] and k in fit.setup_offset_ms else {})
@@ -455,7 +471,7 @@ def calibrate_family(family_name: str, tables: list[tuple[str, list[dict]]], pro
 # what a family fit writes into a member's setting (the rest of the setting, per-op figures included, stays)
 FAMILY_KEYS = ("model", "ms_per_gmac", "us_per_op", "ms_per_gb", "fixed_ms", "expected_error_pct", "cv_method",
                "interval_low", "interval_high", "spearman", "fit_rows", "setup", "fit_setups", "fit_families",
-               "per_op_error_pct", "baseline_error_pct")
+               "per_op_error_pct", "baseline_error_pct", "fit_classes")
 
 
 def write_family(result: dict, out_dir=None) -> list:
@@ -506,6 +522,8 @@ def write_family(result: dict, out_dir=None) -> list:
         table["spearman_source"] = f"rank correlation of the {cv['method']} held-out estimates ({today})"
         table["fit_rows"] = member["rows"]
         table["fit_rows_source"] = how
+        # the op classes with work in the family's rows: an estimate's share outside them is what it flags
+        table["fit_classes"] = result["classes"]
         others = ", ".join(f"{u['setup']} x{u['factor']:.2f}" + (f" +{u['offset_ms']:.2f} ms" if u.get("offset_ms")
                                                                    else "")
                            for u in result["setups"] if u["setup"] != result["reference_setup"])

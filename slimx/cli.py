@@ -156,8 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="calibrate: a microbench CSV or a published latency table (with --family: repeat it, one "
                           "table per --measurements)")
     dev.add_argument("--family", default=None, metavar="FAMILY",
-                     help="calibrate every device of a family (jetson, apple-ane, pixel) in one fit tied to their "
-                          "specs")
+                     help="calibrate every device of a family (jetson, apple-ane, apple-gpu, apple-cpu, pixel) in "
+                          "one fit tied to their specs")
     dev.add_argument("--scale-from", default=None, metavar="DEVICE",
                      help="calibrate: carry a calibrated device's efficiencies over by peak rates (same family)")
 

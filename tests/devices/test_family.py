@@ -96,6 +96,8 @@ def test_calibrate_family_writes_every_member(tmp_path, monkeypatch):
     try:
         setting = default_setting(load_device("jetson-agx-orin"))
         assert setting.model == "baseline" and "leave-one-device-out" in setting.cv_method
+        # the op classes the family's rows cover, not those of a fit the member carried before
+        assert sorted(setting.fit_classes) == result["classes"] and "conv" in result["classes"]
         assert setting.interval is not None and setting.expected_error_pct is not None
     finally:
         monkeypatch.delenv("SLIMX_DEVICES_DIR")
@@ -199,3 +201,30 @@ def test_the_per_layer_speed_is_the_fp32_or_the_dtype_peak():
     p, w, k32 = specs(orin, setting, "fp32 peak")
     assert (p, w) == (42500.0, 204.8) and k32 == 5320.0  # the profile's tensor-core fp16 and CUDA-core fp32 peaks
     assert specs(orin, setting, "dtype peak") == (p, w, p)
+
+
+def test_apple_units_each_have_a_family_of_their_own():
+    """The iPhone 7 and 11 Pro tables time Core ML on CPU, GPU and Neural Engine: each unit's rows go to its own
+    family and setting, none to another's, and every Apple profile ships a setting for each unit it has."""
+    from slimx.devices import load_device
+    from slimx.devices.estimator import settings_of
+    from slimx.devices.family import FAMILIES, family_rows
+
+    rows = [{"timm_name": "resnet18", "input_size": "224", "device": device, "runtime": f"CoreML, compute unit = {u}, "
+             "batch 1", "latency_ms": "9"} for device in ("iPhone 7 (A10)", "iPhone 11 Pro (A13)")
+            for u in ("CPU", "GPU", "ANE")]
+    rows = [r for r in rows if not (r["device"].startswith("iPhone 7") and r["runtime"].endswith("ANE, batch 1"))]
+    got = {name: sorted((r["profile"], r["runtime"].split("= ")[1][:3]) for r in family_rows(FAMILIES[name],
+                                                                                           [("t", rows)]))
+           for name in ("apple-ane", "apple-gpu", "apple-cpu")}
+    assert got == {"apple-ane": [("iphone11pro", "ANE")],
+                   "apple-gpu": [("iphone11pro", "GPU"), ("iphone7", "GPU")],
+                   "apple-cpu": [("iphone11pro", "CPU"), ("iphone7", "CPU")]}
+    for member in FAMILIES["apple-gpu"].members:
+        device = load_device(member.profile, measure_host=False)
+        settings = settings_of(device)
+        units = {cu.name for cu in device.compute_units}
+        assert {"coreml-gpu-fp16", "coreml-cpu-fp32"} <= set(settings), member.profile
+        assert ("coreml-ane-fp16" in settings) == ("ane" in units), member.profile  # the A10 has no Neural Engine
+        for key in ("coreml-gpu-fp16", "coreml-cpu-fp32"):
+            assert settings[key].calibrated and settings[key].interval is not None, (member.profile, key)
