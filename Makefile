@@ -36,6 +36,8 @@ refit: setup
 	$(VENV)/bin/slimx devices calibrate jetson-nano --measurements $(DATA)/jetson_tensorrt_fp16.csv
 	$(VENV)/bin/slimx devices calibrate jetson-agx-xavier --measurements $(DATA)/jetson_tensorrt_fp16.csv
 	$(VENV)/bin/slimx devices calibrate pixel3 --measurements $(DATA)/pixel3_tflite.csv
+	$(VENV)/bin/slimx devices calibrate jetson-tx2 --setting tensorrt-gpu-fp32 \
+	  --measurements $(DATA)/jetson_tx2_tensorrt.csv
 	$(VENV)/bin/slimx devices calibrate --family apple-ane --measurements $(DATA)/iphone12_coreml.csv \
 	  --measurements $(DATA)/iphone11pro_iphone7_coreml.csv --measurements $(DATA)/iphone13_coreml.csv \
 	  --measurements $(DATA)/iphone14_coreml.csv

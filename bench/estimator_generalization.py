@@ -26,7 +26,9 @@ TABLES = (("iphone12", "iphone12_coreml.csv"), ("jetson-nano", "jetson_tensorrt_
           ("jetson-nano", "jetson_netspresso_tensorrt_fp16.csv"),
           ("jetson-agx-xavier", "jetson_tensorrt_fp16.csv"),
           ("jetson-agx-xavier", "jetson_netspresso_tensorrt_fp16.csv"), ("pixel3", "pixel3_tflite.csv"),
-          ("iphone11pro", "iphone11pro_iphone7_coreml.csv"), ("iphone7", "iphone11pro_iphone7_coreml.csv"))
+          ("iphone11pro", "iphone11pro_iphone7_coreml.csv"), ("iphone7", "iphone11pro_iphone7_coreml.csv"),
+          # its fp16 rows are the jetson family's (below); its fp32 ones calibrate the TX2's fp32 setting alone
+          ("jetson-tx2", "jetson_tx2_tensorrt.csv", ("tensorrt-gpu-fp32",)))
 FAMILY_TABLES = (("jetson", ("jetson_tensorrt_fp16.csv", "jetson_netspresso_tensorrt_fp16.csv",
                              "jetson_tx2_tensorrt.csv")),
                  ("apple-ane", ("iphone12_coreml.csv", "iphone11pro_iphone7_coreml.csv", "iphone13_coreml.csv",
@@ -44,11 +46,11 @@ def run(data_dir: Path) -> dict:
 
     rows, skipped = [], []
     progress = Progress(total=1, enabled=True)
-    for device_name, table in TABLES:
+    for device_name, table, *only in TABLES:
         print(f"{device_name} on {table} ...", file=sys.stderr)
         try:
             result = calibrate_device(load_device(device_name), read_rows(data_dir / table), table,
-                                      progress=progress, nested=True)
+                                      progress=progress, nested=True, only=only[0] if only else None)
         except UsageError as exc:  # a table whose rows calibrate none of this device's settings
             skipped.append({"device": device_name, "data": table, "why": exc.line()})
             continue

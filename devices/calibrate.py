@@ -311,13 +311,15 @@ def free_params_for(n_rows: int, classes: list[str]) -> tuple[str, ...]:
     return tuple(free)
 
 
-def calibrate_device(device, rows: list[dict], data_name: str, progress=None, nested: bool = False) -> dict:
+def calibrate_device(device, rows: list[dict], data_name: str, progress=None, nested: bool = False,
+                     only: list[str] | None = None) -> dict:
     """Fit every setting that has rows; return {setting: {params, cv, rows, ...}} and the skipped counts.
 
     Each setting gets the per-op model and the baseline (``validation``), both scored by leave-one-family-out;
     the one with the lower grouped error ships (the per-op model on a tie), and its grouped error and interval
     are what estimates state. Fewer than 3 families: leave-one-out, per-op model, and the report says so.
     ``nested``: also measure each model's interval coverage on unseen families (``nested_coverage``; slower).
+    ``only``: fit just these settings (the rows of the others are counted as skipped).
     """
     from slimx.devices.validation import (
         baseline_features,
@@ -329,6 +331,13 @@ def calibrate_device(device, rows: list[dict], data_name: str, progress=None, ne
     )
 
     groups, skipped = assign_rows(rows, device)
+    if only:
+        unknown = sorted(set(only) - set(settings_of(device)))
+        if unknown:
+            raise UsageError(f"--setting {', '.join(unknown)}", f"is not an estimator setting of {device.name}",
+                             f"use one of {', '.join(settings_of(device))}")
+        for key in sorted(set(groups) - set(only)):
+            skipped[f"for setting {key}, not asked for"] = len(groups.pop(key))
     if not groups:
         why = "; ".join(f"{n} row(s): {w}" for w, n in skipped.items()) or "no rows"
         raise UsageError(f"measurements for {device.name}", f"no row calibrates any of its settings ({why})",
@@ -521,12 +530,13 @@ def write_profile(path: Path, source_text: str, estimator: dict, default: str | 
     return path
 
 
-def calibrate(device_name: str, measurements: Path, out: Path | None = None, progress=None) -> dict:
+def calibrate(device_name: str, measurements: Path, out: Path | None = None, progress=None,
+              only: list[str] | None = None) -> dict:
     """Fit ``device_name`` on a measurements CSV and write the fitted settings into its profile.
 
     The profile is written to ``out`` if given; else, for the measured host (figures differ per machine)
     or a profile that cannot be written in place, to the user profile folder; else in place.
-    Returns the fits, the skipped-row counts and the path written.
+    Returns the fits, the skipped-row counts and the path written. ``only``: fit just these settings.
     """
     import os
 
@@ -534,7 +544,7 @@ def calibrate(device_name: str, measurements: Path, out: Path | None = None, pro
 
     device = load_device(device_name)
     source_path = profile_path(device.name)
-    result = calibrate_device(device, read_rows(measurements), Path(measurements).name, progress)
+    result = calibrate_device(device, read_rows(measurements), Path(measurements).name, progress, only=only)
     estimator = merged_estimator(device, result["fits"])
     default = device.estimator_default
     if out is None:

@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "one fit tied to their specs")
     dev.add_argument("--scale-from", default=None, metavar="DEVICE",
                      help="calibrate: carry a calibrated device's efficiencies over by peak rates (same family)")
+    dev.add_argument("--setting", action="append", default=None, metavar="SETTING",
+                     help="calibrate: fit only this estimator setting (repeatable); the others keep their figures, "
+                          "and rows for them are counted as skipped")
 
     prof = sub.add_parser("profile", parents=[common], help="latency on a device: measured, or estimated per op",
                           description="Latency of MODEL or ARTIFACT on a device: measured when a runner for it "
@@ -554,6 +557,8 @@ def _calibrate(args) -> int:
     from slimx.devices.calibrate import calibrate, scale_from
 
     if args.family:
+        if args.setting:
+            raise UsageError("--setting", "a family fits the one setting it is for", "drop --setting")
         return _calibrate_family(args)
     if not args.name:
         raise UsageError("slimx devices calibrate", "needs a device name", "e.g. slimx devices calibrate host "
@@ -570,7 +575,7 @@ def _calibrate(args) -> int:
               f"wrote {result['path']}")
         return 0
     progress = Progress(total=1, enabled=not args.json)
-    result = calibrate(args.name, Path(args.measurements[0]), out=out, progress=progress)
+    result = calibrate(args.name, Path(args.measurements[0]), out=out, progress=progress, only=args.setting)
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "path"} | {"path": str(result["path"])},
                          indent=2, default=float))

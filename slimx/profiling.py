@@ -125,7 +125,7 @@ def calibrate_host(setting, threads: int | None = None, progress=None):
 
 def estimate(req: ProfileRequest, device, progress=None) -> dict:
     from slimx.devices.calibrate import model_op_mix
-    from slimx.devices.estimator import describe, estimate_latency
+    from slimx.devices.estimator import describe, estimate_latency, settings_of
 
     if progress is not None:
         progress.note(f"op mix of {req.subject}")
@@ -133,6 +133,11 @@ def estimate(req: ProfileRequest, device, progress=None) -> dict:
     setting = _setting(device, req)
     est = estimate_latency(costs, device, setting, top=req.top)
     est["label"] = describe(est, device)
+    if req.precision and not req.setting and setting.dtype != req.precision:
+        # the profile has no setting in that precision: say so rather than let the nearest one pass for it
+        est["precision_note"] = (f"{device.name} has no {req.precision} estimator setting (it has "
+                                 f"{', '.join(settings_of(device))}): this is the {setting.key} estimate")
+        est["label"] += f"; {est['precision_note']}"
     return est
 
 

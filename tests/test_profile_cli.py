@@ -86,6 +86,16 @@ def test_estimate_forced_on_the_host(capsys):
     assert latency["kind"] == "estimated" and latency["device"] == "host" and latency["total_ms"] > 0
 
 
+def test_a_precision_without_a_setting_is_named(capsys):
+    """The TX2 has a TensorRT fp32 setting (its fp32 table); the Nano has none, and its fp16 estimate says so."""
+    code, out, _ = run(capsys, "profile", "tests.models:tiny_mlp", "--device", "jetson-tx2", "--precision", "fp32",
+                       "--json")
+    latency = json.loads(out)
+    assert code == 0 and latency["setting"] == "tensorrt-gpu-fp32" and "precision_note" not in latency
+    code, out, _ = run(capsys, "profile", "tests.models:tiny_mlp", "--device", "jetson-nano", "--precision", "fp32")
+    assert code == 0 and "jetson-nano has no fp32 estimator setting" in out and "tensorrt-gpu-fp16 estimate" in out
+
+
 def test_measure_refuses_to_estimate(capsys):
     code, _, err = run(capsys, "profile", "tests.models:tiny_mlp", "--device", "iphone12", "--measure")
     assert code == 2

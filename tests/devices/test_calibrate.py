@@ -71,6 +71,26 @@ def test_calibrate_from_a_published_table(tmp_path, scratch_profiles):
     assert written["model"] == fit["model"] and written["interval_low"] < 1 < written["interval_high"]
 
 
+def test_calibrate_fits_only_the_settings_asked_for(tmp_path, scratch_profiles):
+    table = tmp_path / "per_unit.csv"
+    lines = ["model,timm_name,input_size,params_m,gmacs,top1,device,runtime,latency_ms,source"]
+    for unit, scale in (("ANE", 1.0), ("GPU", 3.0)):
+        for i, name in enumerate(("test_resnet", "test_vit", "test_efficientnet")):
+            lines.append(f"{name},{name},160,,,,iPhone 12,\"CoreML, compute unit = {unit}, batch 1\","
+                         f"{(i + 1) * scale},made up for the test")
+    table.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "iphone12.toml"
+    before = load_device("iphone12").raw["estimator"]["coreml-ane-fp16"]
+    result = calibrate("iphone12", table, out=out, only=["coreml-gpu-fp16"])
+    assert set(result["fits"]) == {"coreml-gpu-fp16"} and result["fits"]["coreml-gpu-fp16"]["rows"] == 3
+    assert result["skipped"] == {"for setting coreml-ane-fp16, not asked for": 3}
+    written = tomllib.loads(out.read_text())["estimator"]
+    assert written["coreml-ane-fp16"] == before, "a setting not asked for keeps its figures"
+    assert written["coreml-gpu-fp16"]["fit_rows"] == 3
+    with pytest.raises(UsageError, match="not an estimator setting of iphone12"):
+        calibrate("iphone12", table, out=out, only=["coreml-npu-int4"])
+
+
 def test_scale_from_carries_efficiencies_with_added_error(tmp_path):
     out = tmp_path / "raspberry-pi-5.toml"
     scale_from("raspberry-pi-5", "pixel3", extra_error_pct=15, out=out)
