@@ -26,8 +26,8 @@ test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest
 
-# refit every shipped device profile from the published tables in ../shared/data (about a minute once the timm op
-# mixes are cached): each device's own fit first, then the family fits, which ship where their grouped error is lower
+# refit every shipped device profile from the published tables in ../shared/data (about two minutes once the timm
+# op mixes are cached): each device's own fit first, then the family fits, which ship where their grouped error is lower
 DATA ?= ../shared/data
 refit: setup
 	$(VENV)/bin/slimx devices calibrate iphone12 --measurements $(DATA)/iphone12_coreml.csv

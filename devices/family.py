@@ -361,8 +361,8 @@ def calibrate_family(family_name: str, tables: list[tuple[str, list[dict]]], pro
 
     def nested(groups: list[str], with_device: bool) -> np.ndarray:
         """Whether each row lies inside the 80% interval cut from a grouped CV over the *other* groups only (NaN
-        where the other groups are too few to cut one: two devices, one left out, leave one to fit and none to
-        test on)."""
+        where the other groups are too few to cut one: of two devices, leaving one out leaves a single device,
+        which no fit without it can predict)."""
         inside = np.full(len(y), np.nan)
         everything = np.ones(len(y), dtype=bool)
         for g in sorted(set(groups)):
