@@ -177,24 +177,27 @@ def samples_for(rows: list[dict], progress=None) -> list[Sample]:
     return out
 
 
-def setup_groups(rows: list[dict]) -> tuple[np.ndarray, list[str], list[str]]:
-    """Measurement setups of published rows (their ``runtime`` text), the reference (index 0) being the newest.
+def setup_groups(rows: list[dict], table: str = "") -> tuple[np.ndarray, list[str], list[str]]:
+    """Measurement setups of one table's published rows, the reference (index 0) being the newest.
 
-    Setups are data: the newest (the latest year its rows' sources name; ties: more rows) is the one estimates
-    are for. A row whose runtime says "same setup as ..." joins the setup of the rows it names (the first
-    setup in file order, as the tables write it). Another setup gets its own factor only where the same model
-    was measured in both setups: otherwise its offset could not be told apart from its models' families, and
-    its rows join the reference. Microbench rows share one setup.
+    A row's setup is what a family fit calls it (``family.setup_of``: the timing tool its text names with the
+    versions it states, else the table and its runtime text); a row whose runtime says "same setup as ..." joins
+    the setup of the rows it names (the first setup in file order, as the tables write it). Setups are data: the
+    newest (the latest year its rows' sources name; ties: more rows) is the one estimates are for. Another setup
+    gets its own factor only where the same model was measured in both setups: otherwise its offset could not be
+    told apart from its models' families, and its rows join the reference (a family fit, which has other devices'
+    rows to place them by, leaves such rows out instead). Microbench rows share one setup.
 
     Returns the setup index of each row (0: the reference), the kept setups' names and the names of the setups
     pooled into the reference.
     """
+    from slimx.devices.family import setup_of
+
     names: list[str] = []
     index = []
+    first: dict[str, str] = {}
     for row in rows:
-        text = (row.get("runtime") or "").strip()
-        if "same setup as" in text.lower() and names:
-            text = names[0]
+        text = setup_of({**row, "table": table}, first)
         if text not in names:
             names.append(text)
         index.append(names.index(text))
@@ -349,7 +352,7 @@ def calibrate_device(device, rows: list[dict], data_name: str, progress=None, ne
         samples = samples_for(group, progress)
         feats = [Features.of(s.costs, setting) for s in samples]
         measured = np.array([s.measured_ms for s in samples])
-        setups, setup_names, pooled = setup_groups(group)
+        setups, setup_names, pooled = setup_groups(group, data_name)
         classes = classes_in(feats)
         free = free_params_for(len(samples), classes)
         params = fit_params(feats, measured, device, setting, free, setups=setups)

@@ -266,7 +266,7 @@ def setup_of(row: dict, first: dict[str, str]) -> str:
     elif tool is None and _ONE_CORE.search(text.lower()):
         key = "1 large core"
     elif tool is None:
-        key = f"{row['table']}: {text}"
+        key = f"{row['table']}: {text}" if row.get("table") else text
     else:
         versions = sorted({f"{_SPELLING[m.group(1).lower()]} {m.group(2)}"
                            for m in SETUP_VERSIONS.finditer(f"{text} {row.get('device') or ''}")})

@@ -60,11 +60,14 @@ def test_setups_get_their_own_offset():
     rows = [{"runtime": "app A", "timm_name": "m1", "source": "paper 2022"},
             {"runtime": "same setup as A", "timm_name": "m2", "source": "paper 2022"},
             {"runtime": "Xcode report", "timm_name": "m1", "source": "paper 2023"}]
-    index, names, pooled = setup_groups(rows)
-    assert index.tolist() == [1, 1, 0] and names == ["Xcode report", "app A"] and pooled == []
+    index, names, pooled = setup_groups(rows, "t.csv")
+    # named as a family fit names them: the timing tool where the text names one, else table and runtime text
+    assert index.tolist() == [1, 1, 0] and names == ["Xcode Core ML performance report", "t.csv: app A"]
+    assert pooled == []
     rows[2]["timm_name"] = "m3"
-    index, names, pooled = setup_groups(rows)
-    assert index.tolist() == [0, 0, 0] and names == ["Xcode report"] and pooled == ["app A"]
+    index, names, pooled = setup_groups(rows, "t.csv")
+    assert index.tolist() == [0, 0, 0] and names == ["Xcode Core ML performance report"]
+    assert pooled == ["t.csv: app A"]
     rng = np.random.default_rng(1)
     device = load_device("jetson-nano")
     setting = Setting("t", "tensorrt", "gpu", "fp16")
