@@ -81,11 +81,9 @@ FAMILIES = {
         "NVIDIA Jetson GPUs, TensorRT fp16 (Maxwell, Pascal, Volta, Ampere)"),
     "apple-ane": Family(
         "apple-ane", "coreml-ane-fp16", ("coreml",), ("compute unit = cpu", "compute unit = gpu"),
-        (Member("iphone11pro", r"^iPhone 11 Pro"), Member("iphone12", r"^iPhone 12"),
-         Member("iphone13", r"^iPhone 13"), Member("iphone14", r"^iPhone 14"),
-         Member("iphone15pro", r"^iPhone 15 Pro")),
+        tuple(m for m in _APPLE if m.profile != "iphone7"),  # the A10 has no Neural Engine
         "Apple Neural Engines through Core ML (A13, A14, A15, A17 Pro)"),
-    # the A10 has no Neural Engine; its CPU and GPU rows, with the A13's, are what Core ML's other units have
+    # Core ML's other units: the A10's CPU and GPU rows, with the A13's
     "apple-gpu": Family(
         "apple-gpu", "coreml-gpu-fp16", ("compute unit = gpu",), (), _APPLE,
         "Apple GPUs through Core ML (A10 to A17 Pro)"),
