@@ -17,7 +17,6 @@ import datetime as _dt
 import hashlib
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,40 +179,21 @@ def samples_for(rows: list[dict], progress=None) -> list[Sample]:
 def setup_groups(rows: list[dict], table: str = "") -> tuple[np.ndarray, list[str], list[str]]:
     """Measurement setups of one table's published rows, the reference (index 0) being the newest.
 
-    A row's setup is what a family fit calls it (``family.setup_of``: the timing tool its text names with the
-    versions it states, else the table and its runtime text); a row whose runtime says "same setup as ..." joins
-    the setup of the rows it names (the first setup in file order, as the tables write it). Setups are data: the
-    newest (the latest year its rows' sources name; ties: more rows) is the one estimates are for. Another setup
-    gets its own factor only where the same model was measured in both setups: otherwise its offset could not be
-    told apart from its models' families, and its rows join the reference (a family fit, which has other devices'
-    rows to place them by, leaves such rows out instead). Microbench rows share one setup.
+    The setups, the reference and which setups are tied to it are a family fit's (``family.family_setups``: the
+    timing tool a row names with the versions it states, else the table and its runtime text; the newest by the
+    years its sources name, ties: more rows; tied where a model was timed in both, directly or through another
+    setup). A setup not tied to the reference gets no factor (it could not be told apart from its models'
+    families): here its rows join the reference, where a family fit, with other devices' rows, leaves them out.
+    Microbench rows share one setup.
 
-    Returns the setup index of each row (0: the reference), the kept setups' names and the names of the setups
-    pooled into the reference.
+    Returns the setup index of each row (0: the reference), the kept setups' names (in the order the table
+    first uses them) and the names of the setups pooled into the reference.
     """
-    from slimx.devices.family import setup_of
+    from slimx.devices.family import family_setups
 
-    names: list[str] = []
-    index = []
-    first: dict[str, str] = {}
-    for row in rows:
-        text = setup_of({**row, "table": table}, first)
-        if text not in names:
-            names.append(text)
-        index.append(names.index(text))
-    index = np.asarray(index, dtype=int)
-    if len(names) < 2:
-        return index, names, []
-    years = [max([int(y) for r, i in zip(rows, index, strict=True) if i == k
-                  for y in re.findall(r"\b(20[0-4]\d)\b", r.get("source") or "")] or [0]) for k in range(len(names))]
-    order = sorted(range(len(names)), key=lambda k: (-years[k], -int(np.sum(index == k))))
-    models = [{(r.get("timm_name"), r.get("input_size")) for r, i in zip(rows, index, strict=True) if i == k}
-              for k in range(len(names))]
-    reference = order[0]
-    kept = [reference] + [k for k in order[1:] if models[k] & models[reference]]
-    remap = {k: kept.index(k) if k in kept else 0 for k in range(len(names))}
-    pooled = [names[k] for k in range(len(names)) if k not in kept]
-    return np.asarray([remap[i] for i in index], dtype=int), [names[k] for k in kept], pooled
+    keys, reference, pooled = family_setups([{**row, "table": table} for row in rows])
+    kept = [reference] + [k for k in dict.fromkeys(keys) if k != reference and k not in pooled]
+    return np.asarray([kept.index(k) if k in kept else 0 for k in keys], dtype=int), kept, pooled
 
 
 def _bounds(name: str) -> tuple[float, float]:
@@ -334,18 +314,18 @@ def calibrate_device(device, rows: list[dict], data_name: str, progress=None, ne
     )
 
     groups, skipped = assign_rows(rows, device)
+    settings = settings_of(device)
     if only:
-        unknown = sorted(set(only) - set(settings_of(device)))
+        unknown = sorted(set(only) - set(settings))
         if unknown:
             raise UsageError(f"--setting {', '.join(unknown)}", f"is not an estimator setting of {device.name}",
-                             f"use one of {', '.join(settings_of(device))}")
+                             f"use one of {', '.join(settings)}")
         for key in sorted(set(groups) - set(only)):
             skipped[f"for setting {key}, not asked for"] = len(groups.pop(key))
     if not groups:
         why = "; ".join(f"{n} row(s): {w}" for w, n in skipped.items()) or "no rows"
         raise UsageError(f"measurements for {device.name}", f"no row calibrates any of its settings ({why})",
                          "check the runtime/device columns against the profile's [estimator] match keywords")
-    settings = settings_of(device)
     fits = {}
     for key, group in groups.items():
         setting = settings[key]
