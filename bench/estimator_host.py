@@ -38,7 +38,6 @@ def run(args) -> dict:
     from slimx.devices.host import cpu_model
     from slimx.devices.microbench import (
         Prepared,
-        compile_for,
         microbench_row,
         prepare_cases,
         suite,
@@ -46,7 +45,7 @@ def run(args) -> dict:
         write_csv,
     )
     from slimx.devices.registry import reload_profiles
-    from slimx.devices.runners import get_runner, runner_info
+    from slimx.devices.runners import compile_for, get_runner, runner_info
     from slimx.export.program import prepare_program
 
     start = time.time()

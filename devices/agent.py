@@ -28,6 +28,8 @@ import zlib
 from http import HTTPStatus
 from pathlib import Path
 
+from slimx.devices.jobs import JobError
+
 READ_CHUNK = 1 << 16
 
 
@@ -36,15 +38,6 @@ def runner_suffixes() -> dict[str, tuple[str, ...]]:
     from slimx.targets import all_targets
 
     return {info.name: target.suffixes for target in all_targets() for info in target.runners}
-
-
-class JobError(Exception):
-    """A job refused or failed: the HTTP status to answer with, and (503) when to retry."""
-
-    def __init__(self, status: int, message: str, retry_after: int | None = None):
-        super().__init__(message)
-        self.status = status
-        self.retry_after = retry_after
 
 
 def read_token(path: str | Path, allow_insecure: bool = False, warn=None) -> str:

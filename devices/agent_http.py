@@ -154,7 +154,7 @@ def build_app(agent):
 async def _job(agent, request):
     """POST /v1/run and /v1/build: validate the query and runner, reserve a queue place, stream the body to a
     file under the cap, vet and unpack the archive, then run the job in a child process."""
-    from slimx.devices.agent import JobError
+    from slimx.devices.jobs import JobError
 
     build = request.url.path == "/v1/build"
     where = f"POST {request.url.path}"
@@ -194,7 +194,7 @@ async def _job(agent, request):
 
 
 def _params(query, build: bool) -> tuple[dict, str]:
-    from slimx.devices.agent import JobError
+    from slimx.devices.jobs import JobError
 
     try:
         params = {"warmup": int(query.get("warmup", 5)), "runs": int(query.get("runs", 50)),
@@ -213,7 +213,7 @@ async def _receive_to_file(request, path: Path, cap: int, log) -> bool:
     disconnected (logged)."""
     from starlette.requests import ClientDisconnect
 
-    from slimx.devices.agent import JobError
+    from slimx.devices.jobs import JobError
 
     got = 0
     stream = request.stream()

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
-import hashlib
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +22,9 @@ import numpy as np
 
 from slimx._core.errors import UsageError
 from slimx.devices.estimator import Features, Setting, rates, settings_of, total_ms
-from slimx.devices.opmix import OP_CLASSES, OpCost, op_mix
+from slimx.devices.opmix import OP_CLASSES, OpCost, cached_op_mix, op_mix
 from slimx.devices.records import BASELINE_KEYS, PARAMS, PRIOR
 
-OPMIX_VERSION = 7  # bump when op pricing changes, so cached op mixes are rebuilt
 RIDGE = 0.02  # pull of the prior, per parameter, in log space (keeps parameters sane where data cannot tell)
 BOUNDS = {"eff": (1e-4, 4.0), "mem_eff": (1e-3, 4.0), "overlap": (1e-3, 1.0), "op_overhead_us": (0.01, 5e4),
           "fixed_overhead_us": (0.1, 5e5)}
@@ -97,32 +94,6 @@ def assign_rows(rows: list[dict], device) -> tuple[dict[str, list[dict]], dict[s
     return groups, skipped
 
 
-def _cache_path(key: str) -> Path:
-    from slimx.devices.host import cache_dir
-
-    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
-    return cache_dir() / "opmix" / f"{digest}.json"
-
-
-def cached_op_mix(key: str, make) -> list[OpCost]:
-    """The op mix for ``key``, from the cache when present (exporting a model takes seconds)."""
-    import torch
-
-    full = f"v{OPMIX_VERSION}|torch {torch.__version__}|{key}"
-    path = _cache_path(full)
-    if path.is_file():
-        try:
-            return [OpCost(**c) for c in json.loads(path.read_text())]
-        except (ValueError, TypeError):
-            pass
-    costs = make()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps([c.to_dict() for c in costs]))
-    tmp.replace(path)
-    return costs
-
-
 def model_op_mix(spec: str, input_shapes: list[str] | None = None, weights=None, program=None) -> list[OpCost]:
     """Op mix of a MODEL spec in its deployment form (cached for timm/builtin specs given without weights).
 
@@ -189,7 +160,7 @@ def setup_groups(rows: list[dict], table: str = "") -> tuple[np.ndarray, list[st
     Returns the setup index of each row (0: the reference), the kept setups' names (in the order the table
     first uses them) and the names of the setups pooled into the reference.
     """
-    from slimx.devices.family import family_setups
+    from slimx.devices.setups import family_setups
 
     keys, reference, pooled = family_setups([{**row, "table": table} for row in rows])
     kept = [reference] + [k for k in dict.fromkeys(keys) if k != reference and k not in pooled]
@@ -544,8 +515,8 @@ def scale_from(device_name: str, base_name: str, extra_error_pct: float = 15.0, 
     The efficiencies and overheads carry over; the peaks and bandwidth are the newer device's. The stated
     error is the base fit's held-out error plus ``extra_error_pct``, because the transfer itself is not measured.
     """
-    from slimx.devices.family import family_of_device
     from slimx.devices.registry import load_device, profile_path, reload_profiles
+    from slimx.devices.setups import family_of_device
 
     device, base = load_device(device_name), load_device(base_name)
     family = family_of_device(device.name)

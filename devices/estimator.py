@@ -303,3 +303,17 @@ def describe(est: dict, device) -> str:
         basis += (f"; {est['unfitted_share'] * 100:.0f}% of this estimate comes from op classes absent from the "
                   "fit's data, so the error can be larger")
     return f"estimated for {device.display_name} ({est['setting']}{how}): {est['total_ms']:.3f} ms, {err}{basis}"
+
+
+def device_floor_ms(device, precision: str | None = None) -> float | None:
+    """The device's fixed per-inference overhead in its calibrated estimator setting (a budget below it cannot
+    be met), or None where the profile has no calibrated setting."""
+    try:
+        setting = default_setting(device, precision)
+    except UsageError:
+        return None
+    if not setting.calibrated:
+        return None
+    if setting.model == "baseline" and setting.baseline:
+        return float(setting.baseline.get("fixed_ms", 0.0)) or None
+    return float(setting.param("fixed_overhead_us")) * 1e-3 or None

@@ -227,9 +227,8 @@ class Prepared:
 
 def prepare_cases(runner_name: str, cases: list[Case], workdir: Path, progress=None) -> list[Prepared]:
     """Export and compile every case once for the runner's format."""
-    from slimx.devices.calibrate import cached_op_mix
-    from slimx.devices.opmix import op_mix
-    from slimx.devices.runners import runner_info
+    from slimx.devices.opmix import cached_op_mix, op_mix
+    from slimx.devices.runners import compile_for, runner_info
 
     fmt = runner_info(runner_name).format
     out = []
@@ -242,16 +241,6 @@ def prepare_cases(runner_name: str, cases: list[Case], workdir: Path, progress=N
         out.append(Prepared(case.name, case.group, compile_for(program, fmt, Path(workdir) / f"case{i}"), inputs,
                             sum(c.flops for c in costs) / 1e9, sum(c.bytes for c in costs) / 1e6, []))
     return out
-
-
-def compile_for(program, fmt: str, out: Path):
-    """The artifact a runner of format ``fmt`` times (the Program itself for PyTorch eager)."""
-    from slimx.targets import CompileOptions, get_target
-
-    if fmt == "torch":
-        return program
-    out.mkdir(parents=True, exist_ok=True)
-    return get_target(fmt).compile(program, None, CompileOptions(), out)
 
 
 def time_round(runner, prepared: list[Prepared], warmup: int, runs: int) -> list:

@@ -9,8 +9,11 @@ Pure views (reshape, unsqueeze, ...) cost nothing and are dropped; ops that copy
 from __future__ import annotations
 
 import contextvars
+import hashlib
+import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 # op class -> ATen op names (without overload). Anything with a tensor output not listed here is priced
 # as an elementwise op, which is the right order of magnitude for the long tail.
@@ -275,3 +278,34 @@ def summarize(costs: list[OpCost]) -> dict:
         entry["gflops"] += c.flops / 1e9
         entry["mbytes"] += c.bytes / 1e6
     return out
+
+
+# --------------------------------------------------------------------------- cache
+
+OPMIX_VERSION = 7  # bump when op pricing changes, so cached op mixes are rebuilt
+
+
+def _cache_path(key: str) -> Path:
+    from slimx.devices.host import cache_dir
+
+    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+    return cache_dir() / "opmix" / f"{digest}.json"
+
+
+def cached_op_mix(key: str, make) -> list[OpCost]:
+    """The op mix for ``key``, from the cache when present (exporting a model takes seconds)."""
+    import torch
+
+    full = f"v{OPMIX_VERSION}|torch {torch.__version__}|{key}"
+    path = _cache_path(full)
+    if path.is_file():
+        try:
+            return [OpCost(**c) for c in json.loads(path.read_text())]
+        except (ValueError, TypeError):
+            pass
+    costs = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps([c.to_dict() for c in costs]))
+    tmp.replace(path)
+    return costs

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 from slimx._core.errors import UsageError
 from slimx.targets.base import RunnerInfo, Timing, timed_calls, to_numpy_inputs
@@ -87,9 +88,7 @@ class RunnerLatencyModel:
 
     def latency(self, module, example_inputs: tuple) -> dict:
         import tempfile
-        from pathlib import Path
 
-        from slimx.devices.microbench import compile_for
         from slimx.export.intake import spec_from_tensor
         from slimx.export.program import Program, export_program
 
@@ -185,3 +184,13 @@ class TorchEagerRunner:
         nodes = [{"node": p, "module": p, "ms": round(ms / runs, 4)}
                  for p, ms in sorted(leaf_ms.items(), key=lambda kv: -kv[1])][:top]
         return ops, nodes
+
+
+def compile_for(program, fmt: str, out: Path):
+    """The artifact a runner of format ``fmt`` times (the Program itself for PyTorch eager)."""
+    from slimx.targets import CompileOptions, get_target
+
+    if fmt == "torch":
+        return program
+    out.mkdir(parents=True, exist_ok=True)
+    return get_target(fmt).compile(program, None, CompileOptions(), out)

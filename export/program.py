@@ -340,3 +340,30 @@ def prepare_program(spec: str, input_shapes: list[str] | None = None, weights=No
 
     deployable = deployment_form(load_model(spec, weights=weights, input_shapes=list(input_shapes or [])), seed)
     return deployable.loaded, program_of(deployable), deployable.example
+
+
+def model_stats(loaded, module, example) -> dict:
+    """Parameter count and multiply-accumulates of one forward pass (torch's FLOP counter / 2)."""
+    if module is None:
+        return {"params": _onnx_params(loaded.onnx_path), "macs": None,
+                "macs_note": "not counted for ONNX input"}
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    params = sum(p.numel() for p in module.parameters())
+    if params == 0 and hasattr(module, "state_dict"):
+        params = sum(t.numel() for t in module.state_dict().values() if t.is_floating_point())
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        module(*example)
+    return {"params": int(params), "macs": int(counter.get_total_flops() // 2)}
+
+
+def _onnx_params(path) -> int:
+    import numpy as np
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    # weights, not the scalar constants the exporter lifts into initializers
+    return int(sum(int(np.prod(i.dims)) for i in model.graph.initializer if i.dims and i.data_type in floats))

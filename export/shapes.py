@@ -8,6 +8,7 @@ static 1x128 artifact pays for the padding on every call. ``--seq-len MIN..MAX``
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 from slimx._core.errors import SlimxFailure, UsageError, exception_chain, first_line
@@ -245,3 +246,73 @@ def fit_to_bucket(arrays: list, size: int, axis: int = 1) -> list:
             arr = np.pad(arr, pad)
         out.append(arr)
     return out
+
+
+# --------------------------------------------------------------------------- the shape form of an export
+
+
+def shape_form(loaded, m, target, precision: str) -> dict:
+    """``m``: the shape request (``seq_len``, ``batch``, ``static``, ``buckets``; ``slimx.config.ModelConfig``).
+
+    Set the loaded model's dynamic axes (text: the sequence axis by default) as far as the format keeps them;
+    returns the report's ``shapes`` record: the form built (dynamic, buckets or static), its dynamic axes, the
+    buckets, and why a form is static or bucketed."""
+    if loaded.module is None or loaded.source == "pt2":  # an ONNX file or a .pt2 program keeps the shapes it has
+        if m.buckets:
+            raise UsageError(f"--buckets {m.buckets}", f"needs a PyTorch model (a {loaded.source} input keeps its "
+                             "own shapes)", "give the model as a timm name, a HF folder or a factory")
+        return {"form": "as given", "dynamic": [], "why": f"a {loaded.source} input keeps its own shapes"}
+    longest, why = loaded.max_positions, ""
+    if precision == "int8" and not m.seq_len and is_text(loaded.inputs):
+        # static int8 scales hold for the range calibration covered: sentences padded to the export length
+        longest = min(longest or loaded.inputs[0].shape[1], loaded.inputs[0].shape[1])
+        why = f"int8: the sequence range stops at the calibrated length {longest} (--seq-len widens it)"
+    specs = apply_shape_policy(loaded.inputs, longest, m.seq_len, m.batch, m.static)
+    asked = any(s.dynamic for s in specs)
+    seq = seq_range_of(specs)
+    if m.buckets and (not target.buckets or seq is None):
+        raise UsageError(f"--buckets {m.buckets}", f"applies to a dynamic sequence axis on a format that builds "
+                         f"buckets (tflite, coreml, tensorrt), not to this {'model' if seq is None else target.name}",
+                         "drop --buckets" if seq is not None else "drop --buckets (or --static)")
+    buckets = None
+    if seq is not None and target.buckets and (m.buckets or target.default_buckets):
+        buckets = bucket_sizes(*seq, m.buckets)
+        # a dynamic format keeps every axis (the buckets shape how it is built: profiles); a bucketed one keeps
+        # only the sequence axis, spanning the buckets, and every other axis is static
+        dropped = not target.dynamic_shapes and any(a != 1 for s in specs for a, _, _ in s.dynamic)
+        specs = [dataclasses.replace(s, dynamic=tuple((a, lo, min(hi, buckets[-1]) if a == 1 else hi)
+                                                      for a, lo, hi in s.dynamic
+                                                      if a == 1 or target.dynamic_shapes)) for s in specs]
+        why = target.buckets_reason + (f"; {target.static_reason}" if dropped else "")
+        specs = [s.sized({1: min(s.shape[1], buckets[-1])}) for s in specs]
+    elif asked and not target.dynamic_shapes:
+        specs, why = [s.static() for s in specs], target.static_reason
+    elif m.static:
+        why = "--static"
+    elif not asked:
+        why = "not a text model (give --batch MIN..MAX for a dynamic batch axis)" if not is_text(specs) else ""
+    loaded.inputs = specs
+    dynamic = [{"input": s.name, "axis": a, "min": lo, "max": hi} for s in specs for a, lo, hi in s.dynamic]
+    form = "buckets" if buckets else "dynamic" if dynamic else "static"
+    out = {"form": form, "dynamic": dynamic, "why": why}
+    if buckets:
+        out["buckets"] = list(buckets)
+    return out
+
+
+def at_real_lengths(batches: list[tuple], input_names: list[str]) -> list[tuple]:
+    """Padded text batches cut to their real length (the last real token of each batch)."""
+    from slimx._core.inputs import mask_index_of, trim_padding
+
+    mask_index = mask_index_of(list(input_names))
+    return [trim_padding(b, mask_index) for b in batches]
+
+
+def data_median_length(calib, specs) -> int | None:
+    """The median real length of the calibration data's samples, for a dynamic text model (else None)."""
+    import numpy as np
+
+    if calib is None or seq_range_of(specs) is None:
+        return None
+    real = lengths_of(calib.batches, specs)
+    return int(np.median(real)) if real else None

@@ -193,7 +193,8 @@ def _ms_under(breakdown: dict | None, path: str | None) -> float | None:
 
 
 @register_pass("axformer", AxFormerConfig, plan=plan_axformer,
-               selects=lambda model, cfg: [b.path for b in blocks(model) if cfg.selects(b.path)])
+               selects=lambda model, cfg: [b.path for b in blocks(model) if cfg.selects(b.path)],
+               fix_hint="a smaller tolerance", test_options={"tolerance": 1.0}, test_model="vit")
 def apply_axformer(model, plan: list[dict], cfg: AxFormerConfig, ctx: PassContext) -> PassResult:
     """Run the greedy search on a copy of ``model``; the report lists every trial."""
     if len(ctx.calib) < 4:

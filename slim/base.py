@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from slimx._core.config import CONFIG_VERSION, config_from_dict, parse_key_values
 from slimx._core.errors import UsageError
+from slimx._core.inputs import mask_index_of, token_mask, trim_padding  # noqa: F401  (used by the passes)
 from slimx._core.registry import Registry
 
 
@@ -61,34 +62,6 @@ class PassContext:
     cache: dict = field(default_factory=dict)  # statistics a pass's plan computed for its apply (slim.surgery)
 
 
-def mask_index_of(input_names: list[str]) -> int | None:
-    """Where the attention mask sits among a model's inputs (by its conventional name), or None."""
-    return input_names.index("attention_mask") if "attention_mask" in input_names else None
-
-
-def token_mask(batch: tuple, mask_index: int | None):
-    """The (batch, seq) boolean mask of real tokens of one calibration batch, or None without a mask input."""
-    if mask_index is None:
-        return None
-    return batch[mask_index].bool()
-
-
-def trim_padding(batch: tuple, mask_index: int | None) -> tuple:
-    """Cut the positions past the longest real sequence of the batch from every (batch, seq, ...) input.
-
-    A model that masks its padding gives the same outputs for the real tokens (up to rounding), at the cost
-    of the real length instead of the padded one.
-    """
-    mask = token_mask(batch, mask_index)
-    if mask is None or mask.dim() != 2:
-        return batch
-    real = mask.any(0).nonzero()
-    length = int(real.max()) + 1 if len(real) else 1
-    if length == mask.shape[1]:
-        return batch
-    return tuple(t[:, :length] if t.dim() >= 2 and t.shape[:2] == mask.shape else t for t in batch)
-
-
 def real_rows(x, mask):
     """``x`` (batch, seq, features) as (real tokens, features) under ``mask``; any other shape as rows."""
     if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
@@ -121,6 +94,10 @@ class RegisteredPass:
         apply: ``apply(model, plan, cfg, ctx) -> PassResult``: the plan carried out on a copy of the model.
         finalize: ``finalize(model) -> model`` (in place): this pass's modules in their deployable form, or None.
         selects: ``selects(model, cfg) -> list[str]``: the module paths the pass considers (its selector's pick).
+        fix_hint: what to try when the pass loses too much fidelity (the fidelity gate's one-line fix).
+        test_options: options that keep the pass fast on the contract test's tiny models (else its defaults).
+        test_model: the tiny model the contract test runs it on: ``"mlp"`` or ``"vit"`` (a pass on attention).
+        latency_driven: whether the pass prices its steps on ``PassContext.latency_model`` (the device's).
     """
 
     name: str
@@ -129,6 +106,10 @@ class RegisteredPass:
     apply: Any
     finalize: Any = None
     selects: Any = None
+    fix_hint: str = "milder settings"
+    test_options: dict = field(default_factory=dict)
+    test_model: str = "mlp"
+    latency_driven: bool = False
 
     def fn(self, model, cfg, ctx) -> PassResult:
         """Plan, then apply: the whole pass."""
@@ -138,12 +119,19 @@ class RegisteredPass:
 PASSES: Registry[RegisteredPass] = Registry("pass")
 
 
-def register_pass(name: str, config_cls: type, *, plan, finalize=None, selects=None):
+def register_pass(name: str, config_cls: type, *, plan, finalize=None, selects=None, fix_hint: str = "milder settings",
+                  test_options: dict | None = None, test_model: str = "mlp", latency_driven: bool = False):
     """Decorator on a pass's ``apply(model, plan, cfg, ctx) -> PassResult``: register it under ``name`` with its
-    config class, its ``plan`` and, where its modules need a deployable form, its ``finalize``."""
+    config class, its ``plan`` and, where its modules need a deployable form, its ``finalize``; with what to try
+    when it costs too much fidelity (``fix_hint``) and how the pass contract test runs it (``test_options``,
+    ``test_model``: ``"mlp"`` or ``"vit"``) and whether it is ``latency_driven`` (prices its steps on the device's
+    latency model)."""
+    if test_model not in ("mlp", "vit"):
+        raise ValueError(f"pass {name!r}: test_model is 'mlp' or 'vit', not {test_model!r}")
 
     def add(apply):
-        PASSES.add(name, RegisteredPass(name, config_cls, plan, apply, finalize, selects))
+        PASSES.add(name, RegisteredPass(name, config_cls, plan, apply, finalize, selects, fix_hint,
+                                        dict(test_options or {}), test_model, latency_driven))
         return apply
 
     return add

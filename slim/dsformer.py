@@ -231,7 +231,8 @@ def finalize_dsformer(model):
 
 
 @register_pass("dsformer", DSFormerConfig, plan=plan_dsformer, finalize=finalize_dsformer,
-               selects=lambda model, cfg: select_linears(model, cfg.selector))
+               selects=lambda model, cfg: select_linears(model, cfg.selector),
+               fix_hint="a larger k_ratio or density", test_options={"steps": 5})
 def apply_dsformer(model, plan: list[dict], cfg: DSFormerConfig, ctx: PassContext) -> PassResult:
     """Carry out a DSFormer plan on a copy of ``model``: whitened-SVD init, then the Straight-Through Factorizer."""
     nm = _nm(cfg)

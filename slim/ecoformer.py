@@ -341,7 +341,9 @@ def _latency_verdict(model, view, shape, length, cfg: EcoFormerConfig, ctx: Pass
 
 
 @register_pass("ecoformer", EcoFormerConfig, plan=plan_ecoformer,
-               selects=lambda model, cfg: [v.path for v in attention_modules(model) if cfg.selects(v.path)])
+               selects=lambda model, cfg: [v.path for v in attention_modules(model) if cfg.selects(v.path)],
+               fix_hint="more bits, or fewer layers (include=...)", test_options={"steps": 3, "anchors": 8, "bits": 4},
+               test_model="vit")
 def apply_ecoformer(model, plan: list[dict], cfg: EcoFormerConfig, ctx: PassContext) -> PassResult:
     """Fit hash functions for each planned layer on the calibration data and swap its attention (a copy)."""
     chosen = [e["layer"] for e in plan if "skipped" not in e]

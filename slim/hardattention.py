@@ -69,7 +69,8 @@ SELECTION_REL_ERR = 1e-2
 
 
 @register_pass("hard-attention", HardAttentionConfig, plan=plan_hard_attention,
-               selects=lambda model, cfg: [v.path for v in attention_modules(model) if cfg.selects(v.path)])
+               selects=lambda model, cfg: [v.path for v in attention_modules(model) if cfg.selects(v.path)],
+               fix_hint="a larger k", test_options={"tolerance": 1.0, "k": 2}, test_model="vit")
 def apply_hard_attention(model, plan: list[dict], cfg: HardAttentionConfig, ctx: PassContext) -> PassResult:
     if len(ctx.calib) < 4:
         raise UsageError("--pass hard-attention", "needs calibration data to judge each layer on",

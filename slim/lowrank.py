@@ -184,7 +184,8 @@ def finalize_lowrank(model):
 
 
 @register_pass("lowrank", LowRankConfig, plan=plan_lowrank, finalize=finalize_lowrank,
-               selects=lambda model, cfg: select_linears(model, cfg.selector))
+               selects=lambda model, cfg: select_linears(model, cfg.selector),
+               fix_hint="a larger rank_ratio (or energy=0.99) or exclude=attention")
 def apply_lowrank(model, plan: list[dict], cfg: LowRankConfig, ctx: PassContext) -> PassResult:
     """Carry out a lowrank plan on a copy of ``model`` (the input is left as it was)."""
     ranks = {e["layer"]: e["rank"] for e in plan if "skipped" not in e}

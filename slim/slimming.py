@@ -213,7 +213,9 @@ def _taylor(terms: dict, cand: Candidate) -> float:
 
 
 @register_pass("latency-slim", SlimmingConfig, plan=plan_slimming,
-               selects=lambda model, cfg: [b.path for b in blocks(model)])
+               selects=lambda model, cfg: [b.path for b in blocks(model)],
+               test_options={"budget_ms": 0.001, "max_steps": 2, "min_fidelity": 0.0001, "recover_steps": 0,
+                             "ffn": False, "heads": False}, test_model="vit", latency_driven=True)
 def apply_slimming(model, plan: list[dict], cfg: SlimmingConfig, ctx: PassContext) -> PassResult:
     """Greedy slimming of a copy of ``model`` until the device's latency model says it fits the budget."""
     from slimx.slim.recover import RecoverConfig, recover

@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"slimx {__version__}")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
-    from slimx.pipeline import ExportConfig
+    from slimx.config import ExportConfig
 
     def d(name):  # a flag's default, stated once in the config
         return ExportConfig.default(name)

@@ -68,9 +68,9 @@ def evaluate(out_dir: str | Path, against: str | None, data: str | Path, samples
                       original.output_names)
     batches = calib.batches
     if seq_range_of(specs) is not None:  # text as users send it: each sample at its real length
-        from slimx.pipeline import at_real_lengths
+        from slimx.export.shapes import at_real_lengths
 
-        batches = at_real_lengths(batches, program)
+        batches = at_real_lengths(batches, program.input_names)
     session = runner.session(primary)
     got = [runner.run(artifact, b, session=session)[0] for b in batches]
     ref = [torch_outputs(base_module, b)[0] for b in batches]
@@ -81,7 +81,7 @@ def evaluate(out_dir: str | Path, against: str | None, data: str | Path, samples
         device = load_device(report["device"]["name"])
         buckets = tuple((report.get("shapes") or {}).get("buckets") or ())
         baseline = target.compile(program, device, CompileOptions(precision="fp32", buckets=buckets), tmp)
-        from slimx.pipeline import paired_over_data
+        from slimx.devices.timing import paired_over_data
 
         base, comp = paired_over_data(runner, baseline, artifact, batches)
     finally:

@@ -45,6 +45,7 @@ import numpy as np
 
 from slimx._core.config import config_from_dict
 from slimx._core.errors import UsageError
+from slimx.devices.estimator import device_floor_ms
 
 BOOTSTRAP = 2000
 BASELINE_SCHEMA = 1
@@ -232,22 +233,6 @@ def _is_artifact_like(spec: str) -> bool:
     if path.is_dir() and (path / "report.json").is_file():
         return True
     return resolve_artifact(spec) is not None if path.suffix else False
-
-
-def device_floor_ms(device, precision: str | None = None) -> float | None:
-    """The device's fixed per-inference overhead in its calibrated estimator setting (a budget below it cannot
-    be met), or None where the profile has no calibrated setting."""
-    from slimx.devices.estimator import default_setting
-
-    try:
-        setting = default_setting(device, precision)
-    except UsageError:
-        return None
-    if not setting.calibrated:
-        return None
-    if setting.model == "baseline" and setting.baseline:
-        return float(setting.baseline.get("fixed_ms", 0.0)) or None
-    return float(setting.param("fixed_overhead_us")) * 1e-3 or None
 
 
 # --------------------------------------------------------------------------- running

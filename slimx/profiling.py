@@ -186,7 +186,7 @@ def measure(req: ProfileRequest, device, artifact_path: Path | None, progress=No
             runner = get_runner(default_runner_of(fmt), threads=req.threads)
             timing = runner.time(artifact, inputs, warmup=req.warmup, runs=req.runs)
             from slimx.devices.host import cpu_model
-            from slimx.pipeline import TimingConfig, latency_over_lengths
+            from slimx.devices.timing import TimingConfig, latency_over_lengths
 
             where = f"this host ({cpu_model()})"
             # a dynamic text artifact: the same lengths the export measured (no padding, or each bucket)

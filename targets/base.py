@@ -213,6 +213,7 @@ class Target:
         dynamic_shapes: whether the format keeps dynamic axes (``static_reason`` says why not).
         buckets: whether it builds a dynamic sequence axis as a set of fixed lengths (``--buckets``);
             ``default_buckets``: whether it does so by default (else only when asked), ``buckets_reason`` why.
+        writes_onnx: whether the format is written through an ONNX file, whose opset ``--opset`` sets.
     """
 
     name = ""
@@ -229,6 +230,7 @@ class Target:
     buckets_reason = ""
     default_precision = "fp32"
     needs_torch = False  # True: converts from the PyTorch program, so an ONNX input cannot be used
+    writes_onnx = False
     available = True
     unavailable_reason = ""
 
@@ -264,6 +266,25 @@ class Target:
                              f"drop it, or pick the format it is for{takes}")
         return config_from_dict(self.options_cls, {k: v for k, v in values.items() if v is not None},
                                 f"{where} ({self.name})")
+
+    def checked_opset(self, opset: int | None) -> int:
+        """The ONNX opset to write: ``opset`` where the format goes through ONNX and the installed onnx knows it
+        (the exporter's own limits are checked on the written file), else a usage error; None: the default."""
+        import onnx
+
+        from slimx.export.program import DEFAULT_OPSET
+
+        if opset is None:
+            return DEFAULT_OPSET
+        if not self.writes_onnx:
+            raise UsageError(f"--opset {opset}", f"the {self.name} format is not written through ONNX",
+                             "drop --opset (it applies to the formats written through ONNX: "
+                             f"{', '.join(t.name for t in all_targets() if t.writes_onnx)})")
+        newest = onnx.defs.onnx_opset_version()
+        if not 7 <= opset <= newest:
+            raise UsageError(f"--opset {opset}", f"is outside the opsets onnx {onnx.__version__} knows (7..{newest})",
+                             f"give one in 7..{newest}; {DEFAULT_OPSET} is the default")
+        return opset
 
     def check(self, program) -> Coverage:
         raise NotImplementedError

@@ -163,7 +163,7 @@ def _sources(value, graph) -> set:
 
 def _agreement(unfused: Path, fused: Path, inputs: list[tuple]) -> float:
     """The worst cosine between the two graphs' outputs over ``inputs``."""
-    from slimx.targets.onnx import OrtRunner
+    from slimx.targets.ort_runner import OrtRunner
 
     runner = OrtRunner(threads=1)
     a_session, b_session = runner.session(unfused), runner.session(fused)

@@ -67,6 +67,7 @@ def _tensorrt_missing() -> str | None:
 @register_target
 class TensorRTTarget(Target):
     name = "tensorrt"
+    writes_onnx = True
     suffixes = (".plan", ".engine")
     options_cls = TensorRTOptions
     runners = (RunnerInfo("tensorrt", "tensorrt", "tensorrt-gpu-fp16", "TensorRT engine on the local GPU",

@@ -186,3 +186,31 @@ def to_numpy_inputs(inputs: tuple) -> list:
             value = value.detach().cpu().numpy()
         out.append(np.ascontiguousarray(value))
     return out
+
+
+def mask_index_of(input_names: list[str]) -> int | None:
+    """Where the attention mask sits among a model's inputs (by its conventional name), or None."""
+    return input_names.index("attention_mask") if "attention_mask" in input_names else None
+
+
+def token_mask(batch: tuple, mask_index: int | None):
+    """The (batch, seq) boolean mask of real tokens of one calibration batch, or None without a mask input."""
+    if mask_index is None:
+        return None
+    return batch[mask_index].bool()
+
+
+def trim_padding(batch: tuple, mask_index: int | None) -> tuple:
+    """Cut the positions past the longest real sequence of the batch from every (batch, seq, ...) input.
+
+    A model that masks its padding gives the same outputs for the real tokens (up to rounding), at the cost
+    of the real length instead of the padded one.
+    """
+    mask = token_mask(batch, mask_index)
+    if mask is None or mask.dim() != 2:
+        return batch
+    real = mask.any(0).nonzero()
+    length = int(real.max()) + 1 if len(real) else 1
+    if length == mask.shape[1]:
+        return batch
+    return tuple(t[:, :length] if t.dim() >= 2 and t.shape[:2] == mask.shape else t for t in batch)

@@ -121,7 +121,7 @@ def test_hard_attention_keeps_what_the_rule_accepts():
     assert [type(m.kernel).__name__ for m in result.model.modules() if hasattr(m, "kernel")] == \
         ["TopKSoftmaxKernel"] * 2
     # a selection in the graph: parity is asked to allow float-level near-ties to keep other keys
-    from slimx.pipeline import selection_tolerance
+    from slimx.export.parity import selection_tolerance
 
     asked = selection_tolerance({"passes": [result.to_dict()]})
     assert asked["max_rel_err"] == 1e-2 and "top-4" in asked["why"]

@@ -1,0 +1,194 @@
+"""The configuration of one export, a section per stage: what ``slimx export``'s flags and ``slimx.export``'s
+arguments become. Strict: unknown keys are refused with a did-you-mean, values are checked against each field's
+type, and every default is stated once, here."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from slimx._core.config import check_keys, config_from_dict
+from slimx._core.errors import UsageError
+from slimx.devices.timing import TimingConfig
+from slimx.slim.compress import PASS_CALIB_CAP
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What to load: the MODEL form, its weights and input shapes."""
+
+    model: str = "minilm"
+    weights: str | None = None
+    input_shapes: tuple[str, ...] = ()
+    seed: int = 0
+    seq_len: str | None = None  # MIN..MAX of a text model's dynamic sequence axis (default 1..max positions)
+    batch: str | None = None  # MIN..MAX: a dynamic batch axis
+    static: bool = False  # every shape fixed at the export shape
+    buckets: str | None = None  # "16,32,64": the lengths a bucketed target builds (default: powers of two)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Calibration data (int8, passes, parity on real data)."""
+
+    calib: str | None = None
+    calib_samples: int | None = None  # None: 16 without passes, up to PASS_CALIB_CAP with them
+    truncate: bool = False  # text longer than the artifact's longest sequence is cut to it (else an error)
+    labels: str | None = None  # one integer task label per --calib sample (file order): accuracy as fidelity
+
+    def __post_init__(self) -> None:
+        if self.calib_samples is not None and self.calib_samples < 1:
+            raise UsageError("--calib-samples", "must be at least 1", "e.g. --calib-samples 256")
+        if self.labels and not self.calib:
+            raise UsageError("--labels", "label the --calib samples, and none were given", "add --calib FILE")
+
+    def samples(self, passes: bool) -> int:
+        """How many calibration samples to read: what was asked, else 16 (int8 ranges, parity on data) or, with
+        compression passes, all there is up to ``PASS_CALIB_CAP`` (the passes fit, recover and are judged on it)."""
+        if self.calib_samples is not None:
+            return self.calib_samples
+        return PASS_CALIB_CAP if passes else 16
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """Compression passes (flags or a recipe file) and distillation recovery."""
+
+    passes: tuple[str, ...] = ()
+    recipe: str | None = None
+    recover: str | None = None
+    min_fidelity: float | None = None  # held-out cosine floor after compression (None: DEFAULT_MIN_FIDELITY)
+    max_accuracy_drop: float | None = None  # with --labels: points of accuracy the compression may lose
+    budget_ms: float | None = None  # slim the model (latency-slim) until the device's latency model says it fits
+
+    def __post_init__(self) -> None:
+        if self.min_fidelity is not None and not 0 < self.min_fidelity <= 1:
+            raise UsageError(f"--min-fidelity {self.min_fidelity}", "is a cosine, in (0, 1]",
+                             "e.g. --min-fidelity 0.95")
+        if self.budget_ms is not None and self.budget_ms <= 0:
+            raise UsageError(f"--budget-ms {self.budget_ms}", "must be positive", "e.g. --budget-ms 2.0")
+        if self.max_accuracy_drop is not None and not 0 <= self.max_accuracy_drop <= 100:
+            raise UsageError(f"--max-accuracy-drop {self.max_accuracy_drop}", "is in points of accuracy, 0..100",
+                             "e.g. --max-accuracy-drop 1")
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    """Which device, format and precision, and the format's own options (checked by the chosen target)."""
+
+    device: str = "host"  # the flag is --target (the report's config keeps that name)
+    format: str | None = None  # None: the device's default format
+    precision: str | None = None  # None: the target's default (fp16 for coreml and tensorrt, else fp32)
+    opset: int | None = None  # ONNX opset for the formats written through ONNX (None: DEFAULT_OPSET)
+    deployment_target: str | None = None
+    compute_units: str | None = None
+    palettize: int | None = None
+    dla_core: int | None = None
+    opt_len: int | None = None
+    no_fuse: bool = False  # onnx: keep a plain ONNX graph (no onnxruntime contrib-op fusions)
+
+    def format_option_values(self) -> dict:
+        """The format-specific flags the user gave (the chosen target's options class checks them)."""
+        return {k: v for k, v in (("deployment_target", self.deployment_target), ("compute_units", self.compute_units),
+                                  ("palettize", self.palettize), ("dla_core", self.dla_core),
+                                  ("opt_len", self.opt_len), ("fuse", False if self.no_fuse else None))
+                if v is not None}
+
+
+@dataclass(frozen=True)
+class ProveConfig:
+    """Parity: how many fresh inputs, and the tolerance (None: by precision, ``quant.DEFAULT_TOLERANCE``)."""
+
+    parity_inputs: int = 8
+    min_cosine: float | None = None
+    max_rel_err: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.parity_inputs < 1:
+            raise UsageError("--parity-inputs", "must be at least 1", "give a positive count (default 8)")
+        if self.min_cosine is not None and not 0.0 < self.min_cosine <= 1.0:
+            raise UsageError("--min-cosine", f"{self.min_cosine} is outside (0, 1]", "e.g. --min-cosine 0.999")
+        if self.max_rel_err is not None and self.max_rel_err <= 0:
+            raise UsageError("--max-rel-err", "must be positive", "e.g. --max-rel-err 1e-3")
+
+    def tolerance(self, precision: str):
+        from slimx.export import ParityTolerance
+        from slimx.quant import DEFAULT_TOLERANCE
+
+        cos, rel = DEFAULT_TOLERANCE[precision]
+        return ParityTolerance(min_cosine=self.min_cosine if self.min_cosine is not None else cos,
+                               max_rel_err=self.max_rel_err if self.max_rel_err is not None else rel)
+
+
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "compress": CompressConfig, "compile": CompileConfig,
+             "prove": ProveConfig, "timing": TimingConfig}
+
+
+_FLAT_ORDER = ("model", "target", "format", "out", "weights", "input_shapes", "precision", "opset",
+               "deployment_target", "compute_units", "palettize", "dla_core", "calib", "calib_samples",
+               "parity_inputs", "min_cosine", "max_rel_err", "warmup", "runs", "threads", "seed", "passes", "recipe",
+               "recover", "seq_len", "batch", "static", "opt_len", "buckets", "no_fuse", "truncate", "labels",
+               "min_fidelity", "max_accuracy_drop", "budget_ms")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Everything ``slimx export`` needs, one section per stage; the CLI builds it with ``from_flags``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
+    compile: CompileConfig = field(default_factory=CompileConfig)
+    prove: ProveConfig = field(default_factory=ProveConfig)
+    timing: TimingConfig = field(default_factory=TimingConfig)
+    out: str = ""
+    command: tuple[str, ...] = ()
+
+    @classmethod
+    def from_flags(cls, flags: dict, command: tuple[str, ...] = (), where: str = "export options") -> ExportConfig:
+        """Sort flat flag values (``vars(args)``, names as the fields') into their sections; a flag that is
+        absent takes the field's default, so each default is stated once, here. Unknown names are refused with
+        a did-you-mean, and every value is checked against its field's type (text is parsed).
+
+        Example:
+            >>> ExportConfig.from_flags({"runs": "40", "precision": "int8"}).timing.runs
+            40
+            >>> try:
+            ...     ExportConfig.from_flags({"runz": 40})
+            ... except UsageError as exc:
+            ...     print(exc.line()[:60])
+            export options: unknown option runz; did you mean 'runs'?
+        """
+        check_keys(flags, cls.flag_names(), where, "see 'slimx export --help' for the options")
+        sections = {}
+        for name, section in _SECTIONS.items():
+            names = {f.name for f in dataclasses.fields(section)}
+            sections[name] = config_from_dict(section, {k: v for k, v in flags.items() if k in names}, where)
+        out = flags.get("out") or ""
+        return cls(**sections, out=str(out), command=tuple(command))
+
+    @classmethod
+    def flag_names(cls) -> set[str]:
+        """Every flag name the config takes."""
+        return {f.name for s in _SECTIONS.values() for f in dataclasses.fields(s)} | {"out"}
+
+    @staticmethod
+    def default(name: str):
+        """The default of one flag (for help texts)."""
+        for section in _SECTIONS.values():
+            for f in dataclasses.fields(section):
+                if f.name == name:
+                    return f.default
+        raise KeyError(name)
+
+    def flat(self) -> dict:
+        """The flat view the report records under ``config`` (same keys as ever)."""
+        values = {"out": self.out}
+        for name in _SECTIONS:
+            values.update(dataclasses.asdict(getattr(self, name)))
+        values["target"] = values.pop("device")  # the flag's name, as the report has always recorded it
+        return {k: values[k] for k in _FLAT_ORDER}
+
+
+__all__ = ["CompileConfig", "CompressConfig", "DataConfig", "ExportConfig", "ModelConfig", "ProveConfig",
+           "TimingConfig"]
