@@ -6,6 +6,7 @@ Forms: a built-in name (``minilm``), ``timm:NAME``, ``hf:DIR``, ``pkg.module:fac
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import inspect
@@ -13,6 +14,7 @@ import json
 import os
 import re
 import sys
+import weakref
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -335,9 +337,43 @@ def _load_factory(spec: str, shapes: list[str]) -> LoadedModel:
     if not isinstance(module, torch.nn.Module):
         raise UsageError(f"model {spec}", f"{attr}() returned {type(module).__name__}, not an nn.Module",
                          "return the model from the factory")
+    return from_module(module, spec, "factory", shapes, _example_inputs(module, factory))
+
+
+def load_module(module, example_inputs=None, name: str | None = None,
+                input_shapes: list[str] | None = None) -> LoadedModel:
+    """Take in an ``nn.Module`` that lives in Python (a notebook, a training script): its inputs from
+    ``example_inputs`` (a tensor or a tuple of tensors), else its own ``example_inputs`` attribute, else
+    ``input_shapes``. A module that ``slimx.compress`` returned keeps what its model's intake knew (text inputs,
+    tokenizer, position limit).
+
+    Example:
+        >>> import torch
+        >>> m = load_module(torch.nn.Linear(4, 2), (torch.randn(1, 4),))
+        >>> m.name, m.inputs[0].shape
+        ('module:Linear', (1, 4))
+    """
+    import torch
+
+    if not isinstance(module, torch.nn.Module):
+        raise UsageError(f"model {type(module).__name__}", "is not an nn.Module",
+                         "give an nn.Module, a MODEL string or a path")
+    origin = ORIGINS.get(module)
+    if origin is not None and example_inputs is None and not input_shapes:
+        return dataclasses.replace(origin, module=module.eval(), notes=list(origin.notes))
+    spec = name or f"module:{type(module).__name__}"
+    examples = _as_examples(example_inputs, "example_inputs") if example_inputs is not None else None
+    return from_module(module, spec, "module", list(input_shapes or []), examples or _example_inputs(module, None))
+
+
+# modules handed out by ``slimx.compress``: what their model's intake knew, so that exporting one needs no inputs
+ORIGINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def from_module(module, spec: str, source: str, shapes: list[str], examples: tuple | None) -> LoadedModel:
+    """A LoadedModel for ``module`` with inputs like ``examples`` (or from ``shapes``)."""
     params = [p.name for p in inspect.signature(module.forward).parameters.values()
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    examples = _example_inputs(module, factory)
     if examples is not None:
         inputs = [spec_from_tensor(params[i] if i < len(params) else f"input_{i}", t)
                   for i, t in enumerate(examples)]
@@ -345,7 +381,8 @@ def _load_factory(spec: str, shapes: list[str]) -> LoadedModel:
         inputs = []
     else:
         raise UsageError(f"model {spec}", "has no example inputs",
-                         "give --input-shape 1x3x224x224 (one per input) or an example_inputs attribute")
+                         "give example inputs (example_inputs=..., or --input-shape 1x3x224x224 once per input) or "
+                         "an example_inputs attribute")
     if shapes:
         from slimx._core.inputs import parse_input_shapes
 
@@ -356,25 +393,28 @@ def _load_factory(spec: str, shapes: list[str]) -> LoadedModel:
         else:
             inputs = apply_input_shapes(inputs, shapes)
             examples = None  # the shapes changed; draw fresh inputs from the specs
-    return LoadedModel(name=spec, source="factory", module=module.eval(), inputs=inputs,
+    return LoadedModel(name=spec, source=source, module=module.eval(), inputs=inputs,
                        output_names=["output"], example_inputs=examples)
 
 
-def _example_inputs(module, factory) -> tuple | None:
+def _as_examples(value, where: str) -> tuple:
     import torch
 
+    if isinstance(value, torch.Tensor):
+        value = (value,)
+    if isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
+        return tuple(value)
+    raise UsageError(where, f"is {type(value).__name__}, not a tuple of tensors",
+                     "make example_inputs a tensor, a tuple of tensors, or a function returning one")
+
+
+def _example_inputs(module, factory) -> tuple | None:
     for owner in (module, factory):
         value = getattr(owner, "example_inputs", None)
         if callable(value):
             value = value()
-        if value is None:
-            continue
-        if isinstance(value, torch.Tensor):
-            value = (value,)
-        if isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
-            return tuple(value)
-        raise UsageError("example_inputs", f"is {type(value).__name__}, not a tuple of tensors",
-                         "make example_inputs a tensor, a tuple of tensors, or a function returning one")
+        if value is not None:
+            return _as_examples(value, "example_inputs")
     return None
 
 

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from slimx._core.config import CONFIG_VERSION, config_from_dict, parse_key_values
+from slimx._core.config import CONFIG_VERSION, config_from_dict, parse_key_values, read_toml
 from slimx._core.errors import UsageError
 from slimx._core.inputs import mask_index_of, token_mask, trim_padding  # noqa: F401  (used by the passes)
 from slimx._core.registry import Registry
@@ -181,18 +180,11 @@ def parse_pass(text: str) -> PassSpec:
 
 
 def _read_recipe(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"--recipe {path}", "no such file", "give a TOML file with [[pass]] tables")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"--recipe {path}", f"is not valid TOML ({exc})", "fix the file") from exc
-    unknown = sorted(set(data) - {"pass", "version", "quant"})
+    data = read_toml(path, "recipe", {"pass", "quant"}, "give a TOML file with [[pass]] tables",
+                     where=f"--recipe {path}")
     has_passes = isinstance(data.get("pass"), list)
-    if unknown or not (has_passes or isinstance(data.get("quant"), dict)) or ("pass" in data and not has_passes):
-        raise UsageError(f"--recipe {path}", "expects [[pass]] tables (and an optional [quant] table) only "
-                         f"(found {', '.join(unknown) or 'none'})",
+    if not (has_passes or isinstance(data.get("quant"), dict)) or ("pass" in data and not has_passes):
+        raise UsageError(f"--recipe {path}", "expects [[pass]] tables (and an optional [quant] table) only",
                          "write [[pass]] name = \"lowrank\" rank_ratio = 0.5")
     return data
 

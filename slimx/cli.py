@@ -333,17 +333,18 @@ def _dispatch(args, argv: list[str]) -> int:
 
 def _export(args, argv: list[str]) -> int:
     from slimx._core.progress import Progress
-    from slimx.pipeline import ExportConfig, run_export
-    from slimx.report import summary
+    from slimx.api import export_config
+    from slimx.config import ExportConfig
 
     flags = {k: v for k, v in vars(args).items() if k in ExportConfig.flag_names()}
-    cfg = ExportConfig.from_flags(flags, command=("slimx", *argv))
-    report = run_export(cfg, Progress(total=7, enabled=not args.quiet))
+    cfg = ExportConfig.from_flags(flags, command=("slimx", *argv), where="slimx export")
+    result = export_config(cfg, progress=Progress(total=7, enabled=not args.quiet))
+    result.raise_for_failures()  # the report is written either way; a failed verdict exits 1
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(result.report.to_dict(), indent=2))
     else:
-        print(summary(report))
-        print(f"  report    {os.path.join(report['out'], 'report.json')} (and report.html)")
+        print(result.summary())
+        print(f"  report    {os.path.join(str(result.out), 'report.json')} (and report.html)")
     return 0
 
 

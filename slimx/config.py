@@ -157,7 +157,7 @@ class ExportConfig:
             ...     ExportConfig.from_flags({"runz": 40})
             ... except UsageError as exc:
             ...     print(exc.line()[:60])
-            export options: unknown option runz; did you mean 'runs'?
+            export options: unknown option(s) runz; did you mean 'runs'?
         """
         check_keys(flags, cls.flag_names(), where, "see 'slimx export --help' for the options")
         sections = {}

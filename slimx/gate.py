@@ -37,13 +37,12 @@ import re
 import shutil
 import tempfile
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from slimx._core.config import config_from_dict
+from slimx._core.config import config_from_dict, read_toml
 from slimx._core.errors import UsageError
 from slimx.devices.estimator import device_floor_ms
 
@@ -135,18 +134,8 @@ def load_gate_file(path: str | Path, overrides: dict | None = None) -> GatePlan:
     """Read and check a gate file (unknown keys, devices, models: one UsageError each, before any work)."""
     path = Path(path)
     where = f"gate file {path}"
-    if not path.is_file():
-        raise UsageError(where, "does not exist", "give a TOML file with [[gate]] tables (see slimx gate --help)")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise UsageError(where, f"is not valid TOML ({exc})", "fix the file") from None
-    unknown = sorted(set(data) - {"version", "baseline_file", "settings", "gate"})
-    if unknown:
-        raise UsageError(where, f"has unknown key(s) {', '.join(unknown)}",
-                         "a gate file holds version, baseline_file, [settings] and [[gate]] tables")
-    if data.get("version", 1) != 1:
-        raise UsageError(where, f"is version {data.get('version')}; this slimx reads version 1", "set version = 1")
+    data = read_toml(path, "gate file", {"baseline_file", "settings", "gate"},
+                     "give a TOML file with [[gate]] tables (see slimx gate --help)")
     tables = data.get("gate")
     if not isinstance(tables, list) or not tables:
         raise UsageError(where, "has no [[gate]] tables", "add [[gate]] with name, model, device and a budget")
@@ -488,15 +477,17 @@ def _artifact_of(spec: str, entry: GateEntry, work: Path, progress):
         specs = _specs_from_report(path) or artifact_inputs(path)
         return Artifact(target_for_path(path).name, path, specs, [])
     from slimx._core.progress import Progress
-    from slimx.pipeline import ExportConfig, run_export
+    from slimx.config import ExportConfig
+    from slimx.pipeline import run_export
 
     flags = {"model": spec, "device": "host", "out": str(work), "runs": 30, "warmup": 1,
              "input_shapes": tuple(entry.input_shapes), "weights": entry.weights, "format": entry.format,
              "precision": entry.precision, "recipe": entry.recipe}
     if progress is not None:
         progress.note(f"export {spec} for the gate")
-    report = run_export(ExportConfig.from_flags({k: v for k, v in flags.items() if v not in (None, ())}),
-                        Progress(total=7, enabled=False))
+    cfg = ExportConfig.from_flags({k: v for k, v in flags.items() if v not in (None, ())},
+                                  where=f"gate entry {entry.name}")
+    report = run_export(cfg, Progress(total=7, enabled=False))  # the export slimx.export runs; a failed verdict raises
     path = work / report["artifacts"][0]["path"]
     return Artifact(target_for_path(path).name, path, _specs_from_report(path), [])
 

@@ -43,13 +43,12 @@ import hashlib
 import itertools
 import json
 import os
-import subprocess
 import sys
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from slimx._core.config import check_keys, read_toml
 from slimx._core.errors import UsageError
 
 TIMING_RESOURCE = "slimx_host_timing"
@@ -98,18 +97,9 @@ def load_sweep(path: str | Path) -> SweepPlan:
 
     path = Path(path)
     where = f"sweep file {path}"
-    if not path.is_file():
-        raise UsageError(where, "does not exist", "give a TOML file with models, devices and [[recipe]] tables")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise UsageError(where, f"is not valid TOML ({exc})", "fix the file") from None
-    known = {"version", "models", "devices", "precisions", "recipe", "calib", "eval", "min_fidelity", "rank_by",
-             "timeout_s", "runs"}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise UsageError(where, f"has unknown key(s) {', '.join(unknown)}",
-                         f"a sweep file takes {', '.join(sorted(known))}")
+    data = read_toml(path, "sweep file", {"models", "devices", "precisions", "recipe", "calib", "eval",
+                                          "min_fidelity", "rank_by", "timeout_s", "runs"},
+                     "give a TOML file with models, devices and [[recipe]] tables")
     for key in ("models", "devices"):
         if not isinstance(data.get(key), list) or not data[key]:
             raise UsageError(where, f"needs a non-empty list {key} = [...]", f"e.g. {key} = [\"...\"]")
@@ -122,10 +112,10 @@ def load_sweep(path: str | Path) -> SweepPlan:
     precisions = [check_precision(p) for p in data.get("precisions", ["fp32"])]
     recipes = []
     for i, table in enumerate(data.get("recipe") or [{"name": "plain"}]):
-        extra = sorted(set(table) - {"name", "passes", "recover", "budget_ms"})
-        if extra or not table.get("name"):
-            raise UsageError(f"{where} [[recipe]] #{i + 1}", f"has unknown key(s) {', '.join(extra)}" if extra else
-                             "has no name", "a recipe takes name, passes, recover and budget_ms")
+        check_keys(table, {"name", "passes", "recover", "budget_ms"}, f"{where} [[recipe]] #{i + 1}",
+                   "a recipe takes name, passes, recover and budget_ms", noun="key")
+        if not table.get("name"):
+            raise UsageError(f"{where} [[recipe]] #{i + 1}", "has no name", "give it name = \"...\"")
         for spec in table.get("passes", []):
             parse_pass(spec)  # an unknown pass or option is refused now, not in a worker
         recipes.append(Recipe(table["name"], tuple(table.get("passes", [])), table.get("recover"),
@@ -204,79 +194,65 @@ def times_on_host(trial: dict) -> bool:
     return get_target(load_device(trial["device"], measure_host=False).default_format).runner() is not None
 
 
-def export_args(trial: dict, plan: SweepPlan, out: Path) -> list[str]:
+def export_flags(trial: dict, plan: SweepPlan, out: Path) -> dict:
+    """The trial's export, as ``slimx.config.ExportConfig`` flags (what ``slimx export`` would be given)."""
     recipe = trial["recipe"]
-    args = ["export", trial["model"], "--target", trial["device"], "--precision", trial["precision"], "--out",
-            str(out), "--runs", str(plan.runs), "-q", "--json"]
-    calib = data_for(plan.calib, trial)
-    if calib:
-        args += ["--calib", calib]
-    for spec in recipe["passes"]:
-        args += ["--pass", spec]
-    if recipe.get("recover"):
-        args += ["--recover", recipe["recover"]]
-    if recipe.get("budget_ms"):
-        args += ["--budget-ms", str(recipe["budget_ms"])]
+    flags = {"model": trial["model"], "device": trial["device"], "precision": trial["precision"], "out": str(out),
+             "runs": plan.runs, "calib": data_for(plan.calib, trial), "passes": tuple(recipe["passes"]),
+             "recover": recipe.get("recover"), "budget_ms": recipe.get("budget_ms")}
     if plan.min_fidelity is not None and (recipe["passes"] or recipe.get("budget_ms")):
-        args += ["--min-fidelity", str(plan.min_fidelity)]
-    return args
+        flags["min_fidelity"] = plan.min_fidelity
+    return {k: v for k, v in flags.items() if v not in (None, ())}
 
 
 def run_trial(trial: dict, plan_dict: dict, out: str) -> dict:
-    """One trial, in a Ray worker: ``slimx export`` (and ``slimx eval``) in child processes, their one-line
-    errors kept; returns the result row."""
+    """One trial, in a Ray worker process: ``slimx.export`` (and ``slimx.evaluate``) called in that process, their
+    one-line errors kept; returns the result row. A trial past ``timeout_s`` is stopped by the driver."""
+    from slimx._core.errors import SlimxError, first_line
+    from slimx.api import evaluate, export_config
+    from slimx.config import ExportConfig
+
     plan = SweepPlan(**{k: v for k, v in plan_dict.items() if k != "recipes"},
                      recipes=[Recipe(**r) for r in plan_dict["recipes"]])
     started = time.time()
     out_path = Path(out)
     row = {"model": trial["model"], "device": trial["device"], "precision": trial["precision"],
            "recipe": trial["recipe"]["name"], "out": out, "status": "failed"}
+    os.environ["HF_HUB_OFFLINE"] = "1"
     cwd = plan.cwd or os.getcwd()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (cwd, os.environ.get("PYTHONPATH", "")) if p)}
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)  # factories (pkg.module:factory) import from the driver's folder, as slimx export's do
+    os.chdir(cwd)
     try:
-        proc = subprocess.run([sys.executable, "-m", "slimx.cli", *export_args(trial, plan, out_path)],
-                              capture_output=True, text=True, env=env, timeout=plan.timeout_s, cwd=cwd)
-    except subprocess.TimeoutExpired:
-        return {**row, "error": f"the trial ran past timeout_s = {plan.timeout_s:g} s and was stopped",
-                "seconds": round(time.time() - started, 1)}
-    report_path = out_path / "report.json"
-    if proc.returncode != 0 or not report_path.is_file():
-        row["error"] = _last_error(proc.stderr) or f"slimx export exited {proc.returncode}"
-        if report_path.is_file():  # a run that failed its parity or fidelity gate keeps its report
-            row.update(_from_report(json.loads(report_path.read_text())))
+        cfg = ExportConfig.from_flags(export_flags(trial, plan, out_path), where=f"sweep trial {row['recipe']}")
+        result = export_config(cfg)
+    except SlimxError as exc:
+        row["error"] = f"slimx: error: {exc.line()}"[:300]
         row["seconds"] = round(time.time() - started, 1)
         return row
-    report = json.loads(report_path.read_text())
-    row.update(_from_report(report))
+    except Exception as exc:  # an unexpected failure: this trial only, in one line
+        row["error"] = f"slimx: error: {type(exc).__name__}: {first_line(exc)}"[:300]
+        row["seconds"] = round(time.time() - started, 1)
+        return row
+    row.update(_from_report(result.report.to_dict()))
+    if result.failures:  # a run that failed its parity or fidelity gate keeps its report
+        row["error"] = f"slimx: error: {result.failures[0].line()}"[:300]
+        row["seconds"] = round(time.time() - started, 1)
+        return row
     row["status"] = "ok"
     evaluation = data_for(plan.eval, trial)
-    if evaluation and report.get("latency", {}).get("measured") is not None:
+    if evaluation and result.report.to_dict().get("latency", {}).get("measured") is not None:
         from slimx.targets import get_target
 
-        if get_target(report["target"]["format"]).runner() is not None:
-            ev = subprocess.run([sys.executable, "-m", "slimx.cli", "eval", out, "--data", evaluation, "--json",
-                                 "--truncate"], capture_output=True, text=True, env=env, timeout=plan.timeout_s,
-                                cwd=cwd)
-            if ev.returncode == 0:
-                fid = json.loads(ev.stdout)["fidelity"]
-                row["fidelity"], row["fidelity_source"] = fid["cosine_mean"], f"slimx eval on {Path(evaluation).name}"
+        if get_target(result.format).runner() is not None:
+            try:
+                ev = evaluate(out, evaluation, truncate=True)
+            except SlimxError:
+                ev = None
+            if ev is not None:
+                row["fidelity"], row["fidelity_source"] = ev.cosine, f"slimx eval on {Path(evaluation).name}"
     row["seconds"] = round(time.time() - started, 1)
     return row
-
-
-def _last_error(stderr: str) -> str:
-    """The run's one-line error (``slimx: error: ...``), else its last line of stderr.
-
-    Example:
-        >>> _last_error("warming up\\nslimx: error: --calib x.npz: has arrays ['x']; name them\\n")
-        "slimx: error: --calib x.npz: has arrays ['x']; name them"
-        >>> _last_error("Traceback ...\\nKilled\\n"), _last_error("")
-        ('Killed', '')
-    """
-    lines = (stderr or "").strip().splitlines()
-    errors = [ln for ln in lines if ln.startswith("slimx: error")]
-    return (errors[-1] if errors else lines[-1] if lines else "")[:300]
 
 
 def _from_report(report: dict) -> dict:
@@ -357,9 +333,16 @@ def run_sweep(plan: SweepPlan, out_dir: Path, address: str | None = None, worker
                                       + (f", {row.get('latency_ms')} ms" if row.get("latency_ms") else "")
                                       + (f" ({row['error'][:100]})" if row.get("error") else ""))
                 now = time.time()
-                for ref, (_key, _trial, started) in list(pending.items()):
-                    if now - started > plan.timeout_s + 60:  # the worker ignores its own timeout: stop it
+                for ref, (key, trial, started) in list(pending.items()):
+                    if now - started > plan.timeout_s:  # the trial runs in its worker: stop the worker
                         ray.cancel(ref, force=True)
+                        pending.pop(ref)
+                        row = {"model": trial["model"], "device": trial["device"], "precision": trial["precision"],
+                               "recipe": trial["recipe"]["name"], "status": "failed", "key": key,
+                               "out": str(out_dir / "trials" / key), "seconds": round(now - started, 1),
+                               "error": f"the trial ran past timeout_s = {plan.timeout_s:g} s and was stopped"}
+                        done[key] = row
+                        write_results(out_dir, list(done.values()), plan)
         finally:
             ray.shutdown()
     rows = [done[trial_key(t, plan)] for t in plan.trials() if trial_key(t, plan) in done]

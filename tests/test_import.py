@@ -26,6 +26,20 @@ def test_user_folders_map_into_one_package():
     import slimx.export
     import slimx.targets
 
-    assert slimx.export.__file__.replace("\\", "/").endswith("/export/__init__.py")
+    # ``slimx.export`` the attribute is the API's function; the subpackage is ``sys.modules["slimx.export"]``
+    assert sys.modules["slimx.export"].__file__.replace("\\", "/").endswith("/export/__init__.py")
     assert slimx.devices.__file__.replace("\\", "/").endswith("/devices/__init__.py")
     assert slimx.targets.__file__.replace("\\", "/").endswith("/targets/__init__.py")
+
+
+def test_api_names_stay_functions_after_their_namesake_modules_load():
+    import slimx
+    import slimx.evaluate
+    import slimx.export
+    import slimx.gate
+
+    assert callable(slimx.export) and callable(slimx.evaluate) and callable(slimx.gate)
+    assert slimx.export.__module__ == "slimx.api" and slimx.gate.__module__ == "slimx.api"
+    from slimx.export import load_model  # the subpackage's names import as before
+
+    assert callable(load_model)

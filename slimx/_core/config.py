@@ -33,7 +33,7 @@ def did_you_mean(word: str, choices) -> str:
     return f"did you mean {close[0]!r}? " if close else ""
 
 
-def check_keys(values, known, where: str, takes: str = "") -> None:
+def check_keys(values, known, where: str, takes: str = "", noun: str = "option") -> None:
     """Refuse keys of ``values`` not in ``known``, naming the closest known key for each.
 
     Example:
@@ -41,13 +41,13 @@ def check_keys(values, known, where: str, takes: str = "") -> None:
         ...     check_keys({"runz": 40}, {"runs", "warmup"}, "flags")
         ... except UsageError as exc:
         ...     print(exc.line())
-        flags: unknown option runz; did you mean 'runs'? it takes runs, warmup
+        flags: unknown option(s) runz; did you mean 'runs'? it takes runs, warmup
     """
     unknown = sorted(set(values) - set(known))
     if not unknown:
         return
     hints = "".join(did_you_mean(k, known) for k in unknown[:3])
-    raise UsageError(where, f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}",
+    raise UsageError(where, f"unknown {noun}(s) {', '.join(unknown)}",
                      f"{hints}{takes or 'it takes ' + ', '.join(sorted(known))}")
 
 
@@ -270,7 +270,8 @@ def read_toml(path: str | Path, what: str, known: set[str] | None = None, fix: s
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(where, f"is not valid TOML ({exc})", "fix the file") from None
     if known is not None:
-        check_keys(data, known | {"version"}, where, f"a {what} holds {', '.join(sorted(known | {'version'}))}")
+        check_keys(data, known | {"version"}, where, f"a {what} holds {', '.join(sorted(known | {'version'}))}",
+                   noun="key")
     version = data.get("version", CONFIG_VERSION)
     if isinstance(version, bool) or version != CONFIG_VERSION:
         raise UsageError(where, f"is version {version!r}; this slimx reads version {CONFIG_VERSION}",
