@@ -234,6 +234,7 @@ def prepare_cases(runner_name: str, cases: list[Case], workdir: Path, progress=N
     out = []
     for i, case in enumerate(cases):
         if progress is not None:
+            progress.tick("microbench: prepare", i + 1, len(cases), case.name)
             progress.note(f"[{i + 1}/{len(cases)}] prepare {case.name}")
         program, inputs = case_program(case)
         # the same cache entry calibration reads, so the case is exported once
@@ -273,6 +274,7 @@ def run_microbench(runner_name: str, out_csv: Path, quick: bool = False, threads
         timing = None
         for r in range(rounds):
             if progress is not None:
+                progress.tick("microbench: round", r, rounds)
                 progress.note(f"timing round {r + 1}/{rounds} ({len(prepared)} cases)")
             timings = time_round(runner, prepared, warmup, runs)
             timing = timings[-1] if timings else timing

@@ -227,6 +227,9 @@ def apply_axformer(model, plan: list[dict], cfg: AxFormerConfig, ctx: PassContex
         trials.append({**what, **figures, "accepted": ok, "saving_ms": saving,
                        "saving_kind": getattr(ctx.latency_model, "kind", None) if saving is not None else None})
         if ctx.progress is not None:
+            if hasattr(ctx.progress, "tick"):
+                ctx.progress.tick("axformer: trial", len(trials), max(len(trials), min(cfg.max_trials, 2 * len(plan))),
+                                  f"{what['block']} {what['remove']}")
             unit = f" {what['unit']}" if what["unit"] is not None else ""
             ctx.progress.note(f"axformer: {what['block']} {what['remove']}{unit}: loss {figures['loss']:.4f} "
                               f"({'accepted' if ok else 'kept'})")

@@ -175,10 +175,10 @@ def recover(student, teacher, batches: list[tuple], cfg: RecoverConfig, progress
 
 
 def _show(progress, step: int, total: int, train_loss: float, val_loss: float) -> None:
-    text = f"recover: step {step}/{total}  train {train_loss:.4g}  held-out {val_loss:.4g}"
-    if progress is not None and getattr(progress, "tty", False):
-        print(f"\r\x1b[K{text}", end="", file=sys.stderr, flush=True)
-        if step == total:
-            print(file=sys.stderr)
-    elif progress is not None and progress.enabled and step % max(10, total // 4 // 10 * 10) == 0:
-        print(f"      {text}", file=sys.stderr, flush=True)
+    if progress is None:
+        return
+    if hasattr(progress, "tick"):
+        progress.tick("recover: step", step, total, f"train {train_loss:.4g}  held-out {val_loss:.4g}")
+    if not getattr(progress, "tty", False) and progress.enabled and step % max(10, total // 4 // 10 * 10) == 0:
+        print(f"      recover: step {step}/{total}  train {train_loss:.4g}  held-out {val_loss:.4g}", file=sys.stderr,
+              flush=True)

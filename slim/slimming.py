@@ -316,6 +316,7 @@ def apply_slimming(model, plan: list[dict], cfg: SlimmingConfig, ctx: PassContex
                           "latency_ms": round(now["ms"], 5)})
             trajectory.append(_point(len(steps), best, now, fid))
             if ctx.progress is not None:
+                _tick(ctx.progress, "latency-slim: step", len(steps), cfg.max_steps, f"{now['ms']:.3f} ms")
                 ctx.progress.note(f"latency-slim: {best.action} {best.block}{_detail(best)}: {now['ms']:.3f} ms "
                                   f"(budget {cfg.budget_ms:g}), fidelity {fid:.4f}"
                                   f"{' (recovered)' if recovered else ''}")
@@ -376,3 +377,8 @@ def _result(model, current, cfg, trajectory, steps, start, end, started, outcome
                       extra={"trajectory": trajectory, "steps": steps, "architecture": architecture(current),
                              "architecture_before": architecture(model)})
 
+
+def _tick(progress, label: str, done: int, total: int | None, detail: str) -> None:
+    """A step of a long search on the progress display, where it has one (``_core.progress.Progress.tick``)."""
+    if hasattr(progress, "tick") and total:
+        progress.tick(label, done, max(total, done), detail)

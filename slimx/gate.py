@@ -458,6 +458,7 @@ def _time_rounds(timer: _Timer, candidate, baseline, s: GateSettings, progress, 
             out[which]["p90"].append(timing.p90_ms)
             runtime = f"{timing.runtime} {timing.runtime_version}".strip()
         if progress is not None:
+            progress.tick(f"{name}: round", r + 1, s.rounds)
             progress.note(f"{name}: round {r + 1}/{s.rounds}: candidate {out['candidate']['median'][-1]:.3f} ms"
                           + (f", baseline {out['baseline']['median'][-1]:.3f} ms" if "baseline" in out else ""))
     out["runtime"] = runtime

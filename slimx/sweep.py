@@ -328,6 +328,7 @@ def run_sweep(plan: SweepPlan, out_dir: Path, address: str | None = None, worker
                     done[key] = row
                     write_results(out_dir, list(done.values()), plan)
                     if progress is not None:
+                        progress.tick("sweep: trial", len(todo) - len(pending), len(todo))
                         progress.note(f"[{len(done)}/{len(plan.trials())}] {row['model']} {row['device']} "
                                       f"{row['precision']} {row['recipe']}: {row['status']}"
                                       + (f", {row.get('latency_ms')} ms" if row.get("latency_ms") else "")

@@ -32,6 +32,8 @@ class Progress:
         self.timings: dict[str, float] = {}
         self._open: str | None = None
         self._notes: list[str] = []
+        self._started: dict[str, float] = {}
+        self._last_tick = 0.0
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
 
     def _write(self, text: str) -> None:
@@ -50,6 +52,42 @@ class Progress:
         self._write(f"slimx: warning: {text}\n")
         if self._open and self.tty:
             self._write(self._open)
+
+    def tick(self, label: str, done: int, total: int, detail: str = "") -> None:
+        """Progress inside a long step (distillation steps, search rounds, timing rounds, sweep trials): on a
+        terminal the running stage's line shows ``label done/total``, the rate and an ETA (rewritten at most ten
+        times a second, and at the end); in logs and CI nothing (the stage's finished line says what it did).
+
+        Example:
+            >>> p = Progress(total=1, enabled=False)
+            >>> p.tick("recover", 1, 100)
+            >>> p.eta("recover", 1, 100) is not None
+            True
+        """
+        now = time.perf_counter()
+        start = self._started.setdefault(label, now)
+        if done <= 1 and now - start > 1.0:  # the same label starting over (a second distillation)
+            self._started[label] = start = now
+        if not (self.enabled and self.tty) or (done < total and now - self._last_tick < 0.1):
+            return
+        self._last_tick = now
+        eta = self.eta(label, done, total)
+        rate = done / (now - start) if now > start and done else 0.0
+        speed = f"{rate:.1f}/s" if rate >= 1 else f"{1 / rate:.1f} s each" if rate else "-"
+        text = f"{label} {done}/{total} ({speed}, ETA {_clock(eta)})" + (f" {detail}" if detail else "")
+        head = (self._open or "").removesuffix(" ...")
+        self._write(_CLEAR + (f"{head} ... {text}" if head else text)[:200])
+        if done >= total:
+            self._started.pop(label, None)
+            if not head:
+                self._write("\n")
+
+    def eta(self, label: str, done: int, total: int) -> float | None:
+        """Seconds left for ``label`` at the rate so far, or None before anything is done."""
+        start = self._started.get(label)
+        if start is None or done <= 0:
+            return None
+        return (time.perf_counter() - start) / done * max(0, total - done)
 
     @contextmanager
     def stage(self, name: str, detail: str = ""):
@@ -74,3 +112,11 @@ class Progress:
                     lines = [f"{label} done ({elapsed:.1f} s)", *(f"      {n}" for n in self._notes)]
                     self._write("\n".join(lines) + "\n")
             self._open = None
+
+
+def _clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = round(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
