@@ -282,7 +282,7 @@ def _model_text(model) -> str | None:
 
 def _pass_specs(passes) -> tuple[list[str], list]:
     """Passes given as strings (``"lowrank:rank_ratio=0.5"``), ``PassSpec``s, ``(name, config)`` pairs or config
-    objects of a registered pass; returns (the strings, the typed specs)."""
+    objects of a registered pass, as typed ``PassSpec``s."""
     from slimx.slim import PASSES, PassSpec, parse_pass
 
     if isinstance(passes, (str, PassSpec)) or dataclasses.is_dataclass(passes):
@@ -312,18 +312,24 @@ def _pass_specs(passes) -> tuple[list[str], list]:
             specs.append(PassSpec(owners[0], item))
         else:
             raise UsageError(f"pass {item!r}", "is not a pass", "give 'name:key=value', a PassSpec or a pass config")
-    return [_spec_text(s) for s in specs], specs
+    return specs
 
 
-def _spec_text(spec) -> str:
+def _config_text(cfg) -> str:
+    """A config dataclass as the ``K=V,...`` text its flag takes (tuples as ``a|b``; None left out)."""
     values = []
-    for key, value in dataclasses.asdict(spec.config).items():
+    for key, value in dataclasses.asdict(cfg).items():
         if value is None:
             continue
         if isinstance(value, (tuple, list)):
             value = "|".join(map(str, value))
         values.append(f"{key}={value}")
-    return spec.name + (":" + ",".join(values) if values else "")
+    return ",".join(values)
+
+
+def _spec_text(spec) -> str:
+    values = _config_text(spec.config)
+    return spec.name + (f":{values}" if values else "")
 
 
 def _recover_text(recover) -> str | None:
@@ -334,7 +340,7 @@ def _recover_text(recover) -> str | None:
     if isinstance(recover, dict):
         return ",".join(f"{k}={v}" for k, v in recover.items())
     if isinstance(recover, RecoverConfig):
-        return ",".join(f"{k}={v}" for k, v in dataclasses.asdict(recover).items() if v is not None)
+        return _config_text(recover)
     raise UsageError("recover", f"is {type(recover).__name__}", "give a RecoverConfig, a dict or 'steps=200,...'")
 
 
@@ -425,9 +431,9 @@ def export(model, device: str = "host", *, example_inputs=None, format: str | No
                              "budget_ms": budget_ms, "parity_inputs": parity_inputs, "min_cosine": min_cosine,
                              "max_rel_err": max_rel_err, "calib_samples": calib_samples, "truncate": truncate or None,
                              "recover": _recover_text(recover), "out": str(out) if out is not None else None}
-    names, _ = _pass_specs(passes)
+    names = tuple(_spec_text(s) for s in _pass_specs(passes))
     if names:
-        flags["passes"] = tuple(names)
+        flags["passes"] = names
     flags.update(_shape_flags(shapes))
     flags.update(_format_flags(options))
     if timing is not None:
@@ -506,15 +512,14 @@ def compress(model, passes: Sequence, *, calib: str | Path | None = None, recove
         >>> module, records = slimx.compress("minilm", ["lowrank:rank_ratio=0.5"], calib="text.txt")  # doctest: +SKIP
     """
     from slimx.devices import load_device
-    from slimx.devices.timing import latency_model_for
     from slimx.export import load_calibration, load_model
     from slimx.export.intake import ORIGINS, load_module
     from slimx.export.program import deployment_form
-    from slimx.quant import calibration_batches
-    from slimx.slim import RecoverConfig
-    from slimx.slim.compress import PASS_CALIB_CAP, SYNTHETIC_PASS_SAMPLES, run_passes
+    from slimx.pipeline import _recover_config, compress_module
+    from slimx.slim import PASSES, RecoverConfig
+    from slimx.slim.compress import PASS_CALIB_CAP
 
-    _, specs = _pass_specs(passes)
+    specs = _pass_specs(passes)
     if not specs:
         raise UsageError("slimx.compress", "was given no passes", "give passes=['lowrank:rank_ratio=0.5', ...]")
     p = _progress(progress, verbose)
@@ -527,10 +532,8 @@ def compress(model, passes: Sequence, *, calib: str | Path | None = None, recove
         loaded = load_module(model, example_inputs)
     recover_cfg = None
     if recover is not None:
-        from slimx.pipeline import _recover_config
-
         recover_cfg = recover if isinstance(recover, RecoverConfig) else _recover_config(_recover_text(recover))
-    needs_device = any(s.name == "latency-slim" for s in specs)
+    needs_device = any(PASSES.get(s.name).latency_driven for s in specs)
     dev = load_device(device or "host") if (device or needs_device) else None
     data = None
     if calib is not None:
@@ -539,13 +542,9 @@ def compress(model, passes: Sequence, *, calib: str | Path | None = None, recove
     elif labels is not None:
         raise UsageError("labels", "label the calib samples, and none were given", "add calib=FILE")
     deployable = deployment_form(loaded, seed=seed)
-    count = calib_samples or (PASS_CALIB_CAP if data is not None else SYNTHETIC_PASS_SAMPLES)
-    batches, synthetic = calibration_batches(data, loaded.inputs, count=max(count, 16), seed=seed, warn=p.warn)
-    record = run_passes(deployable.module, specs, batches, synthetic=synthetic, progress=p,
-                        source=data.source if data is not None else "synthetic random inputs",
-                        labels=data.labels if data is not None else None, input_names=[s.name for s in loaded.inputs],
-                        device=dev, latency_model=latency_model_for(dev, precision) if dev is not None else None,
-                        recover_cfg=recover_cfg, min_fidelity=min_fidelity)
+    record = compress_module(deployable.module, loaded.inputs, specs, data, progress=p, seed=seed,
+                             calib_samples=calib_samples, device=dev, precision=precision, recover_cfg=recover_cfg,
+                             min_fidelity=min_fidelity)
     module = record.pop("model")
     ORIGINS[module] = dataclasses.replace(loaded, module=None, notes=[*loaded.notes, "compressed by slimx.compress"])
     return module, Compression(record["passes"], Fidelity.from_record(record), record, list(loaded.inputs))

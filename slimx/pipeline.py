@@ -241,35 +241,49 @@ def prepare(cfg: ExportConfig, prepared: Prepared, progress: Progress, loaded=No
 
 def compress(cfg: ExportConfig, prepared: Prepared, progress: Progress) -> Compressed:
     """Run the passes (then recovery) on the deployment form; without passes the model goes on as it is."""
-    from slimx.devices.timing import latency_model_for
     from slimx.export.program import model_stats
-    from slimx.quant import calibration_batches
     from slimx.slim.base import load_recipe_quant
-    from slimx.slim.compress import SYNTHETIC_PASS_SAMPLES, run_passes
 
-    d, calib = prepared.deployable, prepared.calib
+    d = prepared.deployable
     if not prepared.specs:
         return Compressed(d.module, d.module)
-
-    def warn(_):
-        progress.warn("compressing with SYNTHETIC calibration inputs: rank choices, recovery and fidelity "
-                      "figures do not reflect real data; give --calib")
-
     with progress.stage("compress", ", ".join(s.name for s in prepared.specs)):
-        count = cfg.data.samples(True) if calib is not None or cfg.data.calib_samples else SYNTHETIC_PASS_SAMPLES
-        batches, synthetic = calibration_batches(calib, d.loaded.inputs, count=max(count, 16), seed=cfg.model.seed,
-                                                 warn=warn)
-        record = run_passes(
-            d.module, prepared.specs, batches, synthetic=synthetic, progress=progress,
-            source=calib.source if calib else "synthetic random inputs",
-            labels=calib.labels if calib is not None else None, input_names=[s.name for s in d.loaded.inputs],
-            device=prepared.device, latency_model=latency_model_for(prepared.device, prepared.precision),
+        record = compress_module(
+            d.module, d.loaded.inputs, prepared.specs, prepared.calib, progress=progress, seed=cfg.model.seed,
+            calib_samples=cfg.data.calib_samples, device=prepared.device, precision=prepared.precision,
             recover_cfg=prepared.recover, min_fidelity=cfg.compress.min_fidelity,
             max_accuracy_drop=cfg.compress.max_accuracy_drop,
             recipe_quant=load_recipe_quant(cfg.compress.recipe) if cfg.compress.recipe else None)
         original_stats = model_stats(d.loaded, d.module, d.example)
         module = record.pop("model")
     return Compressed(module, d.module, record, original_stats)
+
+
+def compress_module(module, inputs: list, specs: list, calib, *, progress, seed: int = 0,
+                    calib_samples: int | None = None, device=None, precision: str = "fp32", recover_cfg=None,
+                    min_fidelity: float | None = None, max_accuracy_drop: float | None = None,
+                    recipe_quant: dict | None = None) -> dict:
+    """The passes on ``module`` (a deployment form with input specs ``inputs``), fitted on ``calib`` (all of it
+    up to ``PASS_CALIB_CAP``, or ``calib_samples``; synthetic inputs with a warning when None) and priced on
+    ``device``'s latency model; returns ``slim.compress.run_passes``'s record. ``slimx export`` and
+    ``slimx.compress`` both compress through here."""
+    from slimx.devices.timing import latency_model_for
+    from slimx.quant import calibration_batches
+    from slimx.slim.compress import PASS_CALIB_CAP, SYNTHETIC_PASS_SAMPLES, run_passes
+
+    def warn(_):
+        progress.warn("compressing with SYNTHETIC calibration inputs: rank choices, recovery and fidelity "
+                      "figures do not reflect real data; give --calib")
+
+    count = calib_samples or (PASS_CALIB_CAP if calib is not None else SYNTHETIC_PASS_SAMPLES)
+    batches, synthetic = calibration_batches(calib, inputs, count=max(count, 16), seed=seed, warn=warn)
+    return run_passes(
+        module, specs, batches, synthetic=synthetic, progress=progress,
+        source=calib.source if calib is not None else "synthetic random inputs",
+        labels=calib.labels if calib is not None else None, input_names=[s.name for s in inputs], device=device,
+        latency_model=latency_model_for(device, precision) if device is not None else None,
+        recover_cfg=recover_cfg, min_fidelity=min_fidelity, max_accuracy_drop=max_accuracy_drop,
+        recipe_quant=recipe_quant)
 
 
 def compile_artifact(cfg: ExportConfig, prepared: Prepared, compressed: Compressed, staging: Path,

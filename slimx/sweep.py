@@ -208,14 +208,9 @@ def export_flags(trial: dict, plan: SweepPlan, out: Path) -> dict:
 def run_trial(trial: dict, plan_dict: dict, out: str) -> dict:
     """One trial, in a Ray worker process: ``slimx.export`` (and ``slimx.evaluate``) called in that process, their
     one-line errors kept; returns the result row. A trial past ``timeout_s`` is stopped by the driver."""
-    from slimx._core.errors import SlimxError, first_line
-    from slimx.api import evaluate, export_config
-    from slimx.config import ExportConfig
-
     plan = SweepPlan(**{k: v for k, v in plan_dict.items() if k != "recipes"},
                      recipes=[Recipe(**r) for r in plan_dict["recipes"]])
     started = time.time()
-    out_path = Path(out)
     row = {"model": trial["model"], "device": trial["device"], "precision": trial["precision"],
            "recipe": trial["recipe"]["name"], "out": out, "status": "failed"}
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -223,36 +218,42 @@ def run_trial(trial: dict, plan_dict: dict, out: str) -> dict:
     if cwd not in sys.path:
         sys.path.insert(0, cwd)  # factories (pkg.module:factory) import from the driver's folder, as slimx export's do
     os.chdir(cwd)
+    _trial(trial, plan, out, row)
+    row["seconds"] = round(time.time() - started, 1)
+    return row
+
+
+def _trial(trial: dict, plan: SweepPlan, out: str, row: dict) -> None:
+    """Fill ``row`` with the trial's export (and evaluation): its figures, or its one-line error."""
+    from slimx._core.errors import SlimxError, first_line
+    from slimx.api import evaluate, export_config
+    from slimx.config import ExportConfig
+
     try:
-        cfg = ExportConfig.from_flags(export_flags(trial, plan, out_path), where=f"sweep trial {row['recipe']}")
+        cfg = ExportConfig.from_flags(export_flags(trial, plan, Path(out)), where=f"sweep trial {row['recipe']}")
         result = export_config(cfg)
     except SlimxError as exc:
         row["error"] = f"slimx: error: {exc.line()}"[:300]
-        row["seconds"] = round(time.time() - started, 1)
-        return row
+        return
     except Exception as exc:  # an unexpected failure: this trial only, in one line
         row["error"] = f"slimx: error: {type(exc).__name__}: {first_line(exc)}"[:300]
-        row["seconds"] = round(time.time() - started, 1)
-        return row
-    row.update(_from_report(result.report.to_dict()))
+        return
+    report = result.report.to_dict()
+    row.update(_from_report(report))
     if result.failures:  # a run that failed its parity or fidelity gate keeps its report
         row["error"] = f"slimx: error: {result.failures[0].line()}"[:300]
-        row["seconds"] = round(time.time() - started, 1)
-        return row
+        return
     row["status"] = "ok"
     evaluation = data_for(plan.eval, trial)
-    if evaluation and result.report.to_dict().get("latency", {}).get("measured") is not None:
+    if evaluation and report.get("latency", {}).get("measured") is not None:
         from slimx.targets import get_target
 
         if get_target(result.format).runner() is not None:
             try:
                 ev = evaluate(out, evaluation, truncate=True)
             except SlimxError:
-                ev = None
-            if ev is not None:
-                row["fidelity"], row["fidelity_source"] = ev.cosine, f"slimx eval on {Path(evaluation).name}"
-    row["seconds"] = round(time.time() - started, 1)
-    return row
+                return
+            row["fidelity"], row["fidelity_source"] = ev.cosine, f"slimx eval on {Path(evaluation).name}"
 
 
 def _from_report(report: dict) -> dict:

@@ -152,13 +152,12 @@ def _coerce(value, annotation):
         members = [a for a in args if a is not type(None)]
         if value is None and len(members) < len(args):
             return None
-        errors = []
         # text goes to the most specific member first (an int before a float before str)
         for member in sorted(members, key=_rank):
             try:
                 return _coerce(value, member)
-            except _Mismatch as exc:
-                errors.append(str(exc))
+            except _Mismatch:
+                continue
         raise _Mismatch(f"{value!r} is not {_name(annotation)}")
     if origin is typing.Literal:
         for allowed in args:
@@ -193,30 +192,16 @@ def _coerce(value, annotation):
         if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.strip().lower() in ("true", "1", "yes")
         raise _Mismatch(f"{value!r} is not true or false")
-    if annotation is int:
-        if isinstance(value, bool):
-            raise _Mismatch(f"{value!r} is not an integer")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
+    if annotation in (int, float):  # an int field takes a float only when it is whole; bool is neither
         if isinstance(value, str):
             try:
-                return int(value.strip())
+                return annotation(value.strip())
             except ValueError:
-                pass
-        raise _Mismatch(f"{value!r} is not an integer")
-    if annotation is float:
-        if isinstance(value, bool):
-            raise _Mismatch(f"{value!r} is not a number")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                pass
-        raise _Mismatch(f"{value!r} is not a number")
+                raise _Mismatch(f"{value!r} is not {_name(annotation)}") from None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and (
+                annotation is float or float(value).is_integer()):
+            return annotation(value)
+        raise _Mismatch(f"{value!r} is not {_name(annotation)}")
     if annotation is str:
         if isinstance(value, str):
             return value.strip()
