@@ -5,13 +5,15 @@ from __future__ import annotations
 import platform
 from importlib import metadata
 
-_TOOLS = ("slimx", "torch", "onnx", "onnxscript", "onnxruntime", "timm", "transformers",
+_TOOLS = ("torch", "onnx", "onnxscript", "onnxruntime", "timm", "transformers",
           "safetensors", "numpy", "coremltools", "litert-torch", "ai-edge-litert", "tensorrt")
 
 
 def tool_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
     """Installed versions of the tools slimx drives (absent ones are left out)."""
-    out = {"python": platform.python_version()}
+    from slimx import __version__  # the code that ran, whatever the distribution is called (slimx-edge on PyPI)
+
+    out = {"python": platform.python_version(), "slimx": __version__}
     for name in (*_TOOLS, *extra):
         try:
             out[name] = metadata.version(name)
