@@ -371,13 +371,10 @@ def _format_flags(options) -> dict:
     """A target's options object (``CoreMLOptions(...)``) or a dict as the config's format flags."""
     if options is None:
         return {}
+    from slimx.targets import option_flag_values
+
     values = dataclasses.asdict(options) if dataclasses.is_dataclass(options) else dict(options)
-    flags = {k: v for k, v in values.items() if v is not None}
-    if "fuse" in flags:
-        fuse = flags.pop("fuse")
-        if fuse is False:
-            flags["no_fuse"] = True
-    return flags
+    return option_flag_values(values)
 
 
 # --------------------------------------------------------------------------- export
@@ -410,7 +407,7 @@ def export(model, device: str = "host", *, example_inputs=None, format: str | No
         out: the output folder (default ``out/MODEL-DEVICE``).
         options: the format's own options, typed (``targets.coreml.CoreMLOptions(compute_units="cpu_only")``)
             or as a dict.
-        timing: a ``TimingConfig`` (runs, warmup, threads) for measured latency.
+        timing: a ``TimingConfig`` (runs, warmup, threads), or a dict of its fields, for measured latency.
         progress: a ``slimx.Progress`` to show stages on; ``verbose=True`` makes one on stderr.
 
     Returns:
@@ -437,8 +434,13 @@ def export(model, device: str = "host", *, example_inputs=None, format: str | No
     flags.update(_shape_flags(shapes))
     flags.update(_format_flags(options))
     if timing is not None:
+        if isinstance(timing, dict):
+            from slimx._core.config import config_from_dict
+
+            timing = config_from_dict(TimingConfig, timing, "timing")
         if not isinstance(timing, TimingConfig):
-            raise UsageError("timing", f"is {type(timing).__name__}", "give a TimingConfig(runs=..., warmup=...)")
+            raise UsageError("timing", f"is {type(timing).__name__}",
+                             "give a TimingConfig(runs=..., warmup=...) or a dict of its fields")
         flags.update(runs=timing.runs, warmup=timing.warmup, threads=timing.threads)
     text = _model_text(model)
     loaded = None

@@ -62,20 +62,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="text models: the sequence lengths to build one fixed shape each for (TFLite signatures, "
                           "CoreML enumerated shapes, TensorRT profiles; default for TFLite/CoreML: 16,32,64,... "
                           "up to the maximum)")
-    exp.add_argument("--opt-len", type=int, default=keep,
-                     help="TensorRT: the sequence length the engine is tuned for (default: the export shape's)")
     exp.add_argument("--precision", default=keep, choices=PRECISIONS,
                      help="default: the target's (fp16 for coreml and tensorrt, fp32 otherwise)")
-    exp.add_argument("--deployment-target", default=keep, metavar="iOSN",
-                     help="CoreML minimum deployment target (default: the device's, e.g. iOS14 for iphone12)")
-    exp.add_argument("--compute-units", default=keep, choices=["all", "cpu_and_ne", "cpu_only", "cpu_and_gpu"],
-                     help="CoreML compute units (default: the device's)")
-    exp.add_argument("--palettize", type=int, default=keep, metavar="BITS", help="CoreML: palettize weights (iOS16+)")
-    exp.add_argument("--dla-core", type=int, default=keep, help="TensorRT: build for this DLA core, GPU fallback")
-    exp.add_argument("--no-fuse", action="store_true", default=keep,
-                     help="onnx: keep a plain ONNX graph (default: onnxruntime's Attention/SkipLayerNorm/BiasGelu "
-                          "fusions, contrib ops that only onnxruntime runs)")
-    exp.add_argument("--opset", type=int, default=keep, help="ONNX opset of the onnx and tensorrt formats (default 18)")
+    from slimx.targets import all_targets, option_flags
+
+    for of in option_flags():  # each target's own options, from its options class
+        if of.kind is bool:
+            exp.add_argument(of.flag, dest=of.dest, action="store_true", default=keep, help=of.help)
+        else:
+            exp.add_argument(of.flag, dest=of.dest, type=of.kind, choices=of.choices, metavar=of.metavar,
+                             default=keep, help=of.help)
+    exp.add_argument("--opset", type=int, default=keep,
+                     help="ONNX opset of the formats written through ONNX ("
+                          f"{', '.join(t.name for t in all_targets() if t.writes_onnx)}; default 18)")
     exp.add_argument("--calib", default=keep, help="calibration data: .npz of inputs, text file, or image folder")
     exp.add_argument("--truncate", action="store_true", default=keep,
                      help="text longer than the artifact's longest sequence is cut to it (default: an error)")

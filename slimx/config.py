@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from slimx._core.config import check_keys, config_from_dict
+from slimx._core.config import check_keys, coerce, config_from_dict
 from slimx._core.errors import UsageError
 from slimx.devices.timing import TimingConfig
 from slimx.slim.compress import PASS_CALIB_CAP
@@ -80,19 +80,9 @@ class CompileConfig:
     format: str | None = None  # None: the device's default format
     precision: str | None = None  # None: the target's default (fp16 for coreml and tensorrt, else fp32)
     opset: int | None = None  # ONNX opset for the formats written through ONNX (None: DEFAULT_OPSET)
-    deployment_target: str | None = None
-    compute_units: str | None = None
-    palettize: int | None = None
-    dla_core: int | None = None
-    opt_len: int | None = None
-    no_fuse: bool = False  # onnx: keep a plain ONNX graph (no onnxruntime contrib-op fusions)
-
-    def format_option_values(self) -> dict:
-        """The format-specific flags the user gave (the chosen target's options class checks them)."""
-        return {k: v for k, v in (("deployment_target", self.deployment_target), ("compute_units", self.compute_units),
-                                  ("palettize", self.palettize), ("dla_core", self.dla_core),
-                                  ("opt_len", self.opt_len), ("fuse", False if self.no_fuse else None))
-                if v is not None}
+    # the format's own options by field name ({"dla_core": 0}); the chosen target's options class checks them.
+    # Their flags (--dla-core, --no-fuse...) are generated from every target's options class (targets.option_flags)
+    format_options: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -124,11 +114,17 @@ _SECTIONS = {"model": ModelConfig, "data": DataConfig, "compress": CompressConfi
              "prove": ProveConfig, "timing": TimingConfig}
 
 
-_FLAT_ORDER = ("model", "target", "format", "out", "weights", "input_shapes", "precision", "opset",
-               "deployment_target", "compute_units", "palettize", "dla_core", "calib", "calib_samples",
-               "parity_inputs", "min_cosine", "max_rel_err", "warmup", "runs", "threads", "seed", "passes", "recipe",
-               "recover", "seq_len", "batch", "static", "opt_len", "buckets", "no_fuse", "truncate", "labels",
+# the report's config keys, in order; every target option's flag (targets.option_flags) follows "opset"
+_FLAT_ORDER = ("model", "target", "format", "out", "weights", "input_shapes", "precision", "opset", "calib",
+               "calib_samples", "parity_inputs", "min_cosine", "max_rel_err", "warmup", "runs", "threads", "seed",
+               "passes", "recipe", "recover", "seq_len", "batch", "static", "buckets", "truncate", "labels",
                "min_fidelity", "max_accuracy_drop", "budget_ms")
+
+
+def _option_flags():
+    from slimx.targets import option_flags  # importing slimx.targets registers every target (no converter loads)
+
+    return option_flags()
 
 
 @dataclass(frozen=True)
@@ -162,15 +158,25 @@ class ExportConfig:
         check_keys(flags, cls.flag_names(), where, "see 'slimx export --help' for the options")
         sections = {}
         for name, section in _SECTIONS.items():
-            names = {f.name for f in dataclasses.fields(section)}
+            names = {f.name for f in dataclasses.fields(section)} - {"format_options"}
             sections[name] = config_from_dict(section, {k: v for k, v in flags.items() if k in names}, where)
+        options = {}
+        for of in _option_flags():
+            value = flags.get(of.dest)
+            if value is None:
+                continue
+            value = coerce(value, of.kind, f"{where} {of.dest}")
+            if of.kind is not bool or value:
+                options[of.option] = of.option_value(value)
+        sections["compile"] = dataclasses.replace(sections["compile"], format_options=options)
         out = flags.get("out") or ""
         return cls(**sections, out=str(out), command=tuple(command))
 
     @classmethod
     def flag_names(cls) -> set[str]:
         """Every flag name the config takes."""
-        return {f.name for s in _SECTIONS.values() for f in dataclasses.fields(s)} | {"out"}
+        names = {f.name for s in _SECTIONS.values() for f in dataclasses.fields(s)} - {"format_options"}
+        return names | {"out"} | {of.dest for of in _option_flags()}
 
     @staticmethod
     def default(name: str):
@@ -187,7 +193,15 @@ class ExportConfig:
         for name in _SECTIONS:
             values.update(dataclasses.asdict(getattr(self, name)))
         values["target"] = values.pop("device")  # the flag's name, as the report has always recorded it
-        return {k: values[k] for k in _FLAT_ORDER}
+        from slimx.targets import option_flag_values
+
+        given = option_flag_values(values.pop("format_options"))
+        order = list(_FLAT_ORDER)
+        at = order.index("opset") + 1
+        for i, of in enumerate(_option_flags()):
+            values[of.dest] = given.get(of.dest, False if of.kind is bool else None)
+            order.insert(at + i, of.dest)
+        return {k: values[k] for k in order}
 
 
 __all__ = ["CompileConfig", "CompressConfig", "DataConfig", "ExportConfig", "ModelConfig", "ProveConfig",

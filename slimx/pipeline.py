@@ -162,7 +162,7 @@ def resolve(cfg: ExportConfig, loaded=None) -> Prepared:
         raise UsageError(f"model {model}", f"the {target.name} target converts from the PyTorch program, "
                          "and an ONNX file has none", "start from the PyTorch model, or use --format onnx/tensorrt")
     options = CompileOptions(precision=precision, opset=target.checked_opset(cfg.compile.opset),
-                             format_options=target.options(cfg.compile.format_option_values(), "--format options"),
+                             format_options=target.options(cfg.compile.format_options, "--format options"),
                              quant=quant)
     target.validate(device, options)
     if quant.scheme is not None and schemes(target.name):

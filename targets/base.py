@@ -346,6 +346,94 @@ def all_targets() -> list[Target]:
     return [TARGETS.get(n) for n in TARGETS.names()]
 
 
+@dataclass(frozen=True)
+class OptionFlag:
+    """One ``slimx export`` flag generated from a field of a target's options class.
+
+    A field's ``metadata`` may carry ``help`` (of the flag), ``metavar`` and ``choices``; its type (``int |
+    None``, ``str | None``, ``bool``...) gives the flag's. A bool field that defaults to True becomes
+    ``--no-NAME`` (it sets the field to False), one that defaults to False becomes ``--NAME``. Fields of the
+    same name in several targets share one flag (they must agree on its type).
+    """
+
+    dest: str  # the argparse dest and flags-dict key: the field's name, or no_NAME for a bool defaulting to True
+    option: str  # the field it sets
+    kind: type  # int, float, str or bool
+    default: Any
+    help: str
+    metavar: str | None
+    choices: tuple | None
+    formats: tuple[str, ...]
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.dest.replace("_", "-")
+
+    def option_value(self, flag_value):
+        """The field's value for a flag value (a store-true flag given: the field's non-default)."""
+        if self.kind is bool:
+            return (not self.default) if flag_value else self.default
+        return flag_value
+
+
+def _flag_kind(hint) -> type:
+    import types
+    import typing
+
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
+        hint = args[0]
+    if hint in (int, float, str, bool):
+        return hint
+    raise TypeError(f"an option's type must be int, float, str or bool (or one of them | None), not {hint}")
+
+
+def option_flags() -> list[OptionFlag]:
+    """Every format option of every registered target as a ``slimx export`` flag, in registry order."""
+    import dataclasses
+    import typing
+
+    flags: dict[str, OptionFlag] = {}
+    for target in all_targets():
+        if not dataclasses.is_dataclass(target.options_cls):
+            continue
+        hints = typing.get_type_hints(target.options_cls)
+        for f in dataclasses.fields(target.options_cls):
+            kind = _flag_kind(hints[f.name])
+            dest = f"no_{f.name}" if kind is bool and f.default is True else f.name
+            meta = f.metadata
+            known = flags.get(dest)
+            if known is not None:
+                if known.kind is not kind:
+                    raise TypeError(f"format option {f.name}: {known.formats[0]} declares it {known.kind.__name__}, "
+                                    f"{target.name} {kind.__name__}; one flag cannot be both")
+                flags[dest] = dataclasses.replace(known, formats=(*known.formats, target.name))
+                continue
+            choices = tuple(meta["choices"]) if meta.get("choices") else None
+            flags[dest] = OptionFlag(dest, f.name, kind, f.default, meta.get("help", ""), meta.get("metavar"),
+                                     choices, (target.name,))
+    return list(flags.values())
+
+
+def option_flag_values(values: dict) -> dict:
+    """Format option values by field name (``{"fuse": False, "dla_core": 0}``) as the flags that give them
+    (``{"no_fuse": True, "dla_core": 0}``); defaults and Nones are left out."""
+    by_option = {}
+    for of in option_flags():
+        by_option.setdefault(of.option, of)
+    out = {}
+    for name, value in values.items():
+        of = by_option.get(name)
+        if of is None:
+            out[name] = value  # an option no target declares: the chosen target refuses it, naming it
+        elif of.kind is bool:
+            if value != of.default:
+                out[of.dest] = True
+        elif value is not None:
+            out[of.dest] = value
+    return out
+
+
 def target_for_path(path: str | Path) -> Target | None:
     """The target whose artifacts carry ``path``'s suffix, or None.
 

@@ -16,7 +16,7 @@ import shutil
 import sys
 import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -56,9 +56,12 @@ class CoreMLOptions:
         palettize: palettize weights to this many bits (ML Program, iOS 16+).
     """
 
-    deployment_target: str | None = None
-    compute_units: str | None = None
-    palettize: int | None = None
+    deployment_target: str | None = field(default=None, metadata={
+        "metavar": "iOSN", "help": "CoreML minimum deployment target (default: the device's, e.g. iOS14 for iphone12)"})
+    compute_units: str | None = field(default=None, metadata={
+        "choices": COMPUTE_UNITS, "help": "CoreML compute units (default: the device's)"})
+    palettize: int | None = field(default=None, metadata={
+        "metavar": "BITS", "help": "CoreML: palettize weights to this many bits (iOS16+)"})
 
     def __post_init__(self) -> None:
         if self.compute_units is not None and self.compute_units not in COMPUTE_UNITS:
@@ -368,9 +371,9 @@ def _ane_unfriendly_layer(kind: str) -> bool:
 
 def _layer_weights(layer):
     body = getattr(layer, layer.WhichOneof("layer"))
-    for field in ("weights", "bias"):
-        if hasattr(body, field):
-            yield getattr(body, field)
+    for part in ("weights", "bias"):
+        if hasattr(body, part):
+            yield getattr(body, part)
 
 
 class CoreMLRunner:

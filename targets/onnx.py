@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from slimx._core.errors import SlimxFailure, first_line
@@ -46,7 +46,9 @@ class OnnxOptions:
             plain ONNX graph that runtimes other than onnxruntime can load.
     """
 
-    fuse: bool = True
+    fuse: bool = field(default=True, metadata={
+        "help": "onnx: keep a plain ONNX graph (default: onnxruntime's Attention/SkipLayerNorm/BiasGelu fusions, "
+                "contrib ops that only onnxruntime runs)"})
 
 
 @register_target

@@ -13,7 +13,7 @@ import os
 import re
 import shlex
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +49,10 @@ class TensorRTOptions:
             export shape's.
     """
 
-    dla_core: int | None = None
-    opt_len: int | None = None
+    dla_core: int | None = field(default=None, metadata={"help": "TensorRT: build for this DLA core, GPU fallback"})
+    opt_len: int | None = field(default=None, metadata={
+        "help": "TensorRT: the sequence length the engine is tuned for (default: the calibration data's median "
+                "length, else the export shape's)"})
 
     def __post_init__(self) -> None:
         if self.dla_core is not None and self.dla_core < 0:

@@ -19,7 +19,7 @@ FAST = ["--runs", "30", "--warmup", "1", "-q"]
 def test_flags_go_to_their_stage_and_absent_ones_take_the_default():
     cfg = ExportConfig.from_flags({"model": "m", "runs": 40, "calib": "c.txt", "dla_core": 0, "passes": ["lowrank"]})
     assert cfg.model.model == "m" and cfg.timing.runs == 40 and cfg.data.calib == "c.txt"
-    assert cfg.compile.dla_core == 0 and cfg.compress.passes == ("lowrank",)
+    assert cfg.compile.format_options == {"dla_core": 0} and cfg.compress.passes == ("lowrank",)
     assert cfg.timing.warmup == ExportConfig.default("warmup") == 5 and cfg.compile.device == "host"
     flat = cfg.flat()
     assert list(flat)[:4] == ["model", "target", "format", "out"] and flat["runs"] == 40 and flat["target"] == "host"

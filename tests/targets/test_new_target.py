@@ -19,17 +19,25 @@ PLUGIN = "slimx_onnxcopy_plugin"
 PLUGIN_SOURCE = textwrap.dedent('''
     """A throwaway target: the ONNX target's artifact under another name."""
     import os
-    from dataclasses import replace
+    from dataclasses import dataclass, field, replace
     from pathlib import Path
 
     from slimx.targets.base import RunnerInfo, register_target
     from slimx.targets.onnx import OnnxTarget, OrtRunner
 
 
+    @dataclass(frozen=True)
+    class OnnxCopyOptions:
+        fuse: bool = True  # the onnx target's own option, shared (one --no-fuse flag)
+        note: str | None = field(default=None, metadata={"metavar": "TEXT",
+                                                         "help": "onnxcopy: a note written beside the artifact"})
+
+
     @register_target
     class OnnxCopyTarget(OnnxTarget):
         name = "onnxcopy"
         suffixes = (".onnxc",)
+        options_cls = OnnxCopyOptions
         model_form_suffixes = ()
         runners = (RunnerInfo("onnxcopy-ort", "onnxcopy", "onnxruntime-cpu-fp32", "onnxruntime on a renamed file",
                               make=lambda threads=None: OrtRunner(threads=threads)),)
@@ -39,6 +47,8 @@ PLUGIN_SOURCE = textwrap.dedent('''
             artifact = super().compile(program, device, options, out_dir, calib_batches)
             path = Path(out_dir) / "model.onnxc"
             os.replace(artifact.path, path)
+            if options.format_options.note:
+                (Path(out_dir) / "note.txt").write_text(options.format_options.note)
             return replace(artifact, format=self.name, path=path)
 ''')
 
@@ -110,3 +120,20 @@ def test_options_of_another_format_are_refused(onnxcopy, tmp_path, capsys):
                  "--out", str(tmp_path / "o"), "-q"])
     assert code == 2
     assert "onnxcopy format takes no such option" in capsys.readouterr().err
+
+
+def test_a_new_targets_options_are_export_flags(onnxcopy, tmp_path, capsys):
+    """The plugin's options class gives `slimx export` its flag: no CLI or config file names it."""
+    from slimx.cli import build_parser
+
+    assert "--note" in build_parser()._subparsers._group_actions[0].choices["export"].format_help()
+    out = tmp_path / "o"
+    code = main(["export", "tests.models:tiny_mlp", "--format", "onnxcopy", "--note", "made by the test", "--no-fuse",
+                 "--out", str(out), "--runs", "30", "--warmup", "1", "--json", "-q"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and (out / "note.txt").read_text() == "made by the test"
+    assert report["config"]["note"] == "made by the test" and report["config"]["no_fuse"] is True
+
+    code = main(["export", "tests.models:tiny_mlp", "--format", "onnx", "--note", "x", "--out", str(tmp_path / "p"),
+                 "-q"])
+    assert code == 2 and "onnx format takes no such option" in capsys.readouterr().err
