@@ -3,7 +3,8 @@
 Each takes live objects (an ``nn.Module`` with example inputs, typed config objects) as well as the CLI's strings,
 raises the ``SlimxError`` family (``UsageError`` for a request that cannot be, ``SlimxFailure`` for work that
 failed), never exits, and prints nothing unless given a ``progress`` (a ``slimx.Progress``) or ``verbose=True``.
-The CLI, ``slimx gate`` and ``slimx sweep`` are clients of these functions.
+``slimx export``, ``eval``, ``profile`` and ``gate`` are thin clients of these functions; ``slimx sweep``'s trials call
+``export`` and ``evaluate`` in their Ray workers.
 
 Example:
     >>> import slimx, torch
@@ -265,6 +266,20 @@ class _Quiet(Progress):
         warnings.warn(f"slimx: {text}", stacklevel=4)
 
 
+def _timing_config(timing):
+    """A ``TimingConfig`` from one, or from a dict of its fields (strict)."""
+    from slimx.devices.timing import TimingConfig
+
+    if isinstance(timing, dict):
+        from slimx._core.config import config_from_dict
+
+        timing = config_from_dict(TimingConfig, timing, "timing")
+    if not isinstance(timing, TimingConfig):
+        raise UsageError("timing", f"is {type(timing).__name__}",
+                         "give a TimingConfig(runs=..., warmup=...) or a dict of its fields")
+    return timing
+
+
 def _progress(progress, verbose: bool) -> Progress:
     if progress is not None:
         return progress
@@ -419,7 +434,6 @@ def export(model, device: str = "host", *, example_inputs=None, format: str | No
         SlimxFailure: work that failed (conversion, an op the format cannot express).
     """
     from slimx.config import ExportConfig
-    from slimx.devices.timing import TimingConfig
 
     flags: dict[str, Any] = {"device": device, "format": format, "precision": precision, "opset": opset,
                              "calib": str(calib) if calib is not None else None, "weights": weights,
@@ -434,13 +448,7 @@ def export(model, device: str = "host", *, example_inputs=None, format: str | No
     flags.update(_shape_flags(shapes))
     flags.update(_format_flags(options))
     if timing is not None:
-        if isinstance(timing, dict):
-            from slimx._core.config import config_from_dict
-
-            timing = config_from_dict(TimingConfig, timing, "timing")
-        if not isinstance(timing, TimingConfig):
-            raise UsageError("timing", f"is {type(timing).__name__}",
-                             "give a TimingConfig(runs=..., warmup=...) or a dict of its fields")
+        timing = _timing_config(timing)
         flags.update(runs=timing.runs, warmup=timing.warmup, threads=timing.threads)
     text = _model_text(model)
     loaded = None
@@ -557,12 +565,14 @@ def compress(model, passes: Sequence, *, calib: str | Path | None = None, recove
 
 def profile(model, device: str = "host", *, estimate: bool | None = None, precision: str | None = None,
             setting: str | None = None, input_shapes: Sequence[str] = (), weights: str | None = None,
-            remote: str | None = None, token: str | None = None, timing=None, top: int = 12,
+            remote: str | None = None, token: str | None = None, runs: int = 50, warmup: int = 5,
+            threads: int | None = None, timing=None, calibrate: bool = False, top: int = 12,
             progress: Progress | None = None, verbose: bool = False) -> ProfileResult:
     """Latency of a MODEL or an artifact (``.onnx``, ``.tflite``, ``.mlpackage``, an export folder) on ``device``:
     measured where a runner exists (here, or through an agent at ``remote``), else estimated per op.
-    ``estimate``: True forces the estimator, False requires a measurement, None picks."""
-    from slimx.devices.timing import TimingConfig
+    ``estimate``: True forces the estimator, False requires a measurement, None picks. ``runs`` / ``warmup`` /
+    ``threads`` set the measurement (``timing``, a ``TimingConfig`` or a dict of its fields, sets all three);
+    ``calibrate``: time the microbenchmarks here and fit the host's profile before estimating the host."""
     from slimx.profiling import ProfileRequest
     from slimx.profiling import profile as run_profile
 
@@ -570,11 +580,16 @@ def profile(model, device: str = "host", *, estimate: bool | None = None, precis
     if text is None:
         raise UsageError(f"model {type(model).__name__}", "slimx.profile takes a MODEL string or an artifact path",
                          "export the module first (slimx.export) and profile result.out")
-    t = timing or TimingConfig()
+    if timing is not None:
+        timing = _timing_config(timing)
+        runs, warmup, threads = timing.runs, timing.warmup, timing.threads
+    if runs < 1 or warmup < 0:
+        raise UsageError("runs/warmup (--runs/--warmup)", "must be at least 1 / not negative",
+                         "e.g. runs=50, warmup=5 (--runs 50 --warmup 5)")
     req = ProfileRequest(subject=text, device=device, remote=remote, token=token,
                          mode=None if estimate is None else "estimate" if estimate else "measure",
                          input_shapes=tuple(input_shapes), weights=weights, precision=precision, setting=setting,
-                         runs=t.runs, warmup=t.warmup, threads=t.threads, top=top)
+                         runs=runs, warmup=warmup, threads=threads, top=top, calibrate=calibrate)
     data = run_profile(req, _progress(progress, verbose))
     return ProfileResult(Latency.from_dict(data), data)
 
@@ -606,9 +621,10 @@ def gate(subject: str | Path, device: str | None = None, *, budget_ms: float | N
     subject = str(subject)
     overrides = dict(settings or {})
     if subject.lower().endswith(".toml"):
-        given = [k for k, v in (("budget_ms", budget_ms), ("max_regression_pct", max_regression_pct),
-                                ("baseline", baseline), ("precision", precision), ("format", format),
-                                ("weights", weights)) if v is not None] + (["input_shapes"] if input_shapes else [])
+        given = [f"{k} (--{k.replace('_', '-')})" for k, v in (
+            ("budget_ms", budget_ms), ("max_regression_pct", max_regression_pct), ("baseline", baseline),
+            ("precision", precision), ("format", format), ("weights", weights),
+            ("input_shape", input_shapes or None)) if v is not None]
         if given:
             raise UsageError(", ".join(given), "set an entry, and the gate file holds the entries",
                              "put them in the file's [[gate]] tables, or gate a MODEL instead of a file")

@@ -348,14 +348,14 @@ def _export(args, argv: list[str]) -> int:
 
 
 def _eval(args) -> int:
-    from slimx.evaluate import evaluate, summary
-
-    result = evaluate(args.out_dir, args.against, args.data, samples=args.samples, runs=args.runs,
-                      weights=args.weights, labels=args.labels, truncate=args.truncate)
     from pathlib import Path
 
+    from slimx.api import evaluate
+    from slimx.evaluate import summary
     from slimx.html import eval_page, write
 
+    result = evaluate(args.out_dir, args.data, against=args.against, samples=args.samples, runs=args.runs,
+                      weights=args.weights, labels=args.labels, truncate=args.truncate).to_dict()
     write(Path(args.html or os.path.join(args.out_dir, "eval.html")), eval_page(result))
     print(json.dumps(result, indent=2) if args.json else summary(result))
     return 0
@@ -382,38 +382,38 @@ def _data(args) -> int:
     return 0
 
 
+def _token(args) -> str | None:
+    """The agent's token for --remote, read from --token-file (refused where others may read it)."""
+    if not args.remote:
+        if args.token_file:
+            raise UsageError("--token-file", "is only used with --remote", "add --remote URL or drop it")
+        return None
+    if not args.token_file:
+        raise UsageError("--remote", "needs the agent's token", "add --token-file FILE")
+    from slimx.devices.agent import read_token
+
+    return read_token(args.token_file, allow_insecure=args.allow_insecure_token_file)
+
+
 def _profile(args) -> int:
     from slimx._core.progress import Progress
-    from slimx.profiling import ProfileRequest, profile, render
+    from slimx.api import profile
 
-    token = None
-    if args.remote:
-        if not args.token_file:
-            raise UsageError("--remote", "needs the agent's token", "add --token-file FILE")
-        from slimx.devices.agent import read_token
-
-        token = read_token(args.token_file, allow_insecure=args.allow_insecure_token_file)
-    elif args.token_file:
-        raise UsageError("--token-file", "is only used with --remote", "add --remote URL or drop it")
-    if args.runs < 1 or args.warmup < 0:
-        raise UsageError("--runs/--warmup", "must be at least 1 / not negative", "e.g. --runs 50 --warmup 5")
-    req = ProfileRequest(subject=args.subject, device=args.device, remote=args.remote, token=token,
-                         mode="estimate" if args.estimate else "measure" if args.measure else None,
-                         input_shapes=tuple(args.input_shape), weights=args.weights, precision=args.precision,
-                         setting=args.setting,
-                         runs=args.runs, warmup=args.warmup, threads=args.threads, top=args.top,
-                         calibrate=args.calibrate)
-    progress = Progress(total=1, enabled=not (args.quiet or args.json))
+    token = _token(args)
     if args.html and not os.path.isdir(os.path.dirname(os.path.abspath(args.html))):
         raise UsageError(f"--html {args.html}", "is in a folder that does not exist", "create the folder first")
-    result = profile(req, progress)
+    result = profile(args.subject, args.device, remote=args.remote, token=token,
+                     estimate=True if args.estimate else False if args.measure else None,
+                     input_shapes=tuple(args.input_shape), weights=args.weights, precision=args.precision,
+                     setting=args.setting, runs=args.runs, warmup=args.warmup, threads=args.threads, top=args.top,
+                     calibrate=args.calibrate, progress=Progress(total=1, enabled=not (args.quiet or args.json)))
     if args.html:
         from pathlib import Path
 
         from slimx.html import profile_page, write
 
-        write(Path(args.html), profile_page(result, args.subject))
-    print(json.dumps(result, indent=2) if args.json else render(result, top=args.top))
+        write(Path(args.html), profile_page(result.to_dict(), args.subject))
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.render(top=args.top))
     return 0
 
 
@@ -442,40 +442,20 @@ def _gate(args) -> int:
     from pathlib import Path
 
     from slimx._core.progress import Progress
-    from slimx.gate import junit, load_gate_file, markdown, plan_from_flags, run_gate, table
+    from slimx.api import gate
+    from slimx.gate import junit, markdown, table
 
-    overrides = {k: v for k, v in (("rounds", args.rounds), ("runs", args.runs), ("warmup", args.warmup),
-                                   ("threads", args.threads), ("strict", args.strict or None)) if v is not None}
-    is_file = args.subject.lower().endswith(".toml")
-    if is_file:
-        given = [f for f, v in (("--budget-ms", args.budget_ms), ("--max-regression-pct", args.max_regression_pct),
-                                ("--baseline", args.baseline), ("--precision", args.precision),
-                                ("--format", args.format), ("--weights", args.weights)) if v is not None]
-        if given or args.input_shape:
-            raise UsageError(", ".join(given or ["--input-shape"]), "set an entry, and the gate file holds the entries",
-                             "put them in the file's [[gate]] tables, or gate a MODEL instead of a file")
-        plan = load_gate_file(args.subject, overrides)
-        if args.baseline_file:
-            plan.baseline_file = Path(args.baseline_file)
-    else:
-        if args.budget_ms is None and args.max_regression_pct is None:
-            raise UsageError(f"slimx gate {args.subject}", "has no budget", "add --budget-ms X and/or "
-                             "--max-regression-pct P (or give a gate file)")
-        plan = plan_from_flags(args.subject, args.device, args.budget_ms, args.max_regression_pct, args.statistic,
-                               args.precision, args.format, tuple(args.input_shape), args.weights, args.baseline,
-                               args.baseline_file, overrides)
+    settings = {k: v for k, v in (("rounds", args.rounds), ("runs", args.runs), ("warmup", args.warmup),
+                                  ("threads", args.threads), ("strict", args.strict or None)) if v is not None}
     for out in (args.junit, args.markdown, args.html):
         if out and not Path(out).absolute().parent.is_dir():
             raise UsageError(f"{out}", "is in a folder that does not exist", "create the folder first")
-    if args.remote:
-        from slimx.devices.agent import read_token
-
-        if not args.token_file:
-            raise UsageError("--remote", "needs the agent's token", "add --token-file FILE")
-        plan.remote = args.remote
-        plan.token = read_token(args.token_file, allow_insecure=args.allow_insecure_token_file)
-    result = run_gate(plan, update_baseline=args.update_baseline,
-                      progress=Progress(total=1, enabled=not (args.quiet or args.json)))
+    token = _token(args)
+    result = gate(args.subject, args.device, budget_ms=args.budget_ms, max_regression_pct=args.max_regression_pct,
+                  statistic=args.statistic, baseline=args.baseline, precision=args.precision, format=args.format,
+                  input_shapes=tuple(args.input_shape), weights=args.weights, settings=settings,
+                  update_baseline=args.update_baseline, baseline_file=args.baseline_file, remote=args.remote,
+                  token=token, progress=Progress(total=1, enabled=not (args.quiet or args.json))).to_dict()
     text = markdown(result)
     for path, content in ((args.junit, junit(result) if args.junit else None), (args.markdown, text)):
         if path:

@@ -40,7 +40,7 @@ def test_two_targets_may_not_declare_one_option_with_two_types():
         options_cls = ClashOptions
 
     try:
-        with pytest.raises(TypeError, match="format option dla_core: .*one flag cannot be both"):
+        with pytest.raises(TypeError, match=r"format option dla_core: .*one flag cannot be both"):
             option_flags()
     finally:
         TARGETS.remove("clash-test")
