@@ -122,7 +122,9 @@ def _factorize(model, cfg: LowRankConfig, ctx: PassContext, ranks: dict | None =
     candidates = select_linears(model, cfg.selector)
     moments = layer_moments(model, candidates, ctx) if cfg.activation_aware else {}
     plan = []
-    for path in candidates:
+    for done, path in enumerate(candidates):
+        if ctx.progress is not None:
+            ctx.progress.tick("lowrank: SVD per layer", done, len(candidates))
         lin = model.get_submodule(path)
         out_f, in_f = lin.weight.shape
         entry = {"layer": path, "in": in_f, "out": out_f, "params_before": lin.weight.numel(),
@@ -131,6 +133,11 @@ def _factorize(model, cfg: LowRankConfig, ctx: PassContext, ranks: dict | None =
             plan.append({**entry, "skipped": f"fewer than {cfg.min_features} features"})
             continue
         if ranks is not None and path not in ranks:
+            continue
+        key = ("lowrank-factors", id(model), path, repr(cfg))  # the plan's factors, for its apply (same rank)
+        known = ctx.cache.get(key)
+        if ranks is not None and known is not None and known["rank"] == ranks[path]:
+            plan.append({**entry, **known})
             continue
         weight = lin.weight.detach().double()
         right = None  # W -> W @ right before the SVD, undone on `down` after
@@ -156,7 +163,11 @@ def _factorize(model, cfg: LowRankConfig, ctx: PassContext, ranks: dict | None =
                       "rel_err": weighted_relative_error(weight, up @ down, moments.get(path)),
                       "error_on": "calibration activations" if path in moments else "weights",
                       "_factors": (down.float(), up.float())})
+        ctx.cache[key] = {k: entry[k] for k in ("rank", "params_after", "macs_per_token_after", "rel_err",
+                                                "error_on", "_factors")}
         plan.append(entry)
+    if ctx.progress is not None and candidates:
+        ctx.progress.tick("lowrank: SVD per layer", len(candidates), len(candidates))
     return plan
 
 

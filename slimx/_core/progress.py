@@ -1,12 +1,15 @@
 """A per-stage progress display on stderr that never surrounds an error line.
 
 On a terminal the running stage shows as one line that is rewritten when it ends (and cleared if it
-fails, so the error stands alone). Off a terminal (logs, CI) only finished stages are printed.
+fails, so the error stands alone); inside it, long work with steps shows a count, a rate and an ETA (``tick``),
+and a single long call (a converter that reports nothing) its elapsed time, once a second. Off a terminal (logs,
+CI) only finished stages are printed.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from contextlib import contextmanager
 
@@ -34,11 +37,22 @@ class Progress:
         self._notes: list[str] = []
         self._started: dict[str, float] = {}
         self._last_tick = 0.0
+        self._lock = threading.Lock()
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
 
     def _write(self, text: str) -> None:
-        self.stream.write(text)
-        self.stream.flush()
+        with self._lock:
+            self.stream.write(text)
+            self.stream.flush()
+
+    def _heartbeat(self, line: str, start: float, stop: threading.Event) -> None:
+        """While a stage runs on a terminal: its elapsed time, each second no ``tick`` has shown anything."""
+        while not stop.wait(1.0):
+            now = time.perf_counter()
+            with self._lock:  # checked under the lock: nothing is written once the stage has ended
+                if not stop.is_set() and self._open == line and now - self._last_tick >= 1.0:
+                    self.stream.write(f"{_CLEAR}{line} {_clock(now - start)}")
+                    self.stream.flush()
 
     def note(self, text: str) -> None:
         """A detail line under the current stage (shown once the stage ends well)."""
@@ -98,11 +112,15 @@ class Progress:
             self._open = f"{label} ..."
             self._write(self._open)
         start = time.perf_counter()
+        stop = threading.Event()
+        if self.enabled and self.tty:
+            threading.Thread(target=self._heartbeat, args=(self._open, start, stop), daemon=True).start()
         ok = False
         try:
             yield self
             ok = True
         finally:
+            stop.set()
             elapsed = time.perf_counter() - start
             self.timings[name] = round(elapsed, 3)
             if self.enabled:

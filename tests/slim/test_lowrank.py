@@ -115,3 +115,23 @@ def test_spread_keeps_the_product_and_flattens_an_outlier_channel():
     # per-tensor int8 resolution is set by the largest channel: the smallest channels' peaks rise toward it
     assert peak_after.max() < 0.6 * peak_before.max()
     assert (peak_after.min() / peak_after.max()) > 5 * (peak_before.min() / peak_before.max())
+
+
+def test_apply_reuses_the_plans_factors_and_ticks_per_layer(monkeypatch):
+    """One SVD per layer for plan and apply together (apply reuses the plan's factors at the planned rank)."""
+    import slimx.slim.lowrank as lowrank_module
+    from slimx._core.progress import Progress
+
+    calls = []
+    real = lowrank_module.whitened_svd
+    monkeypatch.setattr(lowrank_module, "whitened_svd", lambda w, r=None: calls.append(w.shape) or real(w, r))
+    ticks = []
+
+    class Recording(Progress):
+        def tick(self, label, done, total, detail=""):
+            ticks.append((label, done, total))
+
+    result = lowrank(_mlp(), LowRankConfig(rank_ratio=0.3, multiple=8, min_features=32),
+                     PassContext(calib=_calib(), progress=Recording(total=1, enabled=False)))
+    assert result.summary["factorized"] == 2 and len(calls) == 2
+    assert ticks[0] == ("lowrank: SVD per layer", 0, 3) and ticks[-1] == ("lowrank: SVD per layer", 3, 3)
