@@ -12,6 +12,7 @@ import contextvars
 import hashlib
 import json
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -305,7 +306,7 @@ def cached_op_mix(key: str, make) -> list[OpCost]:
             pass
     costs = make()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")  # processes sharing the cache write their own
     tmp.write_text(json.dumps([c.to_dict() for c in costs]))
     tmp.replace(path)
     return costs

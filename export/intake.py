@@ -251,6 +251,7 @@ def load_hf_dir(path: Path, name: str) -> LoadedModel:
         raise UsageError(f"model {name}", f"{path} has no usable tokenizer ({first_line(exc)})",
                          "save the tokenizer beside the model with tokenizer.save_pretrained(DIR)") from exc
     model.eval()
+    notes = []
     attention = eager_attention(model)
     last_hidden, sentence = _encoders()
     pooling = _sentence_pooling(path)
@@ -260,9 +261,11 @@ def load_hf_dir(path: Path, name: str) -> LoadedModel:
     else:
         module = last_hidden(model)
         output = "last_hidden_state"
-    max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
-    seq = min(128, max_positions or 128)
     vocab = int(getattr(model.config, "vocab_size", 0) or len(tokenizer))
+    max_positions, how = usable_positions(model, vocab, getattr(tokenizer, "pad_token_id", None))
+    if how:
+        notes.append(how)
+    seq = min(128, max_positions or 128)
     inputs = [
         InputSpec("input_ids", (1, seq), "int64", kind="tokens", low=0, high=vocab),
         InputSpec("attention_mask", (1, seq), "int64", kind="mask"),
@@ -272,7 +275,56 @@ def load_hf_dir(path: Path, name: str) -> LoadedModel:
                          max_positions=max_positions)
     if attention:
         loaded.notes.append(attention)
+    loaded.notes.extend(notes)
     return loaded
+
+
+def usable_positions(model, vocab: int, pad_id: int | None = None) -> tuple[int | None, str]:
+    """The longest sequence a transformers encoder accepts, read from the model rather than assumed from its
+    config, and a note saying how when it differs from ``max_position_embeddings``.
+
+    RoBERTa-family embeddings (RoBERTa, XLM-R, CamemBERT...) number positions from ``padding_idx + 1``, so a
+    table of 514 rows holds 512 tokens; other models have no absolute table at all (DeBERTa-v2's relative
+    positions). The candidate (the table's rows less such an offset, else the config's maximum) is checked
+    by running the model once at that length on tokens that are not padding; where that fails, the longest
+    length that runs is found by bisection (a few more forward passes).
+    """
+    import torch
+
+    declared = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
+    if declared is None:
+        return None, ""
+    embeddings = getattr(model, "embeddings", None)
+    table = getattr(embeddings, "position_embeddings", None)
+    candidate, why = declared, ""
+    if isinstance(table, torch.nn.Embedding):
+        candidate = min(candidate, table.num_embeddings)
+        offset = getattr(embeddings, "padding_idx", None)  # RoBERTa-family position ids start after it
+        if isinstance(offset, int) and offset >= 0:
+            candidate = table.num_embeddings - offset - 1
+            why = (f"{candidate} positions: {table.num_embeddings} position embeddings less the padding offset "
+                   f"{offset + 1} ({type(embeddings).__name__} numbers positions from padding_idx + 1)")
+    token = next(t for t in range(vocab) if t != pad_id and t != getattr(embeddings, "padding_idx", None))
+
+    def runs(length: int) -> bool:
+        ids = torch.full((1, length), token, dtype=torch.long)
+        try:
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        except (IndexError, RuntimeError, ValueError):
+            return False
+        return True
+
+    if runs(candidate):
+        return candidate, why
+    good, bad = 1, candidate
+    if not runs(good):
+        return declared, ""  # not a length problem: the export says what fails
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        good, bad = (mid, bad) if runs(mid) else (good, mid)
+    return good, (f"{good} positions: the model fails past {good} tokens although its config declares "
+                  f"{declared} (found by running it)")
 
 
 def eager_attention(model) -> str | None:

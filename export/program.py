@@ -354,8 +354,21 @@ def model_stats(loaded, module, example) -> dict:
     if params == 0 and hasattr(module, "state_dict"):
         params = sum(t.numel() for t in module.state_dict().values() if t.is_floating_point())
     counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        module(*example)
+    # the counter's module tracker hooks every tensor that requires grad, and a view of a parameter taken under
+    # no_grad (DeBERTa-v2's relative embeddings) has no grad function to hook: nothing requires grad while counting
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    try:
+        for p in trainable:
+            p.requires_grad_(False)
+        with counter, torch.no_grad():
+            module(*example)
+    except (AssertionError, RuntimeError, TypeError) as exc:  # statistics only: the export goes on without them
+        from slimx._core.errors import first_line
+
+        return {"params": int(params), "macs": None, "macs_note": f"not counted ({first_line(exc, 100)})"}
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
     return {"params": int(params), "macs": int(counter.get_total_flops() // 2)}
 
 

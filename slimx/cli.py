@@ -28,11 +28,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # --debug before or after the command: the command's copy has no default, so it never resets the other's
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks and library logs")
 
-    parser = _Parser(prog="slimx", description="Compress, compile and prove PyTorch models for edge devices.",
-                     parents=[common])
+    parser = _Parser(prog="slimx", description="Compress, compile and prove PyTorch models for edge devices.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
     parser.add_argument("--version", action="version", version=f"slimx {__version__}")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 

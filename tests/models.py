@@ -214,18 +214,39 @@ WORDS = ("the a cat dog sat on mat model fast slow small phone runs export devic
          "it that this for with as was be by").split()
 
 
-def make_tiny_bert_dir(path: Path, sentence_transformers: bool = False, seed: int = 0) -> Path:
-    """Save a 2-layer BERT with a word-level vocab and its tokenizer into ``path``."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+# encoder families users bring, as transformers builds them offline from a small config (random weights):
+# family -> (config class, model class, config arguments beyond the shared ones)
+HF_FAMILIES = {
+    "bert": ("BertConfig", "BertModel", {}),
+    # position ids start after the padding index: a 66-row table holds 64 tokens
+    "roberta": ("RobertaConfig", "RobertaModel", {"max_position_embeddings": 66, "pad_token_id": 1}),
+    "xlm-roberta": ("XLMRobertaConfig", "XLMRobertaModel", {"max_position_embeddings": 66, "pad_token_id": 1}),
+    "distilbert": ("DistilBertConfig", "DistilBertModel", {"dim": 32, "n_layers": 2, "n_heads": 4,
+                                                         "hidden_dim": 64}),
+    "mpnet": ("MPNetConfig", "MPNetModel", {"max_position_embeddings": 66, "pad_token_id": 1}),
+    "deberta-v2": ("DebertaV2Config", "DebertaV2Model", {"relative_attention": True, "position_buckets": 16,
+                                                         "max_relative_positions": 64,
+                                                         "pos_att_type": ["p2c", "c2p"]}),
+    "albert": ("AlbertConfig", "AlbertModel", {"embedding_size": 16}),
+    "electra": ("ElectraConfig", "ElectraModel", {"embedding_size": 16}),
+}
+
+
+def make_tiny_hf_dir(path: Path, family: str = "bert", sentence_transformers: bool = False, seed: int = 0) -> Path:
+    """Save a 2-layer encoder of ``family`` (``HF_FAMILIES``) with a word-level vocab and its tokenizer."""
+    import transformers
+    from transformers import BertTokenizerFast
 
     path.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
     tokenizer = BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True)
     seeded(seed)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=64)
-    BertModel(config).eval().save_pretrained(str(path))
+    config_cls, model_cls, extra = HF_FAMILIES[family]
+    shared = {"vocab_size": len(vocab), "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "intermediate_size": 64, "max_position_embeddings": 64}
+    config = getattr(transformers, config_cls)(**{**shared, **extra})
+    getattr(transformers, model_cls)(config).eval().save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
     if sentence_transformers:
         (path / "1_Pooling").mkdir(exist_ok=True)
@@ -237,6 +258,11 @@ def make_tiny_bert_dir(path: Path, sentence_transformers: bool = False, seed: in
             {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
         ]))
     return path
+
+
+def make_tiny_bert_dir(path: Path, sentence_transformers: bool = False, seed: int = 0) -> Path:
+    """Save a 2-layer BERT with a word-level vocab and its tokenizer into ``path``."""
+    return make_tiny_hf_dir(path, "bert", sentence_transformers, seed)
 
 
 class SortTokens(nn.Module):

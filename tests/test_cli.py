@@ -258,6 +258,8 @@ def test_debug_shows_the_traceback(tmp_path):
 
     with pytest.raises(UsageError):
         main(["export", "nosuchmodel", "--debug", "--out", str(tmp_path / "o")])
+    with pytest.raises(UsageError):  # before the command too
+        main(["--debug", "export", "nosuchmodel", "--out", str(tmp_path / "o")])
 
 
 def test_console_script_exit_code_and_stderr(tmp_path):

@@ -19,6 +19,7 @@ def _gate_file(tmp_path: Path, body: str, name: str = "gate.toml", rounds: int =
     return path
 
 
+@pytest.mark.timing
 def test_loose_budget_passes_and_tight_fails_with_junit_and_markdown(tmp_path, capsys, monkeypatch):
     summary = tmp_path / "summary.md"
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
@@ -65,6 +66,7 @@ max_ms = 500.0
     assert len(result["entries"][0]["candidate"]["rounds_median_ms"]) == 5
 
 
+@pytest.mark.timing
 def test_a_baseline_is_recorded_then_re_measured_and_a_slower_model_fails(tmp_path, capsys):
     gate = _gate_file(tmp_path, """
 [[gate]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import time
 
 import pytest
@@ -25,6 +26,7 @@ def test_off_a_terminal_only_finished_stages_and_their_notes_are_printed():
     assert log.getvalue().endswith("      int8 weights\n") and "5/10" not in log.getvalue()
 
 
+@pytest.mark.timing
 def test_on_a_terminal_ticks_show_the_count_rate_and_eta():
     term = _Terminal()
     p = Progress(total=1, stream=term)
@@ -34,9 +36,10 @@ def test_on_a_terminal_ticks_show_the_count_rate_and_eta():
         p.tick("distill", 2, 4)
     text = term.getvalue()
     assert "[1/1] recover ... distill 2/4 (" in text and "ETA 0:00" in text
-    assert text.endswith("[1/1] recover done (0.2 s)\n")
+    assert re.search(r"\[1/1\] recover done \(0\.\d s\)\n$", text)
 
 
+@pytest.mark.timing
 def test_a_long_call_without_ticks_shows_its_elapsed_time_and_nothing_after_the_stage():
     term = _Terminal()
     p = Progress(total=1, stream=term)
@@ -45,7 +48,7 @@ def test_a_long_call_without_ticks_shows_its_elapsed_time_and_nothing_after_the_
     text = term.getvalue()
     assert "[1/1] compile tflite int8 ... 0:01" in text
     time.sleep(1.1)  # the heartbeat has stopped: nothing is written after the finished line
-    assert term.getvalue() == text and text.endswith("done (1.3 s)\n")
+    assert term.getvalue() == text and re.search(r"done \(1\.\d s\)\n$", text)
 
 
 def test_a_failed_stage_leaves_no_line_for_the_error_to_share():

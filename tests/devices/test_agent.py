@@ -238,6 +238,7 @@ def test_unknown_paths_and_methods_are_4xx(agent):
     assert agent.request("GET", "/v1/nothing", token=None)[0] == 401, "nothing is said without the token"
 
 
+@pytest.mark.timing
 def test_slow_headers_and_stalled_bodies_time_out_with_408(monkeypatch):
     monkeypatch.setattr(agent_http.GuardedH11Protocol, "header_timeout", 0.5)
     monkeypatch.setattr(agent_http, "BODY_IDLE_TIMEOUT_S", 0.5)
@@ -272,6 +273,7 @@ def test_jobs_on_one_runner_run_one_at_a_time(agent, artifacts):
     assert a[1] <= b[0], f"jobs overlapped: {a} and {b}"
 
 
+@pytest.mark.timing
 def test_full_queue_and_timeouts_answer_cleanly(artifacts):
     body = pack(artifacts["onnx"].path, artifacts["inputs"], ["x"])
     server = _Server(max_queue=1, job_timeout=0.05)
@@ -330,6 +332,7 @@ def test_token_file_must_be_private(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timing
 def test_fifty_concurrent_clients_all_get_an_answer_three_times(artifacts):
     body = pack(artifacts["onnx"].path, artifacts["inputs"], ["x"])
     server = _Server(max_queue=2, max_connections=16, job_timeout=120)
@@ -362,6 +365,7 @@ def _vm_hwm_kb(pid: int) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.timing
 def test_concurrent_large_uploads_are_streamed_not_held_in_memory(tmp_path):
     import subprocess
     import sys
