@@ -505,13 +505,24 @@ class BlockView:
                 "ffn": self.ffn.path if self.ffn else None, "ffn_hidden": self.ffn.hidden if self.ffn else None}
 
 
+def no_blocks_error(model: nn.Module, where: str) -> UsageError:
+    """The one-line refusal of a block pass on a model whose layers no block view knows, naming their class."""
+    layers = sorted({type(child).__name__ for mod in model.modules() if isinstance(mod, nn.ModuleList)
+                     for child in mod if len(mod) > 1})
+    named = f" (its repeated layers: {', '.join(layers)})" if layers else ""
+    return UsageError(where, f"found no residual block slimx can take apart in this model{named}",
+                      "slimx knows timm ViT/DeiT and EfficientFormer blocks and BERT-style layers (attention, "
+                      "intermediate, output); add a block view for these in slim/attention.py (blocks) and an "
+                      "attention adapter (@register_adapter)")
+
+
 def blocks(model: nn.Module) -> list[BlockView]:
     """The residual blocks of ``model`` that slimx can take apart, in model order."""
     out = []
     for path, module in model.named_modules():
         name = type(module).__name__
         if hasattr(module, "attention") and hasattr(module, "intermediate") and hasattr(module, "output") \
-                and hasattr(module.output, "LayerNorm"):
+                and hasattr(module.output, "LayerNorm") and _bert_like(module):
             out.append(_bert_block(path, module))
         elif name in ("Block", "MetaBlock1d", "MetaBlock2d") and hasattr(module, "mlp") and (
                 hasattr(module, "attn") or hasattr(module, "token_mixer")):
@@ -578,6 +589,16 @@ def _prune_timm_mlp(model, path: str, keep: list[int]) -> None:
         norm = getattr(mlp, name, None)
         if norm is not None and not isinstance(norm, nn.Identity):
             setattr(mlp, name, _sliced_norm(norm, idx))
+
+
+def _bert_like(layer) -> bool:
+    """A BERT-style layer: self-attention with a sibling output (dense + LayerNorm), a dense intermediate (either
+    possibly removed by a pass); MPNet's layer has the three names but not this inside."""
+    attention_ok = isinstance(layer.attention, BertAttentionRemoved) or hasattr(
+        getattr(layer.attention, "output", None), "LayerNorm")
+    ffn_ok = isinstance(layer.intermediate, BertFFNInputPassThrough) or isinstance(
+        getattr(layer.intermediate, "dense", None), nn.Linear)
+    return attention_ok and ffn_ok
 
 
 def _bert_block(path: str, layer) -> BlockView:

@@ -27,8 +27,9 @@ import torch
 
 from slimx._core.config import config_to_dict
 from slimx._core.errors import UsageError
-from slimx.slim.attention import BranchData, attention_modules, blocks, prune_heads
+from slimx.slim.attention import BranchData, attention_modules, blocks, no_blocks_error, prune_heads
 from slimx.slim.base import PassContext, PassResult, register_pass, trim_padding
+from slimx.slim.reconstruct import reconstruct
 from slimx.slim.recover import _stack
 
 EMBEDDING_TOLERANCE = 0.05  # the default for a model without labels: mean 1 - cosine may rise this much
@@ -47,6 +48,9 @@ class AxFormerConfig:
         narrow: a branch removal "narrowly fails" when its loss rise is within this many allowances.
         include, exclude: regexes on block paths (include wins).
         max_trials: stop after this many trials.
+        reconstruct: refit each trial's cut output projection (heads, FFN neuron groups) by least squares on up to
+            ``reconstruct_samples`` fit samples before judging it (``slim.reconstruct``), so that a cut is judged
+            as it will be kept.
         recover_steps, recover_lr: distillation from the original on the rest of the calibration data after
             every accepted removal (0: none, as the paper, which fine-tunes once at the end: ``--recover``), so
             that each next decision starts from a recovered model; the rule is then judged on the recovered
@@ -61,6 +65,8 @@ class AxFormerConfig:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     max_trials: int = 300
+    reconstruct: bool = True
+    reconstruct_samples: int = 128
     recover_steps: int = 0
     recover_lr: float = 1e-4
 
@@ -71,6 +77,8 @@ class AxFormerConfig:
             raise ValueError("validation must be a fraction in (0, 1)")
         if self.ffn_groups < 2 or self.narrow < 1 or self.max_trials < 1:
             raise ValueError("ffn_groups must be at least 2, narrow at least 1, max_trials at least 1")
+        if self.reconstruct_samples < 1:
+            raise ValueError("reconstruct_samples must be at least 1")
         if self.recover_steps < 0 or self.recover_lr <= 0:
             raise ValueError("recover_steps must not be negative and recover_lr positive")
         for pattern in (*self.include, *self.exclude):
@@ -165,8 +173,7 @@ def plan_axformer(model, cfg: AxFormerConfig, ctx: PassContext) -> list[dict]:
     """The blocks the search walks (last first) and what each offers: plain data, nothing changed."""
     found = [b for b in blocks(model) if cfg.selects(b.path)]
     if not found:
-        raise UsageError("--pass axformer", "found no residual block slimx can take apart in this model",
-                         "it knows timm ViT/DeiT and EfficientFormer blocks and BERT layers")
+        raise no_blocks_error(model, "--pass axformer")
     heads = {v.path: v.num_heads for v in attention_modules(model, strict=False)}
     return [{"layer": b.path, "attention": b.attention, "attention_kind": b.attention_kind,
              "heads": heads.get(b.attention), "ffn": b.ffn.path if b.ffn else None,
@@ -217,11 +224,16 @@ def apply_axformer(model, plan: list[dict], cfg: AxFormerConfig, ctx: PassContex
                           f"tolerance {tolerance:g}")
     removed = {"attention": [], "ffn": [], "heads": {}, "ffn_groups": {}}
     branch_data = BranchData(fit or val, ctx.mask_index)  # a removed branch keeps its mean output over these
+    refit_data = fit[: cfg.reconstruct_samples]
 
     def attempt(what: dict, change, saving: float | None) -> tuple[bool, np.ndarray]:
         nonlocal current, current_losses
         candidate = copy.deepcopy(current)
         change(candidate)
+        if cfg.reconstruct and refit_data:
+            refit = reconstruct(candidate, current, refit_data, ctx.mask_index, reference=teacher)
+            if refit:
+                what = {**what, "reconstructed": sum(r["kept"] for r in refit)}
         losses = loss(candidate)
         ok, figures = rule.judge(losses, current_losses)
         trials.append({**what, **figures, "accepted": ok, "saving_ms": saving,

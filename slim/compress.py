@@ -11,6 +11,8 @@ from slimx._core.errors import SlimxFailure
 from slimx._core.inputs import mask_index_of
 from slimx.slim.base import PASSES, PassContext, finalize, recipe_text
 from slimx.slim.fidelity import torch_fidelity
+from slimx.slim.reconstruct import reconstruct as refit_layers
+from slimx.slim.reconstruct import summary as reconstruction_summary
 from slimx.slim.recover import recover
 
 PASS_CALIB_CAP = 1024  # calibration samples the passes use by default (all the data given, up to this)
@@ -23,8 +25,11 @@ DEFAULT_MAX_ACCURACY_DROP = 1.0  # points of held-out accuracy, with --labels
 def run_passes(module, specs: list, batches: list[tuple], *, synthetic: bool, source: str, progress,
                labels: list[int] | None = None, input_names: list[str] = (), device=None, latency_model=None,
                recover_cfg=None, recipe_quant: dict | None = None, min_fidelity: float | None = None,
-               max_accuracy_drop: float | None = None) -> dict:
+               max_accuracy_drop: float | None = None, reconstruct: bool = True) -> dict:
     """Apply the passes (then recovery) to ``module``; fidelity on held-out samples after each.
+
+    ``reconstruct``: after each pass, refit by least squares the maps it cut or factorized so that each layer
+    gives, on the calibration samples, what it gave before the pass (``slim.reconstruct``).
 
     ``batches`` are the calibration samples (a quarter held out from eight on, for fidelity), ``labels`` one task
     label per sample where given; returns the report's compression record with the compressed ``model`` (in its
@@ -46,8 +51,14 @@ def run_passes(module, specs: list, batches: list[tuple], *, synthetic: bool, so
     records = []
     for spec in specs:
         result = PASSES.get(spec.name).fn(model, spec.config, ctx)
-        model = result.model
         entry = result.to_dict()
+        if reconstruct:
+            layers = refit_layers(result.model, model, fit, mask_index, reference=teacher, progress=progress)
+            if layers:
+                entry["reconstruction"] = {"summary": reconstruction_summary(layers), "layers": layers}
+                progress.note(f"{spec.name}: reconstructed {entry['reconstruction']['summary']['refit']} of "
+                              f"{len(layers)} cut layer(s) by least squares")
+        model = result.model
         entry["fidelity"] = torch_fidelity(teacher, model, heldout, held_labels)
         records.append(entry)
         progress.note(f"{spec.name}: {result.summary}; held-out cosine {entry['fidelity']['cosine_mean']:.4f}")

@@ -31,9 +31,10 @@ import torch
 
 from slimx._core.config import config_to_dict
 from slimx._core.errors import SlimxFailure, UsageError
-from slimx.slim.attention import BranchData, attention_modules, blocks, prune_heads
+from slimx.slim.attention import BranchData, attention_modules, blocks, no_blocks_error, prune_heads
 from slimx.slim.axformer import ValidationLoss
 from slimx.slim.base import PassContext, PassResult, register_pass, token_mask, trim_padding
+from slimx.slim.reconstruct import reconstruct
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,8 @@ class SlimmingConfig:
         measure_lut: price candidates by measuring the model with and without each (else the latency model's
             per-module breakdown).
         heads, ffn, branches: which kinds of action are in the search space.
+        reconstruct: refit each taken step's cut output projection (heads, FFN neurons) by least squares on up to
+            ``reconstruct_samples`` fit samples before judging it (``slim.reconstruct``).
     """
 
     budget_ms: float | None = None
@@ -71,8 +74,12 @@ class SlimmingConfig:
     heads: bool = True
     ffn: bool = True
     branches: bool = True
+    reconstruct: bool = True
+    reconstruct_samples: int = 128
 
     def __post_init__(self) -> None:
+        if self.reconstruct_samples < 1:
+            raise ValueError("reconstruct_samples must be at least 1")
         if self.budget_ms is not None and self.budget_ms <= 0:
             raise ValueError("budget_ms must be positive")
         if self.importance not in ("loss", "taylor"):
@@ -151,8 +158,7 @@ def plan_slimming(model, cfg: SlimmingConfig, ctx: PassContext) -> list[dict]:
     """The search space: every candidate action with its shape change (plain data)."""
     found = blocks(model)
     if not found:
-        raise UsageError("--pass latency-slim", "found no residual block slimx can take apart in this model",
-                         "it knows timm ViT/DeiT and EfficientFormer blocks and BERT layers")
+        raise no_blocks_error(model, "--pass latency-slim")
     return [c.to_dict() for c in candidates(model, _multiple(cfg, ctx), cfg)]
 
 
@@ -290,6 +296,9 @@ def apply_slimming(model, plan: list[dict], cfg: SlimmingConfig, ctx: PassContex
                 step_data, saving, fid = branch_data.with_means(current), lut.saving(current, best), None
             trial = copy.deepcopy(current)
             best.apply(trial, step_data)
+            if cfg.reconstruct and fit and any(r["kept"] for r in reconstruct(
+                    trial, current, fit[: cfg.reconstruct_samples], ctx.mask_index, reference=teacher)):
+                fid = fidelity(trial)  # judged as refit, as it is kept
             fid = fidelity(trial) if fid is None else fid
             if touched and cfg.importance == "loss" and current_fid - fid > 2 * cost + 0.005:
                 break  # it interacts with the round's earlier actions: score everything again

@@ -401,8 +401,8 @@ def export(model, device: str = "host", *, example_inputs=None, format: str | No
            labels: str | Path | None = None, options=None, opset: int | None = None, timing=None,
            min_fidelity: float | None = None, max_accuracy_drop: float | None = None, budget_ms: float | None = None,
            parity_inputs: int | None = None, min_cosine: float | None = None, max_rel_err: float | None = None,
-           seed: int = 0, calib_samples: int | None = None, truncate: bool = False, progress: Progress | None = None,
-           verbose: bool = False, command: Iterable[str] = ()) -> ExportResult:
+           seed: int = 0, calib_samples: int | None = None, truncate: bool = False, reconstruct: bool = True,
+           progress: Progress | None = None, verbose: bool = False, command: Iterable[str] = ()) -> ExportResult:
     """Compress (optionally), compile and prove ``model`` for ``device``.
 
     Args:
@@ -416,6 +416,8 @@ def export(model, device: str = "host", *, example_inputs=None, format: str | No
         passes: compression passes: strings (``"lowrank:rank_ratio=0.5"``), pass configs
             (``LowRankConfig(rank_ratio=0.5)``), ``(name, config)`` pairs or ``PassSpec``s, run in order.
         recover: distillation after the passes: a ``RecoverConfig``, a dict or ``"steps=200,lr=5e-5"``.
+        reconstruct: after each pass, refit the maps it cut or factorized by least squares on the calibration
+            data, layer by layer (``slim.reconstruct``); False keeps the pass's own weights.
         calib: calibration data (text file, image folder, ``.npz``) for int8, passes and parity on data.
         shapes: ``{"seq_len": (1, 128), "batch": (1, 8), "static": False, "buckets": [16, 32, 64],
             "input_shapes": ["1x3x224x224"]}`` (any subset).
@@ -439,7 +441,8 @@ def export(model, device: str = "host", *, example_inputs=None, format: str | No
                              "calib": str(calib) if calib is not None else None, "weights": weights,
                              "labels": str(labels) if labels is not None else None, "seed": seed,
                              "min_fidelity": min_fidelity, "max_accuracy_drop": max_accuracy_drop,
-                             "budget_ms": budget_ms, "parity_inputs": parity_inputs, "min_cosine": min_cosine,
+                             "budget_ms": budget_ms, "no_reconstruct": (not reconstruct) or None,
+                             "parity_inputs": parity_inputs, "min_cosine": min_cosine,
                              "max_rel_err": max_rel_err, "calib_samples": calib_samples, "truncate": truncate or None,
                              "recover": _recover_text(recover), "out": str(out) if out is not None else None}
     names = tuple(_spec_text(s) for s in _pass_specs(passes))
@@ -501,7 +504,8 @@ def _result(done, warned: list[str]) -> ExportResult:
 def compress(model, passes: Sequence, *, calib: str | Path | None = None, recover=None, example_inputs=None,
              device: str | None = None, precision: str = "fp32", labels: str | Path | None = None,
              calib_samples: int | None = None, min_fidelity: float | None = None, seed: int = 0,
-             progress: Progress | None = None, verbose: bool = False) -> tuple[Any, Compression]:
+             reconstruct: bool = True, progress: Progress | None = None,
+             verbose: bool = False) -> tuple[Any, Compression]:
     """Run compression passes on a model and hand it back, for your own fine-tuning before ``slimx.export``.
 
     The passes run on the model's deployment form; fidelity is measured on held-out calibration samples (a
@@ -513,6 +517,8 @@ def compress(model, passes: Sequence, *, calib: str | Path | None = None, recove
         calib: real calibration data (strongly advised: without it the passes fit synthetic inputs).
         device: the device whose latency model latency-driven passes price steps on (default: none, or the host
             for ``latency-slim``).
+        reconstruct: after each pass, refit the maps it cut or factorized by least squares on the calibration
+            data (``slim.reconstruct``); False keeps the pass's own weights.
 
     Returns:
         ``(module, records)``: the compressed module (a new one; ``slimx.export(module, ...)`` takes it with no
@@ -554,7 +560,7 @@ def compress(model, passes: Sequence, *, calib: str | Path | None = None, recove
     deployable = deployment_form(loaded, seed=seed)
     record = compress_module(deployable.module, loaded.inputs, specs, data, progress=p, seed=seed,
                              calib_samples=calib_samples, device=dev, precision=precision, recover_cfg=recover_cfg,
-                             min_fidelity=min_fidelity)
+                             min_fidelity=min_fidelity, reconstruct=reconstruct)
     module = record.pop("model")
     ORIGINS[module] = dataclasses.replace(loaded, module=None, notes=[*loaded.notes, "compressed by slimx.compress"])
     return module, Compression(record["passes"], Fidelity.from_record(record), record, list(loaded.inputs))

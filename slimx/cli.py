@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--pass", dest="passes", action="append", default=keep, metavar="NAME:K=V,...",
                      help="a compression pass, e.g. lowrank:rank_ratio=0.5 (repeatable, run in order)")
     exp.add_argument("--recipe", default=keep, help="a TOML file of [[pass]] tables")
+    exp.add_argument("--no-reconstruct", action="store_true", default=keep,
+                     help="keep each pass's cut weights as they are (default: after each pass, refit the layers it "
+                          "cut or factorized by least squares on the calibration data)")
     exp.add_argument("--recover", default=keep, metavar="K=V,...",
                      help="distill from the original after the passes, e.g. steps=200,lr=5e-5")
     exp.add_argument("--runs", type=int, default=keep, help=f"timed runs, at least 30 (default {d('runs')})")

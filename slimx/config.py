@@ -60,6 +60,7 @@ class CompressConfig:
     min_fidelity: float | None = None  # held-out cosine floor after compression (None: DEFAULT_MIN_FIDELITY)
     max_accuracy_drop: float | None = None  # with --labels: points of accuracy the compression may lose
     budget_ms: float | None = None  # slim the model (latency-slim) until the device's latency model says it fits
+    no_reconstruct: bool = False  # keep each pass's cut weights as they are (no least-squares refit, slim.reconstruct)
 
     def __post_init__(self) -> None:
         if self.min_fidelity is not None and not 0 < self.min_fidelity <= 1:
@@ -118,7 +119,7 @@ _SECTIONS = {"model": ModelConfig, "data": DataConfig, "compress": CompressConfi
 _FLAT_ORDER = ("model", "target", "format", "out", "weights", "input_shapes", "precision", "opset", "calib",
                "calib_samples", "parity_inputs", "min_cosine", "max_rel_err", "warmup", "runs", "threads", "seed",
                "passes", "recipe", "recover", "seq_len", "batch", "static", "buckets", "truncate", "labels",
-               "min_fidelity", "max_accuracy_drop", "budget_ms")
+               "min_fidelity", "max_accuracy_drop", "budget_ms", "no_reconstruct")
 
 
 def _option_flags():

@@ -252,7 +252,7 @@ def compress(cfg: ExportConfig, prepared: Prepared, progress: Progress) -> Compr
             d.module, d.loaded.inputs, prepared.specs, prepared.calib, progress=progress, seed=cfg.model.seed,
             calib_samples=cfg.data.calib_samples, device=prepared.device, precision=prepared.precision,
             recover_cfg=prepared.recover, min_fidelity=cfg.compress.min_fidelity,
-            max_accuracy_drop=cfg.compress.max_accuracy_drop,
+            max_accuracy_drop=cfg.compress.max_accuracy_drop, reconstruct=not cfg.compress.no_reconstruct,
             recipe_quant=load_recipe_quant(cfg.compress.recipe) if cfg.compress.recipe else None)
         original_stats = model_stats(d.loaded, d.module, d.example)
         module = record.pop("model")
@@ -262,7 +262,7 @@ def compress(cfg: ExportConfig, prepared: Prepared, progress: Progress) -> Compr
 def compress_module(module, inputs: list, specs: list, calib, *, progress, seed: int = 0,
                     calib_samples: int | None = None, device=None, precision: str = "fp32", recover_cfg=None,
                     min_fidelity: float | None = None, max_accuracy_drop: float | None = None,
-                    recipe_quant: dict | None = None) -> dict:
+                    recipe_quant: dict | None = None, reconstruct: bool = True) -> dict:
     """The passes on ``module`` (a deployment form with input specs ``inputs``), fitted on ``calib`` (all of it
     up to ``PASS_CALIB_CAP``, or ``calib_samples``; synthetic inputs with a warning when None) and priced on
     ``device``'s latency model; returns ``slim.compress.run_passes``'s record. ``slimx export`` and
@@ -283,7 +283,7 @@ def compress_module(module, inputs: list, specs: list, calib, *, progress, seed:
         labels=calib.labels if calib is not None else None, input_names=[s.name for s in inputs], device=device,
         latency_model=latency_model_for(device, precision) if device is not None else None,
         recover_cfg=recover_cfg, min_fidelity=min_fidelity, max_accuracy_drop=max_accuracy_drop,
-        recipe_quant=recipe_quant)
+        recipe_quant=recipe_quant, reconstruct=reconstruct)
 
 
 def compile_artifact(cfg: ExportConfig, prepared: Prepared, compressed: Compressed, staging: Path,

@@ -300,13 +300,32 @@ def decomposed_for_coreml(exported):
     """The core-ATen program coremltools converts: partial decomposition unless it leaves an op without a
     converter (MiniLM keeps ``new_ones``), then the full one."""
     with quiet():
-        partial = exported.run_decompositions({})
+        partial = _without_alias(exported.run_decompositions({}))
     left = {str(n.target) for n in partial.graph.nodes if n.op == "call_function"
             and not str(n.target).startswith(("<built-in", "_operator")) and not _converter_exists(str(n.target))}
     if not left:
         return partial, "run_decompositions({})"
     with quiet():
-        return exported.run_decompositions(), f"run_decompositions() (the partial one left {', '.join(sorted(left))})"
+        full = _without_alias(exported.run_decompositions())
+    return full, f"run_decompositions() (the partial one left {', '.join(sorted(left))})"
+
+
+def _without_alias(exported):
+    """The program with ``aten.alias`` nodes (an identity: DeBERTa-v2's relative positions make them, and
+    coremltools has no converter for them) replaced by their input, where no output is one (in place)."""
+    import torch
+
+    graph = exported.graph_module.graph
+    changed = False
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is torch.ops.aten.alias.default \
+                and not any(user.op == "output" for user in node.users):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+            changed = True
+    if changed:
+        exported.graph_module.recompile()
+    return exported
 
 
 def _worth_reporting(text: str) -> bool:
