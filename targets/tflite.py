@@ -208,10 +208,14 @@ class Signatures:
         self.buckets: dict[int, object] = {}
         for key, runner in self.runners.items():
             match = re.fullmatch(r"seq_(\d+)", key)
-            if match and len(self.keys) > 1:
+            if match:
                 self.buckets[int(match[1])] = runner
         self.seq_axes: dict[str, tuple[int, ...]] = {}
-        if len(self.buckets) > 1:
+        if len(self.buckets) == 1:  # one bucket (--seq-len 1..16, --buckets 64): token outputs are (batch, seq, ...)
+            (size, runner), = self.buckets.items()
+            for name, d in runner.get_output_details().items():
+                self.seq_axes[name] = (1,) if len(d["shape"]) >= 3 and int(d["shape"][1]) == size else ()
+        elif len(self.buckets) > 1:
             small, large = (self.buckets[b] for b in sorted(self.buckets)[:2])
             lengths = sorted(self.buckets)[:2]
             for name, d in small.get_output_details().items():

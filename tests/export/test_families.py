@@ -56,13 +56,17 @@ def _case(family, device):
 
 @pytest.mark.parametrize("family,device", [_case(f, d) for f in FAMILIES for d in TARGETS])
 def test_every_family_exports_to_every_target_with_parity(family, device, dirs, tmp_path):
-    result = slimx.export(f"hf:{dirs[family]}", device, out=tmp_path / "o", timing=FAST)
+    # TFLite converts once per bucket: one 16-token bucket keeps the case fast (the longest length is checked on
+    # the other formats, and padding inside a bucket is what fails where LiteRT fails)
+    longest = 16 if device == "pixel7" else LONGEST
+    result = slimx.export(f"hf:{dirs[family]}", device, out=tmp_path / "o", timing=FAST,
+                          shapes={"seq_len": f"1..{longest}"} if longest != LONGEST else None)
     assert result.format == TARGETS[device] and result.artifacts[0].exists()
     assert result.passed, [f.line() for f in result.failures]
     parity = result.report.to_dict()["parity"]
     if result.parity.measured:
         assert result.parity.cosine >= 0.999
-        assert LONGEST in {p["size"] for p in parity.get("per_shape", [])}, parity
+        assert longest in {p["size"] for p in parity.get("per_shape", [])}, parity
     elif result.format == "tensorrt":  # no TensorRT here: its ONNX, checked in onnxruntime
         assert result.parity.proxy and result.parity.proxy["passed"], parity
     else:  # CoreML here: compiled and verified, its runtime is macOS's
