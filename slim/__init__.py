@@ -10,6 +10,7 @@ each model family through ``slimx.slim.attention``'s adapters.
 from slimx.slim import axformer as _axformer  # noqa: F401  (registers the pass)
 from slimx.slim import dsformer as _dsformer  # noqa: F401  (registers the pass)
 from slimx.slim import ecoformer as _ecoformer  # noqa: F401  (registers the pass)
+from slimx.slim import fisher as _fisher  # noqa: F401  (registers the pass)
 from slimx.slim import hardattention as _hardattention  # noqa: F401  (registers the pass)
 from slimx.slim import lowrank as _lowrank  # noqa: F401  (registers the pass)
 from slimx.slim import slimming as _slimming  # noqa: F401  (registers the pass)

@@ -156,8 +156,9 @@ def _output_error(model, reference, batches: list[tuple], mask_index) -> float:
 
 def reconstruct(model: nn.Module, before: nn.Module, batches: list[tuple], mask_index: int | None = None,
                 damping: float = 1e-3, reference: nn.Module | None = None, progress=None) -> list[dict]:
-    """Refit ``model``'s cut and factorized maps (``refit_targets``) in place, layer by layer, so that each gives
-    what ``before`` gave at that layer on ``batches``; a quarter of the batches (from four on) judges each refit,
+    """Refit ``model``'s cut and factorized maps (``refit_targets``) in place, one after another in model order
+    (each on the inputs the refits before it leave), so that each gives what ``before`` gave at that layer on
+    ``batches``; a quarter of the batches (from four on) judges each refit,
     which is kept only where it lowers that held-out error, and then the whole: where the model's output on them
     is not closer to ``reference``'s (default ``before``) than without the refits, none is kept. Returns one
     record per map.
@@ -169,14 +170,15 @@ def reconstruct(model: nn.Module, before: nn.Module, batches: list[tuple], mask_
         return []
     held = max(1, len(batches) // 4) if len(batches) >= 4 else 0
     fit, val = (batches[:-held], batches[-held:]) if held else (batches, [])
-    fit_eq = _collect(model, before, targets, fit, mask_index)
-    val_eq = _collect(model, before, targets, val, mask_index) if val else {}
     records = []
     saved = []  # (tensor, its values before the refit)
     for i, t in enumerate(targets):
         if progress is not None:
             progress.tick("reconstruct", i, len(targets))
-        eq = fit_eq[t.path]
+        # in model order, each on the inputs the refits before it leave (refit together, each on the cut model's
+        # inputs, they undo each other: MiniLM after fisher-prune, every layer closer, the output farther)
+        eq = _collect(model, before, [t], fit, mask_index)[t.path]
+        val_eq = _collect(model, before, [t], val, mask_index) if val else {}
         module = model.get_submodule(t.path)
         weight, bias = t.weights(module)
         record = {"layer": t.path, "map": t.kind, "rows": eq.rows}

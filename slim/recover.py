@@ -26,6 +26,14 @@ class RecoverConfig:
         holdout: fraction of the calibration samples kept out of training, to judge early stopping.
         hidden: also match every block's output (hidden-state MSE): the blocks are the children of
             ModuleLists (``encoder.layer.N``, ``blocks.N``), found in teacher and student alike.
+        device: where to train: ``auto`` (CUDA if present, else Apple's MPS, else the CPU), ``cpu``, ``cuda``,
+            ``cuda:N`` or ``mps``. The models come back on the CPU; the artifact is timed in its own runtime after.
+        amp: mixed precision on CUDA (bfloat16 where the GPU has it, else float16 with loss scaling); the CPU
+            and MPS train in float32.
+        bucket: text models: draw each batch from samples of similar real length (sorted by length, a random
+            window), so that little of a batch is padding.
+        checkpoint: a file to save the training state to at every evaluation, and to resume from when it
+            exists and was written for the same model shapes and settings (``torch.load(weights_only=True)``).
     """
 
     steps: int = 100
@@ -35,6 +43,10 @@ class RecoverConfig:
     patience: int = 5
     holdout: float = 0.2
     hidden: bool = True
+    device: str = "auto"
+    amp: bool = True
+    bucket: bool = True
+    checkpoint: str | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.patience < 1:
@@ -43,6 +55,53 @@ class RecoverConfig:
             raise ValueError(f"loss must be mse, kl or cosine, not {self.loss!r}")
         if not 0.0 <= self.holdout < 1.0 or self.lr <= 0:
             raise ValueError("holdout must be in [0, 1) and lr positive")
+        if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
+            raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, not {self.device!r}")
+
+
+def training_device(name: str) -> torch.device:
+    """The device ``name`` asks for (``auto``: CUDA, else MPS, else CPU); a missing one is a usage error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--recover device={name}", "asks for CUDA, and torch sees no CUDA device here",
+                         "use device=auto or device=cpu")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError("--recover device=mps", "asks for Apple's MPS, which this torch does not have here",
+                         "use device=auto or device=cpu")
+    return torch.device(name)
+
+
+def _to(batch: tuple, device: torch.device) -> tuple:
+    return tuple(t.to(device) for t in batch)
+
+
+def _real_length(sample: tuple, mask_index: int | None) -> int:
+    if mask_index is None:
+        return 0
+    return int(sample[mask_index].sum())
+
+
+class _Batches:
+    """Training batches: uniformly drawn samples, or (``bucket``) a random window of the samples sorted by real
+    length, so that a batch's samples have about the same length."""
+
+    def __init__(self, train: list[tuple], batch_size: int, mask_index: int | None, bucket: bool) -> None:
+        self.train, self.size = train, min(batch_size, len(train))
+        self.bucketed = bucket and mask_index is not None
+        lengths = [_real_length(s, mask_index) for s in train]
+        self.order = sorted(range(len(train)), key=lambda i: lengths[i]) if self.bucketed else None
+        self.gen = torch.Generator().manual_seed(0)
+
+    def draw(self) -> list[tuple]:
+        if self.bucketed:
+            start = int(torch.randint(0, len(self.train) - self.size + 1, (1,), generator=self.gen))
+            return [self.train[i] for i in self.order[start:start + self.size]]
+        idx = torch.randint(0, len(self.train), (self.size,), generator=self.gen).tolist()
+        return [self.train[i] for i in idx]
 
 
 def _stack(batches: list[tuple]) -> tuple:
@@ -111,10 +170,17 @@ def recover(student, teacher, batches: list[tuple], cfg: RecoverConfig, progress
         raise UsageError("--recover", "needs at least 2 calibration samples", "give --calib with more data")
     held = max(1, round(len(batches) * cfg.holdout)) if cfg.holdout else 0
     train, val = (batches[:-held], batches[-held:]) if held and len(batches) - held >= 1 else (batches, batches)
+    device = training_device(cfg.device)
+    amp_dtype = None
+    if cfg.amp and device.type == "cuda":
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
     teacher.eval()
+    teacher.to(device)
+    student.to(device)
     paths = [p for p in block_paths(teacher) if p in dict(student.named_modules())] if cfg.hidden else []
     teacher_taps = _Taps(teacher, paths)
-    val_chunks = [trim_padding(_stack(val[i:i + 32]), mask_index) for i in range(0, len(val), 32)]
+    val_chunks = [_to(trim_padding(_stack(val[i:i + 32]), mask_index), device) for i in range(0, len(val), 32)]
     with torch.no_grad():
         val_targets = [teacher(*chunk) for chunk in val_chunks]
     student_taps = _Taps(student, paths)
@@ -123,6 +189,7 @@ def recover(student, teacher, batches: list[tuple], cfg: RecoverConfig, progress
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
+    draw = _Batches(train, cfg.batch_size, mask_index, cfg.bucket)
 
     def val_loss() -> float:
         student.eval()
@@ -131,24 +198,42 @@ def recover(student, teacher, batches: list[tuple], cfg: RecoverConfig, progress
                                                                                           strict=True))
         return total / sum(len(t) for t in val_targets)
 
+    def autocast():
+        return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+    resumed = None
     try:
         best = val_loss()
-        start_loss, stale, step = best, 0, 0
+        start_loss, stale, first = best, 0, 1
         best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
-        gen = torch.Generator().manual_seed(0)
+        if cfg.checkpoint:
+            state = _load_checkpoint(cfg, student)
+            if state is not None:
+                student.load_state_dict(state["student"])
+                opt.load_state_dict(state["optimizer"])
+                sched.load_state_dict(state["scheduler"])
+                best_state, best, stale = state["best_state"], state["best"], state["stale"]
+                start_loss, first = state["start_loss"], state["step"] + 1
+                draw.gen.set_state(state["generator"])
+                resumed = state["step"]
+        step = first - 1
         started = time.perf_counter()
-        for step in range(1, cfg.steps + 1):
+        for step in range(first, cfg.steps + 1):
+            if stale >= cfg.patience:
+                step -= 1
+                break
             student.train()
-            idx = torch.randint(0, len(train), (min(cfg.batch_size, len(train)),), generator=gen).tolist()
-            inputs = trim_padding(_stack([train[i] for i in idx]), mask_index)
-            with torch.no_grad():
+            inputs = _to(trim_padding(_stack(draw.draw()), mask_index), device)
+            with torch.no_grad(), autocast():
                 target = teacher(*inputs)
-            loss = _loss(student(*inputs), target, cfg.loss)
-            if paths:
-                loss = loss + _hidden_loss(student_taps, teacher_taps, paths, token_mask(inputs, mask_index))
+            with autocast():
+                loss = _loss(student(*inputs), target, cfg.loss)
+                if paths:
+                    loss = loss + _hidden_loss(student_taps, teacher_taps, paths, token_mask(inputs, mask_index))
             opt.zero_grad()
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
             if step % 10 == 0 or step == cfg.steps:
                 current = val_loss()
@@ -158,11 +243,18 @@ def recover(student, teacher, batches: list[tuple], cfg: RecoverConfig, progress
                     best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
                 else:
                     stale += 1
-                    if stale >= cfg.patience:
-                        break
+                if cfg.checkpoint:
+                    _save_checkpoint(cfg, student, {
+                        "student": student.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                        "best_state": best_state, "best": best, "stale": stale, "start_loss": start_loss,
+                        "step": step, "generator": draw.gen.get_state()})
+                if stale >= cfg.patience:
+                    break
     finally:
         student_taps.remove()
         teacher_taps.remove()
+        student.to("cpu")  # the rest of slimx (fidelity, export) works on the CPU
+        teacher.to("cpu")
     student.load_state_dict(best_state)
     student.eval()
     for p in params:
@@ -171,7 +263,56 @@ def recover(student, teacher, batches: list[tuple], cfg: RecoverConfig, progress
         "steps_run": step, "early_stopped": step < cfg.steps, "hidden_states_matched": len(paths),
         "heldout_loss_before": round(start_loss, 6), "heldout_loss_after": round(best, 6), "loss": cfg.loss,
         "train_samples": len(train), "heldout_samples": len(val), "real_tokens_only": mask_index is not None,
-        "seconds": round(time.perf_counter() - started, 1)}
+        "device": str(device), "mixed_precision": str(amp_dtype).removeprefix("torch.") if amp_dtype else None,
+        "batches": "bucketed by real length" if draw.bucketed else "drawn uniformly",
+        "resumed_from_step": resumed, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def _fingerprint(cfg: RecoverConfig, student) -> dict:
+    """What a checkpoint must match to be resumed: the student's parameter shapes and the training settings."""
+    shapes = {k: list(v.shape) for k, v in student.state_dict().items()}
+    settings = {k: getattr(cfg, k) for k in ("steps", "lr", "loss", "batch_size", "holdout", "hidden", "bucket")}
+    return {"shapes": shapes, "settings": settings}
+
+
+def _save_checkpoint(cfg: RecoverConfig, student, state: dict) -> None:
+    import json
+    import os
+
+    cpu = _to_cpu(state)
+    cpu["fingerprint"] = json.dumps(_fingerprint(cfg, student), sort_keys=True)
+    tmp = f"{cfg.checkpoint}.partial"
+    torch.save(cpu, tmp)
+    os.replace(tmp, cfg.checkpoint)
+
+
+def _load_checkpoint(cfg: RecoverConfig, student) -> dict | None:
+    """The saved state when ``cfg.checkpoint`` exists and fits this student and these settings, else None
+    (a checkpoint of other shapes or settings is a usage error: resuming it would train something else)."""
+    import json
+    import os
+
+    if not os.path.exists(cfg.checkpoint):
+        return None
+    try:
+        state = torch.load(cfg.checkpoint, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UsageError(f"--recover checkpoint={cfg.checkpoint}", f"is not a slimx recovery checkpoint ({exc})",
+                         "delete it or give another path") from exc
+    if state.get("fingerprint") != json.dumps(_fingerprint(cfg, student), sort_keys=True):
+        raise UsageError(f"--recover checkpoint={cfg.checkpoint}", "was written for another model or other "
+                         "recovery settings", "delete it to start over, or give another path")
+    return state
+
+
+def _to_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu")
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
 
 
 def _show(progress, step: int, total: int, train_loss: float, val_loss: float) -> None:

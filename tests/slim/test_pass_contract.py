@@ -64,7 +64,9 @@ def test_pass_contract(name, tmp_path):
     selected = entry.selects(model, cfg)
     assert selected and {e["layer"] for e in result.layers} == set(selected), "every selected layer is reported"
     assert any("skipped" not in e for e in result.layers), "the default config changes something on this model"
-    assert [type(m) for m in result.model.modules()] != kinds
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    assert [type(m) for m in result.model.modules()] != kinds or {
+        k: v.shape for k, v in result.model.state_dict().items()} != shapes, "the pass changed the model's form"
 
     x = _inputs(name, 3)
     for candidate in (result.model, finalize(copy.deepcopy(result.model))):

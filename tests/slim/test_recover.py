@@ -71,3 +71,76 @@ def test_recovery_stacks_samples_of_different_lengths():
     ids, mask = _stack([(torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.long)),
                         (torch.ones(1, 5, dtype=torch.long), torch.ones(1, 5, dtype=torch.long))])
     assert ids.shape == (2, 5) and mask[0].tolist() == [1, 1, 1, 0, 0]
+
+
+def _distil_setup():
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 32)).eval()
+    gen = torch.Generator().manual_seed(3)
+    data = [(torch.randn(4, 32, generator=gen),) for _ in range(40)]
+    student = lowrank(teacher, LowRankConfig(rank_ratio=0.2, multiple=1), PassContext(calib=data)).model
+    return teacher, student, data
+
+
+def test_a_checkpoint_resumes_where_training_stopped_and_ends_where_an_unbroken_run_ends(tmp_path, monkeypatch):
+    import copy
+    import importlib
+
+    rec = importlib.import_module("slimx.slim.recover")  # the module (slimx.slim.recover is also the function)
+    teacher, student, data = _distil_setup()
+    whole, record = recover(copy.deepcopy(student), teacher, data, RecoverConfig(steps=40, lr=3e-3, patience=50))
+    assert record["device"] == "cpu" and record["mixed_precision"] is None and record["resumed_from_step"] is None
+
+    ckpt = tmp_path / "recover.pt"
+    cfg = RecoverConfig(steps=40, lr=3e-3, patience=50, checkpoint=str(ckpt))
+    real_save = rec._save_checkpoint
+    # an interrupted run: its last checkpoint is the one of step 20
+    monkeypatch.setattr(rec, "_save_checkpoint", lambda c, s, st: real_save(c, s, st) if st["step"] <= 20 else None)
+    recover(copy.deepcopy(student), teacher, data, cfg)
+    monkeypatch.setattr(rec, "_save_checkpoint", real_save)
+    state = torch.load(ckpt, weights_only=True)  # plain tensors and numbers: loadable without unpickling code
+    assert state["step"] == 20
+    resumed, record = recover(copy.deepcopy(student), teacher, data, cfg)
+    assert record["resumed_from_step"] == 20 and record["steps_run"] == 40
+    assert torch.load(ckpt, weights_only=True)["step"] == 40
+    for a, b in zip(resumed.state_dict().values(), whole.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_a_checkpoint_of_another_model_is_refused(tmp_path):
+    import pytest
+
+    from slimx._core.errors import UsageError
+
+    teacher, student, data = _distil_setup()
+    ckpt = tmp_path / "r.pt"
+    recover(student, teacher, data, RecoverConfig(steps=10, lr=3e-3, checkpoint=str(ckpt)))
+    other = lowrank(teacher, LowRankConfig(rank_ratio=0.5, multiple=1), PassContext(calib=data)).model
+    with pytest.raises(UsageError, match="another model or other recovery settings"):
+        recover(other, teacher, data, RecoverConfig(steps=10, lr=3e-3, checkpoint=str(ckpt)))
+
+
+def test_text_batches_are_bucketed_by_real_length():
+    from slimx.slim.recover import _Batches
+
+    samples = [(torch.ones(1, 12, dtype=torch.long), torch.cat([torch.ones(1, n), torch.zeros(1, 12 - n)], 1).long())
+               for n in (1, 11, 2, 10, 3, 12, 4, 9)]
+    draw = _Batches(samples, 2, mask_index=1, bucket=True)
+    order = [1, 2, 3, 4, 9, 10, 11, 12]
+    for _ in range(10):
+        lengths = sorted(int(s[1].sum()) for s in draw.draw())
+        assert order.index(lengths[1]) - order.index(lengths[0]) == 1, lengths  # neighbours in length order
+    assert not _Batches(samples, 2, mask_index=None, bucket=True).bucketed
+
+
+def test_a_missing_accelerator_is_a_usage_error():
+    import pytest
+
+    from slimx._core.errors import UsageError
+    from slimx.slim.recover import training_device
+
+    assert training_device("cpu").type == "cpu"
+    assert training_device("auto").type == ("cuda" if torch.cuda.is_available() else training_device("auto").type)
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="no CUDA device"):
+            training_device("cuda")
