@@ -12,8 +12,8 @@ What is refit (``refit_targets``): a linear with fewer inputs than the same laye
 cut: BERT's ``attention.output.dense`` and ``output.dense``, timm's ``attn.proj`` and ``mlp.fc2``), the ``up``
 factor of a ``LowRankLinear`` and the dense output basis of a ``DenseSparseLinear`` put where a linear was. Any
 pass whose modules take these forms is reconstructed, with no code of its own. A refit is kept per layer only
-where it lowers the error on calibration batches held out of the fit, and the refits of one call only where,
-together, they bring the model's output on those batches closer to the reference's.
+where it lowers the layer's error on calibration batches held out of the fit and brings the model's output on
+them closer to the reference's (the original model's in the pipeline).
 """
 
 from __future__ import annotations
@@ -158,10 +158,9 @@ def reconstruct(model: nn.Module, before: nn.Module, batches: list[tuple], mask_
                 damping: float = 1e-3, reference: nn.Module | None = None, progress=None) -> list[dict]:
     """Refit ``model``'s cut and factorized maps (``refit_targets``) in place, one after another in model order
     (each on the inputs the refits before it leave), so that each gives what ``before`` gave at that layer on
-    ``batches``; a quarter of the batches (from four on) judges each refit,
-    which is kept only where it lowers that held-out error, and then the whole: where the model's output on them
-    is not closer to ``reference``'s (default ``before``) than without the refits, none is kept. Returns one
-    record per map.
+    ``batches``; a quarter of the batches (from four on) judges each refit, which is kept only where it lowers
+    that layer's held-out error and brings the model's output on them closer to ``reference``'s (default
+    ``before``). Returns one record per map.
 
     ``damping``: the ridge, as a fraction of the mean diagonal of ``X^T X`` (the bias column is not damped).
     """
@@ -171,7 +170,8 @@ def reconstruct(model: nn.Module, before: nn.Module, batches: list[tuple], mask_
     held = max(1, len(batches) // 4) if len(batches) >= 4 else 0
     fit, val = (batches[:-held], batches[-held:]) if held else (batches, [])
     records = []
-    saved = []  # (tensor, its values before the refit)
+    reference = before if reference is None else reference
+    output_err = _output_error(model, reference, val, mask_index) if val else None
     for i, t in enumerate(targets):
         if progress is not None:
             progress.tick("reconstruct", i, len(targets))
@@ -196,33 +196,28 @@ def reconstruct(model: nn.Module, before: nn.Module, batches: list[tuple], mask_
         new = torch.linalg.solve(eq.a + torch.diag(reg), eq.b).T
         judge = val_eq.get(t.path) if val_eq and val_eq[t.path].a is not None else eq
         before_err, after_err = judge.error(old), judge.error(new)
+        record.update({"judged_on": "held-out batches" if judge is not eq else "fit batches",
+                       "rel_err_before": round(before_err, 6), "rel_err_after": round(after_err, 6)})
         kept = after_err < before_err
         if kept:
-            saved.extend((p, p.detach().clone()) for p in (weight, bias) if p is not None)
+            kept_values = [(p, p.detach().clone()) for p in (weight, bias) if p is not None]
             with torch.no_grad():
                 weight.copy_(new[:, :features].to(weight.dtype))
                 if bias is not None:
                     bias.copy_(new[:, features].to(bias.dtype))
-        records.append({**record, "kept": kept, "judged_on": "held-out batches" if judge is not eq else "fit batches",
-                        "rel_err_before": round(before_err, 6), "rel_err_after": round(after_err, 6)})
+            if val:  # and the model's output closer to the reference's on the held-out batches, else undone
+                err = _output_error(model, reference, val, mask_index)
+                record["output_err"] = {"before": round(output_err, 6), "after": round(err, 6)}
+                if err < output_err:
+                    output_err = err
+                else:
+                    kept = False
+                    with torch.no_grad():
+                        for p, values in kept_values:
+                            p.copy_(values)
+        records.append({**record, "kept": kept})
     if progress is not None:
         progress.tick("reconstruct", len(targets), len(targets))
-    if saved and val:
-        reference = before if reference is None else reference
-        refit_err = _output_error(model, reference, val, mask_index)
-        with torch.no_grad():
-            current = [(p, p.detach().clone()) for p, _ in saved]
-            for p, old_values in saved:
-                p.copy_(old_values)
-            plain_err = _output_error(model, reference, val, mask_index)
-            if refit_err < plain_err:
-                for p, new_values in current:
-                    p.copy_(new_values)
-        whole = {"output_err_plain": round(plain_err, 6), "output_err_refit": round(refit_err, 6),
-                 "kept": refit_err < plain_err}
-        for r in records:
-            r["output"] = whole
-            r["kept"] = r["kept"] and whole["kept"]
     return records
 
 
