@@ -42,6 +42,8 @@ class FisherPruneConfig:
         multiple: FFN widths are kept at multiples of this many neurons (None: the device's ``rank_multiple``,
             else 8).
         samples: calibration samples the Fisher information is summed over (at most).
+        directions: random output directions per sample for an embedding model (more: a less noisy estimate
+            of the output's sensitivity, one backward pass each).
         seed: the random output directions of an embedding model.
     """
 
@@ -50,6 +52,7 @@ class FisherPruneConfig:
     ffn: bool = True
     multiple: int | None = None
     samples: int = 256
+    directions: int = 4
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -57,8 +60,8 @@ class FisherPruneConfig:
             raise ValueError(f"keep must be in (0, 1], got {self.keep}")
         if self.multiple is not None and self.multiple < 1:
             raise ValueError("multiple must be at least 1")
-        if self.samples < 1:
-            raise ValueError("samples must be at least 1")
+        if self.samples < 1 or self.directions < 1:
+            raise ValueError("samples and directions must be at least 1")
         if not (self.heads or self.ffn):
             raise ValueError("heads and ffn cannot both be off")
 
@@ -107,7 +110,8 @@ def _groups(model, cfg: FisherPruneConfig, length: int, multiple: int) -> list[_
 
 
 def fisher_scores(model, groups: list[_Group], batches: list[tuple], mask_index: int | None,
-                  labels: list[int] | None = None, seed: int = 0, progress=None) -> dict[str, torch.Tensor]:
+                  labels: list[int] | None = None, seed: int = 0, progress=None,
+                  directions: int = 1) -> dict[str, torch.Tensor]:
     """Per group, the Fisher information of each unit's mask summed over ``batches`` (one sample each)."""
     masks = {g.mask_at: torch.ones(g.units, requires_grad=True) for g in groups}
     width = {g.mask_at: g.width for g in groups}
@@ -133,15 +137,16 @@ def fisher_scores(model, groups: list[_Group], batches: list[tuple], mask_index:
             out = model(*batch)
             out = out[0] if isinstance(out, (tuple, list)) else out
             if labels is not None:
-                loss = nn.functional.cross_entropy(out.reshape(out.shape[0], -1).float(),
-                                                   torch.tensor([labels[i]] * out.shape[0]))
+                losses = [nn.functional.cross_entropy(out.reshape(out.shape[0], -1).float(),
+                                                      torch.tensor([labels[i]] * out.shape[0]))]
             else:
                 if out.dim() == 3 and mask_index is not None:  # token outputs: real tokens only
                     out = out * token_mask(batch, mask_index).unsqueeze(-1).to(out.dtype)
-                loss = (out.float() * torch.randn(out.shape, generator=gen)).sum()
-            grads = torch.autograd.grad(loss, list(masks.values()))
-            for key, grad in zip(masks, grads, strict=True):
-                scores[key] += grad.double() ** 2
+                losses = [(out.float() * torch.randn(out.shape, generator=gen)).sum() for _ in range(directions)]
+            for j, loss in enumerate(losses):
+                grads = torch.autograd.grad(loss, list(masks.values()), retain_graph=j < len(losses) - 1)
+                for key, grad in zip(masks, grads, strict=True):
+                    scores[key] += grad.double() ** 2 / len(losses)
     finally:
         for h in hooks:
             h.remove()
@@ -205,7 +210,7 @@ def plan_fisher(model, cfg: FisherPruneConfig, ctx: PassContext) -> list[dict]:
     if key not in ctx.cache:
         labels = ctx.labels[: cfg.samples] if ctx.labels is not None else None
         scores = fisher_scores(copy.deepcopy(model), groups, batches, ctx.mask_index, labels, cfg.seed,
-                               ctx.progress)
+                               ctx.progress, cfg.directions)
         ctx.cache[key] = (scores, *_select(groups, scores, cfg.keep, multiple))
     scores, keep, _ = ctx.cache[key]
     return [{"layer": g.path, "block": g.block, "kind": g.kind, "units": g.units, "kept": len(keep[g.mask_at]),
