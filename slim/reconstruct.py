@@ -30,11 +30,10 @@ from slimx.slim.base import real_rows, token_mask, trim_padding
 
 @dataclass
 class RefitTarget:
-    """One linear map to refit: ``path`` in the cut model (its forward hook sees the input), ``reference`` the
-    layer before the cut whose output is the target, and how to read and write the map."""
+    """One linear map to refit: ``path`` in the cut model (its forward hook sees the input; the layer at the same
+    path before the cut gives the target output), and how to read and write the map."""
 
     path: str
-    reference: str
     kind: str  # "linear", "lowrank-up" or "dense-sparse-basis"
 
     def features(self, module, x):
@@ -66,12 +65,12 @@ def refit_targets(model: nn.Module, before: nn.Module) -> list[RefitTarget]:
             continue
         if isinstance(module, nn.Linear) and module.in_features < ref.in_features \
                 and module.out_features == ref.out_features:
-            out.append(RefitTarget(path, path, "linear"))
+            out.append(RefitTarget(path, "linear"))
         elif isinstance(module, LowRankLinear) and module.up.out_features == ref.out_features:
-            out.append(RefitTarget(path, path, "lowrank-up"))
+            out.append(RefitTarget(path, "lowrank-up"))
         elif isinstance(module, DenseSparseLinear) and not module.sparse_out \
                 and module.out_features == ref.out_features:
-            out.append(RefitTarget(path, path, "dense-sparse-basis"))
+            out.append(RefitTarget(path, "dense-sparse-basis"))
     return out
 
 
@@ -100,54 +99,71 @@ class _Normal:
         return float(sq.clamp(min=0) / max(self.yy, 1e-30))
 
 
-def _collect(model, before, targets: list[RefitTarget], batches: list[tuple], mask_index) -> dict[str, _Normal]:
-    """One forward of each model per batch: the refit maps' inputs in ``model``, the references' outputs."""
-    normals = {t.path: _Normal() for t in targets}
-    inputs: dict[str, Any] = {}
-    outputs: dict[str, Any] = {}
+def _targets_of(before, targets: list[RefitTarget], batches: list[tuple], mask_index) -> dict[str, list]:
+    """The outputs of ``before`` at every target's layer on each batch (real tokens; None where the batch did
+    not reach it): one forward per batch, computed once for all the refits of a call and held in memory (the
+    layers' outputs over the calibration tokens, float32)."""
+    outputs: dict[str, list] = {t.path: [] for t in targets}
     current = {"mask": None}
     hooks = []
     for t in targets:
-        module = model.get_submodule(t.path)
+        def take_output(_mod, _args, out, path=t.path):
+            outputs[path][-1] = real_rows(out.detach(), current["mask"])
 
-        def take_input(mod, args, _out, t=t):
-            inputs[t.path] = real_rows(t.features(mod, args[0].detach()), current["mask"])
-
-        def take_output(_mod, _args, out, t=t):
-            outputs[t.path] = real_rows(out.detach(), current["mask"])
-
-        hooks.append(module.register_forward_hook(take_input))
-        hooks.append(before.get_submodule(t.reference).register_forward_hook(take_output))
+        hooks.append(before.get_submodule(t.path).register_forward_hook(take_output))
     try:
         with torch.no_grad():
             for batch in batches:
                 batch = trim_padding(batch, mask_index)
                 current["mask"] = token_mask(batch, mask_index)
-                inputs.clear()
-                outputs.clear()
-                model(*batch)
+                for out in outputs.values():
+                    out.append(None)
                 before(*batch)
-                for t in targets:
-                    x, y = inputs.get(t.path), outputs.get(t.path)
-                    if x is None or y is None or x.shape[0] != y.shape[0]:
-                        continue  # the cut model ran this layer on other rows (tokens dropped): not refit
-                    _, bias = t.weights(model.get_submodule(t.path))
-                    normals[t.path].add(x, y, bias is not None)
     finally:
         for h in hooks:
             h.remove()
-    return normals
+    return outputs
 
 
-def _output_error(model, reference, batches: list[tuple], mask_index) -> float:
-    """Mean ``1 - cosine`` of ``model``'s first output to ``reference``'s, per sample, on ``batches``."""
+def _collect(model, t: RefitTarget, batches: list[tuple], ys: list, mask_index) -> _Normal:
+    """One forward of the cut model per batch: the refit map's inputs, against ``ys`` (``_targets_of``)."""
+    normal = _Normal()
+    taken: dict[str, Any] = {}
+    current = {"mask": None}
+    module = model.get_submodule(t.path)
+    bias = t.weights(module)[1] is not None
+
+    def take_input(mod, args, _out):
+        taken["x"] = real_rows(t.features(mod, args[0].detach()), current["mask"])
+
+    hook = module.register_forward_hook(take_input)
+    try:
+        with torch.no_grad():
+            for batch, y in zip(batches, ys, strict=True):
+                batch = trim_padding(batch, mask_index)
+                current["mask"] = token_mask(batch, mask_index)
+                taken.clear()
+                model(*batch)
+                x = taken.get("x")
+                if x is None or y is None or x.shape[0] != y.shape[0]:
+                    continue  # the cut model ran this layer on other rows (tokens dropped): not refit
+                normal.add(x, y, bias)
+    finally:
+        hook.remove()
+    return normal
+
+
+def _first_output(model, batch):
+    out = model(*batch)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _output_error(model, wanted: list, batches: list[tuple], mask_index) -> float:
+    """Mean ``1 - cosine`` of ``model``'s first output to ``wanted`` (the reference's, per batch), per sample."""
     total, count = 0.0, 0
     with torch.no_grad():
-        for batch in batches:
-            batch = trim_padding(batch, mask_index)
-            got, want = model(*batch), reference(*batch)
-            got, want = (got[0] if isinstance(got, (tuple, list)) else got), \
-                (want[0] if isinstance(want, (tuple, list)) else want)
+        for batch, want in zip(batches, wanted, strict=True):
+            got = _first_output(model, trim_padding(batch, mask_index))
             got, want = got.double().reshape(got.shape[0], -1), want.double().reshape(want.shape[0], -1)
             total += float((1 - F.cosine_similarity(got, want, dim=1)).sum())
             count += got.shape[0]
@@ -171,14 +187,17 @@ def reconstruct(model: nn.Module, before: nn.Module, batches: list[tuple], mask_
     fit, val = (batches[:-held], batches[-held:]) if held else (batches, [])
     records = []
     reference = before if reference is None else reference
-    output_err = _output_error(model, reference, val, mask_index) if val else None
+    with torch.no_grad():
+        wanted = [_first_output(reference, trim_padding(b, mask_index)) for b in val]
+    output_err = _output_error(model, wanted, val, mask_index) if val else None
+    fit_ys, val_ys = _targets_of(before, targets, fit, mask_index), _targets_of(before, targets, val, mask_index)
     for i, t in enumerate(targets):
         if progress is not None:
             progress.tick("reconstruct", i, len(targets))
         # in model order, each on the inputs the refits before it leave (refit together, each on the cut model's
         # inputs, they undo each other: MiniLM after fisher-prune, every layer closer, the output farther)
-        eq = _collect(model, before, [t], fit, mask_index)[t.path]
-        val_eq = _collect(model, before, [t], val, mask_index) if val else {}
+        eq = _collect(model, t, fit, fit_ys[t.path], mask_index)
+        val_eq = _collect(model, t, val, val_ys[t.path], mask_index) if val else None
         module = model.get_submodule(t.path)
         weight, bias = t.weights(module)
         record = {"layer": t.path, "map": t.kind, "rows": eq.rows}
@@ -194,7 +213,7 @@ def reconstruct(model: nn.Module, before: nn.Module, batches: list[tuple], mask_
         reg = torch.zeros(n, dtype=eq.a.dtype)
         reg[:features] = ridge
         new = torch.linalg.solve(eq.a + torch.diag(reg), eq.b).T
-        judge = val_eq.get(t.path) if val_eq and val_eq[t.path].a is not None else eq
+        judge = val_eq if val_eq is not None and val_eq.a is not None else eq
         before_err, after_err = judge.error(old), judge.error(new)
         record.update({"judged_on": "held-out batches" if judge is not eq else "fit batches",
                        "rel_err_before": round(before_err, 6), "rel_err_after": round(after_err, 6)})
@@ -206,7 +225,7 @@ def reconstruct(model: nn.Module, before: nn.Module, batches: list[tuple], mask_
                 if bias is not None:
                     bias.copy_(new[:, features].to(bias.dtype))
             if val:  # and the model's output closer to the reference's on the held-out batches, else undone
-                err = _output_error(model, reference, val, mask_index)
+                err = _output_error(model, wanted, val, mask_index)
                 record["output_err"] = {"before": round(output_err, 6), "after": round(err, 6)}
                 if err < output_err:
                     output_err = err
