@@ -30,7 +30,7 @@ from slimx._core.errors import UsageError
 from slimx.slim.attention import BranchData, attention_modules, blocks, no_blocks_error, prune_heads
 from slimx.slim.base import PassContext, PassResult, register_pass, trim_padding
 from slimx.slim.reconstruct import reconstruct
-from slimx.slim.recover import _stack
+from slimx.slim.base import stack_samples
 
 EMBEDDING_TOLERANCE = 0.05  # the default for a model without labels: mean 1 - cosine may rise this much
 
@@ -111,7 +111,7 @@ class ValidationLoss:
                 last.append(b)
             else:
                 groups.append([b])
-        self.batches = [trim_padding(_stack(g) if len(g) > 1 else g[0], mask_index) for g in groups]
+        self.batches = [trim_padding(stack_samples(g) if len(g) > 1 else g[0], mask_index) for g in groups]
         self.labels = labels
         self._targets = None
         if labels is not None:

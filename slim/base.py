@@ -68,6 +68,32 @@ def real_rows(x, mask):
     return x.reshape(-1, x.shape[-1])
 
 
+def stack_samples(samples: list[tuple]) -> tuple:
+    """Concatenate samples along the batch axis; text samples of different lengths are zero-padded (pad token,
+    mask 0) to the longest first."""
+    import torch
+
+    out = []
+    for i in range(len(samples[0])):
+        parts = [b[i] for b in samples]
+        longest = max(p.shape[1] for p in parts) if parts[0].dim() >= 2 else None
+        if longest is not None and any(p.shape[1] != longest for p in parts) and not parts[0].is_floating_point():
+            parts = [torch.nn.functional.pad(p, (0, longest - p.shape[1])) for p in parts]
+        out.append(torch.cat(parts))
+    return tuple(out)
+
+
+def length_batches(samples: list[tuple], size: int, mask_index: int | None) -> list[tuple]:
+    """``samples`` in batches of ``size``, sorted by real length (text: little padding), each cut to its longest
+    real sequence. Without a mask input the samples keep their order (and must share a shape)."""
+    def real(i: int) -> int:
+        return int(samples[i][mask_index].sum()) if mask_index is not None else 0
+
+    order = sorted(range(len(samples)), key=real)
+    return [trim_padding(stack_samples([samples[i] for i in order[k:k + size]]), mask_index)
+            for k in range(0, len(order), size)]
+
+
 @dataclass
 class PassResult:
     """A pass's output: the new model and a per-layer report."""

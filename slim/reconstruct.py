@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from slimx.slim.base import real_rows, token_mask, trim_padding
+from slimx.slim.base import length_batches, real_rows, token_mask, trim_padding
 
 
 @dataclass
@@ -153,6 +153,15 @@ def _collect(model, t: RefitTarget, batches: list[tuple], ys: list, mask_index) 
     return normal
 
 
+def _grouped(samples: list[tuple], mask_index) -> list[tuple]:
+    """Samples run 16 at a time (text: of similar length), the forwards being most of a refit's time; as they
+    are where they cannot be stacked (shapes that differ)."""
+    try:
+        return length_batches(samples, 16, mask_index) if samples else samples
+    except RuntimeError:
+        return samples
+
+
 def _first_output(model, batch):
     out = model(*batch)
     return out[0] if isinstance(out, (tuple, list)) else out
@@ -185,6 +194,7 @@ def reconstruct(model: nn.Module, before: nn.Module, batches: list[tuple], mask_
         return []
     held = max(1, len(batches) // 4) if len(batches) >= 4 else 0
     fit, val = (batches[:-held], batches[-held:]) if held else (batches, [])
+    fit, val = _grouped(fit, mask_index), _grouped(val, mask_index)
     records = []
     reference = before if reference is None else reference
     with torch.no_grad():

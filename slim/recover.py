@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -10,15 +11,16 @@ from dataclasses import dataclass
 import torch
 
 from slimx._core.errors import UsageError
-from slimx.slim.base import real_rows, token_mask, trim_padding
+from slimx.slim.base import length_batches, real_rows, stack_samples, token_mask, trim_padding
+from slimx.slim.layerwise import layerwise
 
 
 @dataclass(frozen=True)
 class RecoverConfig:
-    """``--recover steps=N,lr=X,loss=mse|kl|cosine,batch_size=B,patience=P``.
+    """``--recover steps=N,lr=X,loss=mse|kl|cosine,batch_size=B,patience=P,layerwise=M``.
 
     Attributes:
-        steps: optimizer steps at most.
+        steps: end-to-end optimizer steps at most (0: only the layer-wise phase).
         lr: AdamW learning rate.
         loss: ``mse`` (outputs or embeddings), ``cosine`` (1 - cosine, for embeddings), ``kl`` (logits, T=2).
         batch_size: samples per step, drawn from the calibration batches.
@@ -34,6 +36,12 @@ class RecoverConfig:
             window), so that little of a batch is padding.
         checkpoint: a file to save the training state to at every evaluation, and to resume from when it
             exists and was written for the same model shapes and settings (``torch.load(weights_only=True)``).
+            A resumed run skips the layer-wise phase (the checkpoint's weights come after it).
+        layerwise: steps per block of block-wise distillation (``slim.layerwise``), run before the end-to-end
+            steps: each repeated block trained alone, in model order, on the inputs the trained blocks before
+            it give, to the original block's output (relative MSE on real tokens); batches of ``batch_size``
+            samples of similar length. 0: none.
+        layerwise_lr: its Adam learning rate (cosine-decayed per block).
     """
 
     steps: int = 100
@@ -47,10 +55,16 @@ class RecoverConfig:
     amp: bool = True
     bucket: bool = True
     checkpoint: str | None = None
+    layerwise: int = 0
+    layerwise_lr: float = 3e-4
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.patience < 1:
-            raise ValueError("steps, batch_size and patience must be at least 1")
+        if self.batch_size < 1 or self.patience < 1:
+            raise ValueError("batch_size and patience must be at least 1")
+        if self.steps < 0 or self.layerwise < 0 or self.steps + self.layerwise < 1:
+            raise ValueError("steps and layerwise must be 0 or more, and not both 0")
+        if self.layerwise_lr <= 0:
+            raise ValueError("layerwise_lr must be positive")
         if self.loss not in ("mse", "kl", "cosine"):
             raise ValueError(f"loss must be mse, kl or cosine, not {self.loss!r}")
         if not 0.0 <= self.holdout < 1.0 or self.lr <= 0:
@@ -102,19 +116,6 @@ class _Batches:
             return [self.train[i] for i in self.order[start:start + self.size]]
         idx = torch.randint(0, len(self.train), (self.size,), generator=self.gen).tolist()
         return [self.train[i] for i in idx]
-
-
-def _stack(batches: list[tuple]) -> tuple:
-    """Concatenate samples along the batch axis; text samples of different lengths are zero-padded (pad token,
-    mask 0) to the longest first."""
-    out = []
-    for i in range(len(batches[0])):
-        parts = [b[i] for b in batches]
-        longest = max(p.shape[1] for p in parts) if parts[0].dim() >= 2 else None
-        if longest is not None and any(p.shape[1] != longest for p in parts) and not parts[0].is_floating_point():
-            parts = [torch.nn.functional.pad(p, (0, longest - p.shape[1])) for p in parts]
-        out.append(torch.cat(parts))
-    return tuple(out)
 
 
 def _loss(student_out, teacher_out, kind: str):
@@ -180,7 +181,7 @@ def recover(student, teacher, batches: list[tuple], cfg: RecoverConfig, progress
     student.to(device)
     paths = [p for p in block_paths(teacher) if p in dict(student.named_modules())] if cfg.hidden else []
     teacher_taps = _Taps(teacher, paths)
-    val_chunks = [_to(trim_padding(_stack(val[i:i + 32]), mask_index), device) for i in range(0, len(val), 32)]
+    val_chunks = [_to(trim_padding(stack_samples(val[i:i + 32]), mask_index), device) for i in range(0, len(val), 32)]
     with torch.no_grad():
         val_targets = [teacher(*chunk) for chunk in val_chunks]
     student_taps = _Taps(student, paths)
@@ -188,7 +189,7 @@ def recover(student, teacher, batches: list[tuple], cfg: RecoverConfig, progress
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / max(cfg.steps, 1))))
     draw = _Batches(train, cfg.batch_size, mask_index, cfg.bucket)
 
     def val_loss() -> float:
@@ -201,13 +202,20 @@ def recover(student, teacher, batches: list[tuple], cfg: RecoverConfig, progress
     def autocast():
         return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
-    resumed = None
+    resumed, blockwise = None, None
+    started = time.perf_counter()
     try:
-        best = val_loss()
-        start_loss, stale, first = best, 0, 1
+        start_loss = val_loss()
+        state = _load_checkpoint(cfg, student) if cfg.checkpoint else None
+        if cfg.layerwise and state is None:  # float16 would want loss scaling: layer-wise runs bf16 or fp32
+            chunks = [_to(b, device) for b in length_batches(train, cfg.batch_size, mask_index)]
+            blockwise = layerwise(student, teacher, chunks, val_chunks, cfg.layerwise, cfg.layerwise_lr, mask_index,
+                                  autocast if amp_dtype is torch.bfloat16 else contextlib.nullcontext, progress)
+        best, stale, first = val_loss(), 0, 1
+        if blockwise is not None:
+            blockwise["heldout_loss_after"] = round(best, 6)
         best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
         if cfg.checkpoint:
-            state = _load_checkpoint(cfg, student)
             if state is not None:
                 student.load_state_dict(state["student"])
                 opt.load_state_dict(state["optimizer"])
@@ -217,13 +225,12 @@ def recover(student, teacher, batches: list[tuple], cfg: RecoverConfig, progress
                 draw.gen.set_state(state["generator"])
                 resumed = state["step"]
         step = first - 1
-        started = time.perf_counter()
         for step in range(first, cfg.steps + 1):
             if stale >= cfg.patience:
                 step -= 1
                 break
             student.train()
-            inputs = _to(trim_padding(_stack(draw.draw()), mask_index), device)
+            inputs = _to(trim_padding(stack_samples(draw.draw()), mask_index), device)
             with torch.no_grad(), autocast():
                 target = teacher(*inputs)
             with autocast():
@@ -265,13 +272,14 @@ def recover(student, teacher, batches: list[tuple], cfg: RecoverConfig, progress
         "train_samples": len(train), "heldout_samples": len(val), "real_tokens_only": mask_index is not None,
         "device": str(device), "mixed_precision": str(amp_dtype).removeprefix("torch.") if amp_dtype else None,
         "batches": "bucketed by real length" if draw.bucketed else "drawn uniformly",
-        "resumed_from_step": resumed, "seconds": round(time.perf_counter() - started, 1)}
+        "resumed_from_step": resumed, "seconds": round(time.perf_counter() - started, 1), "layerwise": blockwise}
 
 
 def _fingerprint(cfg: RecoverConfig, student) -> dict:
     """What a checkpoint must match to be resumed: the student's parameter shapes and the training settings."""
     shapes = {k: list(v.shape) for k, v in student.state_dict().items()}
-    settings = {k: getattr(cfg, k) for k in ("steps", "lr", "loss", "batch_size", "holdout", "hidden", "bucket")}
+    settings = {k: getattr(cfg, k) for k in ("steps", "lr", "loss", "batch_size", "holdout", "hidden", "bucket",
+                                             "layerwise", "layerwise_lr")}
     return {"shapes": shapes, "settings": settings}
 
 

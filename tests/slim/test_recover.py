@@ -66,9 +66,9 @@ def test_hidden_state_distillation_matches_every_block():
 
 
 def test_recovery_stacks_samples_of_different_lengths():
-    from slimx.slim.recover import _stack
+    from slimx.slim.base import stack_samples
 
-    ids, mask = _stack([(torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.long)),
+    ids, mask = stack_samples([(torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.long)),
                         (torch.ones(1, 5, dtype=torch.long), torch.ones(1, 5, dtype=torch.long))])
     assert ids.shape == (2, 5) and mask[0].tolist() == [1, 1, 1, 0, 0]
 
@@ -144,3 +144,88 @@ def test_a_missing_accelerator_is_a_usage_error():
     if not torch.cuda.is_available():
         with pytest.raises(UsageError, match="no CUDA device"):
             training_device("cuda")
+
+
+class _Encoder(torch.nn.Module):
+    """A 3-layer HF BERT with its mask input, returning the token states (what MiniLM's deployment form is)."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        from transformers import BertConfig, BertModel
+
+        torch.manual_seed(seed)
+        cfg = BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                         attention_probs_dropout_prob=0.0)
+        self.bert = BertModel(cfg, add_pooling_layer=False).eval()
+
+    def forward(self, ids, mask):
+        return self.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+
+
+def _sentences(n: int, seed: int) -> list[tuple]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        real = int(torch.randint(3, 16, (1,), generator=gen))
+        ids = torch.randint(1, 60, (1, 16), generator=gen)
+        mask = (torch.arange(16) < real).long()[None]
+        out.append((ids * mask, mask))
+    return out
+
+
+def test_layerwise_distillation_trains_each_block_alone_and_brings_the_model_closer():
+    teacher = _Encoder()
+    student = _Encoder()
+    student.load_state_dict(teacher.state_dict())
+    with torch.no_grad():  # a damaged copy: every block's weights off by noise
+        for name, p in student.named_parameters():
+            if ".layer." in name and p.dim() == 2:
+                p.add_(0.3 * p.std() * torch.randn_like(p))
+    train, heldout = _sentences(48, 1), _sentences(24, 2)
+    before = torch_fidelity(teacher, student, heldout)["cosine_mean"]
+    student, record = recover(student, teacher, train, RecoverConfig(steps=0, layerwise=60, batch_size=8,
+                                                                     layerwise_lr=3e-3), mask_index=1)
+    after = torch_fidelity(teacher, student, heldout)["cosine_mean"]
+    blocks = record["layerwise"]["blocks"]
+    assert [b["block"] for b in blocks] == [f"bert.encoder.layer.{i}" for i in range(3)]
+    assert all(b["heldout_error_after"] < b["heldout_error_before"] for b in blocks), blocks
+    assert 1 - after < 0.5 * (1 - before), (before, after)  # the distance to the original halved at least
+    assert record["steps_run"] == 0 and record["heldout_loss_after"] < record["heldout_loss_before"]
+    assert not any(p.requires_grad for p in student.parameters())
+
+
+def test_layerwise_then_end_to_end_steps_still_train_every_parameter():
+    teacher = _Encoder()
+    student = _Encoder(seed=1)  # other weights altogether
+    data = _sentences(32, 3)
+    _, record = recover(student, teacher, data, RecoverConfig(steps=20, layerwise=10, lr=1e-3, patience=50,
+                                                              batch_size=8), mask_index=1)
+    assert record["steps_run"] == 20 and len(record["layerwise"]["blocks"]) == 3
+    assert record["heldout_loss_after"] < record["heldout_loss_before"]
+
+
+class _Shared(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(8, 8)])
+
+    def forward(self, x):
+        for _ in range(3):
+            x = torch.relu(self.layers[0](x))
+        return x
+
+
+def test_layerwise_leaves_a_block_shared_across_depths_to_the_end_to_end_steps():
+    data = [(torch.randn(2, 8),) for _ in range(8)]
+    _, record = recover(_Shared(), _Shared(), data, RecoverConfig(steps=1, layerwise=5, patience=5))
+    assert "shared weights" in record["layerwise"]["skipped"] and record["layerwise"]["blocks"] == []
+
+
+def test_layerwise_settings_are_checked():
+    import pytest
+
+    with pytest.raises(ValueError, match="not both 0"):
+        RecoverConfig(steps=0)
+    with pytest.raises(ValueError, match="layerwise_lr"):
+        RecoverConfig(layerwise=5, layerwise_lr=0)
