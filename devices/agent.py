@@ -341,14 +341,14 @@ def serve(agent: Agent, host: str, port: int, ready=None):
 
 # --- the client --------------------------------------------------------------------------------------------
 
-def pack(artifact_path: Path, inputs: tuple, input_names: list[str]) -> bytes:
-    """Zip an artifact (file or .mlpackage folder) and its inputs (``.npz``, no pickles) for the agent."""
+def pack_into(fh, artifact_path: Path, inputs: tuple, input_names: list[str]) -> None:
+    """Zip an artifact (file or .mlpackage folder) and its inputs (``.npz``, no pickles) into the open binary
+    file ``fh``, for the agent."""
     import numpy as np
 
     from slimx.targets.base import to_numpy_inputs
 
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+    with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
         artifact_path = Path(artifact_path)
         if artifact_path.is_dir():
             for f in sorted(artifact_path.rglob("*")):
@@ -360,65 +360,124 @@ def pack(artifact_path: Path, inputs: tuple, input_names: list[str]) -> bytes:
         np.savez(arrays, **{f"{i}_{name}": a for i, (name, a) in
                             enumerate(zip(input_names, to_numpy_inputs(inputs), strict=True))})
         zf.writestr("inputs.npz", arrays.getvalue())
+
+
+def pack(artifact_path: Path, inputs: tuple, input_names: list[str]) -> bytes:
+    """``pack_into`` an in-memory buffer: the upload's bytes."""
+    buf = io.BytesIO()
+    pack_into(buf, artifact_path, inputs, input_names)
     return buf.getvalue()
 
 
+def _retry_after(exc) -> float:
+    """The seconds a 503's ``Retry-After`` asks for (a number; an HTTP date or nothing: 2)."""
+    try:
+        return max(0.0, float(exc.headers.get("Retry-After", "2")))
+    except (TypeError, ValueError):
+        return 2.0
+
+
 class RemoteRunner:
-    """Client of a slimx agent; the same ``time``/``run`` protocol as a local runner."""
+    """Client of a slimx agent; the same ``time``/``run`` protocol as a local runner.
+
+    A busy agent (503: its queue or its connections full, as when CI jobs share one device) is waited out: the
+    request is sent again after the ``Retry-After`` it gives (with jitter, so that waiting jobs do not return
+    together) until ``wait`` seconds have passed since the first try, each wait announced through ``note``.
+    The upload is packed into a temporary file and streamed from it, not built in memory.
+    """
 
     name = "remote"
 
-    def __init__(self, url: str, token: str, runner: str, timeout: float = 600.0) -> None:
+    def __init__(self, url: str, token: str, runner: str, timeout: float = 600.0, wait: float = 900.0,
+                 note=None) -> None:
         self.url = url.rstrip("/")
         self.token = token
         self.runner = runner
         self.timeout = timeout
+        self.wait = wait
+        self.note = note or (lambda text: print(f"slimx: {text}", file=sys.stderr, flush=True))
         self.last: dict = {}
 
-    def _request(self, method: str, path: str, data: bytes | None = None) -> dict:
+    def _request(self, method: str, path: str, body=None) -> dict:
+        """Send the request (``body``: an open binary file, sent from its start each try), waiting out 503s."""
+        import random
+        import urllib.error
+
+        from slimx._core.errors import SlimxFailure
+
+        started, tries = time.monotonic(), 0
+        while True:
+            tries += 1
+            try:
+                return self._send(method, path, body)
+            except urllib.error.HTTPError as exc:
+                if exc.code != 503:
+                    self._refused(exc)
+                pause = _retry_after(exc) * (1 + random.random() / 2)
+                left = self.wait - (time.monotonic() - started)
+                if pause > left:
+                    raise SlimxFailure(f"agent {self.url}", f"stayed busy (503) for {time.monotonic() - started:.0f} "
+                                       f"s over {tries} tries", "raise --remote-wait, or give the agent a longer "
+                                       "--queue") from None
+                self.note(f"agent {self.url} is busy (503): retrying in {pause:.1f} s (try {tries}, "
+                          f"{left:.0f} s left of --remote-wait {self.wait:g})")
+                time.sleep(pause)
+
+    def _send(self, method: str, path: str, body):
         import urllib.error
         import urllib.request
 
-        from slimx._core.errors import SlimxFailure, UsageError
+        from slimx._core.errors import SlimxFailure
 
-        req = urllib.request.Request(f"{self.url}{path}", data=data, method=method,
-                                     headers={"Authorization": f"Bearer {self.token}",
-                                              "Content-Type": "application/zip"})
+        headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/zip"}
+        if body is not None:
+            body.seek(0, os.SEEK_END)
+            headers["Content-Length"] = str(body.tell())
+            body.seek(0)
+        req = urllib.request.Request(f"{self.url}{path}", data=body, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 return json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            try:
-                message = json.loads(exc.read()).get("error", exc.reason)
-            except (ValueError, OSError):
-                message = str(exc.reason)
-            if exc.code == 401:
-                raise UsageError(f"agent {self.url}", "refused the token (401)",
-                                 "pass the agent's token with --token-file") from None
-            if exc.code in (400, 411, 413, 415, 422):
-                raise UsageError(f"agent {self.url}", f"refused the job ({exc.code}: {message})",
-                                 "check the artifact and its size against the agent's limits") from None
-            raise SlimxFailure(f"agent {self.url}", f"job failed ({exc.code}: {message})",
-                               "see the agent's log; retry when its queue has room") from None
+        except urllib.error.HTTPError:
+            raise
         except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
             reason = getattr(exc, "reason", exc)
             raise SlimxFailure(f"agent {self.url}", f"unreachable ({reason})",
                                "start it on the device with `slimx agent serve` and check --remote") from None
+
+    def _refused(self, exc) -> None:
+        from slimx._core.errors import SlimxFailure, UsageError
+
+        try:
+            message = json.loads(exc.read()).get("error", exc.reason)
+        except (ValueError, OSError):
+            message = str(exc.reason)
+        if exc.code == 401:
+            raise UsageError(f"agent {self.url}", "refused the token (401)",
+                             "pass the agent's token with --token-file") from None
+        if exc.code in (400, 411, 413, 415, 422, 431):
+            raise UsageError(f"agent {self.url}", f"refused the job ({exc.code}: {message})",
+                             "check the artifact and its size against the agent's limits") from None
+        raise SlimxFailure(f"agent {self.url}", f"job failed ({exc.code}: {message})",
+                           "see the agent's log; retry when its queue has room") from None
 
     def info(self) -> dict:
         return self._request("GET", "/v1/info")
 
     def time(self, artifact, inputs: tuple, warmup: int = 5, runs: int = 50, build: bool = False,
              precision: str = "fp16"):
+        import tempfile
+
         from slimx.targets.base import Timing
 
         names = [s.name for s in artifact.inputs]
-        body = pack(artifact.path, inputs, names)
         if build:
             path = f"/v1/build?precision={precision}&warmup={warmup}&runs={runs}"
         else:
             path = f"/v1/run?runner={self.runner}&warmup={warmup}&runs={runs}"
-        self.last = self._request("POST", path, body)
+        with tempfile.TemporaryFile(prefix="slimx-upload-") as body:
+            pack_into(body, artifact.path, inputs, names)
+            self.last = self._request("POST", path, body)
         return Timing(**self.last["timing"])
 
     def run(self, artifact, inputs: tuple):

@@ -10,7 +10,12 @@ What each limit answers (the README's table lists them with their defaults):
 - a body over ``--max-upload-mb``: 413 from its ``Content-Length`` before reading, and 413 while streaming
   when a chunked or lying body passes the cap (the body goes to a temporary file, never into memory);
 - headers not complete within 10 s (slow-loris), or a body that stalls for 30 s: 408;
-- a header block over 16 KiB, a malformed request line or header (a non-ASCII ``Content-Length``): 400;
+- a header block over 16 KiB: 431; a malformed request line or header (a non-ASCII ``Content-Length``): 400;
+
+Every refusal sent before the body is read (401, 503, 413 from ``Content-Length``, ...) is followed by reading
+and dropping the body (for ``DRAIN_S`` at most), so that the client, which sends its body whole before reading,
+gets the answer rather than a reset (a socket closed with unread bytes in it is reset by the kernel). A client
+that sent ``Expect: 100-continue`` is answered at once and sends no body.
 - an archive that unpacks past a small multiple of its own size or past ``--max-upload-mb`` (a zip bomb),
   counted on the bytes actually written: 413; lying sizes, bad CRCs, unsafe paths, a second artifact: 422;
 - a job past ``--job-timeout``: 504, its process killed.
@@ -33,6 +38,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 HEADER_TIMEOUT_S = 10.0  # a client must finish its request line and headers within this
 BODY_IDLE_TIMEOUT_S = 30.0  # ... and never pause its body for longer than this
 MAX_HEADER_BYTES = 16 * 1024
+DRAIN_S = 15.0  # a refused request's body is read and dropped for this long at most, so the client reads the answer
 BACKLOG = 2048
 READ_CHUNK = 1 << 16
 
@@ -91,6 +97,33 @@ def _json(status: int, body: dict, headers: dict | None = None):
     return JSONResponse(body, status_code=int(status), headers=headers)
 
 
+def _wants_continue(headers: dict) -> bool:
+    return headers.get(b"expect", b"").lower() == b"100-continue"
+
+
+async def drain(receive, headers: dict, limit_s: float = DRAIN_S) -> None:
+    """Read and drop what is left of a request body (for ``limit_s`` at most), so that the answer sent after it
+    reaches the client. Not for a client waiting for ``100 Continue`` (reading would invite the body)."""
+    if _wants_continue(headers):
+        return
+    if headers.get(b"content-length", b"0").strip() in (b"", b"0") and b"chunked" not in headers.get(
+            b"transfer-encoding", b"").lower():
+        return
+    loop = asyncio.get_running_loop()
+    end = loop.time() + limit_s
+    while (left := end - loop.time()) > 0:
+        try:
+            message = await asyncio.wait_for(receive(), left)
+        except (TimeoutError, Exception):  # noqa: BLE001  (a dropped client, a reader past its body: done)
+            return
+        if message.get("type") != "http.request" or not message.get("more_body"):
+            return
+
+
+def _header_bytes(scope) -> int:
+    return sum(len(k) + len(v) + 4 for k, v in scope.get("headers", []))
+
+
 def _safe_path(scope) -> str:
     """The request path without its query (a query may carry secrets a client should not have sent)."""
     return scope.get("path", "?")[:200]
@@ -111,18 +144,26 @@ class Guard:
         headers = {k.lower(): v for k, v in scope.get("headers", [])}
         query = scope.get("query_string", b"").lower()
         where = f"{scope.get('method', '?')} {_safe_path(scope)}"
-        if b"token=" in query or b"access_token" in query:
+        refuse = None
+        if _header_bytes(scope) > MAX_HEADER_BYTES:
+            agent.log(f"{where}: 431 {_header_bytes(scope)} bytes of headers")
+            refuse = _json(431, {"error": f"the request headers are {_header_bytes(scope)} bytes, over this agent's "
+                                 f"limit of {MAX_HEADER_BYTES}", "status": 431})
+        elif b"token=" in query or b"access_token" in query:
             agent.log(f"{where}: 400 a token in the URL (refused; the URL is not logged)")
-            return await _json(400, {"error": "send the token as 'Authorization: Bearer TOKEN', never in the URL",
-                                     "status": 400})(scope, receive, send)
-        if not agent.authorized(headers.get(b"authorization")):
+            refuse = _json(400, {"error": "send the token as 'Authorization: Bearer TOKEN', never in the URL",
+                                 "status": 400})
+        elif not agent.authorized(headers.get(b"authorization")):
             agent.log(f"{where}: 401 missing or wrong token")
-            return await _json(401, {"error": "missing or wrong token (send 'Authorization: Bearer TOKEN')",
-                                     "status": 401}, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
-        if agent.active >= agent.max_connections:
+            refuse = _json(401, {"error": "missing or wrong token (send 'Authorization: Bearer TOKEN')",
+                                 "status": 401}, {"WWW-Authenticate": "Bearer"})
+        elif agent.active >= agent.max_connections:
             agent.log(f"{where}: 503 {agent.active} requests in flight")
-            return await _json(503, {"error": f"the agent is serving {agent.active} requests; retry shortly",
-                                     "status": 503}, {"Retry-After": "2"})(scope, receive, send)
+            refuse = _json(503, {"error": f"the agent is serving {agent.active} requests; retry shortly",
+                                 "status": 503}, {"Retry-After": "2"})
+        if refuse is not None:
+            await drain(receive, headers)
+            return await refuse(scope, receive, send)
         agent.active += 1
         try:
             await self.app(scope, receive, send)
@@ -160,6 +201,7 @@ async def _job(agent, request):
     where = f"POST {request.url.path}"
     reserved = False
     work = None
+    body = {"state": "unread"}  # unread | reading | read | stalled | gone
     try:
         params, runner = _params(request.query_params, build)
         agent.check_runner(runner, build)
@@ -174,14 +216,19 @@ async def _job(agent, request):
         reserved = True
         work = Path(tempfile.mkdtemp(prefix="slimx-agent-"))
         upload = work / "upload.zip"
-        if not await _receive_to_file(request, upload, agent.max_upload, agent.log):
-            return None  # the client went away: there is no one to answer
+        body["state"] = "reading"
+        if not await _receive_to_file(request, upload, agent.max_upload, agent.log, body):
+            body["state"] = "gone"  # the client went away: the answer below reaches no one
+            return _json(400, {"error": "the client disconnected mid-upload", "status": 400})
+        body["state"] = "read"
         root = agent.unpack(upload, work)
         upload.unlink()
         async with agent.locks[runner]:
             result = await agent.execute(runner, work, root, params, build)
     except JobError as exc:
         agent.log(f"{where}: {int(exc.status)} {exc}")
+        if body["state"] in ("unread", "reading"):  # refused before the whole body came: drop the rest first
+            await drain(request.receive, {k.lower(): v for k, v in request.scope.get("headers", [])})
         headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
         return _json(exc.status, {"error": str(exc), "status": int(exc.status)}, headers)
     finally:
@@ -208,9 +255,9 @@ def _params(query, build: bool) -> tuple[dict, str]:
     return params, query.get("runner", "tensorrt" if build else "onnxruntime")
 
 
-async def _receive_to_file(request, path: Path, cap: int, log) -> bool:
-    """Stream the body to ``path``; 413 as soon as it passes ``cap``, 408 when it stalls. False: the client
-    disconnected (logged)."""
+async def _receive_to_file(request, path: Path, cap: int, log, body: dict) -> bool:
+    """Stream the body to ``path``; 413 as soon as it passes ``cap``, 408 when it stalls (``body["state"]`` then
+    ``stalled``: nothing to drain). False: the client disconnected (logged)."""
     from starlette.requests import ClientDisconnect
 
     from slimx.devices.jobs import JobError
@@ -225,6 +272,7 @@ async def _receive_to_file(request, path: Path, cap: int, log) -> bool:
                 except StopAsyncIteration:
                     break
                 except TimeoutError:
+                    body["state"] = "stalled"
                     raise JobError(HTTPStatus.REQUEST_TIMEOUT, f"the body stalled for {BODY_IDLE_TIMEOUT_S:g} s "
                                    f"after {got} bytes") from None
                 got += len(chunk)

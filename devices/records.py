@@ -200,5 +200,8 @@ class Latency:
                     f"not measured: no device here)")
         if self.kind == "none":
             return f"{self.device}: not measured: {self.reason}"
-        return (f"{self.device} measured: median {self.ms:.3f} ms, p90 {d['p90_ms']:.3f} ms "
+        spread = f"p10-p90 {d['p10_ms']:.3f}-{d['p90_ms']:.3f} ms" if d.get("p10_ms") is not None else \
+            f"p90 {d['p90_ms']:.3f} ms"
+        line = (f"{self.device} measured: median {self.ms:.3f} ms, {spread} "
                 f"({d['runs']} runs, {d['threads']} threads, {d['runtime']} {d['runtime_version']})")
+        return line + (f"; NOTE {d['trust']}" if d.get("trust") else "")

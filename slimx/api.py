@@ -569,16 +569,23 @@ def compress(model, passes: Sequence, *, calib: str | Path | None = None, recove
 # --------------------------------------------------------------------------- profile, evaluate, gate
 
 
+def _check_wait(seconds) -> None:
+    if not isinstance(seconds, (int, float)) or seconds < 0:
+        raise UsageError(f"remote_wait (--remote-wait) {seconds!r}", "must be seconds, 0 or more",
+                         "e.g. --remote-wait 900 (0: fail on the first 503)")
+
+
 def profile(model, device: str = "host", *, estimate: bool | None = None, precision: str | None = None,
             setting: str | None = None, input_shapes: Sequence[str] = (), weights: str | None = None,
-            remote: str | None = None, token: str | None = None, runs: int = 50, warmup: int = 5,
-            threads: int | None = None, timing=None, calibrate: bool = False, top: int = 12,
+            remote: str | None = None, token: str | None = None, remote_wait: float = 900.0, runs: int = 50,
+            warmup: int = 5, threads: int | None = None, timing=None, calibrate: bool = False, top: int = 12,
             progress: Progress | None = None, verbose: bool = False) -> ProfileResult:
     """Latency of a MODEL or an artifact (``.onnx``, ``.tflite``, ``.mlpackage``, an export folder) on ``device``:
     measured where a runner exists (here, or through an agent at ``remote``), else estimated per op.
     ``estimate``: True forces the estimator, False requires a measurement, None picks. ``runs`` / ``warmup`` /
     ``threads`` set the measurement (``timing``, a ``TimingConfig`` or a dict of its fields, sets all three);
-    ``calibrate``: time the microbenchmarks here and fit the host's profile before estimating the host."""
+    ``calibrate``: time the microbenchmarks here and fit the host's profile before estimating the host.
+    ``remote_wait``: seconds to wait out a busy agent (503), retrying after its ``Retry-After``."""
     from slimx.profiling import ProfileRequest
     from slimx.profiling import profile as run_profile
 
@@ -592,7 +599,8 @@ def profile(model, device: str = "host", *, estimate: bool | None = None, precis
     if runs < 1 or warmup < 0:
         raise UsageError("runs/warmup (--runs/--warmup)", "must be at least 1 / not negative",
                          "e.g. runs=50, warmup=5 (--runs 50 --warmup 5)")
-    req = ProfileRequest(subject=text, device=device, remote=remote, token=token,
+    _check_wait(remote_wait)
+    req = ProfileRequest(subject=text, device=device, remote=remote, token=token, remote_wait=remote_wait,
                          mode=None if estimate is None else "estimate" if estimate else "measure",
                          input_shapes=tuple(input_shapes), weights=weights, precision=precision, setting=setting,
                          runs=runs, warmup=warmup, threads=threads, top=top, calibrate=calibrate)
@@ -618,7 +626,7 @@ def gate(subject: str | Path, device: str | None = None, *, budget_ms: float | N
          precision: str | None = None, format: str | None = None, input_shapes: Sequence[str] = (),
          weights: str | None = None, settings: dict | None = None, update_baseline: bool = False,
          baseline_file: str | Path | None = None, remote: str | None = None, token: str | None = None,
-         progress: Progress | None = None, verbose: bool = False) -> GateResult:
+         remote_wait: float = 900.0, progress: Progress | None = None, verbose: bool = False) -> GateResult:
     """Judge latency budgets: a gate file (``.toml``), or one MODEL / export folder with ``budget_ms`` and/or
     ``max_regression_pct``. Returns the verdict (``passed``); a regression is a result, not an error.
     ``settings``: the gate's [settings] (rounds, runs, warmup, threads, strict)."""
@@ -647,6 +655,7 @@ def gate(subject: str | Path, device: str | None = None, *, budget_ms: float | N
     if remote:
         if not token:
             raise UsageError("remote", "needs the agent's token", "give token= (the CLI: --token-file FILE)")
-        plan.remote, plan.token = remote, token
+        _check_wait(remote_wait)
+        plan.remote, plan.token, plan.remote_wait = remote, token, remote_wait
     data = run_gate(plan, update_baseline=update_baseline, progress=_progress(progress, verbose))
     return GateResult(bool(data["passed"]), data["entries"], data)

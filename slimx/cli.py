@@ -178,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--device", "-d", default="host", help="device or alias (default: host)")
     prof.add_argument("--remote", default=None, metavar="URL", help="a slimx agent on the device, e.g. http://jetson:8765")
     prof.add_argument("--token-file", default=None, help="file holding the agent's token (with --remote; mode 600)")
+    prof.add_argument("--remote-wait", type=float, default=900.0, metavar="S",
+                      help="seconds to wait out a busy agent (503), retrying after its Retry-After (default: 900)")
     prof.add_argument("--allow-insecure-token-file", action="store_true",
                       help="accept a token file other users can read (with a warning)")
     how = prof.add_mutually_exclusive_group()
@@ -228,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     gate.add_argument("--strict", action="store_true", help="judge point estimates instead of intervals")
     gate.add_argument("--remote", default=None, metavar="URL", help="measure through a slimx agent on the device")
     gate.add_argument("--token-file", default=None)
+    gate.add_argument("--remote-wait", type=float, default=900.0, metavar="S",
+                      help="seconds to wait out a busy agent (503), retrying after its Retry-After (default: 900)")
     gate.add_argument("--allow-insecure-token-file", action="store_true")
     gate.add_argument("--junit", default=None, metavar="FILE", help="write JUnit XML (one test case per entry)")
     gate.add_argument("--markdown", default=None, metavar="FILE",
@@ -407,7 +411,7 @@ def _profile(args) -> int:
     token = _token(args)
     if args.html and not os.path.isdir(os.path.dirname(os.path.abspath(args.html))):
         raise UsageError(f"--html {args.html}", "is in a folder that does not exist", "create the folder first")
-    result = profile(args.subject, args.device, remote=args.remote, token=token,
+    result = profile(args.subject, args.device, remote=args.remote, token=token, remote_wait=args.remote_wait,
                      estimate=True if args.estimate else False if args.measure else None,
                      input_shapes=tuple(args.input_shape), weights=args.weights, precision=args.precision,
                      setting=args.setting, runs=args.runs, warmup=args.warmup, threads=args.threads, top=args.top,
@@ -460,7 +464,7 @@ def _gate(args) -> int:
                   statistic=args.statistic, baseline=args.baseline, precision=args.precision, format=args.format,
                   input_shapes=tuple(args.input_shape), weights=args.weights, settings=settings,
                   update_baseline=args.update_baseline, baseline_file=args.baseline_file, remote=args.remote,
-                  token=token, progress=Progress(total=1, enabled=not (args.quiet or args.json))).to_dict()
+                  token=token, remote_wait=args.remote_wait, progress=Progress(total=1, enabled=not (args.quiet or args.json))).to_dict()
     text = markdown(result)
     for path, content in ((args.junit, junit(result) if args.junit else None), (args.markdown, text)):
         if path:

@@ -127,6 +127,7 @@ class GatePlan:
     source: str  # the gate file, or "command line"
     remote: str | None = None
     token: str | None = None
+    remote_wait: float = 900.0  # seconds a busy agent (503) is waited out
     notes: list[str] = field(default_factory=list)
 
 
@@ -198,13 +199,12 @@ def check_plan(plan: GatePlan, relative_to: Path) -> None:
 
 def _exported_for(spec: str) -> str | None:
     """The device an export OUT folder was made for (its report's device), else None."""
-    report = Path(spec) / "report.json"
-    if not report.is_file():
+    from slimx.report import read_report
+
+    if not (Path(spec) / "report.json").is_file():
         return None
-    try:
-        return (json.loads(report.read_text()).get("device") or {}).get("name")
-    except (ValueError, OSError):
-        return None
+    device = read_report(spec, "slimx gate").get("device")  # a corrupt or foreign report: one line, not a guess
+    return device.get("name") if isinstance(device, dict) else None
 
 
 def _relative(spec: str | None, base: Path) -> str | None:
@@ -416,7 +416,7 @@ class _Timer:
         if plan.remote:
             from slimx.devices.agent import RemoteRunner
 
-            self.runner = RemoteRunner(plan.remote, plan.token or "", name)
+            self.runner = RemoteRunner(plan.remote, plan.token or "", name, wait=plan.remote_wait)
         else:
             self.runner = get_runner(name, threads=plan.settings.threads)
         self.sessions: dict = {}
@@ -516,7 +516,9 @@ def _estimate(spec: str, entry: GateEntry, device) -> dict:
 
     path = Path(spec)
     if path.is_dir() and (path / "report.json").is_file():
-        report = json.loads((path / "report.json").read_text())
+        from slimx.report import read_report
+
+        report = read_report(path, f"entry {entry.name}:")
         latency = report.get("latency") or {}
         if latency.get("kind") == "estimated" and latency.get("device") == device.name:
             return latency

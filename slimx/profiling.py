@@ -18,6 +18,7 @@ class ProfileRequest:
     device: str = "host"
     remote: str | None = None
     token: str | None = None
+    remote_wait: float = 900.0  # seconds a busy agent (503) is waited out
     mode: str | None = None  # "estimate", "measure" or None (measure when possible)
     input_shapes: tuple = ()
     weights: str | None = None
@@ -37,10 +38,11 @@ def resolve_artifact(subject: str) -> Path | None:
 
     path = Path(subject)
     if path.is_dir() and (path / "report.json").is_file():
-        import json
+        from slimx.report import read_report
 
-        report = json.loads((path / "report.json").read_text())
-        files = [f for f in report.get("artifacts", []) if target_for_path(f.get("path", "")) is not None]
+        report = read_report(path, "artifact folder")
+        files = [f for f in report.get("artifacts", [])
+                 if isinstance(f, dict) and target_for_path(str(f.get("path", ""))) is not None]
         if not files:
             raise UsageError(f"{subject}", "has a report.json but no artifact slimx can run", "re-run slimx export")
         return path / files[0]["path"]
@@ -174,7 +176,8 @@ def measure(req: ProfileRequest, device, artifact_path: Path | None, progress=No
             # a format the device builds (TensorRT) goes up as the file it is built from, then is built there
             target = get_target(fmt)
             build = target.builds_on_device_from is not None and not target.recognises(artifact.path)
-            runner = RemoteRunner(req.remote, req.token or "", default_runner_of(fmt))
+            runner = RemoteRunner(req.remote, req.token or "", default_runner_of(fmt), wait=req.remote_wait,
+                                  note=progress.warn if progress is not None else None)
             if progress is not None:
                 progress.note(f"upload {artifact.path.name} to {req.remote}")
             timing = runner.time(artifact, inputs, warmup=req.warmup, runs=req.runs, build=build,

@@ -10,6 +10,31 @@ from __future__ import annotations
 SCHEMA_VERSION = "1.0"
 
 
+def read_report(folder, who: str) -> dict:
+    """``folder/report.json`` as a dict, checked to be a slimx export report of this schema's major version; a
+    corrupt or foreign one is a UsageError naming it (``who``: the command or flag that was given the folder)."""
+    import json
+    from pathlib import Path
+
+    from slimx._core.errors import UsageError, first_line
+
+    path = Path(folder) / "report.json"
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UsageError(f"{who} {folder}", f"its report.json cannot be read as JSON ({first_line(exc)})",
+                         "re-run slimx export into that folder") from None
+    if not isinstance(report, dict) or report.get("tool", "slimx") != "slimx" or not isinstance(
+            report.get("artifacts", []), list):
+        raise UsageError(f"{who} {folder}", "its report.json is not a slimx export report",
+                         "point at the OUT folder of a 'slimx export' run")
+    version = str(report.get("schema_version", ""))
+    if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
+        raise UsageError(f"{who} {folder}", f"its report.json has schema {version or 'none'}, and this slimx reads "
+                         f"schema {SCHEMA_VERSION}", "re-export with this slimx, or use the slimx that wrote it")
+    return report
+
+
 def summary(report: dict) -> str:
     """A few lines for the terminal."""
     model, target = report["model"], report["target"]

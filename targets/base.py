@@ -147,23 +147,91 @@ class Timing:
     mean_ms: float
     per_op: list[dict] = field(default_factory=list)
     per_node: list[dict] = field(default_factory=list)
+    p10_ms: float | None = None  # None: from an agent older than these fields
+    median_ci_ms: list[float] | None = None  # a 95% bootstrap interval of the median
+    load: float | None = None  # the share of the host's CPU other processes used while it was timed (Linux)
+    trust: str | None = None  # a line when the figure should not be trusted as it stands (spread, load)
 
     @classmethod
-    def from_samples(cls, samples_ms: list[float], **kw) -> Timing:
+    def from_samples(cls, samples_ms: list[float], load: float | None = None, **kw) -> Timing:
         arr = np.asarray(samples_ms, dtype=np.float64)
-        return cls(min_ms=float(arr.min()), median_ms=float(np.median(arr)),
-                   p90_ms=float(np.percentile(arr, 90)), max_ms=float(arr.max()), mean_ms=float(arr.mean()),
-                   runs=len(samples_ms), **kw)
+        median = float(np.median(arr))
+        boot = np.median(np.random.default_rng(0).choice(arr, size=(1000, len(arr))), axis=1)
+        lo, hi = (float(v) for v in np.percentile(boot, [2.5, 97.5]))
+        p10, p90 = float(np.percentile(arr, 10)), float(np.percentile(arr, 90))
+        return cls(min_ms=float(arr.min()), median_ms=median, p90_ms=p90, max_ms=float(arr.max()),
+                   mean_ms=float(arr.mean()), runs=len(samples_ms), p10_ms=p10, median_ci_ms=[lo, hi], load=load,
+                   trust=trust_note(median, p10, p90, lo, hi, load), **kw)
 
     @classmethod
     def measure(cls, call: Callable[[], Any], warmup: int, runs: int, *, call_times_itself: bool = False,
                 **fields) -> Timing:
         """Time ``call`` with the one shared loop (``timed_calls``) and describe the samples."""
+        probe = OtherLoad()
         samples = timed_calls(call, warmup, runs, call_times_itself=call_times_itself)
-        return cls.from_samples(samples, warmup=warmup, **fields)
+        return cls.from_samples(samples, warmup=warmup, load=probe.share(), **fields)
 
     def to_dict(self) -> dict:
-        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+        def rounded(v):
+            return round(v, 4) if isinstance(v, float) else [rounded(x) for x in v] if isinstance(v, list) and v and \
+                isinstance(v[0], float) else v
+
+        return {k: rounded(v) for k, v in self.__dict__.items()}
+
+
+WIDE_SPREAD = 1.5  # p90 over p10 past this: the runs disagree too much for one figure
+LOADED = 0.25  # other processes using more than this share of the host's CPU while it was timed
+
+
+class OtherLoad:
+    """The share of the host's CPU that processes other than this one used between its creation and ``share()``
+    (Linux: ``/proc/stat`` less ``/proc/self/stat``; None elsewhere). Unlike the load average, the timing's own
+    threads do not count."""
+
+    def __init__(self) -> None:
+        self.start = self._read()
+
+    @staticmethod
+    def _read():
+        import os
+
+        try:
+            with open("/proc/stat") as fh:
+                values = [int(v) for v in fh.readline().split()[1:9]]
+            with open("/proc/self/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            return time.monotonic(), sum(values) - values[3] - values[4], int(fields[11]) + int(fields[12]), \
+                os.sysconf("SC_CLK_TCK"), os.cpu_count() or 1
+        except (OSError, ValueError, IndexError, AttributeError):
+            return None
+
+    def share(self) -> float | None:
+        end = self._read()
+        if self.start is None or end is None or end[0] - self.start[0] < 0.2:
+            return None  # too short to say (the kernel counts in ticks of 10 ms)
+        wall, busy, own = end[0] - self.start[0], end[1] - self.start[1], end[2] - self.start[2]
+        return round(min(1.0, max(0.0, (busy - own) / (wall * end[3] * end[4]))), 3)
+
+
+def trust_note(median: float, p10: float, p90: float, lo: float, hi: float, load: float | None) -> str | None:
+    """One line saying why a measured latency should not be taken as it stands, or None.
+
+    Example:
+        >>> trust_note(10.0, 9.5, 10.5, 9.8, 10.2, 0.1) is None
+        True
+        >>> trust_note(79.0, 40.0, 118.0, 60.0, 95.0, 0.6).startswith("spread wide")
+        True
+    """
+    why = []
+    if p10 > 0 and p90 / p10 > WIDE_SPREAD:
+        why.append(f"spread wide (p10 {p10:.3g} to p90 {p90:.3g} ms)")
+    if median > 0 and (hi - lo) / median > 0.1:
+        why.append(f"median uncertain ({lo:.3g}-{hi:.3g} ms, 95%)")
+    if load is not None and load > LOADED:
+        why.append(f"host busy with other work ({load:.0%} of its CPU)")
+    if not why:
+        return None
+    return "; ".join(why) + ": compare only with figures timed in the same run, or re-measure on an idle host"
 
 
 class Runner(Protocol):

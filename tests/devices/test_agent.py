@@ -13,6 +13,7 @@ import time
 import zipfile
 
 import pytest
+import torch
 
 from slimx._core.errors import SlimxFailure, UsageError
 from slimx._core.inputs import sample_inputs
@@ -411,3 +412,207 @@ def test_concurrent_large_uploads_are_streamed_not_held_in_memory(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def _big_onnx(tmp_path, features: int):
+    """A real ONNX artifact of about ``4 * features**2`` bytes of random (incompressible) weights."""
+    from slimx._core.inputs import InputSpec
+    from slimx.export.program import Program, export_program
+
+    seeded(0)
+    model = torch.nn.Sequential(torch.nn.Linear(features, features)).eval()
+    example = (torch.randn(1, features),)
+    program = Program("big", export_program(model, example), model, [InputSpec("x", (1, features))], ["y"])
+    return get_target("onnx").compile(program, None, CompileOptions(), tmp_path), example
+
+
+def _clients(server, body: bytes, n: int, path: str = "/v1/run?runner=onnxruntime&runs=3"):
+    """``n`` clients posting ``body`` at once, every other one as urllib does (``Connection: close``: the server
+    closes after answering, so an unread body there is what resets a client)."""
+    answers, errors = [], []
+
+    def client(i):
+        try:
+            answers.append(server.request("POST", path, body, headers={"Connection": "close"} if i % 2 else None))
+        except OSError as exc:  # a reset or a dropped connection: what must not happen
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    return answers, errors
+
+
+class _AgentProcess:
+    """``slimx agent serve`` in a process of its own (as on a device: its event loop shares no GIL with the
+    clients, so a socket closed with an unread body reaches them as a reset, as it does in the field)."""
+
+    def __init__(self, tmp_path, *args):
+        import subprocess
+        import sys
+
+        token = tmp_path / "token"
+        token.write_text(TOKEN)
+        token.chmod(0o600)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        env = {**os.environ, "TMPDIR": str(tmp_path)}
+        self.proc = subprocess.Popen([sys.executable, "-m", "slimx.cli", "agent", "serve", "--port", str(self.port),
+                                      "--token-file", str(token), *args], env=env, stderr=subprocess.DEVNULL)
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                RemoteRunner(self.url, TOKEN, "onnxruntime", timeout=2, wait=0).info()
+                return
+            except SlimxFailure:
+                time.sleep(0.2)
+
+    def request(self, method, path, body=b"", headers=None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+        conn.request(method, path, body=body, headers={"Authorization": f"Bearer {TOKEN}",
+                                                       "Content-Length": str(len(body)), **(headers or {})})
+        resp = conn.getresponse()
+        data = resp.read()
+        conn.close()
+        return resp.status, data, dict(resp.getheaders())
+
+    def close(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+@pytest.mark.timing
+def test_fifty_clients_sending_a_real_5mb_artifact_all_get_an_answer_three_times(tmp_path):
+    artifact, example = _big_onnx(tmp_path, 1200)
+    body = pack(artifact.path, example, ["x"])
+    assert len(body) > 5_000_000
+    server = _AgentProcess(tmp_path, "--queue", "1", "--max-connections", "8")
+    try:
+        for round_ in range(3):
+            answers, errors = _clients(server, body, 50)
+            assert not errors and len(answers) == 50, (round_, len(errors), errors[:3])
+            assert {a[0] for a in answers} <= {200, 503} and any(a[0] == 503 for a in answers)
+            assert sum(a[0] == 200 for a in answers) >= 1
+            assert all("retry-after" in a[2] for a in answers if a[0] == 503)
+    finally:
+        server.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timing
+def test_clients_sending_a_90mb_artifact_to_a_busy_agent_read_its_503(tmp_path):
+    artifact, example = _big_onnx(tmp_path, 5000)
+    body = pack(artifact.path, example, ["x"])
+    assert len(body) > 90_000_000
+    server = _AgentProcess(tmp_path, "--queue", "1", "--max-connections", "2")
+    try:
+        answers, errors = _clients(server, body, 6)
+        assert not errors and len(answers) == 6, (len(errors), errors[:3])
+        assert {a[0] for a in answers} <= {200, 503} and sum(a[0] == 503 for a in answers) >= 1
+    finally:
+        server.close()
+
+
+def test_a_refusal_before_the_body_is_read_still_reaches_a_client_sending_5mb(agent):
+    body = os.urandom(5 << 20)  # over this agent's 2 MB cap too: refused on its Content-Length
+    status, data, _ = agent.request("POST", "/v1/run?runner=onnxruntime", body, token="wrong")
+    assert status == 401
+    status, data, _ = agent.request("POST", "/v1/run?runner=onnxruntime", body)
+    assert status == 413 and b"limit" in data
+
+
+def test_expect_100_continue_is_answered_before_the_body_is_sent(agent):
+    with socket.create_connection(("127.0.0.1", agent.port), timeout=20) as sock:
+        sock.sendall(f"POST /v1/run?runner=onnxruntime HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                     f"Content-Length: {50 << 20}\r\nExpect: 100-continue\r\n\r\n".encode())
+        answer = sock.recv(65536)  # no body sent: the agent refuses on the declared size, without a 100
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:120]
+
+
+def test_headers_over_16_kib_are_refused_with_431(agent):
+    answer = agent.raw(b"GET /v1/info HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40000 + b"\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:120]
+    assert agent.request("GET", "/v1/info", headers={"X-Fine": "a" * 8000})[0] == 200
+
+
+def test_a_disconnect_mid_upload_is_one_log_line_and_no_traceback(agent, caplog):
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    before = len(agent.log)
+    sock = socket.create_connection(("127.0.0.1", agent.port))
+    sock.sendall(f"POST /v1/run?runner=onnxruntime HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                 f"Content-Length: 100000\r\n\r\n".encode() + b"PK" * 500)
+    sock.close()
+    deadline = time.time() + 10
+    while not any("mid-upload" in line for line in agent.log[before:]) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert [line for line in agent.log[before:] if "mid-upload" in line], agent.log[before:]
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
+
+
+class _Hold:
+    """Holds the agent's one connection slot: a request whose body trickles in."""
+
+    def __init__(self, server):
+        self.sock = socket.create_connection(("127.0.0.1", server.port))
+        self.sock.sendall(f"POST /v1/run?runner=onnxruntime HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}"
+                          f"\r\nContent-Length: 1000\r\n\r\nPK".encode())
+
+    def release(self):
+        self.sock.close()
+
+
+def test_a_remote_client_waits_out_a_busy_agent_and_says_so(artifacts):
+    server = _Server(max_connections=1, job_timeout=60)
+    try:
+        hold = _Hold(server)
+        time.sleep(0.3)
+        notes = []
+        with pytest.raises(SlimxFailure, match="stayed busy"):
+            RemoteRunner(server.url, TOKEN, "onnxruntime", wait=0, note=notes.append).info()
+        threading.Timer(1.5, hold.release).start()
+        info = RemoteRunner(server.url, TOKEN, "onnxruntime", wait=60, note=notes.append).info()
+        assert info["device"] == "host"
+        assert notes and "busy (503)" in notes[0] and "retrying in" in notes[0]
+    finally:
+        server.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timing
+def test_eight_ci_jobs_sharing_one_agent_with_queue_2_all_get_measured(artifacts):
+    server = _Server(max_queue=2, job_timeout=120)
+    try:
+        timings, errors = [], []
+
+        def job():
+            try:
+                runner = RemoteRunner(server.url, TOKEN, "onnxruntime", wait=300, note=lambda _t: None)
+                timings.append(runner.time(artifacts["onnx"], artifacts["inputs"], warmup=1, runs=3))
+            except Exception as exc:  # noqa: BLE001
+                errors.append(repr(exc))
+
+        threads = [threading.Thread(target=job) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=600)
+        assert not errors and len(timings) == 8, errors[:3]
+        assert any("503" in line for line in server.log), "the queue was never full: the test tested nothing"
+    finally:
+        server.close()
+
+
+def test_remote_wait_must_be_seconds():
+    import slimx
+
+    with pytest.raises(UsageError, match="remote_wait"):
+        slimx.profile("x.onnx", remote="http://127.0.0.1:1", token="t", remote_wait=-1)
