@@ -60,6 +60,11 @@ def apply_shape_policy(specs: list[InputSpec], max_positions: int | None, seq_le
         if seq_range[1] > longest:
             raise UsageError(f"--seq-len {seq_len}", f"goes past the model's {longest} positions",
                              f"give a maximum of at most {longest}")
+        asked = max(s.shape[1] for s in specs if s.kind in ("tokens", "mask", "zeros") and len(s.shape) > 1)
+        if asked > longest:  # only --input-shape sets a length past the positions: refused, never clamped
+            raise UsageError(f"--input-shape 1x{asked}", f"asks for {asked} tokens, past the model's {longest} "
+                             "positions", f"give a length of at most {longest} (e.g. --input-shape "
+                             f"1x{min(128, longest)})")
     elif seq_len:
         raise UsageError(f"--seq-len {seq_len}", "applies to text models (token-id and mask inputs)",
                          "use --input-shape for this model, or --batch for a dynamic batch axis")

@@ -140,6 +140,14 @@ class CoreMLTarget(Target):
         check_coreml_precision(options.precision, backend, ios, _palettize(options))
 
     def compile(self, program, device, options: CompileOptions, out_dir: Path, calib_batches=None) -> Artifact:
+        from slimx._core.outdir import temp_files_in
+
+        # coremltools writes a temporary .mlpackage per conversion and per quantization into the system temp
+        # folder, removed only when its MLModel is collected: here they go into the run's folder and leave with it
+        with temp_files_in(Path(out_dir) / ".coreml-tmp"):
+            return self._compile(program, device, options, out_dir, calib_batches)
+
+    def _compile(self, program, device, options: CompileOptions, out_dir: Path, calib_batches=None) -> Artifact:
         import coremltools as ct
 
         self.validate(device, options)

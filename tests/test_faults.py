@@ -167,3 +167,39 @@ def test_eval_compares_against_the_model_the_export_started_from(tmp_path, capsy
     assert main(["eval", str(out), "--against", "tests.models:tiny_mlp", "--weights", str(wrong), "--data",
                  str(data)]) == 2
     _one_line(capsys.readouterr().err, "the export was made with")
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs Linux's /proc (a folder nothing can be created in)")
+def test_an_out_that_cannot_be_created_or_dangles_is_one_line(tmp_path, capsys):
+    assert main(["export", "tests.models:tiny_mlp", "--out", "/proc/slimx-out", *FAST]) == 2
+    _one_line(capsys.readouterr().err, "cannot be created")
+    link = tmp_path / "dangling"
+    link.symlink_to(tmp_path / "gone")
+    assert main(["export", "tests.models:tiny_mlp", "--out", str(link), *FAST]) == 2
+    _one_line(capsys.readouterr().err, "which does not exist")
+
+
+@pytest.mark.parametrize("content,needle", [("{not json", "cannot be read as JSON"),
+                                            ("[1, 2]", "is not a slimx export report"),
+                                            ('{"schema_version": "9.0", "artifacts": []}', "has schema 9.0")])
+@pytest.mark.parametrize("command", [["gate", "--budget-ms", "5"], ["profile"]])
+def test_gate_and_profile_on_a_corrupt_or_foreign_report_say_so_in_one_line(tmp_path, capsys, content, needle,
+                                                                             command):
+    (tmp_path / "report.json").write_text(content)
+    assert main([command[0], str(tmp_path), *command[1:]]) == 2
+    _one_line(capsys.readouterr().err, needle)
+
+
+def test_a_text_length_past_the_models_positions_is_refused_not_clamped(tiny_bert_dir, tmp_path, capsys):
+    assert main(["export", f"hf:{tiny_bert_dir}", "--input-shape", "1x100000", "--out", str(tmp_path / "o"),
+                 *FAST]) == 2
+    _one_line(capsys.readouterr().err, "past the model's")
+    assert not (tmp_path / "o").exists()
+
+
+def test_names_longer_than_200_characters_are_shortened_in_the_line(tmp_path, capsys):
+    name = "d" * 5000
+    assert main(["export", f"hf:{tmp_path / name[:200] / name[:200] / name[:200]}", *FAST]) == 2
+    err = capsys.readouterr().err
+    _one_line(err, "more]")
+    assert len(err.strip()) < 800, len(err)

@@ -24,7 +24,21 @@ class SlimxError(Exception):
         text = f"{self.what}: {self.why}"
         if self.fix:
             text += f"; {self.fix}"
-        return " ".join(text.split())
+        return _LONG.sub(_shorten, " ".join(text.split()))
+
+
+_LONG = re.compile(r"\S{201,}")
+
+
+def _shorten(match: re.Match) -> str:
+    """A name over 200 characters, cut to its start and end (a 5,000-character path echoed whole buries the line).
+
+    Example:
+        >>> len(_shorten(_LONG.search("x" * 5000)))
+        157
+    """
+    word = match.group(0)
+    return f"{word[:100]}...[{len(word) - 140} more]...{word[-40:]}"
 
 
 class UsageError(SlimxError):

@@ -96,12 +96,32 @@ def check_out_dir(out: Path) -> None:
     if any(len(part) > 255 for part in out.parts):
         raise UsageError(f"--out {str(out)[:60]}...", "has a folder name longer than file systems allow (255)",
                          "give a shorter path")
+    if out.is_symlink() and not out.exists():
+        raise UsageError(f"--out {out}", f"is a symbolic link to {os.readlink(out)}, which does not exist",
+                         "remove the link or give another folder")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}", "exists and is not a folder", "give a folder path")
     existing = next((f for f in (out.absolute(), *out.absolute().parents) if f.exists()), None)
     if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"--out {out}", f"cannot be written: {existing} is not writable by this user",
                          "give a folder you can write to")
+
+
+@contextlib.contextmanager
+def temp_files_in(folder: Path):
+    """Point Python's temporary files (``tempfile``: a converter's scratch files) at ``folder`` for the block, then
+    remove the folder with whatever was left in it."""
+    import tempfile
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    saved = tempfile.tempdir
+    tempfile.tempdir = str(folder)
+    try:
+        yield folder
+    finally:
+        tempfile.tempdir = saved
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -117,7 +137,11 @@ def staged(out: Path, warn=None):
         if warn is not None:
             warn(f"removed {stale.name}, left in {out} by a run that was killed (process {pid} is gone)")
     try:
-        staging.mkdir(parents=True, exist_ok=False)
+        try:
+            staging.mkdir(parents=True, exist_ok=False)
+        except OSError as exc:
+            raise UsageError(f"--out {out}", f"cannot be created ({exc.strerror or type(exc).__name__})",
+                             "give a folder on a writable file system") from None
         yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

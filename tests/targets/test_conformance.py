@@ -81,7 +81,12 @@ def test_every_registered_target_is_covered():
 
 
 @pytest.mark.parametrize("fmt,device,model,precision", CASES)
-def test_conformance(fmt, device, model, precision, programs, tmp_path):
+def test_conformance(fmt, device, model, precision, programs, tmp_path, monkeypatch):
+    import tempfile
+
+    system_temp = tmp_path / "system-temp"  # what the converters would leave in the system's temp folder
+    system_temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_temp))
     program = programs[model]
     target = get_target(fmt)
     dev = load_device(device)
@@ -96,6 +101,7 @@ def test_conformance(fmt, device, model, precision, programs, tmp_path):
         return
     artifact = target.compile(program, dev, CompileOptions(precision=precision), tmp_path, calib_batches=calib)
     assert artifact.path.exists() and artifact.bytes > 0
+    assert not list(system_temp.iterdir()), f"{fmt} left temporary files: {sorted(system_temp.iterdir())[:5]}"
     assert not [p.name for p in tmp_path.iterdir() if ".partial" in p.name]
     cos, rel = DEFAULT_TOLERANCE[precision]
     tol = ParityTolerance(min_cosine=cos, max_rel_err=rel)
