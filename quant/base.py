@@ -35,6 +35,10 @@ class QuantConfig:
             get per-channel scales (onnxruntime's per-channel dynamic kernels cost about 5% on MiniLM, and 8 of
             its 18 weights, 8-26 dB per tensor, need them); None: per-channel everywhere.
         reduce_range: 7-bit weights (onnxruntime on CPUs without VNNI); None: the scheme's default.
+        weight_type: onnx dynamic int8: ``int8`` or ``uint8`` weights; None: chosen with ``reduce_range`` by
+            measured error among the candidates for the CPU kind (``quant.onnx.weight_candidates``).
+        cpu_kind: onnx dynamic int8: ``vnni`` or ``avx2`` (x86 without VNNI) to choose the candidates for; None:
+            this CPU's kind. Forcing ``avx2`` on a VNNI host runs the non-VNNI path's choice.
         target_cosine: the accuracy guard keeps layers float until the quantized model reaches this cosine
             to the float one on the calibration data.
         guard_rounds, guard_step: at most this many guard rounds, each keeping this many more layers float.
@@ -47,6 +51,8 @@ class QuantConfig:
     per_channel: bool = True
     per_channel_below_db: float | None = 30.0
     reduce_range: bool | None = None
+    weight_type: str | None = None
+    cpu_kind: str | None = None
     target_cosine: float = 0.98
     guard_rounds: int = 4
     guard_step: int = 2
@@ -55,6 +61,10 @@ class QuantConfig:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.weight_type not in (None, "int8", "uint8"):
+            raise ValueError(f"weight_type must be int8 or uint8, not {self.weight_type!r}")
+        if self.cpu_kind not in (None, "vnni", "avx2"):
+            raise ValueError(f"cpu_kind must be vnni or avx2, not {self.cpu_kind!r}")
         if not 0.0 < self.target_cosine <= 1.0:
             raise ValueError(f"target_cosine must be in (0, 1], got {self.target_cosine}")
         if self.guard_rounds < 0 or self.guard_step < 1:
@@ -101,6 +111,7 @@ class QuantContext:
     options: Any = None
     example_kwargs: dict | None = None
     dynamic_shapes: Any = None
+    specs: list | None = None  # the model's InputSpecs: fresh inputs for measuring a candidate's error
 
 
 @dataclass(frozen=True)

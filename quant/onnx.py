@@ -39,7 +39,8 @@ class _Reader:
 def quantize_onnx(src: Path, dst: Path, precision: str, batches: list[tuple] | None = None,
                   symmetric: bool = False, op_types: tuple[str, ...] | None = None,
                   keep_float_modules: dict[str, float] | None = None, reduce_range: bool = False,
-                  per_channel: bool = True, nodes_to_quantize: list[str] | None = None) -> dict:
+                  per_channel: bool = True, nodes_to_quantize: list[str] | None = None,
+                  weight_type: str = "int8") -> dict:
     """Write a quantized copy of ``src`` to ``dst``; return a record of what was done.
 
     Args:
@@ -68,11 +69,12 @@ def quantize_onnx(src: Path, dst: Path, precision: str, batches: list[tuple] | N
         elif precision == "int8-weights":
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
-            quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8, per_channel=per_channel,
-                             reduce_range=reduce_range, op_types_to_quantize=list(op_types) if op_types else None,
+            quantize_dynamic(str(src), str(tmp), per_channel=per_channel, reduce_range=reduce_range,
+                             weight_type=QuantType.QUInt8 if weight_type == "uint8" else QuantType.QInt8,
+                             op_types_to_quantize=list(op_types) if op_types else None,
                              nodes_to_quantize=nodes_to_quantize)
-            record = {"method": f"onnxruntime.quantization.quantize_dynamic (int8 {_granularity(per_channel)} weights"
-                                f"{', reduced range' if reduce_range else ''})"}
+            record = {"method": f"onnxruntime.quantization.quantize_dynamic ({weight_type} "
+                                f"{_granularity(per_channel)} weights{', reduced range' if reduce_range else ''})"}
         elif precision == "int8":
             if not batches:
                 raise UsageError("--precision int8", "needs calibration data", "give --calib")
@@ -212,31 +214,118 @@ def onnx_dynamic(path: Path, cfg: QuantConfig, ctx: QuantContext):
     weights (the FFN output projections first, 8-26 dB per tensor) need them; per tensor everywhere gave cosine
     0.963, per channel everywhere 0.9918. The fused attention's packed QKV weight is per channel too: per tensor it
     was about 1% faster at real lengths, but MiniLM's parity at 512 tokens fell to cosine 0.9796 (per channel
-    0.987, as shipped; the floor is 0.98). Weights are 7-bit (reduced range) only on a CPU without VNNI, where
-    onnxruntime's u8s8 kernels saturate; with VNNI they are 8-bit (7-bit per tensor cost MiniLM cosine 0.99 ->
-    0.88; 8-bit per channel gave 0.9922 against 0.9913 at 7 bits)."""
-    # 7-bit weights only where onnxruntime's u8s8 kernels saturate: an x86 CPU without VNNI
-    reduce = (not cpu_has_vnni()) if cfg.reduce_range is None else cfg.reduce_range
+    0.987, as shipped; the floor is 0.98).
+
+    The weights' type and range are chosen per CPU kind by measured error, not assumed: the candidates for this
+    CPU (``weight_candidates``) are tried in order and the first whose outputs on fresh inputs, run here in
+    onnxruntime, reach ``target_cosine`` plus a margin against the float graph is kept (else the closest). On a
+    CPU with VNNI the first, 8-bit int8, passes (7-bit per tensor cost MiniLM cosine 0.99 -> 0.88); without VNNI
+    onnxruntime's u8s8 kernels saturate, and the 7-bit remedy cost MiniLM parity (cosine 0.9739 at 128 tokens on
+    an AVX2 EPYC), so uint8 weights (its u8u8 kernels, which do not saturate) come first there."""
+    if cfg.weight_type is not None or cfg.reduce_range is not None:
+        kind = cfg.weight_type or "int8"
+        reduce = (not cpu_has_vnni()) if cfg.reduce_range is None else cfg.reduce_range
+        return path, _dynamic(path, cfg, kind, reduce)
+    cpu = cfg.cpu_kind or ("vnni" if cpu_has_vnni() else "avx2")
+    candidates = weight_candidates(cpu)
+    if ctx.specs is None or len(candidates) == 1:
+        return path, _dynamic(path, cfg, *candidates[0])
+    floor = cfg.target_cosine + 0.005
+    float_copy = path.with_name(f".{path.name}.fp32")
+    shutil.copyfile(path, float_copy)
+    tried, chosen = [], None
+    try:
+        inputs = _probe_inputs(ctx)
+        reference = _ort_outputs(float_copy, inputs)
+        best = None
+        for kind, reduce in candidates:
+            shutil.copyfile(float_copy, path)
+            record = _dynamic(path, cfg, kind, reduce)
+            cosine = min(_first_cosine(ref, got) for ref, got in zip(reference, _ort_outputs(path, inputs),
+                                                                         strict=True))
+            tried.append({"weights": kind, "reduced_range": reduce, "cosine": round(cosine, 6)})
+            if best is None or cosine > best[0]:
+                best = (cosine, kind, reduce, record)
+            if cosine >= floor:
+                chosen = (kind, reduce, record)
+                break
+        if chosen is None:  # none reached the margin: the closest, quantized again (the file holds the last)
+            _, kind, reduce, _ = best
+            shutil.copyfile(float_copy, path)
+            chosen = (kind, reduce, _dynamic(path, cfg, kind, reduce))
+    finally:
+        float_copy.unlink(missing_ok=True)
+    record = chosen[2]
+    record["weight_choice"] = {"cpu_kind": cpu, "forced": cfg.cpu_kind is not None, "floor": round(floor, 4),
+                               "tried": tried, "chosen": {"weights": chosen[0], "reduced_range": chosen[1]},
+                               "inputs": f"{len(inputs)} fresh inputs at the export shape, against the float graph "
+                                         "in onnxruntime here"}
+    return path, record
+
+
+def weight_candidates(cpu_kind: str) -> list[tuple[str, bool]]:
+    """(weight type, reduced range) to try for dynamic int8 on a CPU kind, the expected fastest first.
+
+    Example:
+        >>> weight_candidates("avx2")
+        [('uint8', False), ('int8', True)]
+    """
+    if cpu_kind == "vnni":
+        return [("int8", False), ("uint8", False), ("int8", True)]
+    return [("uint8", False), ("int8", True)]
+
+
+def _dynamic(path: Path, cfg: QuantConfig, kind: str, reduce: bool) -> dict:
+    """Dynamic int8 of ``path`` in place: per-channel scales where a weight needs them, per tensor elsewhere."""
     if not cfg.per_channel or cfg.per_channel_below_db is None:
-        return path, quantize_onnx(path, path, "int8-weights", reduce_range=reduce, per_channel=cfg.per_channel)
+        record = quantize_onnx(path, path, "int8-weights", reduce_range=reduce, per_channel=cfg.per_channel,
+                               weight_type=kind)
+        record["reduced_range"] = reduce
+        return record
     sqnr = per_tensor_weight_sqnr(path, reduce)
     fused = sorted(n.name for n in _onnx_nodes(path) if n.op_type == "Attention")
     fine = sorted(n for n, db in sqnr.items() if db < cfg.per_channel_below_db) + fused
     if not fine:
-        record = quantize_onnx(path, path, "int8-weights", reduce_range=reduce, per_channel=False)
+        record = quantize_onnx(path, path, "int8-weights", reduce_range=reduce, per_channel=False, weight_type=kind)
     elif len(fine) == len(sqnr) + len(fused):
-        record = quantize_onnx(path, path, "int8-weights", reduce_range=reduce, per_channel=True)
+        record = quantize_onnx(path, path, "int8-weights", reduce_range=reduce, per_channel=True, weight_type=kind)
     else:  # the per-channel layers first (the fused attention among them), then the rest per tensor: the second
         # pass leaves the nodes the first one quantized alone
-        quantize_onnx(path, path, "int8-weights", reduce_range=reduce, per_channel=True, nodes_to_quantize=fine)
-        record = quantize_onnx(path, path, "int8-weights", reduce_range=reduce, per_channel=False)
-    record["method"] = (f"onnxruntime.quantization.quantize_dynamic (int8{' 7-bit' if reduce else ''} weights: "
+        quantize_onnx(path, path, "int8-weights", reduce_range=reduce, per_channel=True, nodes_to_quantize=fine,
+                      weight_type=kind)
+        record = quantize_onnx(path, path, "int8-weights", reduce_range=reduce, per_channel=False, weight_type=kind)
+    record["method"] = (f"onnxruntime.quantization.quantize_dynamic ({kind}{' 7-bit' if reduce else ''} weights: "
                         f"per-channel for {len(fine) - len(fused)} of {len(sqnr)} MatMul weights, those under "
                         f"{cfg.per_channel_below_db:g} dB per tensor, and the {len(fused)} fused attentions; "
                         f"per-tensor for the rest)")
     record["per_channel_nodes"] = {n: round(sqnr[n], 1) if n in sqnr else "fused attention" for n in fine}
     record["reduced_range"] = reduce
-    return path, record
+    return record
+
+
+def _probe_inputs(ctx: QuantContext) -> list[tuple]:
+    """Fresh inputs at the export shape (a text model's mask all real: the longest work), and two calibration
+    batches where given."""
+    from slimx._core.inputs import sample_inputs
+
+    inputs = []
+    for seed in (11, 12):
+        batch = sample_inputs(ctx.specs, seed=seed)
+        inputs.append(tuple(x.fill_(1) if s.kind == "mask" else x for s, x in zip(ctx.specs, batch, strict=True)))
+    return inputs + list((ctx.batches or [])[:2])
+
+
+def _ort_outputs(path: Path, inputs: list[tuple]) -> list[np.ndarray]:
+    from slimx.targets.ort_runner import OrtRunner
+
+    runner = OrtRunner()
+    session = runner.session(path)
+    return [session.run(None, runner.feed(session, batch))[0] for batch in inputs]
+
+
+def _first_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
 
 
 def cpu_has_vnni() -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,11 +46,16 @@ class OnnxOptions:
         fuse: apply onnxruntime's transformer fusions (``targets.ort_fusions``: Attention, SkipLayerNorm,
             BiasGelu, as com.microsoft contrib ops, checked against the unfused graph); ``--no-fuse`` keeps a
             plain ONNX graph that runtimes other than onnxruntime can load.
+        int8_cpu: for ``int8-weights``, the CPU kind whose weight candidates are tried (``quant.onnx``): ``auto``
+            (this host's), ``vnni``, or ``avx2`` (x86 without VNNI, where onnxruntime's u8s8 kernels saturate).
     """
 
     fuse: bool = field(default=True, metadata={
         "help": "onnx: keep a plain ONNX graph (default: onnxruntime's Attention/SkipLayerNorm/BiasGelu fusions, "
                 "contrib ops that only onnxruntime runs)"})
+    int8_cpu: str = field(default="auto", metadata={
+        "help": "onnx int8-weights: choose the weights for this CPU kind by measured error (default: auto, this "
+                "host's; avx2: x86 without VNNI)", "choices": ("auto", "vnni", "avx2")})
 
 
 @register_target
@@ -125,8 +132,13 @@ class OnnxTarget(Target):
         if options.precision != "fp32":
             from slimx.quant import QuantContext, quantize
 
-            ctx = QuantContext(calib_batches, program.module, program.input_names, score_runner=OrtRunner)
-            _, meta["quantization"] = quantize("onnx", path, options.quant_config(), ctx)
+            ctx = QuantContext(calib_batches, program.module, program.input_names, score_runner=OrtRunner,
+                               specs=program.inputs)
+            cfg = options.quant_config()
+            cpu = getattr(options.format_options, "int8_cpu", "auto")
+            if cpu != "auto" and cfg.cpu_kind is None:
+                cfg = dataclasses.replace(cfg, cpu_kind=cpu)
+            _, meta["quantization"] = quantize("onnx", path, cfg, ctx)
         return Artifact(format=self.name, path=path, inputs=program.inputs, output_names=program.output_names,
                         meta=meta)
 
