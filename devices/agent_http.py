@@ -114,7 +114,7 @@ async def drain(receive, headers: dict, limit_s: float = DRAIN_S) -> None:
     while (left := end - loop.time()) > 0:
         try:
             message = await asyncio.wait_for(receive(), left)
-        except (TimeoutError, Exception):  # noqa: BLE001  (a dropped client, a reader past its body: done)
+        except (TimeoutError, Exception):
             return
         if message.get("type") != "http.request" or not message.get("more_body"):
             return

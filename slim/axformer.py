@@ -28,9 +28,8 @@ import torch
 from slimx._core.config import config_to_dict
 from slimx._core.errors import UsageError
 from slimx.slim.attention import BranchData, attention_modules, blocks, no_blocks_error, prune_heads
-from slimx.slim.base import PassContext, PassResult, register_pass, trim_padding
+from slimx.slim.base import PassContext, PassResult, register_pass, stack_samples, trim_padding
 from slimx.slim.reconstruct import reconstruct
-from slimx.slim.base import stack_samples
 
 EMBEDDING_TOLERANCE = 0.05  # the default for a model without labels: mean 1 - cosine may rise this much
 

@@ -23,10 +23,16 @@ class _Stop(Exception):
 
 
 def outer_blocks(model) -> list[str]:
-    """Paths of the outermost repeated blocks (children of ModuleLists not inside another such block)."""
-    from slimx.slim.recover import block_paths
+    """Paths of the outermost repeated blocks: children of a ModuleList, or of a Sequential whose two or more
+    children are all of one class (timm's ``blocks``), not inside another such block."""
+    from torch import nn
 
-    paths = block_paths(model)
+    paths = []
+    for path, mod in model.named_modules():
+        children = list(mod.children())
+        repeated = isinstance(mod, nn.Sequential) and len(children) >= 2 and len({type(c) for c in children}) == 1
+        if isinstance(mod, nn.ModuleList) or repeated:
+            paths += [f"{path}.{i}" if path else str(i) for i in range(len(children))]
     return [p for p in paths if not any(p.startswith(q + ".") for q in paths if q != p)]
 
 

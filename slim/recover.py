@@ -189,7 +189,7 @@ def recover(student, teacher, batches: list[tuple], cfg: RecoverConfig, progress
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / max(cfg.steps, 1))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(cfg.steps, 1))))
     draw = _Batches(train, cfg.batch_size, mask_index, cfg.bucket)
 
     def val_loss() -> float:

@@ -464,7 +464,8 @@ def _gate(args) -> int:
                   statistic=args.statistic, baseline=args.baseline, precision=args.precision, format=args.format,
                   input_shapes=tuple(args.input_shape), weights=args.weights, settings=settings,
                   update_baseline=args.update_baseline, baseline_file=args.baseline_file, remote=args.remote,
-                  token=token, remote_wait=args.remote_wait, progress=Progress(total=1, enabled=not (args.quiet or args.json))).to_dict()
+                  token=token, remote_wait=args.remote_wait,
+                  progress=Progress(total=1, enabled=not (args.quiet or args.json))).to_dict()
     text = markdown(result)
     for path, content in ((args.junit, junit(result) if args.junit else None), (args.markdown, text)):
         if path:

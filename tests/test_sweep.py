@@ -20,6 +20,19 @@ def _sweep_file(tmp_path, body: str = ""):
     return path
 
 
+@pytest.fixture(autouse=True)
+def _ray_temp(monkeypatch):
+    """Ray keeps its session folders (logs, sockets) under /tmp/ray for good; here under a short folder of the
+    test's own, removed after it (socket paths must stay under 108 characters)."""
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    monkeypatch.setenv("RAY_TMPDIR", folder)
+    yield
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def test_a_two_trial_sweep_on_local_ray(tmp_path, capsys):
     sweep = _sweep_file(tmp_path)
     out = tmp_path / "run"

@@ -597,7 +597,7 @@ def test_eight_ci_jobs_sharing_one_agent_with_queue_2_all_get_measured(artifacts
             try:
                 runner = RemoteRunner(server.url, TOKEN, "onnxruntime", wait=300, note=lambda _t: None)
                 timings.append(runner.time(artifacts["onnx"], artifacts["inputs"], warmup=1, runs=3))
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 errors.append(repr(exc))
 
         threads = [threading.Thread(target=job) for _ in range(8)]

@@ -1,6 +1,7 @@
 """Runners by name: the ones this host has, the reason for the ones it lacks, and the PyTorch eager runner."""
 
 import platform
+import time
 
 import pytest
 
@@ -47,3 +48,24 @@ def test_runner_latency_model_measures_a_module():
     got = RunnerLatencyModel("onnxruntime", threads=1, runs=5).latency(torch.nn.Linear(32, 32), (torch.randn(1, 32),))
     assert got["kind"] == "measured" and got["device"] == "host" and got["runtime"] == "onnxruntime"
     assert 0 < got["interval_ms"][0] <= got["ms"] <= got["interval_ms"][1]
+
+
+def test_a_measured_latency_says_how_far_to_trust_it():
+    from slimx.devices.records import Latency
+    from slimx.targets.base import OtherLoad, Timing
+
+    steady = Timing.from_samples([10.0 + 0.01 * (i % 5) for i in range(50)], load=0.02, runtime="ort",
+                                 runtime_version="1", warmup=1, threads=2)
+    assert steady.p10_ms <= steady.median_ms <= steady.p90_ms
+    lo, hi = steady.median_ci_ms
+    assert lo <= steady.median_ms <= hi and steady.trust is None
+    assert "p10-p90" in Latency.measured("host", steady).line() and "NOTE" not in Latency.measured("host",
+                                                                                                    steady).line()
+    noisy = Timing.from_samples([40.0, 118.0, 79.0, 60.0, 95.0, 45.0, 110.0, 70.0] * 5, load=0.6, runtime="ort",
+                                runtime_version="1", warmup=1, threads=2)
+    assert "spread wide" in noisy.trust and "busy with other work (60%" in noisy.trust
+    assert "NOTE spread wide" in Latency.measured("host", noisy).line()
+    share = OtherLoad()
+    time.sleep(0.3)
+    value = share.share()
+    assert value is None or 0.0 <= value <= 1.0

@@ -42,8 +42,7 @@ def test_only_the_weight_with_outliers_gets_per_channel_scales(tmp_path):
 
 
 def _bert_program(tiny_bert_dir):
-    from slimx.export import load_model
-    from slimx.export import to_deployment
+    from slimx.export import load_model, to_deployment
 
     loaded = load_model(f"hf:{tiny_bert_dir}", input_shapes=["1x16"])
     example = sample_inputs(loaded.inputs, seed=0)

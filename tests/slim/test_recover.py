@@ -229,3 +229,27 @@ def test_layerwise_settings_are_checked():
         RecoverConfig(steps=0)
     with pytest.raises(ValueError, match="layerwise_lr"):
         RecoverConfig(layerwise=5, layerwise_lr=0)
+
+
+def test_layerwise_finds_timms_sequential_blocks_and_trains_them():
+    import timm
+
+    from slimx.slim.layerwise import outer_blocks
+
+    torch.manual_seed(0)
+    teacher = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=8, patch_size=2, in_chans=1,
+                                num_classes=10, embed_dim=32, depth=3, num_heads=2).eval()
+    assert outer_blocks(teacher) == ["blocks.0", "blocks.1", "blocks.2"]
+    student = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=8, patch_size=2, in_chans=1,
+                                num_classes=10, embed_dim=32, depth=3, num_heads=2).eval()
+    student.load_state_dict(teacher.state_dict())
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if name.startswith("blocks.") and p.dim() == 2:
+                p.add_(0.3 * p.std() * torch.randn_like(p))
+    data = [(torch.randn(2, 1, 8, 8),) for _ in range(24)]
+    _, record = recover(student, teacher, data, RecoverConfig(steps=0, layerwise=40, layerwise_lr=3e-3,
+                                                              batch_size=4))
+    blocks = record["layerwise"]["blocks"]
+    assert [b["block"] for b in blocks] == ["blocks.0", "blocks.1", "blocks.2"]
+    assert all(b["heldout_error_after"] < b["heldout_error_before"] for b in blocks), blocks
