@@ -165,11 +165,11 @@ def digits_vit():
     return model.eval()
 
 
-def run_digits(args, work: Path) -> dict:
+def train_digits(epochs: int, work: Path):
+    """The digits ViT trained here on 1100 of scikit-learn's digits, saved to ``work/digits.safetensors``; returns
+    (model, x, y, train, calib, test, test accuracy): 300 calibration digits never trained on, the rest test."""
     from safetensors.torch import save_file
     from sklearn.datasets import load_digits
-
-    from slimx.cli import main as slimx
 
     x, y = load_digits(return_X_y=True)
     x = (x.reshape(-1, 1, 8, 8) / 16.0).astype(np.float32)
@@ -178,11 +178,11 @@ def run_digits(args, work: Path) -> dict:
     train, calib, test = order[:1100], order[1100:1400], order[1400:]
     model = digits_vit().train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=args.epochs * -(-len(train) // 64),
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=epochs * -(-len(train) // 64),
                                                 pct_start=0.15)
     xt, yt = torch.from_numpy(x[train]), torch.from_numpy(y[train])
     started = time.time()
-    for epoch in range(args.epochs):
+    for epoch in range(epochs):
         perm = torch.randperm(len(xt), generator=torch.Generator().manual_seed(epoch))
         for i in range(0, len(perm), 64):
             idx = perm[i:i + 64]
@@ -197,6 +197,13 @@ def run_digits(args, work: Path) -> dict:
     print(f"digits ViT: {accuracy:.4f} test accuracy after {time.time() - started:.0f} s of training",
           file=sys.stderr)
     save_file(model.state_dict(), str(work / "digits.safetensors"))
+    return model, x, y, train, calib, test, accuracy
+
+
+def run_digits(args, work: Path) -> dict:
+    from slimx.cli import main as slimx
+
+    _, x, y, train, calib, test, accuracy = train_digits(args.epochs, work)
     given = np.concatenate([train, calib])  # the last quarter (AxFormer's validation split) is mostly `calib`
     np.savez(work / "digits.npz", x=x[given])
     (work / "digits-labels.txt").write_text(" ".join(map(str, y[given])))
