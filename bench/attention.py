@@ -200,8 +200,26 @@ def train_digits(epochs: int, work: Path):
     return model, x, y, train, calib, test, accuracy
 
 
-def run_digits(args, work: Path) -> dict:
+def export_digits(work: Path, out: Path, name: str, extra: list[str], x, y, test, sessions: dict) -> dict:
+    """``slimx export`` of the trained digits ViT (``train_digits``' files in ``work``) with ``extra`` flags into
+    ``out``; its ONNX session goes into ``sessions[name]``; returns params and test accuracy (or the error)."""
     from slimx.cli import main as slimx
+
+    print(f"digits: {name}", file=sys.stderr, flush=True)
+    code = slimx(["export", "attention:digits_vit", "--weights", str(work / "digits.safetensors"), "--calib",
+                  str(work / "digits.npz"), "--labels", str(work / "digits-labels.txt"), "--out", str(out),
+                  "--max-accuracy-drop", "100", *extra, *FAST])
+    if code != 0:
+        return {"error": f"export exited {code}"}
+    report = json.loads((out / "report.json").read_text())
+    sessions[name] = ort_session(out / "model.onnx")
+    pred = np.array([sessions[name].run(None, {"x": x[i:i + 1]})[0].argmax() for i in test])
+    passes = report.get("passes") or []
+    return {"params": report["model"]["params"], "accuracy": float((pred == y[test]).mean()),
+            "summary": passes[0]["summary"] if passes else None}
+
+
+def run_digits(args, work: Path) -> dict:
 
     _, x, y, train, calib, test, accuracy = train_digits(args.epochs, work)
     given = np.concatenate([train, calib])  # the last quarter (AxFormer's validation split) is mostly `calib`
@@ -219,21 +237,12 @@ def run_digits(args, work: Path) -> dict:
                 ("hard attention k=4", ["--pass", "hard-attention:k=4"]))
     for name, extra in settings:
         out = work / f"digits-{len(rows)}"
-        print(f"digits: {name}", file=sys.stderr)
-        code = slimx(["export", "attention:digits_vit", "--weights", str(work / "digits.safetensors"), "--calib",
-                      str(work / "digits.npz"), "--labels", str(work / "digits-labels.txt"), "--out", str(out),
-                      "--max-accuracy-drop", "100", *extra, *FAST])
-        if code != 0:
-            rows[name] = {"error": f"export exited {code}"}
+        rows[name] = row = export_digits(work, out, name, extra, x, y, test, sessions)
+        if "error" in row:
             continue
-        report = json.loads((out / "report.json").read_text())
-        sessions[name] = ort_session(out / "model.onnx")
-        pred = np.array([sessions[name].run(None, {"x": x[i:i + 1]})[0].argmax() for i in test])
-        passes = report.get("passes") or []
-        rows[name] = {"params": report["model"]["params"], "accuracy": float((pred == y[test]).mean()),
-                      "summary": passes[0]["summary"] if passes else None,
-                      "removed": [layer.get("removed") for layer in passes[0]["layers"]]
-                      if passes and passes[0]["name"] == "axformer" else None}
+        passes = json.loads((out / "report.json").read_text()).get("passes") or []
+        row["removed"] = ([layer.get("removed") for layer in passes[0]["layers"]]
+                          if passes and passes[0]["name"] == "axformer" else None)
     feeds = [{"x": x[i:i + 1]} for i in test[:200]]
     for name, t in speed(interleaved(sessions, feeds, rounds=args.rounds, block=20), "original").items():
         rows[name].update(t)

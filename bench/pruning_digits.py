@@ -11,7 +11,6 @@ Writes bench/results/pruning_digits.*.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -23,7 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _results import write_results
-from attention import FAST, interleaved, ort_session, speed, train_digits
+from attention import export_digits, interleaved, speed, train_digits
 
 
 def main() -> None:
@@ -33,7 +32,6 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=20)
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
-    from slimx.cli import main as slimx
 
     work = Path(tempfile.mkdtemp())
     _, x, y, train, calib, test, accuracy = train_digits(args.epochs, work)
@@ -47,21 +45,9 @@ def main() -> None:
                           "layerwise=600,steps=600,loss=kl,lr=5e-4,batch_size=32,patience=10"]))
     rows, sessions = {}, {}
     for name, extra in settings:
-        out = work / f"digits-{len(rows)}"
-        print(f"digits: {name}", file=sys.stderr, flush=True)
         started = time.time()
-        code = slimx(["export", "attention:digits_vit", "--weights", str(work / "digits.safetensors"), "--calib",
-                      str(work / "digits.npz"), "--labels", str(work / "digits-labels.txt"), "--out", str(out),
-                      "--max-accuracy-drop", "100", *extra, *FAST])
-        if code != 0:
-            rows[name] = {"error": f"export exited {code}"}
-            continue
-        report = json.loads((out / "report.json").read_text())
-        sessions[name] = ort_session(out / "model.onnx")
-        pred = np.array([sessions[name].run(None, {"x": x[i:i + 1]})[0].argmax() for i in test])
-        passes = report.get("passes") or []
-        rows[name] = {"params": report["model"]["params"], "accuracy": float((pred == y[test]).mean()),
-                      "summary": passes[0]["summary"] if passes else None, "seconds": round(time.time() - started, 1)}
+        rows[name] = export_digits(work, work / f"digits-{len(rows)}", name, extra, x, y, test, sessions)
+        rows[name]["seconds"] = round(time.time() - started, 1)
     feeds = [{"x": x[i:i + 1]} for i in test[:200]]
     for name, t in speed(interleaved(sessions, feeds, rounds=args.rounds, block=20), "original").items():
         rows[name].update(t)
