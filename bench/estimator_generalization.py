@@ -66,7 +66,11 @@ def run(data_dir: Path) -> dict:
         result = calibrate_family(name, [(t, read_rows(data_dir / t)) for t in tables], progress,
                                   nested_coverage=True)
         families.append({k: v for k, v in result.items()} | {"tables": list(tables)})
-    return {"fits": rows, "skipped": skipped, "families": families}
+    import anchoring
+
+    structures = {f["family"]: (f["setup_offsets"], f["per_layer_speed"]) for f in families}
+    return {"fits": rows, "skipped": skipped, "families": families,
+            "anchoring": anchoring.run(data_dir, structures)}
 
 
 def _pct(cv: dict, key: str) -> str:
@@ -107,6 +111,10 @@ def render(result: dict) -> str:
     for s in result.get("skipped", []):
         lines.append(f"- {s['device']} / {s['data']}: not used ({s['why']})")
     lines += render_families(result.get("families", []))
+    if result.get("anchoring"):
+        import anchoring
+
+        lines += anchoring.render(result["anchoring"])
     return "\n".join(lines)
 
 

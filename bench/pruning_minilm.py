@@ -33,10 +33,10 @@ from attention import interleaved, ort_session
 LAYERWISE = "steps=0,layerwise={steps},batch_size=16,holdout=0.1"
 SETTINGS = {
     "all": [
-        ("fisher-prune keep 0.62, refit", ["fisher-prune:keep=0.62"], None),
-        ("fisher-prune keep 0.62, refit + layer-wise", ["fisher-prune:keep=0.62"], LAYERWISE),
+        ("fisher-prune keep {keep}, refit", ["fisher-prune:keep={keep}"], None),
+        ("fisher-prune keep {keep}, refit + layer-wise", ["fisher-prune:keep={keep}"], LAYERWISE),
     ],
-    "quick": [("fisher-prune keep 0.62, refit + layer-wise", ["fisher-prune:keep=0.62"], LAYERWISE)],
+    "quick": [("fisher-prune keep {keep}, refit + layer-wise", ["fisher-prune:keep={keep}"], LAYERWISE)],
 }
 
 
@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--settings", choices=sorted(SETTINGS), default="all")
     ap.add_argument("--layerwise", type=int, default=3000, help="layer-wise distillation steps per block")
+    ap.add_argument("--keep", type=float, default=0.62, help="fisher-prune's share of the MACs kept")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     import slimx
@@ -59,6 +60,7 @@ def main() -> None:
     held.write_text("\n".join(stdlib_sentences(args.heldout, 0)) + "\n")
     rows = [{"setting": "uncompressed", "module": "minilm", "compression_s": 0.0}]
     for name, passes, recover in SETTINGS[args.settings]:
+        name, passes = name.format(keep=args.keep), [p.format(keep=args.keep) for p in passes]
         print(f"compressing: {name}", file=sys.stderr, flush=True)
         started = time.time()
         module, records = slimx.compress("minilm", passes, calib=str(fit), calib_samples=args.fit,

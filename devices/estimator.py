@@ -130,8 +130,10 @@ def full_params(setting: Setting) -> dict:
     return {p: setting.param(p) for p in (*PARAMS, "switch_us")}
 
 
-def estimate_latency(costs: list[OpCost], device, setting: Setting | None = None, top: int = 15) -> dict:
+def estimate_latency(costs: list[OpCost], device, setting: Setting | None = None, top: int = 15,
+                     anchored: bool = True) -> dict:
     """Estimate a program's latency on ``device``: per op, per module path and total, with the expected error.
+    ``anchored``: put it on the user's own setup where the device has anchors (``devices.anchors``).
 
     Example:
         >>> import torch
@@ -174,7 +176,7 @@ def estimate_latency(costs: list[OpCost], device, setting: Setting | None = None
     rows.sort(key=lambda r: -r["ms"])
     prior_ms = sum(e["ms"] for e in by_class.values() if e["op"] not in setting.fit_classes)
     error = setting.expected_error_pct
-    return {
+    est = {
         "device": device.name,
         "kind": "estimated",
         "measured": False,
@@ -203,6 +205,11 @@ def estimate_latency(costs: list[OpCost], device, setting: Setting | None = None
         "per_node": [{**r, "gflop": round(r["gflop"], 5), "mbytes": round(r["mbytes"], 4), "ms": round(r["ms"], 5)}
                      for r in rows[:top]],
     }
+    if anchored:
+        from slimx.devices.anchors import apply
+
+        est = apply(est, device, setting)
+    return est
 
 
 def interval_of(total_ms: float, setting: Setting) -> list[float] | None:
@@ -291,7 +298,8 @@ def describe(est: dict, device) -> str:
         err = f"80% interval {interval[0]:.3f}-{interval[1]:.3f} ms, expected error ±{error:.0f}% ({cv})"
     how = f", scaled from {est['scaled_from']} by peak rates" if est.get("scaled_from") else ""
     if est.get("setup"):
-        how += f"; for the setup {est['setup'][:70]}"
+        how += f"; for the setup {est['setup'][:70]}" + (
+            "" if est.get("anchors", {}).get("count") else f" (anchor yours: slimx devices anchor {device.name})")
     basis = f" [{est['expected_error_source']}]" if est.get("expected_error_source") else ""
     if est.get("fit_host") and device.measured:
         from slimx.devices.host import cpu_model
@@ -302,7 +310,14 @@ def describe(est: dict, device) -> str:
     if est.get("calibrated") and est.get("unfitted_share", 0) >= 0.1:
         basis += (f"; {est['unfitted_share'] * 100:.0f}% of this estimate comes from op classes absent from the "
                   "fit's data, so the error can be larger")
-    return f"estimated for {device.display_name} ({est['setting']}{how}): {est['total_ms']:.3f} ms, {err}{basis}"
+    from slimx.devices.anchors import describe as anchored
+
+    if est.get("anchors", {}).get("count"):  # the anchors' interval, not the profile's stated error
+        lo, hi = est["interval_ms"]
+        err = f"80% interval {lo:.3f}-{hi:.3f} ms (spread: {est['anchors']['prior_basis']} and the anchors)"
+        basis = basis.split("]", 1)[1] if basis.startswith(" [") and "]" in basis else basis
+    return (f"estimated for {device.display_name} ({est['setting']}{how}): {est['total_ms']:.3f} ms, {err}{basis}"
+            + anchored(est))
 
 
 def device_floor_ms(device, precision: str | None = None) -> float | None:

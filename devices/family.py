@@ -187,16 +187,34 @@ def family_rows(family: Family, tables: list[tuple[str, list[dict]]]) -> list[di
     return out
 
 
-def calibrate_family(family_name: str, tables: list[tuple[str, list[dict]]], progress=None,
-                     nested_coverage: bool = False) -> dict:
-    """Fit the family on its members' rows; return per member the baseline setting values, the errors they
-    state and how they were measured, plus the family's own figures. ``nested_coverage``: also measure how often
-    the stated 80% intervals cover a held-out device or family, each interval cut from a grouped CV that did not
-    see it either (slower)."""
+@dataclass
+class FamilyData:
+    """A family's published rows made ready to fit: each row's device, setup, model family and op-mix terms."""
+
+    family: Family
+    setups: list  # each row's measurement setup
+    reference: str  # the setup estimates are for
+    unlinked: list  # setups left out (no model shared with another setup)
+    profiles: dict
+    settings: dict
+    samples: list
+    devices: list  # each row's member profile
+    families: list  # each row's model family
+    feats: list
+    x: np.ndarray  # [G, B, O (thousands), 1] per row
+    y: np.ndarray  # measured ms
+    spec_by: dict  # per-layer speed proxy -> device -> (P, W, K)
+
+    def spec(self, per_layer: str) -> np.ndarray:
+        return np.array([self.spec_by[per_layer][d] for d in self.devices])
+
+
+def family_data(family_name: str, tables: list[tuple[str, list[dict]]], progress=None) -> FamilyData:
+    """The family's rows (``family_rows``) with their setups, op mixes and device specs."""
     from slimx.devices import load_device
-    from slimx.devices.calibrate import classes_in, samples_for
+    from slimx.devices.calibrate import samples_for
     from slimx.devices.estimator import Features, settings_of
-    from slimx.devices.validation import baseline_features, family_of, summarize
+    from slimx.devices.validation import baseline_features, family_of
 
     if family_name not in FAMILIES:
         raise UsageError(f"--family {family_name}", f"is not a device family slimx knows ({', '.join(FAMILIES)})",
@@ -214,15 +232,49 @@ def calibrate_family(family_name: str, tables: list[tuple[str, list[dict]]], pro
     samples = samples_for(rows, progress)
     devices = [r["profile"] for r in rows]
     feats = [Features.of(s.costs, settings[d]) for s, d in zip(samples, devices, strict=True)]
-    x = np.array([baseline_features(f) for f in feats])
-    x = x[:, [0, 2, 1, 3]]  # [G, B, O, 1]
+    x = np.array([baseline_features(f) for f in feats])[:, [0, 2, 1, 3]]  # [G, B, O, 1]
     y = np.array([s.measured_ms for s in samples])
     spec_by = {k: {name: specs(profiles[name], settings[name], k) for name in profiles} for k in PER_LAYER_SPEEDS}
+    return FamilyData(family, setups, reference, unlinked, profiles, settings, samples, devices,
+                      [family_of(s.spec) for s in samples], feats, x, y, spec_by)
+
+
+def leave_one_setup_out(data: FamilyData, offsets: bool = False, per_layer: str = PER_LAYER_SPEEDS[0]) -> np.ndarray:
+    """Each row predicted by a family fit that never saw its measurement setup (on any device): what a user whose
+    own setup is not in the data gets before anchoring (the reference setup's scale, the device's factor where
+    its other setups' rows gave it one). NaN where no other setup is left to fit on."""
+    spec = data.spec(per_layer)
+    pred = np.full(len(data.y), np.nan)
+    for u in sorted(set(data.setups)):
+        test = np.array([s == u for s in data.setups])
+        train = ~test
+        if train.sum() < 5:
+            continue
+        sub = fit_family(data.x[train], data.y[train], spec[train],
+                         [d for d, t in zip(data.devices, train, strict=True) if t],
+                         [s for s, t in zip(data.setups, train, strict=True) if t], data.reference, offsets)
+        pred[test] = [sub.predict(data.x[i:i + 1], tuple(spec[i]), data.devices[i])[0] for i in np.flatnonzero(test)]
+    return pred
+
+
+def calibrate_family(family_name: str, tables: list[tuple[str, list[dict]]], progress=None,
+                     nested_coverage: bool = False) -> dict:
+    """Fit the family on its members' rows; return per member the baseline setting values, the errors they
+    state and how they were measured, plus the family's own figures. ``nested_coverage``: also measure how often
+    the stated 80% intervals cover a held-out device or family, each interval cut from a grouped CV that did not
+    see it either (slower)."""
+    from slimx.devices.calibrate import classes_in
+    from slimx.devices.validation import summarize
+
+    data = family_data(family_name, tables, progress)
+    family, setups, reference, unlinked = data.family, data.setups, data.reference, data.unlinked
+    profiles, settings, samples, devices = data.profiles, data.settings, data.samples, data.devices
+    feats, x, y, spec_by = data.feats, data.x, data.y, data.spec_by
     with_rows = sorted(set(devices))
     # the model structure the family's leave-one-device-out error picks (below)
     chosen = {"offsets": False, "per_layer": PER_LAYER_SPEEDS[0]}
 
-    families = [family_of(s.spec) for s in samples]
+    families = data.families
 
     def held_out(keep: np.ndarray, groups: list[str], with_device: bool, only: str | None = None,
                  structure: tuple[bool, str] | None = None) -> np.ndarray:

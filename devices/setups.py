@@ -55,8 +55,8 @@ FAMILIES = {
     "pixel": Family(
         "pixel", "tflite-cpu-fp32", ("tflite float", "tflite (float)"), ("gpu", "nnapi", "uint8"),
         (Member("pixel1", r"^Pixel 1\b"), Member("pixel2", r"^Pixel 2\b"), Member("pixel3", r"^Pixel 3\b"),
-         Member("pixel7", r"^Pixel 7\b")),
-        "Google Pixel phones' CPUs, TFLite float (Snapdragon 821, 835, 845; Tensor G2)", "4 threads"),
+         Member("pixel4", r"^Pixel 4\b"), Member("pixel7", r"^Pixel 7\b")),
+        "Google Pixel phones' CPUs, TFLite float (Snapdragon 821, 835, 845, 855; Tensor G2)", "4 threads"),
 }
 
 

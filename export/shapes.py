@@ -38,9 +38,10 @@ def is_text(specs: list[InputSpec]) -> bool:
 
 
 def apply_shape_policy(specs: list[InputSpec], max_positions: int | None, seq_len: str | None = None,
-                       batch: str | None = None, static: bool = False) -> list[InputSpec]:
+                       batch: str | None = None, static: bool = False, shape_given: bool = False) -> list[InputSpec]:
     """The specs with their dynamic axes set: the sequence axis of a text model (unless ``static``), the batch
-    axis of every input with ``batch``. The export shape stays as it was (clamped into the range).
+    axis of every input with ``batch``. The export shape stays as it was (clamped into the range); with
+    ``shape_given`` (the user's ``--input-shape``) a shape outside the range is refused instead.
 
     Example:
         >>> ids = InputSpec("input_ids", (1, 128), "int64", "tokens")
@@ -69,6 +70,8 @@ def apply_shape_policy(specs: list[InputSpec], max_positions: int | None, seq_le
         raise UsageError(f"--seq-len {seq_len}", "applies to text models (token-id and mask inputs)",
                          "use --input-shape for this model, or --batch for a dynamic batch axis")
     batch_range = parse_range(batch, "--batch") if batch else None
+    if shape_given:
+        _given_inside(specs, seq_range if seq_len else None, seq_len, batch_range, batch)
     for spec in specs:
         dynamic = []
         sizes = {}
@@ -83,6 +86,21 @@ def apply_shape_policy(specs: list[InputSpec], max_positions: int | None, seq_le
         out.append(InputSpec(spec.name, tuple(sizes.get(a, d) for a, d in enumerate(spec.shape)), spec.dtype,
                              spec.kind, spec.low, spec.high, spec.extra, tuple(dynamic)))
     return out
+
+
+def _given_inside(specs: list[InputSpec], seq_range, seq_len, batch_range, batch) -> None:
+    """The user's ``--input-shape`` is the shape exported and traced: refused where it lies outside the range that
+    ``--seq-len`` / ``--batch`` ask for, never moved into it."""
+    shape = "x".join(map(str, specs[0].shape))
+    for axis, span, flag, text in ((1, seq_range, "--seq-len", seq_len), (0, batch_range, "--batch", batch)):
+        if span is None:
+            continue
+        size = max(s.shape[axis] for s in specs if len(s.shape) > axis)
+        if not span[0] <= size <= span[1]:
+            what = "length" if axis == 1 else "batch"
+            raise UsageError(f"--input-shape {shape} with {flag} {text}",
+                             f"exports at {what} {size}, outside the range {span[0]}..{span[1]}",
+                             f"give an --input-shape whose {what} lies in {span[0]}..{span[1]}, or widen {flag}")
 
 
 def axis_name(spec: InputSpec, axis: int) -> str:
@@ -272,7 +290,7 @@ def shape_form(loaded, m, target, precision: str) -> dict:
         # static int8 scales hold for the range calibration covered: sentences padded to the export length
         longest = min(longest or loaded.inputs[0].shape[1], loaded.inputs[0].shape[1])
         why = f"int8: the sequence range stops at the calibrated length {longest} (--seq-len widens it)"
-    specs = apply_shape_policy(loaded.inputs, longest, m.seq_len, m.batch, m.static)
+    specs = apply_shape_policy(loaded.inputs, longest, m.seq_len, m.batch, m.static, bool(m.input_shapes))
     asked = any(s.dynamic for s in specs)
     seq = seq_range_of(specs)
     if m.buckets and (not target.buckets or seq is None):

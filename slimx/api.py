@@ -579,13 +579,14 @@ def profile(model, device: str = "host", *, estimate: bool | None = None, precis
             setting: str | None = None, input_shapes: Sequence[str] = (), weights: str | None = None,
             remote: str | None = None, token: str | None = None, remote_wait: float = 900.0, runs: int = 50,
             warmup: int = 5, threads: int | None = None, timing=None, calibrate: bool = False, top: int = 12,
-            progress: Progress | None = None, verbose: bool = False) -> ProfileResult:
+            learn: bool = False, progress: Progress | None = None, verbose: bool = False) -> ProfileResult:
     """Latency of a MODEL or an artifact (``.onnx``, ``.tflite``, ``.mlpackage``, an export folder) on ``device``:
     measured where a runner exists (here, or through an agent at ``remote``), else estimated per op.
     ``estimate``: True forces the estimator, False requires a measurement, None picks. ``runs`` / ``warmup`` /
     ``threads`` set the measurement (``timing``, a ``TimingConfig`` or a dict of its fields, sets all three);
     ``calibrate``: time the microbenchmarks here and fit the host's profile before estimating the host.
-    ``remote_wait``: seconds to wait out a busy agent (503), retrying after its ``Retry-After``."""
+    ``remote_wait``: seconds to wait out a busy agent (503), retrying after its ``Retry-After``; ``learn``: the
+    measurement becomes one of the device's anchors (``slimx devices anchor``), so later estimates for it use it."""
     from slimx.profiling import ProfileRequest
     from slimx.profiling import profile as run_profile
 
@@ -603,7 +604,7 @@ def profile(model, device: str = "host", *, estimate: bool | None = None, precis
     req = ProfileRequest(subject=text, device=device, remote=remote, token=token, remote_wait=remote_wait,
                          mode=None if estimate is None else "estimate" if estimate else "measure",
                          input_shapes=tuple(input_shapes), weights=weights, precision=precision, setting=setting,
-                         runs=runs, warmup=warmup, threads=threads, top=top, calibrate=calibrate)
+                         runs=runs, warmup=warmup, threads=threads, top=top, calibrate=calibrate, learn=learn)
     data = run_profile(req, _progress(progress, verbose))
     return ProfileResult(Latency.from_dict(data), data)
 
@@ -626,10 +627,12 @@ def gate(subject: str | Path, device: str | None = None, *, budget_ms: float | N
          precision: str | None = None, format: str | None = None, input_shapes: Sequence[str] = (),
          weights: str | None = None, settings: dict | None = None, update_baseline: bool = False,
          baseline_file: str | Path | None = None, remote: str | None = None, token: str | None = None,
-         remote_wait: float = 900.0, progress: Progress | None = None, verbose: bool = False) -> GateResult:
+         remote_wait: float = 900.0, learn: bool = False, progress: Progress | None = None,
+         verbose: bool = False) -> GateResult:
     """Judge latency budgets: a gate file (``.toml``), or one MODEL / export folder with ``budget_ms`` and/or
     ``max_regression_pct``. Returns the verdict (``passed``); a regression is a result, not an error.
-    ``settings``: the gate's [settings] (rounds, runs, warmup, threads, strict)."""
+    ``settings``: the gate's [settings] (rounds, runs, warmup, threads, strict); ``learn``: every measured entry
+    given as a MODEL becomes one of its device's anchors (``slimx devices anchor``)."""
     from slimx.gate import load_gate_file, plan_from_flags, run_gate
 
     subject = str(subject)
@@ -657,5 +660,6 @@ def gate(subject: str | Path, device: str | None = None, *, budget_ms: float | N
             raise UsageError("remote", "needs the agent's token", "give token= (the CLI: --token-file FILE)")
         _check_wait(remote_wait)
         plan.remote, plan.token, plan.remote_wait = remote, token, remote_wait
+    plan.learn = learn
     data = run_gate(plan, update_baseline=update_baseline, progress=_progress(progress, verbose))
     return GateResult(bool(data["passed"]), data["entries"], data)

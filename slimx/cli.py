@@ -141,13 +141,18 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--count", type=int, default=256, help="sentences (default 256)")
     data.add_argument("--offset", type=int, default=0, help="skip this many first (disjoint sets)")
 
-    dev = sub.add_parser("devices", parents=[common], help="device profiles: list, show, microbench, calibrate",
+    dev = sub.add_parser("devices", parents=[common],
+                         help="device profiles: list, show, microbench, calibrate, anchor",
                          description="Device profiles: 'slimx devices' lists them, 'slimx devices show NAME' prints "
                                      "one in full; 'slimx devices microbench --runner R' times the standard op suite "
                                      "and writes a measurements CSV; 'slimx devices calibrate NAME --measurements CSV' "
                                      "fits the device's estimator settings (least squares on log latency, "
-                                     "cross-validated) and writes them into its profile.")
-    dev.add_argument("action", nargs="?", default="list", choices=["list", "show", "microbench", "calibrate"])
+                                     "cross-validated) and writes them into its profile; 'slimx devices anchor NAME "
+                                     "--measured MODEL=MS ...' records timings of your own setup, which later "
+                                     "estimates for that device are put on (a user layer; the profile is not "
+                                     "edited).")
+    dev.add_argument("action", nargs="?", default="list",
+                     choices=["list", "show", "microbench", "calibrate", "anchor"])
     dev.add_argument("name", nargs="?", default=None)
     dev.add_argument("--json", action="store_true")
     dev.add_argument("--runner", default="onnxruntime", help="microbench: the runner to time with")
@@ -166,7 +171,25 @@ def build_parser() -> argparse.ArgumentParser:
                      help="calibrate: carry a calibrated device's efficiencies over by peak rates (same family)")
     dev.add_argument("--setting", action="append", default=None, metavar="SETTING",
                      help="calibrate: fit only this estimator setting (repeatable); the others keep their figures, "
-                          "and rows for them are counted as skipped")
+                          "and rows for them are counted as skipped; anchor: the setting the timings are of "
+                          "(default: the device's default)")
+    dev.add_argument("--measured", action="append", default=[], metavar="MODEL[@RES]=MS",
+                     help="anchor: a model you timed on your device and its median in ms (repeatable); @RES: the "
+                          "square input size of an image model (default 224)")
+    dev.add_argument("--csv", default=None, metavar="FILE",
+                     help="anchor: timings as CSV, columns model (or timm_name), latency_ms, optional input_size")
+    dev.add_argument("--from-agent", default=None, metavar="URL",
+                     help="anchor: time a small standard set of models on a running slimx agent (--token-file)")
+    dev.add_argument("--models", default=None, metavar="M1,M2",
+                     help="anchor --from-agent: the models to time instead of the standard set")
+    dev.add_argument("--token-file", default=None, help="anchor --from-agent: the agent's token file")
+    dev.add_argument("--allow-insecure-token-file", action="store_true")
+    dev.add_argument("--setup", default=None, metavar="NAME",
+                     help="anchor: a name for your measurement setup (tool, OS, runtime version)")
+    dev.add_argument("--replace", action="store_true", help="anchor: drop the device's anchors before adding these")
+    dev.add_argument("--clear", action="store_true", help="anchor: delete the device's anchors")
+    dev.add_argument("--refresh", action="store_true",
+                     help="anchor: re-estimate the anchors against the current profile (after a recalibration)")
 
     prof = sub.add_parser("profile", parents=[common], help="latency on a device: measured, or estimated per op",
                           description="Latency of MODEL or ARTIFACT on a device: measured when a runner for it "
@@ -197,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--calibrate", action="store_true",
                       help="host: time the microbenchmark suite here and fit the host's estimator first (about a "
                            "minute; do it when the profile was fitted on another CPU)")
+    prof.add_argument("--learn", action="store_true",
+                      help="add this measurement to the device's anchors (slimx devices anchor), so estimates for "
+                           "models not yet timed there use it")
     prof.add_argument("--json", action="store_true", help="print the report's latency object as JSON")
     prof.add_argument("--html", default=None, metavar="FILE", help="write a self-contained HTML report")
     prof.add_argument("--quiet", "-q", action="store_true")
@@ -233,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     gate.add_argument("--remote-wait", type=float, default=900.0, metavar="S",
                       help="seconds to wait out a busy agent (503), retrying after its Retry-After (default: 900)")
     gate.add_argument("--allow-insecure-token-file", action="store_true")
+    gate.add_argument("--learn", action="store_true",
+                      help="add each measured MODEL entry to its device's anchors (slimx devices anchor), so that "
+                           "estimates for models not yet timed there use it")
     gate.add_argument("--junit", default=None, metavar="FILE", help="write JUnit XML (one test case per entry)")
     gate.add_argument("--markdown", default=None, metavar="FILE",
                       help="write a Markdown summary (also appended to $GITHUB_STEP_SUMMARY when set)")
@@ -415,7 +444,8 @@ def _profile(args) -> int:
                      estimate=True if args.estimate else False if args.measure else None,
                      input_shapes=tuple(args.input_shape), weights=args.weights, precision=args.precision,
                      setting=args.setting, runs=args.runs, warmup=args.warmup, threads=args.threads, top=args.top,
-                     calibrate=args.calibrate, progress=Progress(total=1, enabled=not (args.quiet or args.json)))
+                     calibrate=args.calibrate, learn=args.learn,
+                     progress=Progress(total=1, enabled=not (args.quiet or args.json)))
     if args.html:
         from pathlib import Path
 
@@ -464,7 +494,7 @@ def _gate(args) -> int:
                   statistic=args.statistic, baseline=args.baseline, precision=args.precision, format=args.format,
                   input_shapes=tuple(args.input_shape), weights=args.weights, settings=settings,
                   update_baseline=args.update_baseline, baseline_file=args.baseline_file, remote=args.remote,
-                  token=token, remote_wait=args.remote_wait,
+                  token=token, remote_wait=args.remote_wait, learn=args.learn,
                   progress=Progress(total=1, enabled=not (args.quiet or args.json))).to_dict()
     text = markdown(result)
     for path, content in ((args.junit, junit(result) if args.junit else None), (args.markdown, text)):
@@ -636,6 +666,10 @@ def _devices(args) -> int:
         return _microbench(args)
     if args.action == "calibrate":
         return _calibrate(args)
+    if args.action == "anchor":
+        from slimx.anchoring import anchor_command
+
+        return anchor_command(args)
     if args.action == "show":
         if not args.name:
             raise UsageError("slimx devices show", "needs a device name", "e.g. slimx devices show iphone12")

@@ -128,6 +128,7 @@ class GatePlan:
     remote: str | None = None
     token: str | None = None
     remote_wait: float = 900.0  # seconds a busy agent (503) is waited out
+    learn: bool = False  # measured MODEL entries become anchors of their devices (devices.anchors)
     notes: list[str] = field(default_factory=list)
 
 
@@ -298,6 +299,8 @@ def _run_entry(plan: GatePlan, entry: GateEntry, stored: dict, work: Path, updat
                         "runtime": rounds["runtime"], "median_ms": _r(np.median(cand["median"])),
                         "p90_ms": _r(np.median(cand["p90"])), "rounds_median_ms": [_r(v) for v in cand["median"]],
                         "rounds_p90_ms": [_r(v) for v in cand["p90"]]}
+    if plan.learn:
+        _learn(plan, entry, device, out, progress)
     if update:
         out["verdict"] = "recorded"
         out["record"] = {"artifact_path": candidate.path, "rounds": cand, "runtime": rounds["runtime"]}
@@ -326,14 +329,38 @@ def _run_entry(plan: GatePlan, entry: GateEntry, stored: dict, work: Path, updat
     return out
 
 
+def _learn(plan: GatePlan, entry: GateEntry, device, out: dict, progress) -> None:
+    """``--learn``: the candidate's measured median becomes an anchor of the device (for a MODEL entry, whose graph
+    the estimator reads; an artifact or export folder is said not to be learned)."""
+    from slimx.devices.anchor_cmd import learn
+    from slimx.devices.estimator import default_setting
+
+    if _is_artifact_like(entry.model):
+        out["warnings"].append(f"not learned: {entry.model} is an artifact or export folder, with no graph to "
+                               "estimate (gate the MODEL with --learn)")
+        return
+    setting = default_setting(device, entry.precision or (None if plan.remote else "fp32"))
+    where = f"slimx gate via {plan.remote}" if plan.remote else "slimx gate on this host"
+    got = learn(device, setting, entry.model, list(entry.input_shapes), out["candidate"]["median_ms"], where,
+                progress)
+    out["learned"] = {"anchors": got["count"], "setting": setting.key, "factor": got.get("factor")}
+
+
 def _estimated_entry(plan: GatePlan, entry: GateEntry, device, stored: dict, out: dict, update: bool) -> dict:
     """No runner for the device here: the estimator's answer, failing only when its interval is past the budget."""
     est = _estimate(entry.model, entry, device)
     interval = est.get("interval_ms") or [est["total_ms"], est["total_ms"]]
     out["candidate"] = {"estimate_ms": _r(est["total_ms"]), "interval_ms": [_r(v) for v in interval],
                         "setting": est.get("setting"), "expected_error_pct": est.get("expected_error_pct"),
-                        "cv_method": est.get("cv_method")}
-    out["warnings"].append(f"estimated, not measured: no {device.name} here (give --remote URL for a device agent)")
+                        "cv_method": est.get("cv_method"), "setup": est.get("setup")}
+    anchors = est.get("anchors") or {}
+    if anchors.get("count"):
+        out["candidate"]["anchors"] = {k: anchors[k] for k in ("count", "setup", "factor", "interval_factors")}
+    out["warnings"].append(f"estimated, not measured: no {device.name} here (give --remote URL for a device agent)"
+                           + (f"; anchored to {anchors['setup']!r} by {anchors['count']} measurement(s)"
+                              if anchors.get("count") else ""))
+    if anchors.get("note"):
+        out["warnings"].append(anchors["note"])
     if update:
         out["verdict"] = "recorded"
         out["record"] = {"estimate": out["candidate"]}

@@ -29,6 +29,7 @@ class ProfileRequest:
     threads: int | None = None
     top: int = 12
     calibrate: bool = False  # host: time the microbenchmark suite here and fit the host profile first
+    learn: bool = False  # a measurement becomes one of the device's anchors (devices.anchors)
     notes: list = field(default_factory=list)
 
 
@@ -93,8 +94,30 @@ def profile(req: ProfileRequest, progress=None) -> dict:
             raise UsageError(f"--estimate for {artifact_path.name}", "the estimator reads the PyTorch graph, and a "
                              "compiled artifact has none", "profile the MODEL it came from, or measure the artifact "
                              "with --remote or on the host")
+        if req.learn:
+            raise UsageError("--learn", "records a measurement, and this profile is an estimate",
+                             "measure (on the host, or --remote URL on the device), or drop --learn")
         return estimate(req, device, progress)
-    return measure(req, device, artifact_path, progress)
+    result = measure(req, device, artifact_path, progress)
+    if req.learn:
+        result["learned"] = learn_from(req, device, result, artifact_path, progress)
+        result["label"] += f"; {result['learned']['line']}"
+    return result
+
+
+def learn_from(req: ProfileRequest, device, result: dict, artifact_path: Path | None, progress=None) -> dict:
+    """The learning loop: this measurement becomes an anchor of ``device`` (where it came from a MODEL, whose
+    graph the estimator can read)."""
+    from slimx.devices.anchor_cmd import learn
+
+    if artifact_path is not None:
+        return {"learned": False, "line": f"not learned: {artifact_path.name} carries no graph to estimate (profile "
+                                          "the MODEL it came from with --learn)"}
+    setting = _setting(device, req)
+    got = learn(device, setting, req.subject, list(req.input_shapes), float(result["median_ms"]),
+                f"slimx profile on {result.get('where') or device.name}", progress)
+    return {"learned": True, "anchors": got["count"], "setting": setting.key, "factor": got.get("factor"),
+            "line": f"learned: {device.name} now has {got['count']} anchor(s) for {setting.key}"}
 
 
 HOST_CALIBRATION = {"runs": 20, "rounds": 2, "warmup": 3}  # about two minutes for the suite on 2 cores

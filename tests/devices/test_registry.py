@@ -83,3 +83,18 @@ def test_profiles_load_as_typed_records():
         assert all(isinstance(cu, ComputeUnit) for cu in device.compute_units)
         assert all(isinstance(s, EstimatorSetting) for s in device.estimator.values())
         assert device.estimator_default is None or device.estimator_default in device.estimator
+
+
+def test_pixel4_is_a_sourced_member_of_the_pixel_family():
+    from slimx.devices.estimator import default_setting
+    from slimx.devices.setups import family_of_device
+
+    pixel4 = load_device("sm8150")
+    assert pixel4.name == "pixel4" and family_of_device("pixel4").name == "pixel"
+    assert pixel4.peak("cpu", "fp32") == pytest.approx(161.6) and pixel4.memory["mem_bandwidth_gbs"] == 34.1
+    setting = default_setting(pixel4)
+    assert setting.key == "tflite-cpu-fp32" and setting.model == "baseline" and setting.setup == "4 threads"
+    assert "pixel family fit" in pixel4.raw["estimator"]["tflite-cpu-fp32"]["model_source"]
+    # the family fit at its specs: between the Pixel 1 (Snapdragon 821) and the Pixel 7 (Tensor G2)
+    ms = {d: default_setting(load_device(d)).baseline["ms_per_gmac"] for d in ("pixel1", "pixel4", "pixel7")}
+    assert ms["pixel7"] < ms["pixel4"] < ms["pixel1"]

@@ -33,6 +33,8 @@ def test_text_models_get_a_dynamic_sequence_axis_by_default():
     ({"seq_len": "1..1000"}, "past the model's 512 positions"),
     ({"seq_len": "64..8"}, "not a range of sizes"),
     ({"seq_len": "8..64", "static": True}, "--static"),
+    ({"seq_len": "8..64", "shape_given": True}, "exports at length 128, outside the range 8..64"),
+    ({"batch": "2..4", "shape_given": True}, "exports at batch 1, outside the range 2..4"),
 ])
 def test_bad_shape_requests_are_usage_errors(kwargs, needle):
     with pytest.raises(UsageError, match=needle):
@@ -40,6 +42,8 @@ def test_bad_shape_requests_are_usage_errors(kwargs, needle):
     with pytest.raises(UsageError, match="applies to text models"):
         apply_shape_policy([InputSpec("x", (1, 3, 8, 8))], None, seq_len="1..4")
     assert parse_range("2..9", "--batch") == (2, 9)
+    inside = apply_shape_policy([IDS, MASK], 512, seq_len="8..128", batch="1..2", shape_given=True)
+    assert inside[0].shape == (1, 128) and inside[0].dynamic == ((0, 1, 2), (1, 8, 128)), "a given shape inside"
 
 
 def _onnx_input_dims(path):

@@ -1,0 +1,216 @@
+"""Anchoring, validated leave-one-setup-out on the published tables (``../shared/data``).
+
+For each device family and each measurement setup in its data: the family is fitted without any row of that setup
+(on any device), which is what a user whose own setup is not in the data gets (k = 0); then, for each device timed
+in that setup, k = 1, 2, 3 of its rows are taken as the user's anchors (every choice of k, or 200 random ones
+where there are more) and the device's other rows of that setup are predicted, anchored (``devices.anchors``:
+the mean log ratio of the anchors, the interval from the family's within-setup spread pooled with the anchors').
+The within-setup spread each interval uses is measured on the *other* setups only (nested). Beside it, a naive
+baseline of the same shape: non-negative least squares of latency on GMACs, op count and a constant over the same
+training rows, anchored the same way.
+
+    python bench/anchoring.py          # also run by bench/estimator_generalization.py; writes into its results
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+MAX_DRAWS = 200
+KS = (0, 1, 2, 3)
+
+
+def naive_leave_one_setup_out(data) -> np.ndarray:
+    """The naive baseline: t = a GMACs + b ops + c (non-negative, relative error), fitted on the other setups'
+    rows of every device of the family, no device specs, no setup factors."""
+    from slimx.devices.validation import fit_baseline, predict_baseline
+
+    x = np.column_stack([data.x[:, 0], data.x[:, 2], np.zeros(len(data.y)), data.x[:, 3]])  # [G, O, 0, 1]
+    pred = np.full(len(data.y), np.nan)
+    for u in sorted(set(data.setups)):
+        test = np.array([s == u for s in data.setups])
+        if (~test).sum() < 5:
+            continue
+        pred[test] = predict_baseline(x[test], fit_baseline(x[~test], data.y[~test]))
+    return pred
+
+
+def cells_of(data, pred: np.ndarray) -> dict:
+    """(setup, device) -> row indices with a prediction."""
+    cells: dict = {}
+    for i, (u, d) in enumerate(zip(data.setups, data.devices, strict=True)):
+        if np.isfinite(pred[i]):
+            cells.setdefault((u, d), []).append(i)
+    return cells
+
+
+def score(data, pred: np.ndarray, seed: int = 0) -> dict:
+    """Per k: the (cell, draw, row) errors and whether each row fell in its stated interval."""
+    from slimx.devices.anchors import PRIOR_WEIGHT, combine, within_setup_sd
+    from slimx.devices.validation import INTERVAL_COVERAGE, conformal_interval, spearman
+
+    rng = np.random.default_rng(seed)
+    logr = np.log(data.y / pred)
+    cells = cells_of(data, pred)
+    out = {k: {"err": [], "w": [], "inside": [], "device": [], "setup": []} for k in KS}
+    spearmans = []
+    for (u, d), idx in sorted(cells.items()):
+        others = {c: v for c, v in cells.items() if c[0] != u}
+        sd0 = within_setup_sd([logr[v] for v in others.values()])
+        # k = 0: the interval an unseen setup can expect, cut from the other setups' held-out rows
+        rest_rows = [i for v in others.values() for i in v]
+        lo, hi = conformal_interval(np.exp(logr[rest_rows]), INTERVAL_COVERAGE) if rest_rows else (np.nan, np.nan)
+        if len(idx) >= 3:
+            spearmans.append((spearman(pred[idx], data.y[idx]), len(idx)))
+        for k in KS:
+            if k and len(idx) <= k:
+                continue
+            draws = [()] if k == 0 else list(itertools.combinations(idx, k))
+            if len(draws) > MAX_DRAWS:
+                draws = [draws[j] for j in rng.choice(len(draws), MAX_DRAWS, replace=False)]
+            pairs = []
+            for anchors in draws:
+                rest = [i for i in idx if i not in anchors]
+                if k == 0:
+                    f, band = 1.0, (lo, hi)
+                else:
+                    got = combine(list(logr[list(anchors)]), sd0, PRIOR_WEIGHT)
+                    f, band = got["factor"], got["interval_factors"]
+                for i in rest:
+                    ratio = data.y[i] / (pred[i] * f)
+                    pairs.append((abs(1 / ratio - 1) * 100, band[0] <= ratio <= band[1]))
+            for err, inside in pairs:
+                out[k]["err"].append(err)
+                out[k]["w"].append(1.0 / len(pairs))
+                out[k]["inside"].append(inside)
+                out[k]["device"].append(d)
+                out[k]["setup"].append(u)
+    return {"by_k": out, "spearman": (sum(s * n for s, n in spearmans) / sum(n for _, n in spearmans)
+                                      if spearmans else float("nan")), "cells": {f"{u} / {d}": len(v)
+                                                                                 for (u, d), v in cells.items()}}
+
+
+def summarise(scored: dict) -> dict:
+    from slimx.devices.validation import weighted_median
+
+    rows = {}
+    for k, part in scored["by_k"].items():
+        if not part["err"]:
+            continue
+        err, w, inside = np.array(part["err"]), np.array(part["w"]), np.array(part["inside"], dtype=float)
+        w = w / w.sum()
+        per_device = {}
+        for d in sorted(set(part["device"])):
+            on = np.array([dd == d for dd in part["device"]])
+            per_device[d] = {"median_abs_pct": round(weighted_median(err[on], w[on]), 1),
+                             "coverage": round(float(np.sum(w[on] * inside[on]) / np.sum(w[on])), 3),
+                             "cells": len({s for s, dd in zip(part["setup"], part["device"], strict=True) if dd == d})}
+        cells = len(set(zip(part["setup"], part["device"], strict=True)))
+        rows[k] = {"median_abs_pct": round(weighted_median(err, w), 1),
+                   "within_15pct": round(float(np.sum(w * (err <= 15))), 3),
+                   "coverage": round(float(np.sum(w * inside)), 3), "cells": cells, "per_device": per_device}
+    return rows
+
+
+def run(data_dir: Path = DATA, families: dict | None = None) -> dict:
+    """``families``: name -> (tables, structure) where ``structure`` is the (setup offsets, per-layer speed) the
+    family's calibration chose (default: without offsets, the fp32 peak)."""
+    from estimator_generalization import FAMILY_TABLES
+
+    from slimx.devices.anchors import PRIOR_WEIGHT, within_setup_sd
+    from slimx.devices.calibrate import read_rows
+    from slimx.devices.family import family_data, leave_one_setup_out
+
+    out = {"prior_weight": PRIOR_WEIGHT, "families": []}
+    for name, tables in FAMILY_TABLES:
+        structure = (families or {}).get(name, (False, "fp32 peak"))
+        print(f"anchoring: family {name} ...", file=sys.stderr)
+        data = family_data(name, [(t, read_rows(data_dir / t)) for t in tables])
+        entry = {"family": name, "tables": list(tables), "setups": sorted(set(data.setups)), "rows": len(data.y)}
+        if len(set(data.setups)) < 2:
+            entry["why"] = f"one measurement setup in its data ({data.setups[0]}): no setup to leave out"
+            out["families"].append(entry)
+            continue
+        for method, pred in (("slimx", leave_one_setup_out(data, *structure)),
+                             ("naive", naive_leave_one_setup_out(data))):
+            scored = score(data, pred)
+            cells = cells_of(data, pred)
+            logr = np.log(data.y / pred)
+            entry[method] = {"by_k": summarise(scored), "spearman": round(scored["spearman"], 3),
+                             "cells": scored["cells"],
+                             "within_setup_sd": round(within_setup_sd([logr[v] for v in cells.values()]), 4)}
+        out["families"].append(entry)
+    return out
+
+
+def render(result: dict) -> list[str]:
+    lines = ["", "## Anchoring: a setup the fit never saw, and k of its own rows as anchors", "",
+             "Leave-one-setup-out (`bench/anchoring.py`): each measurement setup's rows (every device) are predicted "
+             "by a family fit without any of them (k = 0: what a user whose setup is not in the data gets); then, per "
+             "device timed in that setup, k of its rows are the anchors (every choice, at most "
+             f"{MAX_DRAWS} random ones) and its other rows of that setup are predicted (`devices/anchors.py`: the mean "
+             "log ratio; the 80% interval from the family's within-setup spread, measured on the other setups only, "
+             f"pooled with the anchors' own at prior weight {result['prior_weight']}). Each (setup, device) cell "
+             "counts equally. Naive: non-negative least squares on GMACs, op count and a constant over the same "
+             "training rows, no specs, anchored the same way. Spearman: within each cell (a constant factor does "
+             "not change it), weighted by the cell's rows. k = 0 coverage: the interval cut from the other setups'"
+             " held-out rows.", "",
+             "| family | setups left out | k | slimx median error | within ±15% | coverage (80% stated) | naive median "
+             "error | naive coverage |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for fam in result["families"]:
+        if "why" in fam:
+            lines.append(f"| {fam['family']} | - | - | not measurable: {fam['why']} | | | | |")
+            continue
+        for k in KS:
+            s, n = fam["slimx"]["by_k"].get(k), fam["naive"]["by_k"].get(k)
+            if s is None:
+                continue
+            lines.append(f"| {fam['family']} | {len(fam['setups'])} ({s['cells']} cells) | {k} | "
+                         f"{s['median_abs_pct']:.1f}% | {s['within_15pct'] * 100:.0f}% | {s['coverage'] * 100:.0f}% | "
+                         + (f"{n['median_abs_pct']:.1f}% | {n['coverage'] * 100:.0f}% |" if n else "- | - |"))
+    lines += ["", "Spearman within a setup (slimx / naive): " + "; ".join(
+        f"{f['family']} {f['slimx']['spearman']:.2f} / {f['naive']['spearman']:.2f}" for f in result["families"]
+        if "why" not in f) + ". Within-setup spread (sd of log measured/estimated after each cell's own factor, "
+        "all setups): " + "; ".join(f"{f['family']} {f['slimx']['within_setup_sd']:.3f}" for f in result["families"]
+                                    if "why" not in f) + ".", "",
+              "Per device (slimx; median error / coverage, per k):", ""]
+    for fam in result["families"]:
+        if "why" in fam:
+            continue
+        devices = sorted({d for part in fam["slimx"]["by_k"].values() for d in part["per_device"]})
+        for d in devices:
+            cells = []
+            for k in KS:
+                part = fam["slimx"]["by_k"].get(k, {}).get("per_device", {}).get(d)
+                if part:
+                    cells.append(f"k={k} {part['median_abs_pct']:.1f}% / {part['coverage'] * 100:.0f}%")
+            lines.append(f"- {fam['family']} / {d}: " + "; ".join(cells))
+    lines += ["", "Cells (setup / device: rows): " + "; ".join(
+        f"{c}: {n}" for f in result["families"] if "why" not in f for c, n in f["slimx"]["cells"].items()) + "."]
+    return lines
+
+
+def main() -> int:
+    import json
+
+    from _results import write_results
+    from estimator_generalization import render as render_all
+
+    path = Path(__file__).parent / "results" / "estimator_generalization.json"
+    result = json.loads(path.read_text()) if path.is_file() else {"fits": [], "families": []}
+    structures = {f["family"]: (f["setup_offsets"], f["per_layer_speed"]) for f in result.get("families", [])
+                  if "setup_offsets" in f}
+    result["anchoring"] = run(DATA, structures)
+    write_results("estimator_generalization", result, render_all(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

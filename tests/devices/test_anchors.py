@@ -1,0 +1,160 @@
+"""Anchors: the user's own timings put a device's estimates on the user's setup (a user layer over the shipped
+profile), with an interval that narrows as they agree; the learning loop adds every measurement slimx makes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+
+import pytest
+
+from slimx.cli import main
+from slimx.devices import load_device
+from slimx.devices.anchors import anchors_path, combine, read_anchors, spread_prior
+from slimx.devices.estimator import EstimatorLatencyModel, default_setting
+
+MLP = "tests.models:tiny_mlp"
+CONV = "tests.models:gate_mlp_wide"
+
+
+@pytest.fixture
+def anchors_home(tmp_path, monkeypatch):
+    from slimx.devices.registry import reload_profiles
+
+    monkeypatch.setenv("SLIMX_DEVICES_DIR", str(tmp_path / "devices"))
+    reload_profiles()
+    yield tmp_path / "devices"
+    monkeypatch.delenv("SLIMX_DEVICES_DIR")
+    reload_profiles()
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def profile_json(capsys, model, device):
+    code, out, _ = run(capsys, "profile", model, "--device", device, "--estimate", "--json", "-q")
+    assert code == 0
+    return json.loads(out)
+
+
+def test_agreeing_anchors_narrow_the_interval_and_disagreeing_ones_are_said():
+    one = combine([math.log(1.3)], prior_sd=0.25, prior_weight=6)
+    three = combine([math.log(1.28), math.log(1.3), math.log(1.32)], prior_sd=0.25, prior_weight=6)
+    assert one["factor"] == pytest.approx(1.3) and three["factor"] == pytest.approx(1.2998, rel=1e-3)
+    width = lambda got: got["interval_factors"][1] / got["interval_factors"][0]  # noqa: E731
+    assert width(three) < width(one), "more anchors that agree: a narrower interval"
+    apart = combine([math.log(0.5), math.log(2.0), math.log(1.0)], prior_sd=0.25, prior_weight=6)
+    assert apart["disagree"] and not three["disagree"] and width(apart) > width(three)
+    assert spread_prior("jetson-nano", "tensorrt-gpu-fp16")["basis"] == "the jetson family"
+    assert "default" in spread_prior("host")["basis"]
+
+
+def test_anchors_put_later_estimates_on_the_users_setup(capsys, anchors_home):
+    profile_file = load_device("jetson-nano").raw  # the shipped profile, compared after
+    before = profile_json(capsys, CONV, "jetson-nano")
+    assert "anchors" not in before
+    code, out, _ = run(capsys, "devices", "anchor", "jetson-nano", "--setup", "trtexec, JetPack 6",
+                       "--measured", f"{MLP}=0.9", "--measured", f"{CONV}={before['total_ms'] * 1.5:.6f}")
+    assert code == 0 and "2 anchor(s)" in out and "trtexec, JetPack 6" in out, out
+    state = read_anchors("jetson-nano")
+    assert [a.source for a in state["anchors"]] == ["given", "given"]
+    after = profile_json(capsys, CONV, "jetson-nano")
+    rec = after["anchors"]
+    assert rec["count"] == 2 and rec["setup"] == "trtexec, JetPack 6" and after["setup"] == "trtexec, JetPack 6"
+    factor = math.sqrt(state["anchors"][0].measured_ms / state["anchors"][0].estimated_ms * 1.5)
+    assert rec["factor"] == pytest.approx(factor, rel=1e-3)
+    assert after["total_ms"] == pytest.approx(before["total_ms"] * factor, rel=1e-3)
+    assert after["interval_ms"][0] < after["total_ms"] < after["interval_ms"][1]
+    assert "anchored to 'trtexec, JetPack 6' by 2 measurements" in after["label"]
+    assert load_device("jetson-nano").raw == profile_file, "the shipped profile is never edited"
+    # every estimating caller reads the same: latency-slim's latency model, and so sweeps and the gate
+    from slimx.devices.estimator import estimate_latency
+    from slimx.devices.opmix import op_mix
+    from slimx.export.program import export_program
+    from tests.models import gate_mlp_wide
+
+    module = gate_mlp_wide()
+    example = module.example_inputs()
+    latency = EstimatorLatencyModel.for_device(load_device("jetson-nano"), "fp16")
+    raw = estimate_latency(op_mix(export_program(module, example)), latency.profile, latency.setting,
+                           anchored=False)["total_ms"]
+    assert latency.latency(module, example)["ms"] == pytest.approx(raw * factor, rel=1e-3)
+    code, out, _ = run(capsys, "gate", CONV, "--device", "jetson-nano", "--budget-ms", "1000", "--json", "-q")
+    entry = json.loads(out)["entries"][0]
+    assert code == 0 and entry["candidate"]["anchors"]["count"] == 2
+    assert entry["candidate"]["estimate_ms"] == pytest.approx(after["total_ms"], rel=1e-3)
+
+
+def test_anchor_refusals_and_housekeeping(capsys, anchors_home, tmp_path):
+    assert run(capsys, "devices", "anchor", "jetson-nano", "--measured", f"{MLP}=-3")[0] == 2
+    assert run(capsys, "devices", "anchor", "jetson-nano", "--measured", "no-equals-sign")[0] == 2
+    assert run(capsys, "devices", "anchor", "jetson-nano", "--models", "timm:resnet18")[0] == 2
+    assert not anchors_path("jetson-nano").exists(), "nothing written by a refused command"
+    table = tmp_path / "mine.csv"
+    table.write_text(f"model,latency_ms\n{MLP},0.8\n{CONV},3.0\n")
+    code, out, _ = run(capsys, "devices", "anchor", "jetson-nano", "--csv", str(table), "--setup", "A")
+    assert code == 0 and "2 anchor(s)" in out
+    code, _, err = run(capsys, "devices", "anchor", "jetson-nano", "--measured", f"{MLP}=0.8", "--setup", "B")
+    assert code == 2 and "--replace" in err, "anchors of two setups are never mixed silently"
+    assert run(capsys, "devices", "anchor", "jetson-nano", "--measured", f"{MLP}=0.8", "--setup", "B",
+               "--replace")[0] == 0
+    assert [a.model for a in read_anchors("jetson-nano")["anchors"]] == [MLP]
+    # anchors that disagree far beyond one setup's spread: the command and every estimate say so
+    code, out, _ = run(capsys, "devices", "anchor", "jetson-nano", "--measured", f"{CONV}=500")
+    assert code == 0 and "NOTE the anchors of jetson-nano disagree" in out, out
+    assert "disagree" in profile_json(capsys, CONV, "jetson-nano")["label"]
+    # an anchor taken against another fit (the profile was recalibrated) is left out until refreshed
+    data = json.loads(anchors_path("jetson-nano").read_text())
+    for a in data["anchors"]:
+        a["fit"] = "0" * 12
+    anchors_path("jetson-nano").write_text(json.dumps(data))
+    assert "--refresh" in profile_json(capsys, CONV, "jetson-nano")["label"]
+    assert run(capsys, "devices", "anchor", "jetson-nano", "--refresh")[0] == 0
+    assert profile_json(capsys, CONV, "jetson-nano")["anchors"]["count"] == 2
+    assert run(capsys, "devices", "anchor", "jetson-nano", "--clear")[0] == 0
+    assert not anchors_path("jetson-nano").exists()
+    assert "anchors" not in profile_json(capsys, CONV, "jetson-nano")
+
+
+def test_measurements_are_learned_from_profile_and_gate(capsys, anchors_home):
+    code, out, _ = run(capsys, "profile", MLP, "--device", "host", "--learn", "--runs", "5", "--warmup", "1",
+                       "--json", "-q")
+    got = json.loads(out)
+    assert code == 0 and got["learned"]["anchors"] == 1 and got["kind"] == "measured"
+    (anchor,) = read_anchors("host")["anchors"]
+    assert anchor.source.startswith("learned: slimx profile") and anchor.measured_ms == pytest.approx(
+        got["median_ms"])
+    est = profile_json(capsys, MLP, "host")
+    assert est["anchors"]["count"] == 1 and est["total_ms"] == pytest.approx(got["median_ms"], rel=1e-3), \
+        "one anchor of the same model: the estimate is its measurement"
+    code, _, err = run(capsys, "profile", MLP, "--device", "host", "--estimate", "--learn")
+    assert code == 2 and "--learn" in err
+    code, out, _ = run(capsys, "gate", CONV, "--device", "host", "--budget-ms", "10000", "--learn", "--rounds", "3",
+                       "--runs", "5", "--warmup", "1", "--json", "-q")
+    assert code == 0 and json.loads(out)["entries"][0]["learned"]["anchors"] == 2
+    assert sorted(a.model for a in read_anchors("host")["anchors"]) == sorted([MLP, CONV])
+
+
+def test_anchors_from_a_running_agent(capsys, anchors_home, tmp_path):
+    from tests.devices.test_agent import TOKEN, _Server
+
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    os.chmod(token, 0o600)
+    server = _Server(job_timeout=120)
+    try:
+        code, out, _ = run(capsys, "devices", "anchor", "host", "--from-agent", server.url, "--token-file",
+                           str(token), "--models", f"{MLP},{CONV}", "--setup", "agent on this host")
+    finally:
+        server.close()
+    assert code == 0, out
+    anchors = read_anchors("host")["anchors"]
+    assert [a.model for a in anchors] == [MLP, CONV]
+    assert all(a.source == f"agent {server.url}" and a.measured_ms > 0 for a in anchors)
+    assert hashlib.sha256(anchors_path("host").read_bytes()).hexdigest()  # written whole, readable
+    assert default_setting(load_device("host")).key == anchors[0].setting
