@@ -222,6 +222,7 @@ class Program:
         self.inputs = list(inputs)
         self.output_names = list(output_names)
         self.onnx_source = onnx_source
+        self.keep_fp32: list[str] = []  # graph nodes an fp16 artifact keeps in fp32 (export.preflight)
         self._derived: dict = {}
 
     def derived(self, key: str, make):

@@ -283,7 +283,7 @@ def _timing_config(timing):
 def _progress(progress, verbose: bool) -> Progress:
     if progress is not None:
         return progress
-    return Progress(total=7) if verbose else _Quiet()
+    return Progress(total=8) if verbose else _Quiet()
 
 
 def _model_text(model) -> str | None:
@@ -402,7 +402,8 @@ def export(model, device: str = "host", *, example_inputs=None, format: str | No
            min_fidelity: float | None = None, max_accuracy_drop: float | None = None, budget_ms: float | None = None,
            parity_inputs: int | None = None, min_cosine: float | None = None, max_rel_err: float | None = None,
            seed: int = 0, calib_samples: int | None = None, truncate: bool = False, reconstruct: bool = True,
-           progress: Progress | None = None, verbose: bool = False, command: Iterable[str] = ()) -> ExportResult:
+           fp16_fixes: bool = True, progress: Progress | None = None, verbose: bool = False,
+           command: Iterable[str] = ()) -> ExportResult:
     """Compress (optionally), compile and prove ``model`` for ``device``.
 
     Args:
@@ -418,6 +419,8 @@ def export(model, device: str = "host", *, example_inputs=None, format: str | No
         recover: distillation after the passes: a ``RecoverConfig``, a dict or ``"steps=200,lr=5e-5"``.
         reconstruct: after each pass, refit the maps it cut or factorized by least squares on the calibration
             data, layer by layer (``slim.reconstruct``); False keeps the pass's own weights.
+        fp16_fixes: fix what the numerical pre-flight finds for an fp16 artifact (mask constants past fp16's range,
+            LayerNorms whose variance overflows kept in fp32); False reports them only (``export.preflight``).
         calib: calibration data (text file, image folder, ``.npz``) for int8, passes and parity on data.
         shapes: ``{"seq_len": (1, 128), "batch": (1, 8), "static": False, "buckets": [16, 32, 64],
             "input_shapes": ["1x3x224x224"]}`` (any subset).
@@ -442,6 +445,7 @@ def export(model, device: str = "host", *, example_inputs=None, format: str | No
                              "labels": str(labels) if labels is not None else None, "seed": seed,
                              "min_fidelity": min_fidelity, "max_accuracy_drop": max_accuracy_drop,
                              "budget_ms": budget_ms, "no_reconstruct": (not reconstruct) or None,
+                             "no_fp16_fixes": (not fp16_fixes) or None,
                              "parity_inputs": parity_inputs, "min_cosine": min_cosine,
                              "max_rel_err": max_rel_err, "calib_samples": calib_samples, "truncate": truncate or None,
                              "recover": _recover_text(recover), "out": str(out) if out is not None else None}

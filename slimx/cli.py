@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--no-reconstruct", action="store_true", default=keep,
                      help="keep each pass's cut weights as they are (default: after each pass, refit the layers it "
                           "cut or factorized by least squares on the calibration data)")
+    exp.add_argument("--no-fp16-fixes", action="store_true", default=keep,
+                     help="keep the fp16 hazards the numerical pre-flight finds as they are (default: fp16-safe mask "
+                          "constants, overflowing LayerNorms kept in fp32; each checked against fp32)")
     exp.add_argument("--recover", default=keep, metavar="K=V,...",
                      help="distill from the original after the passes, e.g. steps=200,lr=5e-5")
     exp.add_argument("--runs", type=int, default=keep, help=f"timed runs, at least 30 (default {d('runs')})")
@@ -375,7 +378,7 @@ def _export(args, argv: list[str]) -> int:
 
     flags = {k: v for k, v in vars(args).items() if k in ExportConfig.flag_names()}
     cfg = ExportConfig.from_flags(flags, command=("slimx", *argv), where="slimx export")
-    result = export_config(cfg, progress=Progress(total=7, enabled=not args.quiet))
+    result = export_config(cfg, progress=Progress(total=8, enabled=not args.quiet))
     result.raise_for_failures()  # the report is written either way; a failed verdict exits 1
     if args.json:
         print(json.dumps(result.report.to_dict(), indent=2))

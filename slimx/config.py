@@ -81,6 +81,7 @@ class CompileConfig:
     format: str | None = None  # None: the device's default format
     precision: str | None = None  # None: the target's default (fp16 for coreml and tensorrt, else fp32)
     opset: int | None = None  # ONNX opset for the formats written through ONNX (None: DEFAULT_OPSET)
+    no_fp16_fixes: bool = False  # keep fp16 hazards the pre-flight finds as they are (export.preflight)
     # the format's own options by field name ({"dla_core": 0}); the chosen target's options class checks them.
     # Their flags (--dla-core, --no-fuse...) are generated from every target's options class (targets.option_flags)
     format_options: dict = field(default_factory=dict)
@@ -119,7 +120,7 @@ _SECTIONS = {"model": ModelConfig, "data": DataConfig, "compress": CompressConfi
 _FLAT_ORDER = ("model", "target", "format", "out", "weights", "input_shapes", "precision", "opset", "calib",
                "calib_samples", "parity_inputs", "min_cosine", "max_rel_err", "warmup", "runs", "threads", "seed",
                "passes", "recipe", "recover", "seq_len", "batch", "static", "buckets", "truncate", "labels",
-               "min_fidelity", "max_accuracy_drop", "budget_ms", "no_reconstruct")
+               "min_fidelity", "max_accuracy_drop", "budget_ms", "no_reconstruct", "no_fp16_fixes")
 
 
 def _option_flags():

@@ -60,6 +60,7 @@ class Compiled:
     stats: dict
     coverage: Any
     artifact: Any
+    preflight: dict | None = None
 
 
 @dataclass
@@ -92,7 +93,7 @@ def run(cfg: ExportConfig, progress: Progress | None = None, loaded=None) -> Exp
     """Run the whole export; the report is written to ``OUT/report.json`` (and ``report.html``) whatever its
     verdicts, which the caller reads (``ExportRun.failures``). ``loaded``: a model already taken in
     (``export.intake.load_module``) instead of ``cfg.model.model``."""
-    progress = progress or Progress(total=7, enabled=False)
+    progress = progress or Progress(total=8, enabled=False)
     prepared = resolve(cfg, loaded)
     progress.total = 8 if prepared.specs else 7
     with staged(prepared.out, progress.warn) as staging:
@@ -111,7 +112,7 @@ def run(cfg: ExportConfig, progress: Progress | None = None, loaded=None) -> Exp
 def run_export(cfg: ExportConfig, progress: Progress | None = None) -> dict:
     """Run the whole export and return the report; a failed verdict is raised (exit 1) after the report is
     written, as ``slimx export`` does."""
-    done = run(cfg, progress or Progress(total=7))
+    done = run(cfg, progress or Progress(total=8))
     failures = done.failures()
     if failures:
         raise failures[0]
@@ -126,6 +127,16 @@ def verdict_failures(report: dict) -> list[SlimxFailure]:
     out = Path(report["out"])
     name = Path(report["artifacts"][0]["path"]).name if report.get("artifacts") else "the artifact"
     found = [parity_failure(report["parity"], name, out), fidelity_failure(report.get("compression"), out)]
+    predicted = (report.get("preflight") or {}).get("predicted_parity") or {}
+    if not report["parity"].get("measured") and predicted.get("passed") is False:
+        # no runtime here to measure it: the prediction is the proof there is, gated like parity
+        found.append(SlimxFailure(
+            f"predicted fp16 parity of {name}",
+            f"cosine {predicted['cosine']:.6f} is below {predicted['min_cosine']} ({predicted['method']}); the "
+            f"report is in {out / 'report.json'}",
+            "leave the pre-flight's fixes on (drop --no-fp16-fixes), or use --precision fp32"
+            if (report.get("config") or {}).get("no_fp16_fixes") else
+            "see the report's preflight findings; --precision fp32 avoids fp16 here"))
     return [f for f in found if f is not None]
 
 
@@ -299,6 +310,18 @@ def compile_artifact(cfg: ExportConfig, prepared: Prepared, compressed: Compress
         stats = model_stats(d.loaded, compressed.module, d.example)
         if compressed.original_stats is not None:
             stats["original"] = compressed.original_stats
+    with progress.stage("pre-flight", prepared.precision):
+        from slimx.export.preflight import run as run_preflight
+        from slimx.export.preflight import summary_line
+
+        preflight = run_preflight(program, target.name, prepared.precision, prepared.calib,
+                                  fixes=not cfg.compile.no_fp16_fixes, seed=cfg.model.seed)
+        predicted = preflight.get("predicted_parity")
+        if predicted is not None:  # judged by the precision's parity cosine (the relative error is the runtime's)
+            floor = cfg.prove.tolerance(prepared.precision).min_cosine
+            predicted["min_cosine"] = floor
+            predicted["passed"] = bool(predicted["cosine"] >= floor)  # NaN: False
+        progress.note(summary_line(preflight))
     with progress.stage("compile", f"{target.name} for {device.name}"):
         coverage = target.check(program)
         if not coverage.ok:
@@ -332,7 +355,7 @@ def compile_artifact(cfg: ExportConfig, prepared: Prepared, compressed: Compress
                 artifact.meta["calibration_lengths"] = "real (each sample cut to its last real token)"
         for f in artifact.files():
             progress.note(f"{f['path']}: {human(f['bytes'])}B")
-    return Compiled(program, stats, coverage, artifact)
+    return Compiled(program, stats, coverage, artifact, preflight)
 
 
 def prove(cfg: ExportConfig, prepared: Prepared, compressed: Compressed, compiled: Compiled, staging: Path,
@@ -395,6 +418,7 @@ def build_report(cfg: ExportConfig, prepared: Prepared, compressed: Compressed, 
         "artifacts": artifact.files(),
         "compile": artifact.meta,
         "parity": proven.parity,
+        "preflight": compiled.preflight,
         "latency": proven.latency,
         "passes": [],
         "stages_s": dict(progress.timings),

@@ -55,6 +55,10 @@ def summary(report: dict) -> str:
         lines.append("  fidelity  " + _fidelity_line(report["compression"]))
     if report["parity"].get("proxy"):
         lines.append("  proxy     " + _parity_line(report["parity"]["proxy"]) + " [TensorRT-ready ONNX]")
+    if report.get("preflight"):
+        from slimx.export.preflight import summary_line
+
+        lines.append("  numerics  " + summary_line(report["preflight"]))
     from slimx.devices.records import Latency
 
     latency = Latency.from_dict(report["latency"])

@@ -263,7 +263,7 @@ def _from_report(report: dict) -> dict:
     if lat.get("kind") == "estimated":
         lo, hi = lat.get("interval_ms") or (None, None)
         out.update({"latency_ms": lat.get("total_ms"), "latency_kind": "estimated", "interval_lo_ms": lo,
-                    "interval_hi_ms": hi})
+                    "interval_hi_ms": hi, "anchors": (lat.get("anchors") or {}).get("count", 0)})
     elif lat.get("measured"):
         out.update({"latency_ms": lat.get("median_ms"), "latency_kind": "measured",
                     "interval_lo_ms": lat.get("min_ms"), "interval_hi_ms": lat.get("p90_ms")})

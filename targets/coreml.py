@@ -157,8 +157,19 @@ class CoreMLTarget(Target):
         kwargs = {"inputs": inputs, "convert_to": backend,
                   "minimum_deployment_target": getattr(ct.target, f"iOS{ios}"),
                   "compute_units": getattr(ct.ComputeUnit, COMPUTE_UNITS[units])}
+        kept = []
         if backend == "mlprogram":
             kwargs["compute_precision"] = ct.precision.FLOAT32 if precision == "fp32" else ct.precision.FLOAT16
+            keep = set(getattr(program, "keep_fp32", ()) or ())
+            if keep and precision != "fp32":  # the pre-flight's overflowing LayerNorms stay fp32 (per-op precision)
+
+                def fp16_op(op, keep=keep, kept=kept):
+                    if op.name in keep:
+                        kept.append(op.name)
+                        return False
+                    return op.op_type != "const"
+
+                kwargs["compute_precision"] = ct.transform.FP16ComputePrecision(op_selector=fp16_op)
         model, notes, decomposition = self._convert(program, kwargs)
         model = _rename_outputs(model, program.output_names)
         from slimx.quant import QuantContext, quantize
@@ -184,6 +195,12 @@ class CoreMLTarget(Target):
             "quantization": qrecord,
             "conversion_warnings": notes,
         }
+        keep = list(getattr(program, "keep_fp32", ()) or ())
+        if keep and precision != "fp32":
+            meta["kept_fp32"] = {"ops": sorted(set(kept)), "asked": keep,
+                                 "how": "coremltools FP16ComputePrecision op selector" if backend == "mlprogram" else
+                                 "not possible: the neuralnetwork format has no per-op precision (an ML Program, "
+                                 "--deployment-target 15 or later, has)"}
         if shape_form:
             meta["buckets"] = shape_form
         meta.update(verify_mlpackage(path, program, backend, precision))

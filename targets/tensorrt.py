@@ -149,10 +149,17 @@ class TensorRTTarget(Target):
         dla = _dla_core(options)
         profiles = shape_profiles(program.inputs, getattr(options.format_options, "opt_len", None), options.buckets)
         flags = trtexec_flags(precision, bool(sparse), dla, profiles)
+        kept = fp32_layers(onnx_path, getattr(program, "keep_fp32", ()) or ()) if precision != "fp32" else []
+        if kept:  # the pre-flight's overflowing LayerNorms: fp32 layers in an fp16 engine (TensorRT #2564)
+            flags += ["--precisionConstraints=obey", "--layerPrecisions=" + ",".join(f"{k}:fp32" for k in kept)]
         script = write_build_script(out_dir, device, precision, flags, notes)
         files = [("onnx", onnx_path), ("script", script)]
         meta = {"opset": opset, "precision": precision, "trtexec_flags": flags, "sparse_2_4_weights": sparse,
                 "quantization": quant, "notes": notes}
+        if kept:
+            meta["kept_fp32"] = {"layers": kept, "asked": list(program.keep_fp32),
+                                 "how": "trtexec --layerPrecisions with --precisionConstraints=obey (the builder: "
+                                        "the layers' precision and output type, OBEY_PRECISION_CONSTRAINTS)"}
         if len(profiles) == 1:
             meta["shape_profile"] = profiles[0]
         elif profiles:
@@ -163,7 +170,7 @@ class TensorRTTarget(Target):
         ok, why = tensorrt_status()
         if ok:
             plan = build_engine(onnx_path, out_dir / "model.plan", precision, bool(sparse), out_dir / "timing.cache",
-                                dla, profiles=profiles)
+                                dla, profiles=profiles, fp32_layers=kept)
             meta["engine"] = {"built": True, **plan}
             files.append(("timing-cache", out_dir / "timing.cache"))
             primary = out_dir / "model.plan"
@@ -302,8 +309,19 @@ def write_build_script(out_dir: Path, device, precision: str, flags: list[str], 
     return path
 
 
+def fp32_layers(onnx_path: Path, fx_nodes) -> list[str]:
+    """The ONNX node names (TensorRT's layer names) of the exported graph's nodes ``fx_nodes`` (the exporter names
+    node ``x`` as ``node_x``)."""
+    import onnx
+
+    wanted = {f"node_{n}" for n in fx_nodes} | set(fx_nodes)
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    return [n.name for n in graph.node if n.name in wanted]
+
+
 def build_engine(onnx_path: Path, plan_path: Path, precision: str, sparse: bool, cache_path: Path,
-                 dla_core: int = -1, workspace_mib: int = 2048, profiles: list[dict] | None = None) -> dict:
+                 dla_core: int = -1, workspace_mib: int = 2048, profiles: list[dict] | None = None,
+                 fp32_layers: list[str] | None = None) -> dict:
     """Build and serialize an engine with the TensorRT builder API (only where tensorrt imports)."""
     import tensorrt as trt
 
@@ -326,6 +344,14 @@ def build_engine(onnx_path: Path, plan_path: Path, precision: str, sparse: bool,
         config.set_flag(trt.BuilderFlag.INT8)
     if sparse:
         config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
+    if fp32_layers:
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+        for i in range(network.num_layers):
+            layer = network.get_layer(i)
+            if layer.name in fp32_layers:
+                layer.precision = trt.float32
+                for j in range(layer.num_outputs):
+                    layer.set_output_type(j, trt.float32)
     for profile in profiles or ():  # the same optimisation profiles build_engine.sh gives trtexec
         opt_profile = builder.create_optimization_profile()
         for name, p in profile.items():

@@ -281,3 +281,50 @@ def sort_model() -> nn.Module:
     model = SortTokens()
     model.example_inputs = lambda: (torch.randn(1, 8),)
     return model
+
+
+class MaskedScores(nn.Module):
+    """Attention scores masked the way HF encoders do: ``(1 - mask) * finfo(float32).min`` added to the scores; in
+    fp16 the constant is -inf and ``0 * -inf`` is NaN at every kept position."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+
+    def forward(self, x, mask):
+        scores = self.q(x) @ self.k(x).transpose(-1, -2) / 4.0
+        scores = scores + (1.0 - mask[:, None, :].float()) * torch.finfo(torch.float32).min
+        return scores.softmax(-1) @ self.v(x)
+
+
+def masked_scores() -> nn.Module:
+    seeded(0)
+    model = MaskedScores().eval()
+    mask = torch.ones(1, 8, dtype=torch.int64)
+    mask[:, 6:] = 0
+    model.example_inputs = lambda: (torch.randn(1, 8, 16), mask)
+    return model
+
+
+class LoudLayerNorm(nn.Module):
+    """A projection whose outputs reach several hundred, then a LayerNorm: its variance squares them past fp16."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(16, 32)
+        self.norm = nn.LayerNorm(32)
+        self.head = nn.Linear(32, 4)
+        with torch.no_grad():
+            self.proj.weight.mul_(200.0)
+
+    def forward(self, x):
+        return self.head(self.norm(self.proj(x)))
+
+
+def loud_layer_norm() -> nn.Module:
+    seeded(0)
+    model = LoudLayerNorm().eval()
+    model.example_inputs = lambda: (torch.randn(2, 16),)
+    return model

@@ -1,0 +1,108 @@
+"""The numerical pre-flight: fp16 hazards found in the exported program with their module paths, fixed without
+changing the model's meaning, and the fp16 parity predicted for formats that cannot run here."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from slimx.cli import main
+from slimx.export.preflight import FP16_POLICIES, fix_constants, keep_fp32, predicted_parity, preflight
+from slimx.export.program import Program, export_program
+from tests.models import loud_layer_norm, masked_scores
+
+
+def _program(make):
+    model = make()
+    example = model.example_inputs()
+    return Program("t", export_program(model, example), model, [], ["y"]), model, example
+
+
+def _batches(example, n=3):
+    gen = torch.Generator().manual_seed(1)
+    return [tuple(torch.randn(t.shape, generator=gen) if t.is_floating_point() else t for t in example)
+            for _ in range(n)]
+
+
+def test_a_finfo_min_mask_is_found_fixed_and_predicted():
+    program, model, example = _program(masked_scores)
+    batches = _batches(example)
+    found = preflight(program, "coreml", "fp16", batches, synthetic=True)
+    constants = [f for f in found["findings"] if f["kind"] == "constant"]
+    assert constants and constants[0]["op"] == "mul" and "MaskedScores" in constants[0]["module"]
+    assert constants[0]["value"] == pytest.approx(torch.finfo(torch.float32).min)
+    before = predicted_parity(program, batches, target_name="coreml")
+    assert math.isnan(before["cosine"]) and before["non_finite_outputs"] == len(batches), "0 * -inf is NaN"
+    reference = [model(*b) for b in batches]
+    changed = fix_constants(program, found["findings"])
+    assert [c["to"] for c in changed] == [-1e4]
+    fixed = program.exported.module()
+    for b, ref in zip(batches, reference, strict=True):
+        assert torch.allclose(fixed(*b), ref, atol=1e-6), "the fix keeps the model's meaning in fp32"
+    after = predicted_parity(program, batches, target_name="coreml")
+    assert after["cosine"] > 0.999 and after["non_finite_outputs"] == 0
+    assert not [f for f in preflight(program, "coreml", "fp16", batches, True)["findings"] if f["kind"] == "constant"]
+    assert preflight(program, "host", "fp32", batches, True)["findings"] == [], "fp32: no fp16 hazard to report"
+
+
+def test_an_overflowing_layer_norm_is_found_and_kept_in_fp32():
+    program, _, example = _program(loud_layer_norm)
+    batches = _batches(example)
+    found = preflight(program, "tensorrt", "fp16", batches, synthetic=True)
+    (reduction,) = [f for f in found["findings"] if f["kind"] == "reduction"]
+    assert reduction["module"] == "norm (LayerNorm)" and reduction["max_square"] > 65504
+    keep = keep_fp32(found["findings"])
+    assert keep == [reduction["node"]]
+    assert predicted_parity(program, batches, target_name="tensorrt")["cosine"] < 0.95
+    assert predicted_parity(program, batches, keep, target_name="tensorrt")["cosine"] > 0.9999
+
+
+@pytest.mark.parametrize("make", [masked_scores, loud_layer_norm])
+def test_the_prediction_agrees_with_onnxruntime_fp16(make, tmp_path, capsys):
+    """Where a runtime exists the prediction is checked against it: onnxruntime's fp16 clamps constants and keeps
+    LayerNorm's accumulation in fp32, so neither hazard shows there, and the prediction for it says the same."""
+    name = make.__name__
+    code = main(["export", f"tests.models:{name}", "--target", "host", "--precision", "fp16", "--no-fp16-fixes",
+                 "--out", str(tmp_path / "o"), "-q"])
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    capsys.readouterr()
+    measured, predicted = report["parity"], report["preflight"]["predicted_parity"]
+    assert code == 0 and measured["measured"] and measured["passed"]
+    assert FP16_POLICIES["onnx"]["constants"] == "clamp" and predicted["passed"]
+    assert predicted["cosine"] == pytest.approx(measured["cosine"], abs=1e-4)
+
+
+@pytest.mark.parametrize("make,target", [(masked_scores, "iphone15pro"), (loud_layer_norm, "jetson-orin-nano")])
+def test_fp16_exports_pass_with_the_fixes_and_fail_without(make, target, tmp_path, capsys):
+    name = make.__name__
+    code = main(["export", f"tests.models:{name}", "--target", target, "--out", str(tmp_path / "fixed"), "-q"])
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "fixed" / "report.json").read_text())
+    pre = report["preflight"]
+    assert code == 0 and "numerics  pre-flight (fp16" in out and pre["fixes"], out
+    assert pre["predicted_parity"]["passed"] and not pre["predicted_parity_without_fixes"]["cosine"] > 0.99
+    assert pre["fix_check"]["cosine"] > 0.99999
+    if target == "jetson-orin-nano":
+        assert "--layerPrecisions=node_layer_norm:fp32" in (tmp_path / "fixed" / "build_engine.sh").read_text()
+    code = main(["export", f"tests.models:{name}", "--target", target, "--no-fp16-fixes",
+                 "--out", str(tmp_path / "unfixed"), "-q"])
+    err = capsys.readouterr().err
+    assert code == 1 and "predicted fp16 parity" in err and "drop --no-fp16-fixes" in err
+    assert (tmp_path / "unfixed" / "report.json").is_file(), "the report is kept for a failed verdict"
+
+
+def test_a_layer_norm_kept_in_fp32_in_the_core_ml_program(tmp_path, capsys):
+    coremltools = pytest.importorskip("coremltools")
+    assert main(["export", "tests.models:loud_layer_norm", "--target", "iphone15pro", "--out", str(tmp_path / "o"),
+                 "-q"]) == 0
+    capsys.readouterr()
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["compile"]["kept_fp32"]["ops"] == ["layer_norm"]
+    spec = coremltools.utils.load_spec(str(tmp_path / "o" / "model.mlpackage"))
+    ops = [op for block in spec.mlProgram.functions["main"].block_specializations.values() for op in block.operations]
+    dtypes = {op.type: op.outputs[0].type.tensorType.dataType for op in ops if op.type in ("layer_norm", "linear")}
+    fp32, fp16 = coremltools.proto.MIL_pb2.FLOAT32, coremltools.proto.MIL_pb2.FLOAT16
+    assert dtypes == {"layer_norm": fp32, "linear": fp16}, "the LayerNorm alone stays fp32 in an fp16 program"
