@@ -298,8 +298,11 @@ def shape_form(loaded, m, target, precision: str) -> dict:
                          f"buckets (tflite, coreml, tensorrt), not to this {'model' if seq is None else target.name}",
                          "drop --buckets" if seq is not None else "drop --buckets (or --static)")
     buckets = None
+    auto = m.buckets == "auto"
     if seq is not None and target.buckets and (m.buckets or target.default_buckets):
-        buckets = bucket_sizes(*seq, m.buckets)
+        # auto: built as the fixed rule's range (its largest bucket is the range's maximum either way); the set is
+        # chosen after torch.export, from the calibration data (export.buckets)
+        buckets = bucket_sizes(*seq, None if auto else m.buckets)
         # a dynamic format keeps every axis (the buckets shape how it is built: profiles); a bucketed one keeps
         # only the sequence axis, spanning the buckets, and every other axis is static
         dropped = not target.dynamic_shapes and any(a != 1 for s in specs for a, _, _ in s.dynamic)
@@ -320,6 +323,8 @@ def shape_form(loaded, m, target, precision: str) -> dict:
     out = {"form": form, "dynamic": dynamic, "why": why}
     if buckets:
         out["buckets"] = list(buckets)
+    if auto:
+        out["auto"] = {"pending": True}
     return out
 
 

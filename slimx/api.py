@@ -283,7 +283,7 @@ def _timing_config(timing):
 def _progress(progress, verbose: bool) -> Progress:
     if progress is not None:
         return progress
-    return Progress(total=8) if verbose else _Quiet()
+    return Progress(total=9) if verbose else _Quiet()
 
 
 def _model_text(model) -> str | None:
@@ -359,7 +359,7 @@ def _recover_text(recover) -> str | None:
     raise UsageError("recover", f"is {type(recover).__name__}", "give a RecoverConfig, a dict or 'steps=200,...'")
 
 
-_SHAPE_KEYS = ("seq_len", "batch", "static", "buckets", "input_shapes")
+_SHAPE_KEYS = ("seq_len", "batch", "static", "buckets", "max_buckets", "input_shapes")
 
 
 def _shape_flags(shapes) -> dict:

@@ -60,10 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="text models: the dynamic sequence axis's range (default 1..the model's maximum positions)")
     exp.add_argument("--batch", default=keep, metavar="MIN..MAX", help="a dynamic batch axis (any model)")
     exp.add_argument("--static", action="store_true", default=keep, help="fix every shape at the export shape")
-    exp.add_argument("--buckets", default=keep, metavar="N,N,...",
+    exp.add_argument("--buckets", default=keep, metavar="N,N,...|auto",
                      help="text models: the sequence lengths to build one fixed shape each for (TFLite signatures, "
                           "CoreML enumerated shapes, TensorRT profiles; default for TFLite/CoreML: 16,32,64,... "
-                          "up to the maximum)")
+                          "up to the maximum); auto: the set that minimises the expected latency over --calib's "
+                          "real lengths, priced by the device's latency model")
+    exp.add_argument("--max-buckets", type=int, default=keep, metavar="N",
+                     help="with --buckets auto: at most N buckets (default: as many as the fixed rule builds)")
     exp.add_argument("--precision", default=keep, choices=PRECISIONS,
                      help="default: the target's (fp16 for coreml and tensorrt, fp32 otherwise)")
     from slimx.targets import all_targets, option_flags
@@ -378,7 +381,7 @@ def _export(args, argv: list[str]) -> int:
 
     flags = {k: v for k, v in vars(args).items() if k in ExportConfig.flag_names()}
     cfg = ExportConfig.from_flags(flags, command=("slimx", *argv), where="slimx export")
-    result = export_config(cfg, progress=Progress(total=8, enabled=not args.quiet))
+    result = export_config(cfg, progress=Progress(total=9, enabled=not args.quiet))
     result.raise_for_failures()  # the report is written either way; a failed verdict exits 1
     if args.json:
         print(json.dumps(result.report.to_dict(), indent=2))

@@ -24,7 +24,15 @@ class ModelConfig:
     seq_len: str | None = None  # MIN..MAX of a text model's dynamic sequence axis (default 1..max positions)
     batch: str | None = None  # MIN..MAX: a dynamic batch axis
     static: bool = False  # every shape fixed at the export shape
-    buckets: str | None = None  # "16,32,64": the lengths a bucketed target builds (default: powers of two)
+    buckets: str | None = None  # "16,32,64": the lengths a bucketed target builds (default: powers of two);
+    # "auto": chosen from the calibration data's lengths by the device's latency model (export.buckets)
+    max_buckets: int | None = None  # with buckets "auto": at most this many (default: as many as the fixed rule)
+
+    def __post_init__(self) -> None:
+        if self.max_buckets is not None and (self.buckets != "auto" or self.max_buckets < 1):
+            raise UsageError(f"--max-buckets {self.max_buckets}", "bounds --buckets auto's choice" if self.buckets !=
+                             "auto" else "must be at least 1", "add --buckets auto" if self.buckets != "auto" else
+                             "give a positive count, e.g. --max-buckets 3")
 
 
 @dataclass(frozen=True)
@@ -119,8 +127,8 @@ _SECTIONS = {"model": ModelConfig, "data": DataConfig, "compress": CompressConfi
 # the report's config keys, in order; every target option's flag (targets.option_flags) follows "opset"
 _FLAT_ORDER = ("model", "target", "format", "out", "weights", "input_shapes", "precision", "opset", "calib",
                "calib_samples", "parity_inputs", "min_cosine", "max_rel_err", "warmup", "runs", "threads", "seed",
-               "passes", "recipe", "recover", "seq_len", "batch", "static", "buckets", "truncate", "labels",
-               "min_fidelity", "max_accuracy_drop", "budget_ms", "no_reconstruct", "no_fp16_fixes")
+               "passes", "recipe", "recover", "seq_len", "batch", "static", "buckets", "max_buckets", "truncate",
+               "labels", "min_fidelity", "max_accuracy_drop", "budget_ms", "no_reconstruct", "no_fp16_fixes")
 
 
 def _option_flags():

@@ -515,7 +515,7 @@ def _artifact_of(spec: str, entry: GateEntry, work: Path, progress):
         progress.note(f"export {spec} for the gate")
     cfg = ExportConfig.from_flags({k: v for k, v in flags.items() if v not in (None, ())},
                                   where=f"gate entry {entry.name}")
-    report = run_export(cfg, Progress(total=8, enabled=False))  # the export slimx.export runs; a failed verdict raises
+    report = run_export(cfg, Progress(total=9, enabled=False))  # the export slimx.export runs; a failed verdict raises
     path = work / report["artifacts"][0]["path"]
     return Artifact(target_for_path(path).name, path, _specs_from_report(path), [])
 

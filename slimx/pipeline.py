@@ -93,9 +93,9 @@ def run(cfg: ExportConfig, progress: Progress | None = None, loaded=None) -> Exp
     """Run the whole export; the report is written to ``OUT/report.json`` (and ``report.html``) whatever its
     verdicts, which the caller reads (``ExportRun.failures``). ``loaded``: a model already taken in
     (``export.intake.load_module``) instead of ``cfg.model.model``."""
-    progress = progress or Progress(total=8, enabled=False)
+    progress = progress or Progress(total=9, enabled=False)
     prepared = resolve(cfg, loaded)
-    progress.total = 8 if prepared.specs else 7
+    progress.total = 9 if prepared.specs else 8
     with staged(prepared.out, progress.warn) as staging:
         prepare(cfg, prepared, progress, loaded)
         compressed = compress(cfg, prepared, progress)
@@ -112,7 +112,7 @@ def run(cfg: ExportConfig, progress: Progress | None = None, loaded=None) -> Exp
 def run_export(cfg: ExportConfig, progress: Progress | None = None) -> dict:
     """Run the whole export and return the report; a failed verdict is raised (exit 1) after the report is
     written, as ``slimx export`` does."""
-    done = run(cfg, progress or Progress(total=8))
+    done = run(cfg, progress or Progress(total=9))
     failures = done.failures()
     if failures:
         raise failures[0]
@@ -234,6 +234,9 @@ def prepare(cfg: ExportConfig, prepared: Prepared, progress: Progress, loaded=No
             prepared.calib = load_calibration(cfg.data.calib, loaded, limit=cfg.data.samples(bool(prepared.specs)),
                                               seed=m.seed, truncate=cfg.data.truncate, labels=cfg.data.labels)
             progress.note(prepared.calib.describe())
+        if prepared.shapes.get("auto") and (prepared.calib is None or prepared.calib.kind != "text"):
+            raise UsageError("--buckets auto", "chooses the buckets from the real lengths of text calibration data",
+                             "add --calib sentences.txt (slimx data stdlib-text writes one), or give --buckets N,N,...")
             own = prepared.options.format_options
             median = data_median_length(prepared.calib, loaded.inputs)
             # a format tuned for one length (TensorRT's profile opt shape) is tuned for the data's median length
@@ -343,6 +346,16 @@ def compile_artifact(cfg: ExportConfig, prepared: Prepared, compressed: Compress
                             "synthetic": synthetic}
             if real_lengths:  # each sample at its real length: padding does not set the int8 ranges
                 batches = at_real_lengths(batches, program.input_names)
+        if (prepared.shapes.get("auto") or {}).get("pending"):
+            from slimx.export.buckets import auto_buckets
+
+            rec = auto_buckets(program, prepared.calib, device, prepared.precision,
+                               tuple(prepared.shapes["buckets"]), cfg.model.max_buckets)
+            prepared.shapes["auto"], prepared.shapes["buckets"] = rec, rec["buckets"]
+            prepared.options = dataclasses.replace(prepared.options, buckets=tuple(rec["buckets"]))
+            progress.note(f"buckets {', '.join(map(str, rec['buckets']))} (auto: expected {rec['expected_ms']:.3f} "
+                          f"ms per sample against {rec['fixed_rule']['expected_ms']:.3f} ms with "
+                          f"{', '.join(map(str, rec['fixed_rule']['buckets']))})")
         artifact = target.compile(program, device, prepared.options, staging, calib_batches=batches)
         built = artifact.meta.get("buckets")
         if built and prepared.shapes.get("buckets"):  # how the format built them (CoreML: enumerated or a range)

@@ -120,6 +120,11 @@ def _shapes_line(shapes: dict) -> str:
         if built.get("form") == "RangeDim":
             return f"sequence range {built['range'][0]}..{built['range'][1]} (RangeDim: {shapes.get('why', '')})"
         how = built.get("form") or ("signatures" if built.get("signatures") else "profiles")
+        auto = shapes.get("auto") or {}
+        if auto.get("expected_ms") is not None:
+            how += (f"; auto from {auto['samples']} calibration lengths: expected {auto['expected_ms']:.3f} ms per "
+                    f"sample, {auto['fixed_rule']['expected_ms']:.3f} ms with the fixed "
+                    f"{', '.join(map(str, auto['fixed_rule']['buckets']))}")
         return f"sequence buckets {', '.join(map(str, shapes['buckets']))} ({how})"
     if shapes.get("form") == "dynamic":
         return f"dynamic {axes}"

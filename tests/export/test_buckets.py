@@ -153,3 +153,28 @@ def test_estimates_follow_the_length_and_the_data(tmp_path, capsys, tiny_bert_di
     assert [r["length"] for r in over["lengths"]] == [16, 32, 64] and costs == sorted(costs) and costs[0] < costs[-1]
     assert over["on_data"]["median_ms"] == costs[0], "short sentences run in the 16-token bucket"
     assert "lengths   on your data (3 samples" in capsys.readouterr().out
+
+
+def test_auto_buckets_minimise_the_expected_latency_over_the_data(tmp_path, tiny_bert_dir, capsys):
+    from slimx.export.buckets import choose
+
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(["a short one.", "two words", "one", "a somewhat longer sentence of a few more words",
+                               "short again", "tiny"] * 3) + "\n")
+    out = tmp_path / "auto"
+    assert main(["export", f"hf:{tiny_bert_dir}", "--target", "pixel7", "--buckets", "auto", "--max-buckets", "2",
+                 "--calib", str(text), "--calib-samples", "18", "--out", str(out), "-q"]) == 0
+    shown = capsys.readouterr().out
+    shapes = json.loads((out / "report.json").read_text())["shapes"]
+    auto = shapes["auto"]
+    assert len(shapes["buckets"]) <= 2 and shapes["buckets"][-1] == 64, "the range's maximum stays a bucket"
+    assert auto["expected_ms"] <= auto["fixed_rule"]["expected_ms"] and sum(h["count"] for h in auto["histogram"]) == 18
+    prices = {int(k): v for k, v in auto["prices_ms"].items()}
+    lengths = [h["to"] for h in auto["histogram"] for _ in range(h["count"])]
+    assert choose(lengths, {k: prices[k] for k in prices if k % 8 == 0 or k == 64}, 2)[0][-1] == 64
+    assert "auto from 18 calibration lengths" in shown
+    assert main(["export", f"hf:{tiny_bert_dir}", "--target", "pixel7", "--buckets", "auto",
+                 "--out", str(tmp_path / "x"), "-q"]) == 2
+    assert "--buckets auto" in capsys.readouterr().err
+    assert main(["export", f"hf:{tiny_bert_dir}", "--target", "pixel7", "--max-buckets", "2",
+                 "--out", str(tmp_path / "y"), "-q"]) == 2

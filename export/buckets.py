@@ -1,0 +1,89 @@
+"""``--buckets auto``: the bucket set, at most ``--max-buckets`` of them, that minimises the expected latency over
+the calibration data's real lengths (each sentence runs padded to the smallest bucket that holds it), every
+candidate length priced by the device's latency model on the exported program itself."""
+
+from __future__ import annotations
+
+import math
+
+STEP = 8  # candidate bucket lengths: the data's lengths rounded up to a multiple of this (and the range's maximum)
+
+
+def candidates(lengths: list[int], lo: int, hi: int, step: int = STEP) -> list[int]:
+    """Example:
+        >>> candidates([3, 9, 17, 40], 1, 64)
+        [8, 16, 24, 40, 64]
+    """
+    return sorted({min(max(step * math.ceil(n / step), lo), hi) for n in lengths} | {hi})
+
+
+def choose(lengths: list[int], cost: dict[int, float], max_count: int) -> tuple[list[int], float]:
+    """The buckets (a subset of ``cost``'s lengths, the largest always among them) that minimise the mean of
+    ``cost[bucket]`` over ``lengths``, at most ``max_count`` of them: a dynamic programme over the sorted candidates.
+
+    Example:
+        >>> choose([5, 6, 7, 60], {8: 1.0, 16: 2.0, 64: 8.0}, 2)
+        ([8, 64], 2.75)
+        >>> choose([5, 6, 7, 60], {8: 1.0, 16: 2.0, 64: 8.0}, 1)
+        ([64], 8.0)
+    """
+    sizes = sorted(cost)
+    counts = [sum(1 for n in lengths if (sizes[j - 1] if j else 0) < n <= s) for j, s in enumerate(sizes)]
+    inf = float("inf")
+    best = [[inf] * (max_count + 1) for _ in sizes]  # best[j][k]: lengths up to sizes[j], k buckets, last at j
+    back = [[-1] * (max_count + 1) for _ in sizes]
+    for j in range(len(sizes)):
+        best[j][1] = cost[sizes[j]] * sum(counts[: j + 1])
+        for k in range(2, max_count + 1):
+            for i in range(j):
+                if best[i][k - 1] < inf:
+                    value = best[i][k - 1] + cost[sizes[j]] * sum(counts[i + 1: j + 1])
+                    if value < best[j][k] - 1e-12:
+                        best[j][k], back[j][k] = value, i
+    last = len(sizes) - 1
+    k = min(range(1, max_count + 1), key=lambda kk: (best[last][kk], kk))
+    chosen, j = [], last
+    while j >= 0 and k >= 1:
+        chosen.append(sizes[j])
+        j, k = back[j][k], k - 1
+    return sorted(chosen), best[last][len(chosen)] / len(lengths)
+
+
+def expected_ms(lengths: list[int], buckets, cost_at) -> float:
+    from slimx.export.shapes import pick_bucket
+
+    return sum(cost_at(pick_bucket(n, buckets)) for n in lengths) / len(lengths)
+
+
+def histogram(lengths: list[int], bins: int = 8) -> list[dict]:
+    hi = max(lengths)
+    width = max(1, math.ceil(hi / bins))
+    edges = range(math.ceil(hi / width))
+    return [{"from": b * width + 1, "to": (b + 1) * width,
+             "count": sum(1 for n in lengths if b * width < n <= (b + 1) * width)} for b in edges]
+
+
+def auto_buckets(program, calib, device, precision: str, fixed: tuple[int, ...], max_count: int | None) -> dict:
+    """Choose the buckets; returns the record the report keeps (histogram, choice, expected latency of both)."""
+    from slimx.devices.estimator import default_setting, estimate_latency
+    from slimx.devices.opmix import op_mix
+    from slimx.export.shapes import lengths_of, seq_range_of
+
+    lo, hi = seq_range_of(program.inputs)
+    lengths = [min(max(n, lo), hi) for n in lengths_of(calib.batches, program.inputs)]
+    count = max_count or len(fixed)
+    setting = default_setting(device, precision)
+    prices: dict[int, float] = {}
+
+    def cost_at(n: int) -> float:
+        if n not in prices:
+            prices[n] = float(estimate_latency(op_mix(program.exported, n), device, setting, top=0)["total_ms"])
+        return prices[n]
+
+    cost = {n: cost_at(n) for n in candidates(lengths, lo, hi)}
+    chosen, mean = choose(lengths, cost, count)
+    base = expected_ms(lengths, fixed, cost_at)
+    return {"buckets": chosen, "max_buckets": count, "samples": len(lengths), "histogram": histogram(lengths),
+            "expected_ms": round(mean, 4), "fixed_rule": {"buckets": list(fixed), "expected_ms": round(base, 4)},
+            "priced_by": f"the estimator of {device.name} ({setting.key}) on the exported program at each length",
+            "prices_ms": {str(k): round(v, 4) for k, v in sorted(prices.items())}}
