@@ -14,9 +14,11 @@ Found by running the program (``torch.fx.Interpreter`` over the ExportedProgram'
   spends its 255 levels on.
 
 Fixes (on by default, ``--no-fp16-fixes`` turns them off), each checked against fp32 on the same inputs and
-recorded: sentinel constants become -1e4 / +1e4 (fp16-safe, still far below any real score); LayerNorms whose
-variance overflows are kept in fp32 through the target's own mechanism (CoreML: the op selector of its fp16 compute
-precision; TensorRT: ``--layerPrecisions`` in ``build_engine.sh``).
+recorded: sentinel constants become -1e4 / +1e4 (fp16-safe, still far below any real score); a LayerNorm whose
+variance overflows is rescaled where its input is a linear layer's output alone (that layer's weight and bias
+divided by a power of two: the norm is scale-invariant up to its eps), else kept in fp32 through the target's own
+mechanism (CoreML: the op selector of its fp16 compute precision; TensorRT: ``--layerPrecisions`` in
+``build_engine.sh``).
 
 The predicted parity runs the program with every op's result rounded to fp16 (parameters too; LayerNorm's variance
 computed in fp16 unless kept in fp32), the way an fp16 engine stores them, against the fp32 program.
@@ -184,8 +186,9 @@ def run(program, target_name: str, precision: str, calib, fixes: bool = True, se
     before = predicted_parity(program, batches, target_name=target_name) if hazards else None
     if fixes and hazards:
         reference = _outputs(program, batches)
-        changed = fix_constants(program, rec["findings"])
-        program.keep_fp32 = keep_fp32(rec["findings"])
+        changed = fix_constants(program, rec["findings"]) + rescale_into_norms(program, rec["findings"])
+        rescaled = {c["node"] for c in changed if c["fix"] == "rescaled into the LayerNorm"}
+        program.keep_fp32 = [k for k in keep_fp32(rec["findings"]) if k not in rescaled]
         nodes = {f["node"]: f for f in rec["findings"]}
         rec["fixes"] = changed + [{"fix": "kept in fp32", "node": k, "op": nodes[k]["op"],
                                    "module": nodes[k]["module"]} for k in program.keep_fp32]
@@ -194,10 +197,26 @@ def run(program, target_name: str, precision: str, calib, fixes: bool = True, se
     elif hazards:
         rec["fixes"] = []
         rec["fixes_off"] = "--no-fp16-fixes: the hazards are reported, not fixed"
-    rec["predicted_parity"] = predicted_parity(program, batches, getattr(program, "keep_fp32", None), target_name)
+    keep = getattr(program, "keep_fp32", None)
+    on_data = predicted_parity(program, batches, keep, target_name)
+    fresh = predicted_parity(program, _fresh(program, seed), keep, target_name)
+    worst = min((on_data, fresh), key=lambda r: (r["cosine"] == r["cosine"], r["cosine"]))  # NaN first
+    rec["predicted_parity"] = {**worst, "on_data": _brief(on_data, "calibration" if not synthetic else "synthetic"),
+                               "fresh": _brief(fresh, "fresh random")}
     if before is not None:
         rec["predicted_parity_without_fixes"] = before
     return rec
+
+
+def _fresh(program, seed: int, count: int = 2) -> list:
+    from slimx._core.inputs import sample_inputs
+
+    return [sample_inputs(program.inputs, seed=seed + 7000 + i) for i in range(count)]
+
+
+def _brief(rec: dict, what: str) -> dict:
+    return {"inputs": f"{rec['samples']} {what} input(s)", **{k: rec[k] for k in ("cosine", "max_abs", "rel_err",
+                                                                                   "non_finite_outputs")}}
 
 
 def _outputs(program, batches) -> list:
@@ -268,6 +287,37 @@ def fix_constants(program, findings: list[dict]) -> list[dict]:
             n.args, n.kwargs = tuple(args), kwargs
     if done:
         gm.recompile()
+    return done
+
+
+def rescale_into_norms(program, findings: list[dict]) -> list[dict]:
+    """A LayerNorm is blind to the scale of its input (up to its eps): where the overflowing input is a linear
+    layer's output that nothing else reads, that layer's weight and bias are divided by a power of two that brings
+    the largest deviation under 128 (squares under 16384), so the norm stays in fp16 and the model's meaning
+    holds. New tensors replace the parameters in the exported program (the PyTorch module keeps its own).
+    Returns the fixes; their nodes need no fp32 fallback."""
+    if program.exported is None:
+        return []
+    ep = program.exported
+    params = dict(ep.graph_signature.inputs_to_parameters)
+    done = []
+    for n in ep.graph_module.graph.nodes:
+        f = next((f for f in findings if f["kind"] == "reduction" and f["node"] == n.name
+                  and f["op"] in ("layer_norm", "native_layer_norm")), None)
+        src = n.args[0] if f is not None and n.args and isinstance(n.args[0], torch.fx.Node) else None
+        if src is None or _op(src) != "linear" or len(src.users) != 1:
+            continue
+        names = [params.get(a.name) for a in src.args[1:3] if isinstance(a, torch.fx.Node)]
+        if not names or None in names:
+            continue
+        scale = 2.0 ** math.ceil(math.log2(math.sqrt(f["max_square"]) / 128.0))
+        for name in names:
+            ep.state_dict[name] = torch.nn.Parameter(ep.state_dict[name].detach().clone() / scale,
+                                                     requires_grad=False)
+        done.append({"fix": "rescaled into the LayerNorm", "node": n.name, "op": _op(n), "module": module_of(n),
+                     "producer": module_of(src), "divided_by": scale,
+                     "why": f"{module_of(src)}'s weight and bias / {scale:g}: the norm's input deviations fall "
+                            f"under 128, and a LayerNorm is scale-invariant up to its eps"})
     return done
 
 

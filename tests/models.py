@@ -328,3 +328,19 @@ def loud_layer_norm() -> nn.Module:
     model = LoudLayerNorm().eval()
     model.example_inputs = lambda: (torch.randn(2, 16),)
     return model
+
+
+class LoudResidualNorm(LoudLayerNorm):
+    """The same overflowing LayerNorm, but its input is also read by a residual path: it cannot be rescaled, so it
+    is kept in fp32."""
+
+    def forward(self, x):
+        y = self.proj(x)
+        return self.head(self.norm(y)) + 1e-3 * y[..., :4]
+
+
+def loud_residual_norm() -> nn.Module:
+    seeded(0)
+    model = LoudResidualNorm().eval()
+    model.example_inputs = lambda: (torch.randn(2, 16),)
+    return model

@@ -10,9 +10,16 @@ import pytest
 import torch
 
 from slimx.cli import main
-from slimx.export.preflight import FP16_POLICIES, fix_constants, keep_fp32, predicted_parity, preflight
+from slimx.export.preflight import (
+    FP16_POLICIES,
+    fix_constants,
+    keep_fp32,
+    predicted_parity,
+    preflight,
+    rescale_into_norms,
+)
 from slimx.export.program import Program, export_program
-from tests.models import loud_layer_norm, masked_scores
+from tests.models import loud_layer_norm, loud_residual_norm, masked_scores
 
 
 def _program(make):
@@ -48,8 +55,22 @@ def test_a_finfo_min_mask_is_found_fixed_and_predicted():
     assert preflight(program, "host", "fp32", batches, True)["findings"] == [], "fp32: no fp16 hazard to report"
 
 
+def test_an_overflowing_layer_norm_fed_by_a_linear_alone_is_rescaled():
+    program, model, example = _program(loud_layer_norm)
+    batches = _batches(example)
+    found = preflight(program, "coreml", "fp16", batches, synthetic=True)
+    (fix,) = rescale_into_norms(program, found["findings"])
+    assert fix["producer"] == "proj (Linear)" and fix["divided_by"] >= 2
+    fixed = program.exported.module()
+    for b in batches:
+        assert torch.allclose(fixed(*b), model(*b), atol=1e-5), "a LayerNorm is blind to its input's scale"
+    assert model.proj.weight.abs().max() > 40, "the PyTorch module (the parity reference) keeps its weights"
+    assert predicted_parity(program, batches, [], target_name="coreml")["cosine"] > 0.9999, "fp16 LayerNorm now"
+    assert preflight(program, "coreml", "fp16", batches, True)["findings"] == []
+
+
 def test_an_overflowing_layer_norm_is_found_and_kept_in_fp32():
-    program, _, example = _program(loud_layer_norm)
+    program, _, example = _program(loud_residual_norm)
     batches = _batches(example)
     found = preflight(program, "tensorrt", "fp16", batches, synthetic=True)
     (reduction,) = [f for f in found["findings"] if f["kind"] == "reduction"]
@@ -79,7 +100,8 @@ def test_the_prediction_agrees_with_the_runtimes_here(make, target, tmp_path, ca
     assert predicted["cosine"] == pytest.approx(measured["cosine"], abs=1e-4)
 
 
-@pytest.mark.parametrize("make,target", [(masked_scores, "iphone15pro"), (loud_layer_norm, "jetson-orin-nano")])
+@pytest.mark.parametrize("make,target", [(masked_scores, "iphone15pro"), (loud_layer_norm, "iphone15pro"),
+                                         (loud_residual_norm, "jetson-orin-nano")])
 def test_fp16_exports_pass_with_the_fixes_and_fail_without(make, target, tmp_path, capsys):
     name = make.__name__
     code = main(["export", f"tests.models:{name}", "--target", target, "--out", str(tmp_path / "fixed"), "-q"])
@@ -88,6 +110,7 @@ def test_fp16_exports_pass_with_the_fixes_and_fail_without(make, target, tmp_pat
     pre = report["preflight"]
     assert code == 0 and "numerics  pre-flight (fp16" in out and pre["fixes"], out
     assert pre["predicted_parity"]["passed"] and not pre["predicted_parity_without_fixes"]["cosine"] > 0.99
+    assert {"on_data", "fresh"} <= set(pre["predicted_parity"]), "predicted on the data and on fresh inputs"
     assert pre["fix_check"]["cosine"] > 0.99999
     if target == "jetson-orin-nano":
         assert "--layerPrecisions=node_layer_norm:fp32" in (tmp_path / "fixed" / "build_engine.sh").read_text()
@@ -100,8 +123,8 @@ def test_fp16_exports_pass_with_the_fixes_and_fail_without(make, target, tmp_pat
 
 def test_a_layer_norm_kept_in_fp32_in_the_core_ml_program(tmp_path, capsys):
     coremltools = pytest.importorskip("coremltools")
-    assert main(["export", "tests.models:loud_layer_norm", "--target", "iphone15pro", "--out", str(tmp_path / "o"),
-                 "-q"]) == 0
+    assert main(["export", "tests.models:loud_residual_norm", "--target", "iphone15pro", "--out",
+                 str(tmp_path / "o"), "-q"]) == 0
     capsys.readouterr()
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert report["compile"]["kept_fp32"]["ops"] == ["layer_norm"]
