@@ -20,6 +20,7 @@ class TimingConfig:
     runs: int = 50
     warmup: int = 5
     threads: int | None = None
+    learn: bool = False  # a measurement of the device becomes one of its anchors (devices.anchors)
 
     def __post_init__(self) -> None:
         if self.runs < 30:

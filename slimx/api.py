@@ -427,7 +427,8 @@ def export(model, device: str = "host", *, example_inputs=None, format: str | No
         out: the output folder (default ``out/MODEL-DEVICE``).
         options: the format's own options, typed (``targets.coreml.CoreMLOptions(compute_units="cpu_only")``)
             or as a dict.
-        timing: a ``TimingConfig`` (runs, warmup, threads), or a dict of its fields, for measured latency.
+        timing: a ``TimingConfig`` (runs, warmup, threads, learn: the measurement becomes an anchor of the
+            device), or a dict of its fields, for measured latency.
         progress: a ``slimx.Progress`` to show stages on; ``verbose=True`` makes one on stderr.
 
     Returns:
@@ -456,7 +457,7 @@ def export(model, device: str = "host", *, example_inputs=None, format: str | No
     flags.update(_format_flags(options))
     if timing is not None:
         timing = _timing_config(timing)
-        flags.update(runs=timing.runs, warmup=timing.warmup, threads=timing.threads)
+        flags.update(runs=timing.runs, warmup=timing.warmup, threads=timing.threads, learn=timing.learn or None)
     text = _model_text(model)
     loaded = None
     if text is None:

@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--no-reconstruct", action="store_true", default=keep,
                      help="keep each pass's cut weights as they are (default: after each pass, refit the layers it "
                           "cut or factorized by least squares on the calibration data)")
+    exp.add_argument("--learn", action="store_true", default=keep,
+                     help="add the measured latency (host) to the device's anchors (slimx devices anchor), so "
+                          "estimates of models not yet timed there use it")
     exp.add_argument("--no-fp16-fixes", action="store_true", default=keep,
                      help="keep the fp16 hazards the numerical pre-flight finds as they are (default: fp16-safe mask "
                           "constants, overflowing LayerNorms kept in fp32; each checked against fp32)")

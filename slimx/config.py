@@ -126,9 +126,10 @@ _SECTIONS = {"model": ModelConfig, "data": DataConfig, "compress": CompressConfi
 
 # the report's config keys, in order; every target option's flag (targets.option_flags) follows "opset"
 _FLAT_ORDER = ("model", "target", "format", "out", "weights", "input_shapes", "precision", "opset", "calib",
-               "calib_samples", "parity_inputs", "min_cosine", "max_rel_err", "warmup", "runs", "threads", "seed",
-               "passes", "recipe", "recover", "seq_len", "batch", "static", "buckets", "max_buckets", "truncate",
-               "labels", "min_fidelity", "max_accuracy_drop", "budget_ms", "no_reconstruct", "no_fp16_fixes")
+               "calib_samples", "parity_inputs", "min_cosine", "max_rel_err", "warmup", "runs", "threads", "learn",
+               "seed", "passes", "recipe", "recover", "seq_len", "batch", "static", "buckets", "max_buckets",
+               "truncate", "labels", "min_fidelity", "max_accuracy_drop", "budget_ms", "no_reconstruct",
+               "no_fp16_fixes")
 
 
 def _option_flags():

@@ -404,6 +404,8 @@ def prove(cfg: ExportConfig, prepared: Prepared, compressed: Compressed, compile
     with progress.stage("latency"):
         latency, host_latency = run_latency(prepared.device, prepared.target, compiled.artifact, compiled.program,
                                             t, cfg.model.seed, prepared.precision, prepared.calib)
+        if t.learn:
+            latency["learned"] = _learn(cfg, prepared, compressed, latency, progress)
         speedup = None
         if compressed.record is not None:
             base_program = program_of(prepared.deployable, compressed.original_module)
@@ -411,6 +413,25 @@ def prove(cfg: ExportConfig, prepared: Prepared, compressed: Compressed, compile
                                       compiled.program, compiled.artifact, t, cfg.model.seed, prepared.calib,
                                       staging, progress)
     return Proven(parity, latency, host_latency, speedup)
+
+
+def _learn(cfg: ExportConfig, prepared: Prepared, compressed: Compressed, latency: dict, progress) -> dict:
+    """``--learn``: the export's measurement of its device becomes an anchor (the MODEL as given, uncompressed:
+    the anchor's estimate is of that spec)."""
+    from slimx.devices.anchor_cmd import learn
+    from slimx.devices.estimator import default_setting
+
+    if not latency.get("measured"):
+        return {"learned": False, "why": "nothing was measured (the device is not at hand)"}
+    if compressed.record is not None:
+        return {"learned": False, "why": "a compressed model is not the MODEL it came from, which the anchor estimates"}
+    if not isinstance(cfg.model.model, str) or cfg.model.model.endswith((".onnx", ".pt2")):
+        return {"learned": False, "why": "the estimator reads a MODEL spec's graph; this model was given otherwise"}
+    setting = default_setting(prepared.device, prepared.precision)
+    got = learn(prepared.device, setting, cfg.model.model, list(cfg.model.input_shapes), float(latency["median_ms"]),
+                "slimx export on this host", progress)
+    progress.note(f"learned: {prepared.device.name} now has {got['count']} anchor(s) for {setting.key}")
+    return {"learned": True, "anchors": got["count"], "setting": setting.key}
 
 
 def build_report(cfg: ExportConfig, prepared: Prepared, compressed: Compressed, compiled: Compiled, proven: Proven,

@@ -140,6 +140,20 @@ def test_measurements_are_learned_from_profile_and_gate(capsys, anchors_home):
     assert sorted(a.model for a in read_anchors("host")["anchors"]) == sorted([MLP, CONV])
 
 
+def test_an_exports_host_measurement_is_learned(capsys, anchors_home, tmp_path):
+    code, _, _ = run(capsys, "export", CONV, "--learn", "--runs", "30", "--warmup", "1", "--out", str(tmp_path / "a"),
+                     "-q")
+    learned = json.loads((tmp_path / "a" / "report.json").read_text())["latency"]["learned"]
+    assert code == 0 and learned["learned"] and learned["anchors"] == 1
+    (anchor,) = read_anchors("host")["anchors"]
+    assert anchor.model == CONV and anchor.source == "learned: slimx export on this host"
+    code, _, _ = run(capsys, "export", CONV, "--learn", "--pass", "lowrank:rank_ratio=0.5", "--runs", "30",
+                     "--warmup", "1", "--min-fidelity", "0.01", "--out", str(tmp_path / "b"), "-q")
+    learned = json.loads((tmp_path / "b" / "report.json").read_text())["latency"]["learned"]
+    assert not learned["learned"] and "compressed" in learned["why"], "a compressed model is not its MODEL spec"
+    assert len(read_anchors("host")["anchors"]) == 1
+
+
 def test_anchors_from_a_running_agent(capsys, anchors_home, tmp_path):
     from tests.devices.test_agent import TOKEN, _Server
 
