@@ -92,7 +92,8 @@ def score(data, pred: np.ndarray, seed: int = 0) -> dict:
                 out[k]["inside"].append(inside)
                 out[k]["device"].append(d)
                 out[k]["setup"].append(u)
-    return {"by_k": out, "spearman": (sum(s * n for s, n in spearmans) / sum(n for _, n in spearmans)
+    return {"by_k": out, "within_setup_sd": within_setup_sd([logr[v] for v in cells.values()]),
+            "spearman": (sum(s * n for s, n in spearmans) / sum(n for _, n in spearmans)
                                       if spearmans else float("nan")), "cells": {f"{u} / {d}": len(v)
                                                                                  for (u, d), v in cells.items()}}
 
@@ -124,7 +125,7 @@ def run(data_dir: Path = DATA, families: dict | None = None) -> dict:
     family's calibration chose (default: without offsets, the fp32 peak)."""
     from estimator_generalization import FAMILY_TABLES
 
-    from slimx.devices.anchors import PRIOR_WEIGHT, within_setup_sd
+    from slimx.devices.anchors import PRIOR_WEIGHT
     from slimx.devices.calibrate import read_rows
     from slimx.devices.family import family_data, leave_one_setup_out
 
@@ -141,11 +142,8 @@ def run(data_dir: Path = DATA, families: dict | None = None) -> dict:
         for method, pred in (("slimx", leave_one_setup_out(data, *structure)),
                              ("naive", naive_leave_one_setup_out(data))):
             scored = score(data, pred)
-            cells = cells_of(data, pred)
-            logr = np.log(data.y / pred)
             entry[method] = {"by_k": summarise(scored), "spearman": round(scored["spearman"], 3),
-                             "cells": scored["cells"],
-                             "within_setup_sd": round(within_setup_sd([logr[v] for v in cells.values()]), 4)}
+                             "cells": scored["cells"], "within_setup_sd": round(scored["within_setup_sd"], 4)}
         out["families"].append(entry)
     return out
 

@@ -9,15 +9,7 @@ import math
 from pathlib import Path
 
 from slimx._core.errors import UsageError
-from slimx.devices.anchors import (
-    Anchor,
-    combine,
-    disagreement,
-    fingerprint,
-    read_anchors,
-    spread_prior,
-    write_anchors,
-)
+from slimx.devices.anchors import Anchor, fingerprint, read_anchors, standing, write_anchors
 
 
 def raw_estimate(device, setting, model: str, input_shapes: list[str], weights=None) -> float:
@@ -76,25 +68,12 @@ def refresh(device, progress=None) -> dict:
 
 def summary(device, setting) -> dict:
     """Where the anchors of a device stand for one setting: each anchor's ratio, the factor, the interval."""
-    state = read_anchors(device.name)
-    current = fingerprint(device, setting)
-    mine = [a for a in state["anchors"] if a.setting == setting.key]
-    used = [a for a in mine if a.fit == current]
-    out = {"device": device.name, "setting": setting.key, "setup": state["setup"], "count": len(used),
-           "stale": len(mine) - len(used),
-           "anchors": [{"model": a.model, "input_shapes": a.input_shapes, "measured_ms": a.measured_ms,
-                        "estimated_ms": round(a.estimated_ms, 4), "ratio": round(a.measured_ms / a.estimated_ms, 4),
-                        "source": a.source, "when": a.when, "current": a.fit == current} for a in mine]}
-    if used:
-        prior = spread_prior(device.name, setting.key)
-        got = combine([a.log_ratio for a in used], prior["sd"], prior["weight"])
-        out.update({"factor": round(got["factor"], 4),
-                    "interval_factors": [round(v, 4) for v in got["interval_factors"]],
-                    "spread_sd": None if got["own_sd"] is None else round(got["own_sd"], 4),
-                    "prior_sd": prior["sd"], "prior_basis": prior["basis"], "disagree": got["disagree"]})
-        if got["disagree"]:
-            out["note"] = disagreement(device.name, used, got, prior)
-    return out
+    now = standing(device, setting, read_anchors(device.name))
+    return {"device": device.name, "setting": setting.key, **now["record"],
+            "anchors": [{"model": a.model, "input_shapes": a.input_shapes, "measured_ms": a.measured_ms,
+                         "estimated_ms": round(a.estimated_ms, 4), "ratio": round(a.measured_ms / a.estimated_ms, 4),
+                         "source": a.source, "when": a.when, "current": a.fit == now["current"]}
+                        for a in now["mine"]]}
 
 
 def learn(device, setting, model: str, input_shapes: list[str], measured_ms: float, where: str,

@@ -187,36 +187,49 @@ def combine(log_ratios: list[float], prior_sd: float, prior_weight: float, cover
 # --------------------------------------------------------------------------- applying anchors to an estimate
 
 
+def standing(device, setting, state: dict | None = None) -> dict:
+    """The anchors of ``device`` for ``setting`` and what they say: ``mine`` (all of them), ``used`` (those taken
+    against the current fit), ``got`` (``combine``'s answer for the used ones, or None) and ``record`` (setup,
+    count, stale, and where any are used the factor, its interval, the spread and a note when they disagree).
+    ``state``: the anchors file as read (default: the cached one)."""
+    state = anchors_of(device.name) if state is None else state
+    current = fingerprint(device, setting)
+    mine = [a for a in state["anchors"] if a.setting == setting.key]
+    used = [a for a in mine if a.fit == current]
+    record = {"setup": state["setup"], "count": len(used), "stale": len(mine) - len(used)}
+    got = None
+    if used:
+        prior = spread_prior(device.name, setting.key)
+        got = combine([a.log_ratio for a in used], prior["sd"], prior["weight"])
+        record.update({"factor": round(got["factor"], 4),
+                       "interval_factors": [round(v, 4) for v in got["interval_factors"]],
+                       "spread_sd": None if got["own_sd"] is None else round(got["own_sd"], 4),
+                       "prior_sd": prior["sd"], "prior_basis": prior["basis"], "disagree": got["disagree"]})
+        if got["disagree"]:
+            record["note"] = disagreement(device.name, used, got, prior)
+    return {"current": current, "mine": mine, "used": used, "got": got, "record": record}
+
+
 def apply(est: dict, device, setting) -> dict:
     """Put an estimate (``estimate_latency``'s dict) on the user's setup where the device has anchors for its
     setting: the total, the per-op figures and the interval, with an ``anchors`` record saying so."""
     state = anchors_of(device.name)
-    mine = [a for a in state["anchors"] if a.setting == setting.key]
-    if not mine:
+    if not any(a.setting == setting.key for a in state["anchors"]):
         return est
-    current = fingerprint(device, setting)
-    stale = [a for a in mine if a.fit != current]
-    used = [a for a in mine if a.fit == current]
-    record = {"setup": state["setup"], "count": len(used), "stale": len(stale)}
-    if not used:
-        record["note"] = (f"{len(stale)} anchor(s) of {device.name} were taken against another fit of "
+    now = standing(device, setting, state)
+    record, got = now["record"], now["got"]
+    if got is None:
+        record["note"] = (f"{record['stale']} anchor(s) of {device.name} were taken against another fit of "
                           f"{setting.key}: not used (run `slimx devices anchor {device.name} --refresh`)")
         est["anchors"] = record
         return est
-    prior = spread_prior(device.name, setting.key)
-    got = combine([a.log_ratio for a in used], prior["sd"], prior["weight"])
     f = got["factor"]
     total = est["total_ms"] * f
     lo, hi = got["interval_factors"]
-    record.update({"factor": round(f, 4), "interval_factors": [round(lo, 4), round(hi, 4)],
-                   "spread_sd": None if got["own_sd"] is None else round(got["own_sd"], 4),
-                   "prior_sd": prior["sd"], "prior_basis": prior["basis"], "disagree": got["disagree"],
-                   "unanchored_ms": est["total_ms"], "unanchored_interval_ms": est["interval_ms"],
-                   "models": [a.model for a in used]})
-    if got["disagree"]:
-        record["note"] = disagreement(device.name, used, got, prior)
-    elif stale:
-        record["note"] = (f"{len(stale)} older anchor(s) taken against another fit left out "
+    record.update({"unanchored_ms": est["total_ms"], "unanchored_interval_ms": est["interval_ms"],
+                   "models": [a.model for a in now["used"]]})
+    if record["stale"] and not got["disagree"]:
+        record["note"] = (f"{record['stale']} older anchor(s) taken against another fit left out "
                           f"(`slimx devices anchor {device.name} --refresh`)")
     est.update({"total_ms": round(total, 4), "median_ms": round(total, 4),
                 "fixed_ms": round(est["fixed_ms"] * f, 4),

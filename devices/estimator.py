@@ -290,17 +290,23 @@ def _module_group(path: str, depth: int = 3) -> str:
 
 def describe(est: dict, device) -> str:
     """One line saying what the estimate is and how far to trust it."""
+    from slimx.devices.anchors import describe as anchored
+
     error = est.get("expected_error_pct")
+    anchors = est.get("anchors") or {}
     err = f"expected error ±{error:.0f}%" if error is not None else "expected error unknown (not calibrated)"
     interval = est.get("interval_ms")
-    if interval and error is not None:
+    if anchors.get("count"):  # the anchors' interval, not the profile's stated error
+        err = f"80% interval {interval[0]:.3f}-{interval[1]:.3f} ms (spread: {anchors['prior_basis']} and the anchors)"
+    elif interval and error is not None:
         cv = est.get("cv_method") or "held-out rows"
         err = f"80% interval {interval[0]:.3f}-{interval[1]:.3f} ms, expected error ±{error:.0f}% ({cv})"
     how = f", scaled from {est['scaled_from']} by peak rates" if est.get("scaled_from") else ""
     if est.get("setup"):
         how += f"; for the setup {est['setup'][:70]}" + (
-            "" if est.get("anchors", {}).get("count") else f" (anchor yours: slimx devices anchor {device.name})")
-    basis = f" [{est['expected_error_source']}]" if est.get("expected_error_source") else ""
+            "" if anchors.get("count") else f" (anchor yours: slimx devices anchor {device.name})")
+    basis = f" [{est['expected_error_source']}]" if est.get("expected_error_source") and not anchors.get("count") \
+        else ""
     if est.get("fit_host") and device.measured:
         from slimx.devices.host import cpu_model
 
@@ -310,12 +316,6 @@ def describe(est: dict, device) -> str:
     if est.get("calibrated") and est.get("unfitted_share", 0) >= 0.1:
         basis += (f"; {est['unfitted_share'] * 100:.0f}% of this estimate comes from op classes absent from the "
                   "fit's data, so the error can be larger")
-    from slimx.devices.anchors import describe as anchored
-
-    if est.get("anchors", {}).get("count"):  # the anchors' interval, not the profile's stated error
-        lo, hi = est["interval_ms"]
-        err = f"80% interval {lo:.3f}-{hi:.3f} ms (spread: {est['anchors']['prior_basis']} and the anchors)"
-        basis = basis.split("]", 1)[1] if basis.startswith(" [") and "]" in basis else basis
     return (f"estimated for {device.display_name} ({est['setting']}{how}): {est['total_ms']:.3f} ms, {err}{basis}"
             + anchored(est))
 

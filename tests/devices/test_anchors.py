@@ -19,17 +19,6 @@ MLP = "tests.models:tiny_mlp"
 CONV = "tests.models:gate_mlp_wide"
 
 
-@pytest.fixture
-def anchors_home(tmp_path, monkeypatch):
-    from slimx.devices.registry import reload_profiles
-
-    monkeypatch.setenv("SLIMX_DEVICES_DIR", str(tmp_path / "devices"))
-    reload_profiles()
-    yield tmp_path / "devices"
-    monkeypatch.delenv("SLIMX_DEVICES_DIR")
-    reload_profiles()
-
-
 def run(capsys, *argv):
     code = main(list(argv))
     out, err = capsys.readouterr()
@@ -54,7 +43,7 @@ def test_agreeing_anchors_narrow_the_interval_and_disagreeing_ones_are_said():
     assert "default" in spread_prior("host")["basis"]
 
 
-def test_anchors_put_later_estimates_on_the_users_setup(capsys, anchors_home):
+def test_anchors_put_later_estimates_on_the_users_setup(capsys, scratch_profiles):
     profile_file = load_device("jetson-nano").raw  # the shipped profile, compared after
     before = profile_json(capsys, CONV, "jetson-nano")
     assert "anchors" not in before
@@ -90,7 +79,7 @@ def test_anchors_put_later_estimates_on_the_users_setup(capsys, anchors_home):
     assert entry["candidate"]["estimate_ms"] == pytest.approx(after["total_ms"], rel=1e-3)
 
 
-def test_anchor_refusals_and_housekeeping(capsys, anchors_home, tmp_path):
+def test_anchor_refusals_and_housekeeping(capsys, scratch_profiles, tmp_path):
     assert run(capsys, "devices", "anchor", "jetson-nano", "--measured", f"{MLP}=-3")[0] == 2
     assert run(capsys, "devices", "anchor", "jetson-nano", "--measured", "no-equals-sign")[0] == 2
     assert run(capsys, "devices", "anchor", "jetson-nano", "--models", "timm:resnet18")[0] == 2
@@ -121,7 +110,7 @@ def test_anchor_refusals_and_housekeeping(capsys, anchors_home, tmp_path):
     assert "anchors" not in profile_json(capsys, CONV, "jetson-nano")
 
 
-def test_measurements_are_learned_from_profile_and_gate(capsys, anchors_home):
+def test_measurements_are_learned_from_profile_and_gate(capsys, scratch_profiles):
     code, out, _ = run(capsys, "profile", MLP, "--device", "host", "--learn", "--runs", "5", "--warmup", "1",
                        "--json", "-q")
     got = json.loads(out)
@@ -140,7 +129,7 @@ def test_measurements_are_learned_from_profile_and_gate(capsys, anchors_home):
     assert sorted(a.model for a in read_anchors("host")["anchors"]) == sorted([MLP, CONV])
 
 
-def test_an_exports_host_measurement_is_learned(capsys, anchors_home, tmp_path):
+def test_an_exports_host_measurement_is_learned(capsys, scratch_profiles, tmp_path):
     code, _, _ = run(capsys, "export", CONV, "--learn", "--runs", "30", "--warmup", "1", "--out", str(tmp_path / "a"),
                      "-q")
     learned = json.loads((tmp_path / "a" / "report.json").read_text())["latency"]["learned"]
@@ -154,7 +143,7 @@ def test_an_exports_host_measurement_is_learned(capsys, anchors_home, tmp_path):
     assert len(read_anchors("host")["anchors"]) == 1
 
 
-def test_anchors_from_a_running_agent(capsys, anchors_home, tmp_path):
+def test_anchors_from_a_running_agent(capsys, scratch_profiles, tmp_path):
     from tests.devices.test_agent import TOKEN, _Server
 
     token = tmp_path / "token"

@@ -10,16 +10,7 @@ from slimx.devices import load_device
 from slimx.devices.calibrate import calibrate, read_rows, scale_from, write_profile
 from slimx.devices.estimator import settings_of
 from slimx.devices.microbench import CSV_FIELDS, run_microbench, suite
-from slimx.devices.registry import check_sources, reload_profiles
-
-
-@pytest.fixture
-def scratch_profiles(tmp_path, monkeypatch):
-    monkeypatch.setenv("SLIMX_DEVICES_DIR", str(tmp_path / "profiles"))
-    reload_profiles()
-    yield tmp_path / "profiles"
-    monkeypatch.delenv("SLIMX_DEVICES_DIR")
-    reload_profiles()
+from slimx.devices.registry import check_sources
 
 
 def test_suite_covers_every_op_family():
