@@ -50,6 +50,32 @@ def default_setting(device, precision: str | None = None) -> Setting:
     return settings.get(default) or next(iter(settings.values()))
 
 
+def setting_for_format(device, target, precision: str | None = None) -> tuple[Setting, str | None]:
+    """The setting an artifact of ``target`` (a ``Target``) for ``device`` is estimated with, and a note when it is
+    another format's: a setting of the format's own where the profile has one, else the setting of the format the
+    target ``estimates_from`` (its note says how far the transfer holds), else ``default_setting``."""
+    settings = settings_of(device)
+
+    def of(fmt):
+        mine = [s for s in settings.values() if s.runtime == fmt]
+        return next((s for s in mine if s.dtype == precision), None) or next(
+            (s for s in mine if s.dtype == "fp32"), None) or (mine[0] if mine else None)
+
+    own = of(target.name) if target.name != device.default_format else None
+    if own is not None:
+        return own, None
+    via = getattr(target, "estimates_from", None)
+    if via and target.name != device.default_format:
+        fmt, note = via
+        carried = of(fmt)
+        if carried is None:
+            raise UsageError(f"device {device.name}", f"has no estimator setting for {target.name} or for {fmt}, "
+                             f"whose kernels {target.name} shares",
+                             f"calibrate a {fmt} setting for it, or measure through an agent")
+        return carried, note
+    return default_setting(device, precision), None
+
+
 def peak_gops(device, unit: str, dtype: str) -> float:
     """Peak rate of ``unit`` in GOP/s for ``dtype``, falling back to a neighbouring dtype's figure."""
     order = {"fp32": ("fp32", "fp16", "int8"), "fp16": ("fp16", "fp32", "int8"), "int8": ("int8", "fp16", "fp32")}

@@ -53,16 +53,19 @@ def run_latency(device, target, artifact, program, t: TimingConfig, seed: int = 
     reason = f"no {device.name} is attached and no runner for it exists here"
     host_dict = host.to_dict() if host is not None else None
     if program.exported is not None:
-        from slimx.devices.estimator import default_setting, describe, estimate_latency
+        from slimx.devices.estimator import describe, estimate_latency, setting_for_format
         from slimx.devices.opmix import op_mix
 
         try:
-            setting = default_setting(device, precision)
+            setting, transfer = setting_for_format(device, target, precision)
             est = estimate_latency(op_mix(program.exported), device, setting)
         except UsageError as exc:
             reason += f"; no estimate either ({exc.line()})"
         else:
             est["label"] = describe(est, device)
+            if transfer:
+                est["transfer"] = transfer
+                est["label"] += f"; {target.name} {transfer}"
             over = estimate_over_lengths(program, device, setting, calib,
                                          (artifact.meta.get("buckets") or {}).get("sizes"))
             if over is not None:

@@ -48,6 +48,8 @@ def compare_outputs(reference: list[np.ndarray], candidate: list[np.ndarray]) ->
         >>> a = [np.ones(4, dtype=np.float32)]
         >>> compare_outputs(a, a)["cosine"]
         1.0
+        >>> compare_outputs(a, [np.array([1, np.nan, 1, 1])])["cosine"]  # a NaN the model does not give fails
+        0.0
     """
     if len(reference) != len(candidate):
         raise ValueError(f"{len(reference)} reference outputs vs {len(candidate)} from the artifact")
@@ -57,9 +59,17 @@ def compare_outputs(reference: list[np.ndarray], candidate: list[np.ndarray]) ->
         got = np.asarray(got, dtype=np.float64).ravel()
         if ref.shape != got.shape:
             raise ValueError(f"output sizes differ: {ref.size} vs {got.size}")
+        # NaN/inf the reference does not have: the worst score, whatever the finite part says (a NaN cosine would
+        # vanish in min() across batches, which keeps the first of two values when either is NaN)
+        bad = int(np.count_nonzero(~np.isfinite(got) & np.isfinite(ref)))
+        if bad:
+            finite = np.isfinite(got) & np.isfinite(ref)
+            ref, got = ref[finite], got[finite]
         diff = got - ref
         norm_ref, norm_got = np.linalg.norm(ref), np.linalg.norm(got)
-        if norm_ref == 0 and norm_got == 0:
+        if bad:
+            cosine = 0.0
+        elif norm_ref == 0 and norm_got == 0:
             cosine = 1.0
         elif norm_ref == 0 or norm_got == 0:
             cosine = 0.0
@@ -68,7 +78,8 @@ def compare_outputs(reference: list[np.ndarray], candidate: list[np.ndarray]) ->
         per.append({
             "cosine": min(cosine, 1.0),
             "max_abs": float(np.abs(diff).max()) if diff.size else 0.0,
-            "rel_err": float(np.linalg.norm(diff) / max(norm_ref, 1e-12)),
+            "rel_err": float(np.linalg.norm(diff) / max(norm_ref, 1e-12)) if not bad else 1.0,
+            **({"non_finite": bad} if bad else {}),
         })
     return {
         "cosine": min(p["cosine"] for p in per),

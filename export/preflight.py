@@ -342,6 +342,15 @@ FP16_POLICIES = {
 }
 
 
+def fp16_policy(target_name: str) -> dict:
+    """How ``target_name``'s fp16 artifact computes: the target's own ``fp16_policy`` (a target outside this table
+    declares it), else ``FP16_POLICIES``, else the strictest (CoreML's)."""
+    from slimx.targets import TARGETS
+
+    own = getattr(TARGETS.get(target_name), "fp16_policy", None) if target_name in TARGETS else None
+    return own or FP16_POLICIES.get(target_name, FP16_POLICIES["coreml"])
+
+
 class _Fp16(torch.fx.Interpreter):
     """The program as an fp16 artifact of a format computes it (``FP16_POLICIES``): results and parameters rounded
     to fp16 (overflow to inf), constants cast or clamped, LayerNorm's variance from fp16 squares where the format
@@ -409,7 +418,7 @@ def predicted_parity(program, batches: list, keep: list[str] | None = None, targ
     """The program's outputs as ``target_name``'s fp16 artifact computes them (``FP16_POLICIES``) against its fp32
     outputs on ``batches`` (cosine, max abs, relative error, non-finite outputs)."""
     gm = _module(program)
-    policy = FP16_POLICIES.get(target_name, FP16_POLICIES["coreml"])
+    policy = fp16_policy(target_name)
     fp16 = _Fp16(gm, set(keep or ()), policy)
     cos, max_abs, rel, bad = 1.0, 0.0, 0.0, 0
     with torch.no_grad():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from slimx._core.errors import UsageError
 from slimx.quant import coreml as _coreml  # noqa: F401  (registers its schemes; no SDK imported)
+from slimx.quant import executorch as _executorch  # noqa: F401
 from slimx.quant import onnx as _onnx  # noqa: F401
 from slimx.quant import tflite as _tflite  # noqa: F401
 from slimx.quant.base import (

@@ -187,6 +187,12 @@ class ExportResult:
     def summary(self) -> str:
         return self.report.summary()
 
+    def card(self, path: str | Path | None = None) -> Path:
+        """Write the model card (``README.md`` with Hugging Face metadata) of this export; returns its path."""
+        from slimx.card import write_card
+
+        return write_card(self.out, path)
+
 
 @dataclass(frozen=True)
 class Compression:

@@ -150,6 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--count", type=int, default=256, help="sentences (default 256)")
     data.add_argument("--offset", type=int, default=0, help="skip this many first (disjoint sets)")
 
+    card = sub.add_parser("card", parents=[common], help="a model card (README.md) for an export folder",
+                          description="Write a model card for an export folder: README.md with Hugging Face YAML "
+                                      "metadata, from its report.json (inputs, passes and fidelity, latency per "
+                                      "device, parity per runtime, quantization, artifacts with SHA-256, tool "
+                                      "versions, the command that reproduces it). Nothing is re-run.")
+    card.add_argument("out", metavar="OUT", help="the export folder (with report.json)")
+    card.add_argument("--output", "-o", default=None, metavar="FILE", help="where to write (default: OUT/README.md)")
+
     dev = sub.add_parser("devices", parents=[common],
                          help="device profiles: list, show, microbench, calibrate, anchor",
                          description="Device profiles: 'slimx devices' lists them, 'slimx devices show NAME' prints "
@@ -374,6 +382,11 @@ def _dispatch(args, argv: list[str]) -> int:
         return _gate(args)
     if args.command == "sweep":
         return _sweep(args)
+    if args.command == "card":
+        from slimx.card import write_card
+
+        print(write_card(args.out, args.output))
+        return 0
     return _devices(args)
 
 

@@ -353,6 +353,9 @@ def _estimated_entry(plan: GatePlan, entry: GateEntry, device, stored: dict, out
     out["candidate"] = {"estimate_ms": _r(est["total_ms"]), "interval_ms": [_r(v) for v in interval],
                         "setting": est.get("setting"), "expected_error_pct": est.get("expected_error_pct"),
                         "cv_method": est.get("cv_method"), "setup": est.get("setup")}
+    if est.get("transfer"):
+        out["candidate"]["transfer"] = est["transfer"]
+        out["warnings"].append(f"{entry.format} {est['transfer']}")
     anchors = est.get("anchors") or {}
     if anchors.get("count"):
         out["candidate"]["anchors"] = {k: anchors[k] for k in ("count", "setup", "factor", "interval_factors")}
@@ -555,7 +558,8 @@ def _estimate(spec: str, entry: GateEntry, device) -> dict:
                          "estimated here (the estimator reads the PyTorch graph)",
                          "give the MODEL, an OUT folder exported for that device, or --remote")
     return estimate(ProfileRequest(subject=spec, device=device.name, input_shapes=tuple(entry.input_shapes),
-                                   weights=entry.weights, precision=entry.precision, top=0), device)
+                                   weights=entry.weights, precision=entry.precision, format=entry.format, top=0),
+                    device)
 
 
 # --------------------------------------------------------------------------- baselines

@@ -24,6 +24,7 @@ class ProfileRequest:
     weights: str | None = None
     precision: str | None = None
     setting: str | None = None  # an estimator setting of the device (e.g. tensorrt-dla-fp16)
+    format: str | None = None  # the artifact format the estimate is for (None: the device's default format)
     runs: int = 50
     warmup: int = 5
     threads: int | None = None
@@ -155,15 +156,28 @@ def estimate(req: ProfileRequest, device, progress=None) -> dict:
     if progress is not None:
         progress.note(f"op mix of {req.subject}")
     costs = model_op_mix(req.subject, list(req.input_shapes), weights=req.weights)
-    setting = _setting(device, req)
+    setting, transfer = _setting_and_transfer(device, req)
     est = estimate_latency(costs, device, setting, top=req.top)
     est["label"] = describe(est, device)
+    if transfer:
+        est["transfer"] = transfer
+        est["label"] += f"; {req.format} {transfer}"
     if req.precision and not req.setting and setting.dtype != req.precision:
         # the profile has no setting in that precision: say so rather than let the nearest one pass for it
         est["precision_note"] = (f"{device.name} has no {req.precision} estimator setting (it has "
                                  f"{', '.join(settings_of(device))}): this is the {setting.key} estimate")
         est["label"] += f"; {est['precision_note']}"
     return est
+
+
+def _setting_and_transfer(device, req: ProfileRequest):
+    """The setting to estimate with, and the note of a format estimated with another format's setting."""
+    if req.format and not req.setting:
+        from slimx.devices.estimator import setting_for_format
+        from slimx.targets import get_target
+
+        return setting_for_format(device, get_target(req.format), req.precision)
+    return _setting(device, req), None
 
 
 def _setting(device, req: ProfileRequest):

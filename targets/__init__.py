@@ -1,4 +1,4 @@
-"""One backend per format (onnx, coreml, tflite, tensorrt) behind one small protocol.
+"""One backend per format (onnx, coreml, tflite, tensorrt, executorch) behind one small protocol.
 
 Example:
     >>> from slimx.targets import get_target
@@ -8,6 +8,7 @@ Example:
 
 # importing each backend registers it; none imports its converter until it is used
 from slimx.targets import coreml as _coreml  # noqa: F401
+from slimx.targets import executorch as _executorch  # noqa: F401
 from slimx.targets import onnx as _onnx  # noqa: F401
 from slimx.targets import tensorrt as _tensorrt  # noqa: F401
 from slimx.targets import tflite as _tflite  # noqa: F401

@@ -282,6 +282,11 @@ class Target:
         buckets: whether it builds a dynamic sequence axis as a set of fixed lengths (``--buckets``);
             ``default_buckets``: whether it does so by default (else only when asked), ``buckets_reason`` why.
         writes_onnx: whether the format is written through an ONNX file, whose opset ``--opset`` sets.
+        fp16_policy: how the format's fp16 artifact computes, for the pre-flight's predicted parity
+            (``export.preflight.FP16_POLICIES`` has the keys); None: that table's entry for the format.
+        estimates_from: ``(format, note)``: a device with no estimator setting of this format's own is estimated
+            with its setting of ``format`` (the same kernels underneath), and the estimate carries ``note``, which
+            says how far that transfer is known to hold; None: the device's default setting, as for any format.
     """
 
     name = ""
@@ -299,6 +304,8 @@ class Target:
     default_precision = "fp32"
     needs_torch = False  # True: converts from the PyTorch program, so an ONNX input cannot be used
     writes_onnx = False
+    estimates_from: tuple[str, str] | None = None
+    fp16_policy: dict | None = None
     available = True
     unavailable_reason = ""
 

@@ -1,7 +1,8 @@
 import subprocess
 import sys
 
-HEAVY = ("timm", "coremltools", "tensorrt", "litert_torch", "ai_edge_litert", "transformers", "onnxruntime")
+HEAVY = ("timm", "coremltools", "tensorrt", "litert_torch", "ai_edge_litert", "transformers", "onnxruntime",
+         "executorch")
 
 
 def _loaded_after(statement: str) -> set[str]:

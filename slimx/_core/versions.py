@@ -6,7 +6,7 @@ import platform
 from importlib import metadata
 
 _TOOLS = ("torch", "onnx", "onnxscript", "onnxruntime", "timm", "transformers",
-          "safetensors", "numpy", "coremltools", "litert-torch", "ai-edge-litert", "tensorrt")
+          "safetensors", "numpy", "coremltools", "litert-torch", "ai-edge-litert", "executorch", "tensorrt")
 
 
 def tool_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:

@@ -35,7 +35,7 @@ def artifacts(tmp_path_factory):
     example = model.example_inputs()
     program = Program("tiny", export_program(model, example), model, [InputSpec("x", (2, 16))], ["y"])
     out = {}
-    for fmt in ("onnx", "tflite"):
+    for fmt in ("onnx", "tflite", "executorch"):
         target = get_target(fmt)
         if not target.available:
             continue
@@ -137,6 +137,15 @@ def test_litert_job_is_timed_on_the_agent(agent, artifacts):
     runner = RemoteRunner(agent.url, TOKEN, "litert")
     timing = runner.time(artifacts["tflite"], artifacts["inputs"], warmup=1, runs=5)
     assert timing.runtime == "litert" and timing.runs == 5 and timing.median_ms > 0
+
+
+def test_executorch_job_is_timed_on_the_agent(agent, artifacts):
+    if "executorch" not in artifacts:
+        pytest.skip("executorch not installed (the optional extra)")
+    runner = RemoteRunner(agent.url, TOKEN, "executorch")
+    timing = runner.time(artifacts["executorch"], artifacts["inputs"], warmup=1, runs=5)
+    assert timing.runtime == "executorch" and timing.runs == 5 and timing.median_ms > 0
+    assert runner.last["outputs"] == [[2, 8]]
 
 
 def test_oversized_uploads_are_refused_before_and_while_reading(agent):

@@ -25,7 +25,7 @@ from slimx.quant import DEFAULT_TOLERANCE, PRECISIONS
 from slimx.targets import TARGETS, CompileOptions, get_target
 from slimx.targets.onnx import OrtRunner
 
-DEVICES = {"onnx": ["host"], "tflite": ["pixel7"], "coreml": ["iphone12", "iphone15pro"],
+DEVICES = {"onnx": ["host"], "tflite": ["pixel7"], "coreml": ["iphone12", "iphone15pro"], "executorch": ["pixel7"],
            "tensorrt": ["jetson-orin-nano"]}
 # combinations a target refuses by design, with the words of its refusal
 REFUSED = {
@@ -72,8 +72,12 @@ def _case(fmt, dev, model, prec):
     return pytest.param(fmt, dev, model, prec, marks=marks, id=f"{fmt}-{dev}-{model.split(':')[-1]}-{prec}")
 
 
+# left out to keep the suite's time: ExecuTorch's fp16 and int8-weights on the timm models (they passed in a full
+# run on 2026-12-06, about two CPU minutes together; the fixtures and MiniLM keep both paths covered)
+LEFT_OUT = {("executorch", m, p) for m in ("timm:deit_tiny_patch16_224", "timm:efficientformer_l1",
+                                            "timm:mobilenetv2_050") for p in ("fp16", "int8-weights")}
 CASES = [_case(fmt, dev, model, prec) for fmt in sorted(DEVICES) for dev in DEVICES[fmt] for model in MODELS
-         for prec in PRECISIONS]
+         for prec in PRECISIONS if (fmt, model, prec) not in LEFT_OUT]
 
 
 def test_every_registered_target_is_covered():
@@ -142,6 +146,10 @@ def _structure(fmt, artifact, program, precision):
         assert meta["engine"]["built"] or "tensorrt" in meta["engine"]["reason"]
         if precision == "int8":
             assert meta["quantization"]["qdq_nodes"]["QuantizeLinear"] > 0
+    elif fmt == "executorch":
+        assert meta["delegate_calls"] > 0 and meta["io"]["inputs"]
+        if precision != "fp32":
+            assert meta["quantization"]["method"]
     elif fmt == "onnx" and precision != "fp32":
         assert meta["quantization"]["method"]
 

@@ -1,0 +1,191 @@
+"""``slimx card OUT``: a model card (``README.md`` with Hugging Face YAML metadata) for an export folder.
+
+The card is written from ``report.json`` alone (nothing is re-run): what went in, the compression passes and their
+fidelity, the latency per device (measured, or estimated with its interval and setup), parity in each runtime,
+quantization, the artifacts with sizes and SHA-256, the tool versions, and how to reproduce the export. Numbers
+are copied from the report, never recomputed, so the card says what the report says.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from slimx._core.errors import UsageError
+
+CARD_NAME = "README.md"
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file, or of a package folder (its files in name order, each name hashed with its bytes)."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if path.is_dir():
+            digest.update(str(f.relative_to(path)).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _yaml_value(value) -> str:
+    text = str(value)
+    return text if text.replace("-", "").replace("_", "").replace(".", "").isalnum() else '"' + text.replace(
+        '"', '\\"') + '"'
+
+
+def _metadata(report: dict) -> list[str]:
+    model, target = report.get("model") or {}, report.get("target") or {}
+    tags = ["slimx", target.get("format", ""), target.get("precision", ""), (report.get("device") or {}).get("name")]
+    lines = ["---", "library_name: slimx", "tags:"] + [f"  - {_yaml_value(t)}" for t in tags if t]
+    if model.get("source") == "hf" or str(model.get("name", "")).startswith("hf:"):
+        lines.append(f"base_model: {_yaml_value(model['name'].removeprefix('hf:'))}")
+    lines += ["model-index:", f"  - name: {_yaml_value(model.get('name', 'model'))}", "    results: []", "---"]
+    return lines
+
+
+def _fmt_ms(value) -> str:
+    return f"{value:.3f} ms" if isinstance(value, (int, float)) else "n/a"
+
+
+def _latency_rows(report: dict) -> list[str]:
+    rows = []
+    for key in ("latency", "host_latency"):
+        lat = report.get(key)
+        if not lat:
+            continue
+        device = lat.get("device", "?")
+        if lat.get("kind") == "measured":
+            spread = (f"p10-p90 {lat['p10_ms']:.3f}-{lat['p90_ms']:.3f} ms" if lat.get("p10_ms") is not None else "")
+            rows.append(f"| {device} | measured | {_fmt_ms(lat.get('median_ms'))} | {spread} | "
+                        f"{lat.get('runtime', '')} {lat.get('runtime_version', '')}, {lat.get('threads')} threads, "
+                        f"{lat.get('runs')} runs |")
+        elif lat.get("kind") == "estimated":
+            lo, hi = (lat.get("interval_ms") or [None, None])[:2]
+            interval = f"80% interval {lo:.3f}-{hi:.3f} ms" if lo is not None else "no interval"
+            anchors = lat.get("anchors") or {}
+            setup = (f"anchored to {anchors['setup']!r} by {anchors['count']} measurement(s)" if anchors.get("count")
+                     else f"setup: {lat['setup']}" if lat.get("setup") else "")
+            how = "; ".join(x for x in (f"setting {lat.get('setting')}", setup,
+                                         f"expected error ±{lat['expected_error_pct']:.0f}%"
+                                         if lat.get("expected_error_pct") is not None else "",
+                                         lat.get("transfer") or "") if x)
+            rows.append(f"| {device} | estimated (not measured) | {_fmt_ms(lat.get('total_ms'))} | {interval} | "
+                        f"{how} |")
+        else:
+            rows.append(f"| {device} | not measured | | | {lat.get('reason', '')} |")
+    return rows
+
+
+def _parity_rows(report: dict) -> list[str]:
+    p = report.get("parity") or {}
+    if not p.get("measured"):
+        rows = [f"| {report.get('target', {}).get('format')} | not measured | | {p.get('reason', '')} |"]
+    else:
+        verdict = "PASS" if p.get("passed") else "FAIL"
+        rows = [f"| {p.get('runtime')} | {verdict} | cosine {p['cosine']:.6f}, max abs {p['max_abs']:.2e}, rel err "
+                f"{p['rel_err']:.2e} | {p.get('n_inputs')} fresh inputs |"]
+        cal = p.get("calibration") or {}
+        if cal.get("measured"):
+            rows.append(f"| {cal.get('runtime')} | {'PASS' if cal.get('passed') else 'FAIL'} | cosine "
+                        f"{cal['cosine']:.6f} | {cal.get('data', 'calibration data')} |")
+    proxy = p.get("proxy")
+    if isinstance(proxy, dict) and proxy.get("measured"):
+        rows.append(f"| {proxy.get('runtime')} (proxy) | {'PASS' if proxy.get('passed') else 'FAIL'} | cosine "
+                    f"{proxy['cosine']:.6f} | {proxy.get('what', 'the TensorRT-ready ONNX')} |")
+    pre = report.get("preflight") or {}
+    predicted = pre.get("predicted_parity") or {}
+    if predicted.get("cosine") is not None:
+        rows.append(f"| predicted ({pre.get('compute_dtype', '')}) | "
+                    f"{'PASS' if predicted.get('passed', True) else 'FAIL'} | cosine {predicted['cosine']:.6f} | "
+                    "the exported program as the format's reduced-precision artifact computes it |")
+    return rows
+
+
+def render_card(report: dict, out: Path) -> str:
+    """The card's Markdown (YAML metadata first) for the export in ``out`` described by ``report``."""
+    model, target, device = report.get("model") or {}, report.get("target") or {}, report.get("device") or {}
+    title = f"{model.get('name', 'model')} for {device.get('display_name') or device.get('name')}"
+    built = (f"Built by slimx {report.get('versions', {}).get('slimx', '')} on {report.get('created', '')}. "
+             "Every figure below is copied from `report.json`.")
+    lines = [*_metadata(report), "", f"# {title} ({target.get('format')}, {target.get('precision')})", "", built,
+             ""]
+    params = model.get("params")
+    lines += ["## What went in", "",
+              f"- model: `{model.get('name')}` ({model.get('source')})"
+              + (f", {params / 1e6:.2f} M parameters" if params else "")
+              + (f", {model['macs'] / 1e9:.2f} GMACs" if model.get("macs") else ""),
+              "- inputs: " + ", ".join(f"`{i['name']}` {'x'.join(map(str, i['shape']))} {i['dtype']}"
+                                       for i in model.get("inputs", [])),
+              f"- shapes: {(report.get('shapes') or {}).get('form', 'static')}"
+              + (f" ({report['shapes']['why']})" if (report.get("shapes") or {}).get("why") else ""), ""]
+    passes = report.get("passes") or []
+    lines += ["## Compression", ""]
+    if not passes:
+        lines += ["No compression pass was applied.", ""]
+    else:
+        lines += ["| pass | options | result |", "| --- | --- | --- |"]
+        for p in passes:
+            summary = p.get("summary") or {}
+            shown = ", ".join(f"{k} {v}" for k, v in list(summary.items())[:4])
+            lines.append(f"| {p.get('name')} | {p.get('config', '')} | {shown} |")
+        comp = report.get("compression") or {}
+        fid = comp.get("fidelity") or {}
+        if fid:
+            lines += ["", f"Fidelity to the original on held-out data: {fid.get('metric', 'cosine')} "
+                          f"{fid.get('value', fid.get('cosine'))} ({'PASS' if fid.get('passed', True) else 'FAIL'})."]
+        if comp.get("speedup"):
+            lines += ["", f"Measured speed-up over the uncompressed model compiled the same way: {comp['speedup']}."]
+        lines.append("")
+    q = (report.get("compile") or {}).get("quantization") or {}
+    lines += ["## Quantization", "", f"- precision: {target.get('precision')}; scheme: `{q.get('scheme', 'none')}`",
+              f"- method: {q.get('method', 'none')}"]
+    if q.get("kept_float"):
+        kept = q["kept_float"].get("modules") or {}
+        lines.append(f"- kept float: {len(kept)} module(s) ({q['kept_float'].get('why', '')})")
+    if q.get("calibration_samples"):
+        lines.append(f"- calibration samples: {q['calibration_samples']}")
+    lines += ["", "## Latency", "", "| device | how | ms | spread / interval | setting, runtime |",
+              "| --- | --- | --- | --- | --- |", *_latency_rows(report), "",
+              "## Parity (the artifact against PyTorch, in its runtime)", "", "| runtime | verdict | figures | on |",
+              "| --- | --- | --- | --- |", *_parity_rows(report), "", "## Artifacts", "",
+              "| file | format | bytes | SHA-256 |", "| --- | --- | --- | --- |"]
+    for a in report.get("artifacts") or []:
+        path = out / a["path"]
+        digest = sha256_file(path) if path.exists() else "(missing)"
+        lines.append(f"| `{a['path']}` | {a['format']} | {a['bytes']} | `{digest}` |")
+    versions = report.get("versions") or {}
+    lines += ["", "## Tools", "", ", ".join(f"{k} {v}" for k, v in versions.items()), "", "## Reproduce", ""]
+    command = report.get("command")
+    if command:
+        lines += ["```sh", " ".join(_quote(c) for c in command), "```"]
+    else:
+        cfg = report.get("config") or {}
+        lines += ["```python", "import slimx", "", f"slimx.export({cfg.get('model', model.get('name'))!r}, "
+                  f"{device.get('name')!r}, format={target.get('format')!r}, precision={target.get('precision')!r})",
+                  "```"]
+    return "\n".join(lines) + "\n"
+
+
+def _quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(str(arg))
+
+
+def write_card(out: str | Path, path: str | Path | None = None) -> Path:
+    """Write the card of the export folder ``out`` (to ``out/README.md`` unless ``path``); returns its path."""
+    from slimx.report import read_report
+
+    out = Path(out)
+    if not (out / "report.json").is_file():
+        raise UsageError(f"slimx card {out}", "is not an export folder (no report.json in it)",
+                         "give the OUT folder of a `slimx export`")
+    report = read_report(out, "slimx card:")
+    text = render_card(report, out)
+    dest = Path(path) if path else out / CARD_NAME
+    tmp = dest.with_name(f".{dest.name}.partial")
+    tmp.write_text(text)
+    tmp.replace(dest)
+    return dest
