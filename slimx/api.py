@@ -193,6 +193,13 @@ class ExportResult:
 
         return write_card(self.out, path)
 
+    def track(self, to: str = "mlflow") -> dict:
+        """Log this export as an MLflow run (``to``: ``mlflow`` for ./mlruns, or ``mlflow:URI``); returns the run's
+        record (store, experiment, run id)."""
+        from slimx.tracking import log_export, parse_track
+
+        return log_export(parse_track(to), self.report.to_dict(), self.out)
+
 
 @dataclass(frozen=True)
 class Compression:

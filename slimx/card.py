@@ -131,12 +131,17 @@ def render_card(report: dict, out: Path) -> str:
             shown = ", ".join(f"{k} {v}" for k, v in list(summary.items())[:4])
             lines.append(f"| {p.get('name')} | {p.get('config', '')} | {shown} |")
         comp = report.get("compression") or {}
-        fid = comp.get("fidelity") or {}
-        if fid:
-            lines += ["", f"Fidelity to the original on held-out data: {fid.get('metric', 'cosine')} "
-                          f"{fid.get('value', fid.get('cosine'))} ({'PASS' if fid.get('passed', True) else 'FAIL'})."]
-        if comp.get("speedup"):
-            lines += ["", f"Measured speed-up over the uncompressed model compiled the same way: {comp['speedup']}."]
+        gate = comp.get("gate") or {}
+        final = (comp.get("fidelity") or {}).get("final") or {}
+        if gate:
+            extra = ", ".join(f"{k} {final[k]}" for k in ("cosine_min", "nn_agreement") if k in final)
+            lines += ["", f"Fidelity to the original on held-out data ({final.get('samples', '?')} samples): "
+                          f"{gate.get('metric')} {gate.get('value')} against the floor {gate.get('floor')}, "
+                          f"{'PASS' if gate.get('passed') else 'FAIL'}" + (f" ({extra})" if extra else "") + "."]
+        speed = comp.get("speedup") or {}
+        if isinstance(speed, dict) and speed.get("ratio"):
+            lines += ["", f"Measured speed-up over the uncompressed model compiled the same way: {speed['ratio']}x "
+                          f"({speed.get('baseline_median_ms')} -> {speed.get('compressed_median_ms')} ms)."]
         lines.append("")
     q = (report.get("compile") or {}).get("quantization") or {}
     lines += ["## Quantization", "", f"- precision: {target.get('precision')}; scheme: `{q.get('scheme', 'none')}`",
@@ -187,5 +192,34 @@ def write_card(out: str | Path, path: str | Path | None = None) -> Path:
     dest = Path(path) if path else out / CARD_NAME
     tmp = dest.with_name(f".{dest.name}.partial")
     tmp.write_text(text)
+    tmp.replace(dest)
+    return dest
+
+
+def write_front_card(result: dict) -> Path:
+    """A sweep's card: ``OUT/README.md`` listing the trials on the latency-fidelity front of each model and device
+    (their figures, from the sweep's rows), each trial's own card written beside its report and linked."""
+    out = Path(result["out"])
+    front = {k for keys in (result.get("front") or {}).values() for k in keys}
+    rows = [r for r in result.get("trials") or [] if r.get("key") in front]
+    lines = ["---", "library_name: slimx", "tags:", "  - slimx", "  - sweep", "---", "",
+             f"# slimx sweep: the latency-fidelity front ({len(rows)} of {len(result.get('trials') or [])} trials)",
+             "", f"From `{result.get('source')}`. Each trial on the front of its model and device, with its own card; "
+                 "every figure is copied from the trial's `report.json`.", "",
+             "| model | device | precision | recipe | latency ms (how) | held-out fidelity | MB | card |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in sorted(rows, key=lambda r: (r["model"], r["device"], r.get("latency_ms") or 0)):
+        trial_out = Path(r["out"])
+        link = "(no report)"
+        if (trial_out / "report.json").is_file():
+            card = write_card(trial_out)
+            link = f"[card]({card.relative_to(out).as_posix() if card.is_relative_to(out) else card})"
+        ms = r.get("latency_ms")
+        lines.append(f"| {r['model']} | {r['device']} | {r['precision']} | {r['recipe']} | "
+                     f"{f'{ms:.3f}' if isinstance(ms, (int, float)) else 'n/a'} ({r.get('latency_kind', '')}) | "
+                     f"{r.get('fidelity')} ({r.get('fidelity_source', '')}) | {r.get('artifact_mb')} | {link} |")
+    dest = out / CARD_NAME
+    tmp = dest.with_name(f".{dest.name}.partial")
+    tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(dest)
     return dest

@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--no-reconstruct", action="store_true", default=keep,
                      help="keep each pass's cut weights as they are (default: after each pass, refit the layers it "
                           "cut or factorized by least squares on the calibration data)")
+    exp.add_argument("--track", default=None, metavar="mlflow[:URI]", help=TRACK_HELP)
     exp.add_argument("--learn", action="store_true", default=keep,
                      help="add the measured latency (host) to the device's anchors (slimx devices anchor), so "
                           "estimates of models not yet timed there use it")
@@ -276,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     gate.add_argument("--remote-wait", type=float, default=900.0, metavar="S",
                       help="seconds to wait out a busy agent (503), retrying after its Retry-After (default: 900)")
     gate.add_argument("--allow-insecure-token-file", action="store_true")
+    gate.add_argument("--track", default=None, metavar="mlflow[:URI]", help=TRACK_HELP)
     gate.add_argument("--learn", action="store_true",
                       help="add each measured MODEL entry to its device's anchors (slimx devices anchor), so that "
                            "estimates for models not yet timed there use it")
@@ -296,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--address", default=None, help="an existing Ray cluster (default: a local one)")
     sweep.add_argument("--workers", type=int, default=None, help="local Ray: CPUs to use (default: up to 2)")
     sweep.add_argument("--retry-failed", action="store_true", help="rerun trials that failed before")
+    sweep.add_argument("--track", default=None, metavar="mlflow[:URI]", help=TRACK_HELP + " (one run per trial)")
     sweep.add_argument("--json", action="store_true")
     sweep.add_argument("--quiet", "-q", action="store_true")
 
@@ -367,6 +370,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+TRACK_HELP = ("log the run to MLflow: mlflow (a ./mlruns store) or mlflow:URI; config, parity, fidelity, latency, "
+              "size as metrics, the report and model card as artifacts (needs slimx-edge[track])")
+
+
 def _dispatch(args, argv: list[str]) -> int:
     if args.command == "export":
         return _export(args, argv)
@@ -394,10 +401,14 @@ def _export(args, argv: list[str]) -> int:
     from slimx._core.progress import Progress
     from slimx.api import export_config
     from slimx.config import ExportConfig
+    from slimx.tracking import log_export, parse_track
 
+    tracker = parse_track(args.track)  # refused before any work when MLflow is missing
     flags = {k: v for k, v in vars(args).items() if k in ExportConfig.flag_names()}
     cfg = ExportConfig.from_flags(flags, command=("slimx", *argv), where="slimx export")
     result = export_config(cfg, progress=Progress(total=9, enabled=not args.quiet))
+    if tracker is not None:  # a failed verdict is tracked too: its report is written either way
+        _tracked(log_export(tracker, result.report.to_dict(), result.out), args)
     result.raise_for_failures()  # the report is written either way; a failed verdict exits 1
     if args.json:
         print(json.dumps(result.report.to_dict(), indent=2))
@@ -492,9 +503,20 @@ def _sweep(args) -> int:
     if args.workers is not None and args.workers < 1:
         raise UsageError("--workers", "must be at least 1", "e.g. --workers 2")
     plan = load_sweep(args.file)
+    from slimx.tracking import log_export, parse_track
+
+    tracker = parse_track(args.track)
     result = run_sweep(plan, Path(args.out), address=args.address, workers=args.workers,
                        retry_failed=args.retry_failed, progress=Progress(total=1, enabled=not (args.quiet or
                                                                                               args.json)))
+    if tracker is not None:
+        from slimx.report import read_report
+
+        for row in result["trials"]:
+            if (Path(row["out"]) / "report.json").is_file():
+                row["tracked"] = log_export(tracker, read_report(row["out"], "slimx sweep --track:"), row["out"])
+        _tracked(next((r["tracked"] for r in result["trials"] if r.get("tracked")), None), args,
+                 f"{sum(1 for r in result['trials'] if r.get('tracked'))} trial run(s)")
     print(json.dumps(result, indent=2) if args.json else table(result, plan.rank_by))
     return 0 if all(r["status"] == "ok" for r in result["trials"]) else 1
 
@@ -511,6 +533,9 @@ def _gate(args) -> int:
     for out in (args.junit, args.markdown, args.html):
         if out and not Path(out).absolute().parent.is_dir():
             raise UsageError(f"{out}", "is in a folder that does not exist", "create the folder first")
+    from slimx.tracking import log_gate, parse_track
+
+    tracker = parse_track(args.track)
     token = _token(args)
     result = gate(args.subject, args.device, budget_ms=args.budget_ms, max_regression_pct=args.max_regression_pct,
                   statistic=args.statistic, baseline=args.baseline, precision=args.precision, format=args.format,
@@ -529,8 +554,17 @@ def _gate(args) -> int:
         from slimx.html import write_gate_html
 
         write_gate_html(Path(args.html), result)
+    if tracker is not None:
+        result["tracked"] = log_gate(tracker, result)
+        _tracked(result["tracked"], args)
     print(json.dumps(result, indent=2) if args.json else table(result))
     return 0 if result["passed"] else 1
+
+
+def _tracked(record: dict | None, args, what: str = "run") -> None:
+    if record and not getattr(args, "json", False) and not getattr(args, "quiet", False):
+        print(f"tracked: MLflow {what} {record['run_id']} in {record['store']} (experiment {record['experiment']})",
+              file=sys.stderr)
 
 
 def _write_text(path, content: str) -> None:

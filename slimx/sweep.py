@@ -352,6 +352,9 @@ def run_sweep(plan: SweepPlan, out_dir: Path, address: str | None = None, worker
               "skipped_finished": skipped, "ran": len(todo), "timing": TIMING_NOTE}
     write_results(out_dir, list(done.values()), plan)
     write_report(out_dir, result, plan)
+    from slimx.card import write_front_card
+
+    write_front_card(result)
     return result
 
 

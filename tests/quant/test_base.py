@@ -30,7 +30,8 @@ def test_every_format_has_a_default_handler_per_precision_it_builds():
     built = {"onnx": ("fp16", "int8-weights", "int8"), "tensorrt": ("int8",),
              "tflite": ("fp32", "fp16", "int8-weights", "int8"),
              "coreml-neuralnetwork": ("fp32", "fp16", "int8-weights"),
-             "coreml-mlprogram": ("fp32", "fp16", "int8-weights", "int8")}
+             "coreml-mlprogram": ("fp32", "fp16", "int8-weights", "int8"),
+             "executorch": ("fp32", "fp16", "int8-weights", "int8")}
     for fmt, precisions in built.items():
         for precision in precisions:
             assert quantizer_for(fmt, QuantConfig(precision=precision)).precision == precision

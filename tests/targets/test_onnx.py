@@ -51,7 +51,7 @@ def test_compile_run_and_time(tmp_path, vit_program):
 
 
 def test_every_format_is_registered_and_unknown_ones_answer_in_one_line():
-    assert available_formats() == ["coreml", "onnx", "tensorrt", "tflite"]
+    assert available_formats() == ["coreml", "executorch", "onnx", "tensorrt", "tflite"]
     with pytest.raises(UsageError) as info:
         get_target("tfjs")
     assert "unknown format 'tfjs'" in info.value.line() and "\n" not in info.value.line()
