@@ -4,6 +4,7 @@ written, a rerun skips finished trials, bad sweep files are one line."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 
 import pytest
@@ -49,9 +50,19 @@ def test_a_two_trial_sweep_on_local_ray(tmp_path, capsys):
     assert set(result["front"]) == {"host", "iphone12"} and all(result["front"].values())
     page = (out / "report.html").read_text()
     assert "latency against fidelity" in page and "<script" not in page
-    assert main(["sweep", str(sweep), "--out", str(out), "-q", "--json"]) == 0
+    front_card = (out / "README.md").read_text()  # the card of the sweep's front, linking each trial's own card
+    assert front_card.startswith("---\nlibrary_name: slimx") and front_card.count("[card](trials/") == 2
+    track = ["--track", f"mlflow:{tmp_path / 'mlruns'}"] if importlib.util.find_spec("mlflow") else []
+    assert main(["sweep", str(sweep), "--out", str(out), "-q", "--json", *track]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["ran"] == 0 and again["skipped_finished"] == 2, "a rerun skips the finished trials"
+    if track:  # one MLflow run per trial, read back from the store
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=(tmp_path / "mlruns").resolve().as_uri())
+        runs = client.search_runs([client.get_experiment_by_name("slimx").experiment_id])
+        assert sorted(r.data.tags["slimx.device"] for r in runs) == ["host", "iphone12"]
+        assert {r.info.run_id for r in runs} == {t["tracked"]["run_id"] for t in again["trials"]}
     for r in rows:  # slimx gate takes a chosen trial as its candidate, on the device the trial was exported for
         assert main(["gate", str(out / "trials" / r["key"]), "--budget-ms", "500", "-q", "--rounds", "3",
                      "--runs", "5", "--json"]) == 0
