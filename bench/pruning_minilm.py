@@ -48,6 +48,9 @@ def main() -> None:
     ap.add_argument("--settings", choices=sorted(SETTINGS), default="all")
     ap.add_argument("--layerwise", type=int, default=3000, help="layer-wise distillation steps per block")
     ap.add_argument("--keep", type=float, default=0.62, help="fisher-prune's share of the MACs kept")
+    ap.add_argument("--then", default="", metavar="SETTINGS",
+                    help="end-to-end recovery after the layer-wise phase, e.g. 'steps=300,attention=1' (attention-map "
+                         "distillation; default none)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     import slimx
@@ -64,7 +67,7 @@ def main() -> None:
         print(f"compressing: {name}", file=sys.stderr, flush=True)
         started = time.time()
         module, records = slimx.compress("minilm", passes, calib=str(fit), calib_samples=args.fit,
-                                         recover=recover.format(steps=args.layerwise) if recover else None,
+                                         recover=_recover_spec(recover, args) if recover else None,
                                          min_fidelity=0.01)
         entry = records.passes[0]
         layerwise = (records.record.get("recover") or {}).get("layerwise")
@@ -142,6 +145,16 @@ def render(meta: dict, rows: list[dict]) -> str:
                     f"{base['nn_agreement']})"))
     return "\n".join(lines) + "\n"
 
+
+
+
+def _recover_spec(template: str, args) -> str:
+    """The recipe's --recover value: the layer-wise phase, then ``--then``'s end-to-end settings over it."""
+    spec = template.format(steps=args.layerwise)
+    if args.then:
+        keys = {kv.split("=")[0] for kv in args.then.split(",")}
+        spec = ",".join([kv for kv in spec.split(",") if kv.split("=")[0] not in keys] + args.then.split(","))
+    return spec
 
 if __name__ == "__main__":
     main()

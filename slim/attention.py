@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -157,6 +158,64 @@ class KernelAttention(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.adapter.forward(self.inner, self.kernel, *args, **kwargs)
+
+
+class MapKernel(nn.Module):
+    """softmax(q k^T * scale + bias) v that also keeps its probabilities averaged over heads (B, Q, K), for
+    attention-map distillation; averaging makes teacher and student comparable after heads were cut."""
+
+    name = "softmax"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.map = None
+
+    def forward(self, q, k, v, scale: float, bias=None, key_mask=None):
+        scores = (q @ k.transpose(-2, -1)) * scale
+        if bias is not None:
+            scores = scores + bias
+        probs = scores.softmax(-1)
+        self.map = probs.mean(dim=1)
+        return probs @ v
+
+
+class AttentionMaps:
+    """Taps on the attention probabilities of ``model``'s attention modules at ``paths``, for as long as it lives:
+    each module's forward runs its adapter with a ``MapKernel`` (an instance attribute over the class's forward,
+    so parameters and state-dict keys stay as they are); a module already computed by a plain softmax kernel gets
+    the tap as its kernel. Modules with another kernel (top-k, hashed) have no probability map and are skipped.
+    ``remove()`` puts everything back."""
+
+    def __init__(self, model: nn.Module, paths: list[str]) -> None:
+        self.kernels: dict[str, MapKernel] = {}
+        self._undo: list = []
+        for path in paths:
+            module = model.get_submodule(path)
+            tap = MapKernel()
+            if isinstance(module, KernelAttention):
+                if type(module.kernel) is not SoftmaxKernel:
+                    continue
+                self._undo.append((module, "kernel", module.kernel))
+                module.kernel = tap
+            else:
+                adapter = adapter_for(module)
+                if adapter is None:
+                    continue
+                module.forward = functools.partial(adapter.forward, module, tap)
+                self._undo.append((module, "forward", None))
+            self.kernels[path] = tap
+
+    def maps(self) -> dict[str, torch.Tensor]:
+        return {p: k.map for p, k in self.kernels.items() if k.map is not None}
+
+    def remove(self) -> None:
+        for module, kind, old in reversed(self._undo):
+            if kind == "kernel":
+                module.kernel = old
+            else:
+                del module.forward
+        self._undo.clear()
+        self.kernels.clear()
 
 
 def kernelize(model: nn.Module, path: str, kernel: nn.Module) -> None:

@@ -42,6 +42,10 @@ class RecoverConfig:
             it give, to the original block's output (relative MSE on real tokens); batches of ``batch_size``
             samples of similar length. 0: none.
         layerwise_lr: its Adam learning rate (cosine-decayed per block).
+        attention: the weight of attention-map distillation in the end-to-end steps (0: none): at every attention
+            module that teacher and student share and that computes a softmax, the KL divergence from the
+            teacher's attention probabilities to the student's, averaged over heads (so a student with heads cut
+            still compares) and over real query tokens (after MiniLM / TinyBERT's attention transfer).
     """
 
     steps: int = 100
@@ -57,6 +61,7 @@ class RecoverConfig:
     checkpoint: str | None = None
     layerwise: int = 0
     layerwise_lr: float = 3e-4
+    attention: float = 0.0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.patience < 1:
@@ -65,6 +70,8 @@ class RecoverConfig:
             raise ValueError("steps and layerwise must be 0 or more, and not both 0")
         if self.layerwise_lr <= 0:
             raise ValueError("layerwise_lr must be positive")
+        if self.attention < 0:
+            raise ValueError("attention (the attention-map loss weight) must be 0 or more")
         if self.loss not in ("mse", "kl", "cosine"):
             raise ValueError(f"loss must be mse, kl or cosine, not {self.loss!r}")
         if not 0.0 <= self.holdout < 1.0 or self.lr <= 0:
@@ -159,6 +166,28 @@ def _hidden_loss(student_taps: _Taps, teacher_taps: _Taps, paths: list[str], mas
     return torch.stack(losses).mean()
 
 
+def attention_paths(student, teacher) -> list[str]:
+    """The attention modules teacher and student share (by path), for attention-map distillation."""
+    from slimx.slim.attention import attention_modules
+
+    mine = {v.path for v in attention_modules(student, strict=False)}
+    return [v.path for v in attention_modules(teacher, strict=False) if v.path in mine]
+
+
+def attention_map_loss(student_maps: dict, teacher_maps: dict, mask) -> torch.Tensor | None:
+    """Mean over the shared modules of KL(teacher || student) of head-averaged attention probabilities, over real
+    query rows (``mask``: (B, L) or None); None when no module gave a map."""
+    losses = []
+    for path, t in teacher_maps.items():
+        s = student_maps.get(path)
+        if s is None or s.shape != t.shape:
+            continue
+        t, s = t.float(), s.float()
+        kl = (t * (t.clamp(min=1e-12).log() - s.clamp(min=1e-12).log())).sum(-1)  # (B, Q)
+        losses.append(kl[mask.bool()].mean() if mask is not None else kl.mean())
+    return torch.stack(losses).mean() if losses else None
+
+
 def recover(student, teacher, batches: list[tuple], cfg: RecoverConfig, progress=None,
             mask_index: int | None = None) -> tuple:
     """Distill ``teacher`` into ``student`` (trained in place); return (student, record).
@@ -185,6 +214,16 @@ def recover(student, teacher, batches: list[tuple], cfg: RecoverConfig, progress
     with torch.no_grad():
         val_targets = [teacher(*chunk) for chunk in val_chunks]
     student_taps = _Taps(student, paths)
+    maps = None
+    if cfg.attention:
+        from slimx.slim.attention import AttentionMaps
+
+        shared = attention_paths(student, teacher)
+        maps = (AttentionMaps(student, shared), AttentionMaps(teacher, shared))
+        if not maps[0].kernels or not maps[1].kernels:
+            raise UsageError("--recover attention=...", "found no softmax attention that teacher and student share "
+                             "(a pass replaced it, or the model's attention has no adapter)",
+                             "drop attention=, or distil outputs and hidden states only")
     params = [p for p in student.parameters() if p.is_floating_point()]
     for p in params:
         p.requires_grad_(True)
@@ -237,6 +276,10 @@ def recover(student, teacher, batches: list[tuple], cfg: RecoverConfig, progress
                 loss = _loss(student(*inputs), target, cfg.loss)
                 if paths:
                     loss = loss + _hidden_loss(student_taps, teacher_taps, paths, token_mask(inputs, mask_index))
+                if maps is not None:
+                    extra = attention_map_loss(maps[0].maps(), maps[1].maps(), token_mask(inputs, mask_index))
+                    if extra is not None:
+                        loss = loss + cfg.attention * extra
             opt.zero_grad()
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -260,6 +303,8 @@ def recover(student, teacher, batches: list[tuple], cfg: RecoverConfig, progress
     finally:
         student_taps.remove()
         teacher_taps.remove()
+        for tap in maps or ():
+            tap.remove()
         student.to("cpu")  # the rest of slimx (fidelity, export) works on the CPU
         teacher.to("cpu")
     student.load_state_dict(best_state)
@@ -268,6 +313,7 @@ def recover(student, teacher, batches: list[tuple], cfg: RecoverConfig, progress
         p.requires_grad_(False)
     return student, {
         "steps_run": step, "early_stopped": step < cfg.steps, "hidden_states_matched": len(paths),
+        "attention_maps_matched": len(attention_paths(student, teacher)) if cfg.attention else 0,
         "heldout_loss_before": round(start_loss, 6), "heldout_loss_after": round(best, 6), "loss": cfg.loss,
         "train_samples": len(train), "heldout_samples": len(val), "real_tokens_only": mask_index is not None,
         "device": str(device), "mixed_precision": str(amp_dtype).removeprefix("torch.") if amp_dtype else None,
@@ -279,7 +325,7 @@ def _fingerprint(cfg: RecoverConfig, student) -> dict:
     """What a checkpoint must match to be resumed: the student's parameter shapes and the training settings."""
     shapes = {k: list(v.shape) for k, v in student.state_dict().items()}
     settings = {k: getattr(cfg, k) for k in ("steps", "lr", "loss", "batch_size", "holdout", "hidden", "bucket",
-                                             "layerwise", "layerwise_lr")}
+                                             "layerwise", "layerwise_lr", "attention")}
     return {"shapes": shapes, "settings": settings}
 
 

@@ -253,3 +253,71 @@ def test_layerwise_finds_timms_sequential_blocks_and_trains_them():
     blocks = record["layerwise"]["blocks"]
     assert [b["block"] for b in blocks] == ["blocks.0", "blocks.1", "blocks.2"]
     assert all(b["heldout_error_after"] < b["heldout_error_before"] for b in blocks), blocks
+
+
+def test_attention_maps_are_distilled_across_a_head_cut_and_the_taps_leave_nothing_behind():
+    """The taps give each shared attention's head-averaged probabilities (equal to HF's own), the map loss is
+    differentiable through a student with heads cut (a few steps on it alone pull the maps together), and
+    ``recover(attention=W)`` trains with it and leaves forwards and state-dict keys as they were."""
+    from slimx.slim.attention import AttentionMaps, prune_heads
+    from slimx.slim.recover import attention_map_loss, attention_paths
+
+    teacher = _Encoder()
+    with torch.no_grad():  # peaked attention (a random tiny BERT's is nearly uniform, with nothing to transfer)
+        for name, p in teacher.named_parameters():
+            if name.endswith(("query.weight", "key.weight")):
+                p.mul_(6.0)
+    student = _Encoder()
+    student.load_state_dict(teacher.state_dict())
+    prune_heads(student, "bert.encoder.layer.0.attention.self", [0, 1])  # two of the first layer's four heads
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if name.endswith(("query.weight", "key.weight")):
+                p.add_(0.5 * p.std() * torch.randn_like(p))
+    keys = sorted(student.state_dict())
+    shared = attention_paths(student, teacher)
+    assert len(shared) == 3
+    batch = tuple(torch.cat(t) for t in zip(*_sentences(16, 2), strict=True))
+    taps = AttentionMaps(teacher, shared)
+    attn = teacher.get_submodule(shared[1])
+    seen = []
+    hook = attn.register_forward_pre_hook(lambda _m, args, kwargs: seen.append(args[0] if args else
+                                                                               kwargs["hidden_states"]),
+                                          with_kwargs=True)
+    with torch.no_grad():
+        teacher(*batch)
+    hook.remove()
+    maps = taps.maps()
+    taps.remove()
+    with torch.no_grad():  # the layer's attention computed by hand from its input
+        x, d = seen[0], attn.attention_head_size
+        q, k = (f(x).view(*x.shape[:2], -1, d).transpose(1, 2) for f in (attn.query, attn.key))
+        scores = (q @ k.transpose(-2, -1)) * attn.scaling
+        scores = scores.masked_fill(~batch[1].bool()[:, None, None, :], float("-inf"))
+        by_hand = scores.softmax(-1).mean(1)
+    assert torch.allclose(maps[shared[1]], by_hand, atol=1e-5)  # the tap is the model's own attention
+    with torch.no_grad():
+        targets = {p: m.clone() for p, m in maps.items()}
+    student_taps = AttentionMaps(student, shared)
+    qk = [p for n, p in student.named_parameters() if n.endswith(("query.weight", "key.weight"))]
+    opt = torch.optim.Adam(qk, lr=1e-2)
+    losses = []
+    for _ in range(40):
+        student(*batch)
+        loss = attention_map_loss(student_taps.maps(), targets, batch[1])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    student_taps.remove()
+    assert losses[-1] < 0.5 * losses[0], losses[::10]
+    for p in student.parameters():
+        p.requires_grad_(False)
+    student, record = recover(student, teacher, _sentences(48, 1), RecoverConfig(steps=20, lr=1e-3, hidden=False,
+                                                                                 attention=1.0), mask_index=1)
+    assert record["attention_maps_matched"] == 3
+    assert sorted(student.state_dict()) == keys  # no wrapper left in the module tree
+    for model in (student, teacher):
+        assert not any("forward" in vars(m) for m in model.modules())  # the instance forwards are gone
+    with torch.no_grad():  # and the untapped student still runs
+        student(*_sentences(1, 5)[0])
