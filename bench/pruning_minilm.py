@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--settings", choices=sorted(SETTINGS), default="all")
     ap.add_argument("--layerwise", type=int, default=3000, help="layer-wise distillation steps per block")
     ap.add_argument("--keep", type=float, default=0.62, help="fisher-prune's share of the MACs kept")
+    ap.add_argument("--out-name", default="pruning_minilm", help="bench/results/NAME.{md,json}")
     ap.add_argument("--then", default="", metavar="SETTINGS",
                     help="end-to-end recovery after the layer-wise phase, e.g. 'steps=300,attention=1' (attention-map "
                          "distillation; default none)")
@@ -105,8 +106,9 @@ def main() -> None:
         row.pop("module")
     meta = {"fit": args.fit, "heldout": args.heldout, "rounds": args.rounds, "machine": platform.processor()
             or platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "median_heldout_tokens": statistics.median(f["attention_mask"].shape[1] for f in feeds)}
-    write_results("pruning_minilm", {"meta": meta, "rows": rows}, render(meta, rows))
+            "median_heldout_tokens": statistics.median(f["attention_mask"].shape[1] for f in feeds),
+            "command": "python bench/pruning_minilm.py " + " ".join(sys.argv[1:])}
+    write_results(args.out_name, {"meta": meta, "rows": rows}, render(meta, rows))
 
 
 def render(meta: dict, rows: list[dict]) -> str:
@@ -115,7 +117,8 @@ def render(meta: dict, rows: list[dict]) -> str:
              f"packages' docstrings; held-out: {meta['heldout']} standard-library docstring sentences (another "
              f"source; median {meta['median_heldout_tokens']} tokens), timed at their real lengths, "
              f"{meta['rounds']} interleaved rounds (ratios within a round, median). int8 = the recipe's dynamic "
-             "int8 (`int8-weights`, with onnxruntime's fusions).", "",
+             "int8 (`int8-weights`, with onnxruntime's fusions)." + (f" `{meta['command']}`." if meta.get("command")
+                                                                   else ""), "",
              "| setting | MACs kept | heads | FFN neurons | compression s | fp32 speed | fp32 cosine | fp32 NN "
              "| int8 speed vs fp32 | int8 speed vs uncompressed int8 | int8 cosine | int8 NN |", "|" + " --- |" * 12]
     for r in rows:
