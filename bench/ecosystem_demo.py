@@ -30,26 +30,14 @@ sys.path.insert(0, str(ROOT))
 from report_html import screenshot  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-TOY = (ROOT / "tests" / "test_action.py").read_text().split("TOY = '''")[1].split("'''")[0]
 
 
 def action_part(work: Path) -> list[str]:
     import gate_action
 
-    repo = work / "toy"
-    repo.mkdir()
+    from tests.test_action import make_toy_repo
 
-    def git(*cmd):
-        subprocess.run(["git", "-C", str(repo), *cmd], check=True, capture_output=True)
-
-    git("init", "-q", "-b", "main")
-    git("config", "user.email", "ci@example.com")
-    git("config", "user.name", "ci")
-    (repo / "toy_models.py").write_text(TOY.format(extra=0))
-    git("add", ".")
-    git("commit", "-q", "-m", "base")
-    (repo / "toy_models.py").write_text(TOY.format(extra=6))
-    git("commit", "-q", "-am", "head: a deeper model")
+    repo = make_toy_repo(work / "toy")
     summary = work / "summary.md"
     os.environ["GITHUB_STEP_SUMMARY"] = str(summary)
     os.environ.pop("GITHUB_TOKEN", None)

@@ -48,6 +48,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     work = Path(tempfile.mkdtemp(prefix="slimx-bench-executorch-"))
     fit = work / "fit.txt"
+    from slimx.devices.host import cpu_model
     from slimx.export.textdata import stdlib_sentences
 
     fit.write_text("\n".join(stdlib_sentences(args.fit, 0)) + "\n")
@@ -55,7 +56,7 @@ def main() -> None:
     part1 = [model_rows(spec, shapes, work, fit, args) for spec, shapes in MODELS.items()]
     part2 = int8_rows(work, fit, held, args)
     meta = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.machine(),
-            "cpu": _cpu(), "threads": args.threads, "rounds": args.rounds, "runs": args.runs, "fit": args.fit,
+            "cpu": cpu_model(), "threads": args.threads, "rounds": args.rounds, "runs": args.runs, "fit": args.fit,
             "eval": args.eval, "versions": _versions()}
     result = {"meta": meta, "models": part1, "int8": part2}
     write_results("executorch", result, render(result))
@@ -198,16 +199,6 @@ def _latency(lat: dict) -> dict:
         return {"kind": "estimated", "ms": round(lat["total_ms"], 3) if "total_ms" in lat else None,
                 "interval_ms": lat.get("interval_ms"), "transfer": lat.get("transfer")}
     return {"kind": lat.get("kind", "none"), "median_ms": lat.get("median_ms")}
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def _versions() -> dict:

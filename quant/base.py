@@ -173,3 +173,23 @@ def quantize(fmt: str, subject, cfg: QuantConfig, ctx: QuantContext | None = Non
     record["scheme"] = handler.scheme
     record["config"] = cfg.to_dict()
     return subject, record
+
+
+def require_symmetric_calibrated(cfg: QuantConfig, ctx: QuantContext, symmetric_why: str) -> None:
+    """Refuse an int8 config a symmetric, calibrated scheme cannot build: ``symmetric = false`` (``symmetric_why``
+    says whose quantization is symmetric), or no calibration batches."""
+    if cfg.symmetric is False:
+        raise UsageError("quant symmetric = false", symmetric_why, "drop symmetric, or set it true")
+    if not ctx.batches:
+        raise UsageError("--precision int8", "needs calibration data", "give --calib")
+
+
+def innermost_module(node) -> str | None:
+    """The path of the innermost module a traced graph node came from (``nn_module_stack``), or None."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else None
+
+
+def first_output(out):
+    """The first output of a PyTorch call (a tensor, or the first of a tuple/list) as a float numpy array."""
+    return (out[0] if isinstance(out, (tuple, list)) else out).detach().float().numpy()

@@ -19,7 +19,14 @@ not every op the quantizer knows: with every op, static int8 quantized the atten
 from __future__ import annotations
 
 from slimx._core.errors import SlimxFailure, UsageError, first_line
-from slimx.quant.base import QuantConfig, QuantContext, register_quantizer
+from slimx.quant.base import (
+    QuantConfig,
+    QuantContext,
+    first_output,
+    innermost_module,
+    register_quantizer,
+    require_symmetric_calibrated,
+)
 
 
 @register_quantizer("executorch", "none", "fp32")
@@ -82,11 +89,7 @@ def executorch_dynamic(program, cfg: QuantConfig, ctx: QuantContext):
 
 @register_quantizer("executorch", "pt2e-static", "int8")
 def executorch_static(program, cfg: QuantConfig, ctx: QuantContext):
-    if cfg.symmetric is False:
-        raise UsageError("quant symmetric = false", "ExecuTorch's XNNPACK quantizer is symmetric",
-                         "drop symmetric, or set it true")
-    if not ctx.batches:
-        raise UsageError("--precision int8", "needs calibration data", "give --calib")
+    require_symmetric_calibrated(cfg, ctx, "ExecuTorch's XNNPACK quantizer is symmetric")
     return _pt2e(program, cfg, ctx, dynamic=False)
 
 
@@ -128,8 +131,7 @@ def _pt2e(program, cfg: QuantConfig, ctx: QuantContext, dynamic: bool):
         def annotated(node, skip=skip):
             if node.op == "call_function" and node.target not in layer_ops and node.target not in fused_ops:
                 return False  # (a pattern's weight and bias nodes are asked too: they pass)
-            stack = node.meta.get("nn_module_stack") or {}
-            return not (stack and list(stack.values())[-1][0] in skip)
+            return innermost_module(node) not in skip
 
         return Quantizer().set_global(config).set_filter_function(annotated)
 
@@ -150,7 +152,7 @@ def _pt2e(program, cfg: QuantConfig, ctx: QuantContext, dynamic: bool):
             def quantize_and_score(keep):
                 got = convert(keep)
                 with torch.no_grad():
-                    cosines = [compare_outputs(ref[:1], [_first(got(*b))])["cosine"]
+                    cosines = [compare_outputs(ref[:1], [first_output(got(*b))])["cosine"]
                                for b, ref in zip(batches, reference, strict=True)]
                 return got, float(sum(cosines) / len(cosines))
 
@@ -204,7 +206,3 @@ def _float_scalars_to_attrs(model):
         node.args = tuple(args)
     model.recompile()
     return model
-
-
-def _first(out):
-    return (out[0] if isinstance(out, (tuple, list)) else out).detach().float().numpy()

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from slimx._core.errors import SlimxFailure, UsageError, first_line
-from slimx.quant.base import QuantConfig, QuantContext, register_quantizer
+from slimx.quant.base import QuantConfig, QuantContext, register_quantizer, require_symmetric_calibrated
 
 # the compute-heavy ops: quantizing gathers, softmax and adds costs accuracy for no speed
 COMPUTE_OPS = ("MatMul", "Gemm", "Conv")
@@ -400,10 +400,7 @@ def onnx_static(path: Path, cfg: QuantConfig, ctx: QuantContext):
 def tensorrt_qdq(path: Path, cfg: QuantConfig, ctx: QuantContext):
     """Explicit symmetric Q/DQ on the compute ops with the accuracy guard (TensorRT's quantization is
     symmetric; its builder takes the scales as written)."""
-    if cfg.symmetric is False:
-        raise UsageError("quant symmetric = false", "TensorRT's int8 is symmetric", "drop symmetric, or set it true")
-    if not ctx.batches:
-        raise UsageError("--precision int8", "needs calibration data", "give --calib")
+    require_symmetric_calibrated(cfg, ctx, "TensorRT's int8 is symmetric")
     return path, quantize_onnx_guarded(path, path, ctx.batches, ctx.module, cfg, symmetric=True,
                                        reduce_range=bool(cfg.reduce_range), op_types=COMPUTE_OPS,
                                        score_runner=ctx.score_runner)

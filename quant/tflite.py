@@ -10,8 +10,15 @@
 
 from __future__ import annotations
 
-from slimx._core.errors import SlimxFailure, UsageError, first_line
-from slimx.quant.base import QuantConfig, QuantContext, register_quantizer
+from slimx._core.errors import SlimxFailure, first_line
+from slimx.quant.base import (
+    QuantConfig,
+    QuantContext,
+    first_output,
+    innermost_module,
+    register_quantizer,
+    require_symmetric_calibrated,
+)
 
 
 @register_quantizer("tflite", "none", "fp32")
@@ -37,11 +44,7 @@ def tflite_dynamic_range(module, cfg: QuantConfig, ctx: QuantContext):
 @register_quantizer("tflite", "pt2e-static", "int8")
 def tflite_pt2e_static(module, cfg: QuantConfig, ctx: QuantContext):
     """Full-integer static PT2E with the accuracy guard; LiteRT's PT2E quantizer is symmetric."""
-    if cfg.symmetric is False:
-        raise UsageError("quant symmetric = false", "LiteRT's PT2E quantizer here is symmetric",
-                         "drop symmetric, or set it true")
-    if not ctx.batches:
-        raise UsageError("--precision int8", "needs calibration data", "give --calib")
+    require_symmetric_calibrated(cfg, ctx, "LiteRT's PT2E quantizer here is symmetric")
     module, quant_config, record = _static_int8(module, ctx.example_kwargs, ctx.batches, ctx.input_names, cfg,
                                                 ctx.dynamic_shapes)
     return (module, quant_config), record
@@ -74,7 +77,7 @@ def _static_int8(module, example_kwargs: dict, batches: list[tuple], input_names
         quantizer.set_global(get_symmetric_quantization_config(is_per_channel=cfg.per_channel))
         converted = _calibrated(graph_of(), quantizer, batches, input_names)
         with torch.no_grad():
-            cosines = [compare_outputs(ref[:1], [_first(converted(**dict(zip(input_names, b, strict=True))))])
+            cosines = [compare_outputs(ref[:1], [first_output(converted(**dict(zip(input_names, b, strict=True))))])
                        ["cosine"] for b, ref in zip(batches, reference, strict=True)]
         return (converted, quantizer), float(sum(cosines) / len(cosines))
 
@@ -102,8 +105,7 @@ def _quantizer_skipping(skip: set[str]):
         def annotate(self, model):
             model = super().annotate(model)
             for node in model.graph.nodes:
-                stack = node.meta.get("nn_module_stack") or {}
-                if stack and list(stack.values())[-1][0] in skip:
+                if innermost_module(node) in skip:
                     node.meta.pop("quantization_annotation", None)
             return model
 
@@ -119,7 +121,3 @@ def _calibrated(graph_module, quantizer, batches, input_names):
         for batch in batches:
             prepared(**dict(zip(input_names, batch, strict=True)))
     return convert_pt2e(prepared, fold_quantize=False)
-
-
-def _first(out):
-    return (out[0] if isinstance(out, (tuple, list)) else out).detach().float().numpy()

@@ -8,25 +8,11 @@ are copied from the report, never recomputed, so the card says what the report s
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from slimx._core.errors import UsageError
 
 CARD_NAME = "README.md"
-
-
-def sha256_file(path: Path) -> str:
-    """SHA-256 of a file, or of a package folder (its files in name order, each name hashed with its bytes)."""
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for f in files:
-        if path.is_dir():
-            digest.update(str(f.relative_to(path)).encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _yaml_value(value) -> str:
@@ -156,9 +142,11 @@ def render_card(report: dict, out: Path) -> str:
               "## Parity (the artifact against PyTorch, in its runtime)", "", "| runtime | verdict | figures | on |",
               "| --- | --- | --- | --- |", *_parity_rows(report), "", "## Artifacts", "",
               "| file | format | bytes | SHA-256 |", "| --- | --- | --- | --- |"]
+    from slimx.gate import sha256_of  # the hash the gate records for a baseline artifact
+
     for a in report.get("artifacts") or []:
         path = out / a["path"]
-        digest = sha256_file(path) if path.exists() else "(missing)"
+        digest = sha256_of(path) if path.exists() else "(missing)"
         lines.append(f"| `{a['path']}` | {a['format']} | {a['bytes']} | `{digest}` |")
     versions = report.get("versions") or {}
     lines += ["", "## Tools", "", ", ".join(f"{k} {v}" for k, v in versions.items()), "", "## Reproduce", ""]

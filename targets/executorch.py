@@ -105,12 +105,11 @@ class ExecuTorchTarget(Target):
 
         cfg = options.quant_config()
         ctx = QuantContext(calib_batches, program.module, program.input_names, specs=program.inputs)
-        if cfg.precision == "fp32":  # the check's lowering, copied: serializing rewrites the program in place
+        with quiet():
+            exported, record = quantize(self.name, program, cfg, ctx)
+        if exported is program.exported:  # fp32: the check's lowering, copied (serializing rewrites it in place)
             lowered = copy.deepcopy(program.derived("executorch_fp32", _lower_copy))
-            record = {"method": "none", "scheme": "none", "config": cfg.to_dict()}
         else:
-            with quiet():
-                exported, record = quantize(self.name, program, cfg, ctx)
             lowered = _lower(exported)
         delegated, left = delegation(lowered)
         calls = delegate_calls(lowered)

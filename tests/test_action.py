@@ -48,7 +48,8 @@ def test_the_example_workflow_is_a_few_lines_using_the_action():
     assert len([ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]) <= 25
 
 
-def _toy_repo(path: Path) -> Path:
+def make_toy_repo(path: Path) -> Path:
+    """Two commits of a toy repository: the base model, then a head six 256x256 layers deeper (far slower)."""
     path.mkdir()
 
     def git(*cmd):
@@ -60,7 +61,7 @@ def _toy_repo(path: Path) -> Path:
     (path / "toy_models.py").write_text(TOY.format(extra=0))
     git("add", ".")
     git("commit", "-q", "-m", "base")
-    (path / "toy_models.py").write_text(TOY.format(extra=6))  # the head: six more 256x256 layers, far slower
+    (path / "toy_models.py").write_text(TOY.format(extra=6))
     git("commit", "-q", "-am", "head: a deeper model")
     return path
 
@@ -68,7 +69,7 @@ def _toy_repo(path: Path) -> Path:
 @pytest.mark.timing
 def test_the_script_on_two_commits_gates_annotates_summarises_and_writes_the_comment(tmp_path, capsys,
                                                                                      monkeypatch):
-    repo = _toy_repo(tmp_path / "toy")
+    repo = make_toy_repo(tmp_path / "toy")
     summary = tmp_path / "summary.md"
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
     monkeypatch.delenv("GITHUB_TOKEN", raising=False)
