@@ -66,7 +66,8 @@ def run_passes(module, specs: list, batches: list[tuple], *, synthetic: bool, so
         "source": source, "fit_samples": len(fit), "heldout_samples": len(heldout), "synthetic": synthetic}}
     out["fidelity"] = {"data": data, "after_passes": records[-1]["fidelity"]}
     if recover_cfg is not None:
-        model, record = recover(model, teacher, fit, recover_cfg, progress, mask_index=mask_index)
+        model, record = recover(model, teacher, fit, recover_cfg, progress, mask_index=mask_index,
+                                labels=fit_labels)
         out["recover"] = {"config": dataclasses.asdict(recover_cfg), **record}
         out["fidelity"]["after_recover"] = torch_fidelity(teacher, model, heldout, held_labels)
         progress.note(f"recovered: held-out cosine {out['fidelity']['after_recover']['cosine_mean']:.4f}")

@@ -120,11 +120,14 @@ def layerwise(student, teacher, train_chunks: list[tuple], val_chunks: list[tupl
     gen = torch.Generator().manual_seed(0)
     for n, path in enumerate(paths):
         block = student.get_submodule(path)
+        params = [p for p in block.parameters() if p.is_floating_point()]
+        if not params:  # every branch of the block cut away (AxFormer): nothing of it left to train
+            record["blocks"].append({"block": path, "skipped": "no trainable weights left"})
+            continue
         train_in = _capture(student, path, train_chunks, want_inputs=True)
         val_in = _capture(student, path, val_chunks, want_inputs=True)
         train_y = _capture(teacher, path, train_chunks, want_inputs=False)
         val_y = _capture(teacher, path, val_chunks, want_inputs=False)
-        params = [p for p in block.parameters() if p.is_floating_point()]
         flags = [p.requires_grad for p in params]
         for p in params:
             p.requires_grad_(True)

@@ -46,6 +46,10 @@ class RecoverConfig:
             module that teacher and student share and that computes a softmax, the KL divergence from the
             teacher's attention probabilities to the student's, averaged over heads (so a student with heads cut
             still compares) and over real query tokens (after MiniLM / TinyBERT's attention transfer).
+        labels: the weight of the task loss in the end-to-end steps (0: none): cross-entropy of the student's
+            logits against the calibration data's labels (``--labels``), added to the distillation loss, in the
+            training steps and in the held-out loss that early stopping judges (the task fine-tune AxFormer's
+            paper ends with, with the original's logits still distilled beside it).
     """
 
     steps: int = 100
@@ -62,6 +66,7 @@ class RecoverConfig:
     layerwise: int = 0
     layerwise_lr: float = 3e-4
     attention: float = 0.0
+    labels: float = 0.0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.patience < 1:
@@ -70,8 +75,8 @@ class RecoverConfig:
             raise ValueError("steps and layerwise must be 0 or more, and not both 0")
         if self.layerwise_lr <= 0:
             raise ValueError("layerwise_lr must be positive")
-        if self.attention < 0:
-            raise ValueError("attention (the attention-map loss weight) must be 0 or more")
+        if self.attention < 0 or self.labels < 0:
+            raise ValueError("attention and labels (loss weights) must be 0 or more")
         if self.loss not in ("mse", "kl", "cosine"):
             raise ValueError(f"loss must be mse, kl or cosine, not {self.loss!r}")
         if not 0.0 <= self.holdout < 1.0 or self.lr <= 0:
@@ -189,17 +194,27 @@ def attention_map_loss(student_maps: dict, teacher_maps: dict, mask) -> torch.Te
 
 
 def recover(student, teacher, batches: list[tuple], cfg: RecoverConfig, progress=None,
-            mask_index: int | None = None) -> tuple:
+            mask_index: int | None = None, labels: list[int] | None = None) -> tuple:
     """Distill ``teacher`` into ``student`` (trained in place); return (student, record).
 
     The teacher runs alongside on each drawn batch (no stored targets, so the calibration set can be large).
     With ``mask_index`` (the attention-mask input of a text model), batches are cut to their longest real
-    sequence and hidden states are compared on real tokens only.
+    sequence and hidden states are compared on real tokens only. ``labels``: one task label per sample, for
+    ``cfg.labels``.
     """
     if len(batches) < 2:
         raise UsageError("--recover", "needs at least 2 calibration samples", "give --calib with more data")
+    if cfg.labels and (labels is None or len(labels) != len(batches)):
+        raise UsageError("--recover labels=...", "adds the task loss, and the calibration data has no labels",
+                         "give --labels FILE (one label per calibration sample), or drop labels=")
     held = max(1, round(len(batches) * cfg.holdout)) if cfg.holdout else 0
-    train, val = (batches[:-held], batches[-held:]) if held and len(batches) - held >= 1 else (batches, batches)
+    split = held and len(batches) - held >= 1
+    train, val = (batches[:-held], batches[-held:]) if split else (batches, batches)
+    label_of: dict[int, int] = {}
+    val_labels = None
+    if cfg.labels:  # the samples are tuples drawn as they are: their labels found by identity
+        label_of = {id(s): int(y) for s, y in zip(batches, labels, strict=True)}
+        val_labels = [torch.tensor([label_of[id(s)] for s in val[i:i + 32]]) for i in range(0, len(val), 32)]
     device = training_device(cfg.device)
     amp_dtype = None
     if cfg.amp and device.type == "cuda":
@@ -231,11 +246,17 @@ def recover(student, teacher, batches: list[tuple], cfg: RecoverConfig, progress
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(cfg.steps, 1))))
     draw = _Batches(train, cfg.batch_size, mask_index, cfg.bucket)
 
+    def task(out, y):
+        return cfg.labels * torch.nn.functional.cross_entropy(out.float(), y.to(out.device))
+
     def val_loss() -> float:
         student.eval()
+        total = 0.0
         with torch.no_grad():
-            total = sum(float(_loss(student(*c), t, cfg.loss)) * len(t) for c, t in zip(val_chunks, val_targets,
-                                                                                          strict=True))
+            for i, (c, t) in enumerate(zip(val_chunks, val_targets, strict=True)):
+                out = student(*c)
+                loss = _loss(out, t, cfg.loss) + (task(out, val_labels[i]) if val_labels is not None else 0.0)
+                total += float(loss) * len(t)
         return total / sum(len(t) for t in val_targets)
 
     def autocast():
@@ -269,11 +290,15 @@ def recover(student, teacher, batches: list[tuple], cfg: RecoverConfig, progress
                 step -= 1
                 break
             student.train()
-            inputs = _to(trim_padding(stack_samples(draw.draw()), mask_index), device)
+            drawn = draw.draw()
+            inputs = _to(trim_padding(stack_samples(drawn), mask_index), device)
             with torch.no_grad(), autocast():
                 target = teacher(*inputs)
             with autocast():
-                loss = _loss(student(*inputs), target, cfg.loss)
+                out = student(*inputs)
+                loss = _loss(out, target, cfg.loss)
+                if cfg.labels:
+                    loss = loss + task(out, torch.tensor([label_of[id(s)] for s in drawn]))
                 if paths:
                     loss = loss + _hidden_loss(student_taps, teacher_taps, paths, token_mask(inputs, mask_index))
                 if maps is not None:
@@ -314,6 +339,7 @@ def recover(student, teacher, batches: list[tuple], cfg: RecoverConfig, progress
     return student, {
         "steps_run": step, "early_stopped": step < cfg.steps, "hidden_states_matched": len(paths),
         "attention_maps_matched": len(attention_paths(student, teacher)) if cfg.attention else 0,
+        "task_loss": f"cross-entropy on the labels, weight {cfg.labels:g}" if cfg.labels else None,
         "heldout_loss_before": round(start_loss, 6), "heldout_loss_after": round(best, 6), "loss": cfg.loss,
         "train_samples": len(train), "heldout_samples": len(val), "real_tokens_only": mask_index is not None,
         "device": str(device), "mixed_precision": str(amp_dtype).removeprefix("torch.") if amp_dtype else None,
@@ -325,7 +351,7 @@ def _fingerprint(cfg: RecoverConfig, student) -> dict:
     """What a checkpoint must match to be resumed: the student's parameter shapes and the training settings."""
     shapes = {k: list(v.shape) for k, v in student.state_dict().items()}
     settings = {k: getattr(cfg, k) for k in ("steps", "lr", "loss", "batch_size", "holdout", "hidden", "bucket",
-                                             "layerwise", "layerwise_lr", "attention")}
+                                             "layerwise", "layerwise_lr", "attention", "labels")}
     return {"shapes": shapes, "settings": settings}
 
 

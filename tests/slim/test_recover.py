@@ -321,3 +321,71 @@ def test_attention_maps_are_distilled_across_a_head_cut_and_the_taps_leave_nothi
         assert not any("forward" in vars(m) for m in model.modules())  # the instance forwards are gone
     with torch.no_grad():  # and the untapped student still runs
         student(*_sentences(1, 5)[0])
+
+
+class _Blocks(torch.nn.Module):
+    def __init__(self, middle=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = torch.nn.ModuleList([torch.nn.Linear(8, 8), middle or torch.nn.Linear(8, 8),
+                                           torch.nn.Linear(8, 8)])
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + torch.tanh(b(x))
+        return x
+
+
+class _Constant(torch.nn.Module):  # a block whose branches were all cut away: no weights left
+    def forward(self, x):
+        return torch.zeros_like(x)
+
+
+def test_layerwise_skips_a_block_with_no_weights_left_and_trains_the_others():
+    import contextlib
+
+    from slimx.slim.layerwise import layerwise
+
+    teacher, student = _Blocks(), _Blocks(_Constant())
+    with torch.no_grad():
+        student.blocks[2].weight.add_(0.5)
+    chunks = [(torch.randn(4, 8, generator=torch.Generator().manual_seed(i)),) for i in range(6)]
+    record = layerwise(student, teacher, chunks[:4], chunks[4:], steps=30, lr=1e-2, mask_index=None,
+                       autocast=contextlib.nullcontext)
+    by_block = {b["block"]: b for b in record["blocks"]}
+    assert by_block["blocks.1"] == {"block": "blocks.1", "skipped": "no trainable weights left"}
+    assert by_block["blocks.2"]["heldout_error_after"] < by_block["blocks.2"]["heldout_error_before"]
+
+
+class _Classifier(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.blocks = torch.nn.ModuleList([torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)])
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + torch.tanh(b(x))
+        return self.head(x)
+
+
+def test_the_task_loss_pulls_the_student_toward_the_labels():
+    """labels=W adds cross-entropy on the calibration labels: with every label 2, the student's predictions move to
+    class 2 (the teacher predicts it for few samples), and without labels the option is refused."""
+    import pytest
+
+    from slimx._core.errors import UsageError
+
+    teacher, student = _Classifier(), _Classifier()
+    gen = torch.Generator().manual_seed(4)
+    data = [(torch.randn(1, 8, generator=gen),) for _ in range(60)]
+    before = sum(int(teacher(*d).argmax()) == 2 for d in data)
+    student, record = recover(student, teacher, data, RecoverConfig(steps=60, lr=1e-2, loss="kl", labels=5.0,
+                                                                     batch_size=8, patience=50, hidden=False),
+                              labels=[2] * len(data))
+    after = sum(int(student(*d).argmax()) == 2 for d in data)
+    assert before < 40 and after > before + 10, (before, after)
+    assert record["task_loss"] == "cross-entropy on the labels, weight 5"
+    with pytest.raises(UsageError, match="no labels"):
+        recover(_Classifier(), teacher, data, RecoverConfig(steps=5, labels=1.0))
