@@ -1,12 +1,15 @@
 """``--buckets auto``: the bucket set, at most ``--max-buckets`` of them, that minimises the expected latency over
-the calibration data's real lengths (each sentence runs padded to the smallest bucket that holds it), every
-candidate length priced by the device's latency model on the exported program itself."""
+the calibration data's real lengths (each sentence runs padded to the smallest bucket that holds it). Every
+candidate length is priced where the device is: measured in the format's own runtime when the device is this
+machine and that runtime runs here (one artifact built with a bucket per candidate, each bucket timed), else by
+the device's latency model on the exported program itself."""
 
 from __future__ import annotations
 
 import math
 
 STEP = 8  # candidate bucket lengths: the data's lengths rounded up to a multiple of this (and the range's maximum)
+MAX_MEASURED = 12  # measured pricing builds one bucket per candidate: at most this many (the step widens past it)
 
 
 def candidates(lengths: list[int], lo: int, hi: int, step: int = STEP) -> list[int]:
@@ -63,27 +66,65 @@ def histogram(lengths: list[int], bins: int = 8) -> list[dict]:
              "count": sum(1 for n in lengths if b * width < n <= (b + 1) * width)} for b in edges]
 
 
-def auto_buckets(program, calib, device, precision: str, fixed: tuple[int, ...], max_count: int | None) -> dict:
-    """Choose the buckets; returns the record the report keeps (histogram, choice, expected latency of both)."""
-    from slimx.devices.estimator import default_setting, estimate_latency
-    from slimx.devices.opmix import op_mix
+def auto_buckets(program, calib, device, precision: str, fixed: tuple[int, ...], max_count: int | None,
+                 measure=None) -> dict:
+    """Choose the buckets; returns the record the report keeps (histogram, choice, expected latency of both).
+
+    ``measure``: ``lengths -> ({length: ms}, how)``, timing an artifact with a bucket at each length in the
+    format's runtime (``measured_prices``), for a device that is this machine; None prices with the estimator."""
     from slimx.export.shapes import lengths_of, seq_range_of
 
     lo, hi = seq_range_of(program.inputs)
     lengths = [min(max(n, lo), hi) for n in lengths_of(calib.batches, program.inputs)]
     count = max_count or len(fixed)
-    setting = default_setting(device, precision)
-    prices: dict[int, float] = {}
-
-    def cost_at(n: int) -> float:
-        if n not in prices:
-            prices[n] = float(estimate_latency(op_mix(program.exported, n), device, setting, top=0)["total_ms"])
-        return prices[n]
-
-    cost = {n: cost_at(n) for n in candidates(lengths, lo, hi)}
-    chosen, mean = choose(lengths, cost, count)
-    base = expected_ms(lengths, fixed, cost_at)
+    if measure is not None:
+        step = STEP
+        while len(candidates(lengths, lo, hi, step)) > MAX_MEASURED:
+            step *= 2
+        wanted = candidates(lengths, lo, hi, step)
+        prices, priced_by = measure(sorted(set(wanted) | set(fixed)))
+    else:
+        step, wanted = STEP, candidates(lengths, lo, hi)
+        prices, priced_by = estimated_prices(program, device, precision, sorted(set(wanted) | set(fixed)))
+    chosen, mean = choose(lengths, {n: prices[n] for n in wanted}, count)
+    base = expected_ms(lengths, fixed, prices.__getitem__)
     return {"buckets": chosen, "max_buckets": count, "samples": len(lengths), "histogram": histogram(lengths),
             "expected_ms": round(mean, 4), "fixed_rule": {"buckets": list(fixed), "expected_ms": round(base, 4)},
-            "priced_by": f"the estimator of {device.name} ({setting.key}) on the exported program at each length",
+            "priced_by": priced_by, "candidate_step": step,
             "prices_ms": {str(k): round(v, 4) for k, v in sorted(prices.items())}}
+
+
+def estimated_prices(program, device, precision: str, lengths: list[int]) -> tuple[dict[int, float], str]:
+    from slimx.devices.estimator import default_setting, estimate_latency
+    from slimx.devices.opmix import op_mix
+
+    setting = default_setting(device, precision)
+    prices = {n: float(estimate_latency(op_mix(program.exported, n), device, setting, top=0)["total_ms"])
+              for n in lengths}
+    return prices, f"the estimator of {device.name} ({setting.key}) on the exported program at each length"
+
+
+def measured_prices(program, target, device, options, runner, work_dir, calib_batches=None, runs: int = 20,
+                    warmup: int = 3, seed: int = 0):
+    """``auto_buckets``' ``measure`` for a device that is this machine: the artifact built once with a bucket at
+    every length asked (its format's own buckets: LiteRT signatures), then each bucket timed in ``runner`` on
+    inputs of exactly that length (every position real)."""
+    import dataclasses
+    from pathlib import Path
+
+    from slimx._core.inputs import sample_inputs
+    from slimx.export.shapes import at_length
+
+    def measure(lengths: list[int]) -> tuple[dict[int, float], str]:
+        artifact = target.compile(program, device, dataclasses.replace(options, buckets=tuple(lengths)),
+                                  Path(work_dir), calib_batches=calib_batches)
+        prices = {}
+        for n in lengths:
+            inputs = tuple(x.fill_(1) if s.kind == "mask" else x for s, x in
+                           zip(program.inputs, sample_inputs(at_length(program.inputs, n), seed=seed + 7),
+                               strict=True))
+            prices[n] = float(runner.time(artifact, inputs, warmup=warmup, runs=runs).median_ms)
+        return prices, (f"measured here in {target.name}'s runtime ({runner.name}): one artifact with a bucket at "
+                        f"each of the {len(lengths)} lengths, each timed {runs} times (median)")
+
+    return measure

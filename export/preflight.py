@@ -16,9 +16,10 @@ Found by running the program (``torch.fx.Interpreter`` over the ExportedProgram'
 Fixes (on by default, ``--no-fp16-fixes`` turns them off), each checked against fp32 on the same inputs and
 recorded: sentinel constants become -1e4 / +1e4 (fp16-safe, still far below any real score); a LayerNorm whose
 variance overflows is rescaled where its input is a linear layer's output alone (that layer's weight and bias
-divided by a power of two: the norm is scale-invariant up to its eps), else kept in fp32 through the target's own
-mechanism (CoreML: the op selector of its fp16 compute precision; TensorRT: ``--layerPrecisions`` in
-``build_engine.sh``).
+divided by a power of two: the norm is scale-invariant up to its eps); any other whose input fits fp16 is rescaled
+by one power-of-two multiply before it, its eps scaled to match (exact); with ``--fp16-norms fp32``, or where the
+input itself is past fp16, it is kept in fp32 through the target's own mechanism (CoreML: the op selector of its
+fp16 compute precision; TensorRT: ``--layerPrecisions`` in ``build_engine.sh``).
 
 The predicted parity runs the program with every op's result rounded to fp16 (parameters too; LayerNorm's variance
 computed in fp16 unless kept in fp32), the way an fp16 engine stores them, against the fp32 program.
@@ -76,6 +77,7 @@ class _Ranges(torch.fx.Interpreter):
         self.max_abs: dict[str, float] = {}
         self.squared: dict[str, float] = {}
         self.outlier: dict[str, float] = {}
+        self.input_max: dict[str, float] = {}  # a squaring op's input: its largest magnitude
         self.outliers = outliers
 
     def run_node(self, n):
@@ -94,6 +96,7 @@ class _Ranges(torch.fx.Interpreter):
                     dims = -1 if _op(n) != "pow" else None
                     dev = x - x.mean(dim=dims, keepdim=True) if dims is not None else x
                     self.squared[n.name] = max(self.squared.get(n.name, 0.0), float(dev.detach().abs().max()) ** 2)
+                    self.input_max[n.name] = max(self.input_max.get(n.name, 0.0), float(x.detach().abs().max()))
         return out
 
 
@@ -154,7 +157,7 @@ def preflight(program, target_name: str, precision: str, batches: list, syntheti
             if sq > FP16_MAX:
                 n = nodes[name]
                 findings.append({"kind": "reduction", "node": name, "op": _op(n), "module": module_of(n),
-                                 "max_square": sq, "limit": FP16_MAX,
+                                 "max_square": sq, "input_max_abs": ranges.input_max.get(name), "limit": FP16_MAX,
                                  "why": f"{_op(n)} squares deviations up to {math.sqrt(sq):.4g}: {sq:.4g}, past "
                                         f"fp16's {FP16_MAX:g}, so its variance overflows in fp16"})
     if precision == "int8":
@@ -170,11 +173,21 @@ def preflight(program, target_name: str, precision: str, batches: list, syntheti
     return out
 
 
+NORM_FIXES = ("rescale", "fp32")  # --fp16-norms: how an overflowing LayerNorm is fixed where both are possible
+
+
 def run(program, target_name: str, precision: str, calib, fixes: bool = True, seed: int = 0,
-        samples: int = 4) -> dict:
+        samples: int = 4, norms: str = "rescale") -> dict:
     """The pre-flight as an export runs it: findings on the calibration data (synthetic inputs without), the fixes
     for an fp16 artifact (each checked against fp32 on the same inputs) and the predicted fp16 parity with and
-    without them. Records the nodes to keep in fp32 on ``program.keep_fp32`` for the target to honour."""
+    without them. Records the nodes to keep in fp32 on ``program.keep_fp32`` for the target to honour.
+
+    ``norms``: an overflowing LayerNorm whose input fits fp16 is rescaled in the graph (``"rescale"``: the norm stays
+    fp16, on the fast path of every format), or kept in fp32 through the target's per-op precision (``"fp32"``:
+    exact, where the format has such a mechanism; where it has none, rescaled all the same, and said so). A
+    LayerNorm fed by a linear layer alone is rescaled into that layer's weights either way (no op added)."""
+    if norms not in NORM_FIXES:
+        raise ValueError(f"norms must be one of {NORM_FIXES}, got {norms!r}")
     from slimx.quant import calibration_batches
 
     batches, synthetic = calibration_batches(calib, program.inputs, count=samples, seed=seed + 9000)
@@ -188,10 +201,19 @@ def run(program, target_name: str, precision: str, calib, fixes: bool = True, se
         reference = _outputs(program, batches)
         changed = fix_constants(program, rec["findings"]) + rescale_into_norms(program, rec["findings"])
         rescaled = {c["node"] for c in changed if c["fix"] == "rescaled into the LayerNorm"}
+        per_op = bool(fp16_policy(target_name).get("per_op_fp32"))
+        if norms == "rescale" or not per_op:
+            scaled = scale_before_norms(program, rec["findings"], skip=rescaled)
+            if scaled and norms == "fp32":
+                rec["norms_note"] = (f"--fp16-norms fp32: a {target_name} artifact has no per-op precision to keep "
+                                     "a LayerNorm in fp32; rescaled in the graph instead")
+            changed += scaled
+            rescaled |= {c["node"] for c in scaled}
         program.keep_fp32 = [k for k in keep_fp32(rec["findings"]) if k not in rescaled]
         nodes = {f["node"]: f for f in rec["findings"]}
         rec["fixes"] = changed + [{"fix": "kept in fp32", "node": k, "op": nodes[k]["op"],
                                    "module": nodes[k]["module"]} for k in program.keep_fp32]
+        program.graph_fixed = bool(changed)
         rec["fix_check"] = _agreement(reference, _outputs(program, batches))
         rec["fix_check"]["what"] = "the fixed program against the original, both in fp32, on the same inputs"
     elif hazards:
@@ -246,6 +268,8 @@ def summary_line(rec: dict) -> str:
         f"{f['kind']} in {f['module']} ({f['op']})" for f in rec["findings"][:3]) + ("; ..." if n > 3 else ""))
     if rec.get("fixes"):
         text += f"; fixed: {len(rec['fixes'])} ({', '.join(sorted({f['fix'] for f in rec['fixes']}))})"
+    if rec.get("norms_note"):
+        text += f" ({rec['norms_note']})"
     pp = rec.get("predicted_parity")
     if pp:
         text += f"; predicted fp16 parity: cosine {pp['cosine']:.6f}" + (
@@ -321,6 +345,47 @@ def rescale_into_norms(program, findings: list[dict]) -> list[dict]:
     return done
 
 
+_LN_DEFAULTS = (None, None, None, None, 1e-5)  # aten.layer_norm / native_layer_norm: input, shape, weight, bias, eps
+
+
+def scale_before_norms(program, findings: list[dict], skip: set[str] = frozenset()) -> list[dict]:
+    """Any other overflowing LayerNorm whose input itself fits fp16 (a residual sum, say): its input is multiplied
+    by a power of two ``1/s`` in the graph (one elementwise op: exact in floating point) and its eps divided by
+    ``s**2``, so ``LN(x / s, eps / s**2) == LN(x, eps)`` while the squares of the deviations stay under 16384. Every
+    format converts the op, so this fixes the norm where no per-op fp32 exists (CoreML's neuralnetwork backend,
+    LiteRT's GPU delegate, ExecuTorch, onnxruntime fp16) and keeps it on the fp16 path where one does (an fp32 op
+    in an fp16 Core ML program leaves the Neural Engine). Returns the fixes."""
+    if program.exported is None:
+        return []
+    gm = program.exported.graph_module
+    done = []
+    for n in list(gm.graph.nodes):
+        f = next((f for f in findings if f["kind"] == "reduction" and f["node"] == n.name
+                  and f["op"] in ("layer_norm", "native_layer_norm")), None)
+        if f is None or n.name in skip or not n.args or not isinstance(n.args[0], torch.fx.Node):
+            continue
+        if not f.get("input_max_abs") or f["input_max_abs"] > FP16_MAX:
+            continue  # the input is past fp16 already: only an fp32 norm (and producer) can hold it
+        src = n.args[0]
+        scale = 2.0 ** math.ceil(math.log2(math.sqrt(f["max_square"]) / 128.0))
+        args = list(n.args) + list(_LN_DEFAULTS[len(n.args):])
+        eps = float(n.kwargs.get("eps", args[4]))
+        with gm.graph.inserting_before(n):
+            scaled = gm.graph.call_function(torch.ops.aten.mul.Tensor, (src, 1.0 / scale))
+        scaled.meta = {k: v for k, v in n.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")}
+        if "val" in src.meta:
+            scaled.meta["val"] = src.meta["val"]
+        args[0], args[4] = scaled, eps / scale ** 2
+        n.args, n.kwargs = tuple(args), {k: v for k, v in n.kwargs.items() if k != "eps"}
+        done.append({"fix": "rescaled before the LayerNorm", "node": n.name, "op": _op(n), "module": module_of(n),
+                     "divided_by": scale, "eps": eps / scale ** 2,
+                     "why": f"its input times 1/{scale:g} (one op) and its eps / {scale ** 2:g}: the same norm, "
+                            "whose squared deviations now fit fp16"})
+    if done:
+        gm.recompile()
+    return done
+
+
 def keep_fp32(findings: list[dict]) -> list[str]:
     """The nodes to keep in fp32: the reductions whose fp16 variance overflows."""
     return sorted({f["node"] for f in findings if f["kind"] == "reduction"})
@@ -333,10 +398,12 @@ def keep_fp32(findings: list[dict]) -> list[str]:
 # weights, dequantized to fp32 on the CPU: LiteRT's fp16 weights), whether out-of-range constants are cast to
 # -inf/inf (coremltools) or clamped to ±65504 (onnxruntime's float16 converter, TensorRT's weight clamping), and
 # whether LayerNorm accumulates its variance in fp16 (Neural Engine, TensorRT fp16 layers) or in fp32 (onnxruntime's
-# CPU kernel)
+# CPU kernel), and whether the format can keep one op in fp32 inside an fp16 artifact (``per_op_fp32``: Core ML's
+# compute-precision op selector on an ML Program, TensorRT's layer precisions; LiteRT's GPU delegate, ExecuTorch's
+# half program and onnxruntime's float16 conversion here have no such switch)
 FP16_POLICIES = {
-    "coreml": {"results": True, "constants": "cast", "layer_norm": "fp16"},
-    "tensorrt": {"results": True, "constants": "clamp", "layer_norm": "fp16"},
+    "coreml": {"results": True, "constants": "cast", "layer_norm": "fp16", "per_op_fp32": True},
+    "tensorrt": {"results": True, "constants": "clamp", "layer_norm": "fp16", "per_op_fp32": True},
     "onnx": {"results": True, "constants": "clamp", "layer_norm": "fp32 inside"},
     "tflite": {"results": False, "constants": "clamp", "layer_norm": "fp32 inside"},
 }

@@ -223,6 +223,7 @@ class Program:
         self.output_names = list(output_names)
         self.onnx_source = onnx_source
         self.keep_fp32: list[str] = []  # graph nodes an fp16 artifact keeps in fp32 (export.preflight)
+        self.graph_fixed = False  # the pre-flight changed the exported graph (fp16 fixes): converters take that graph
         self._derived: dict = {}
 
     def derived(self, key: str, make):
@@ -237,12 +238,33 @@ class Program:
 
     def named_module(self):
         """The module taking its inputs by the spec's names (what keyword-passing converters trace):
-        every target that binds inputs by name goes through this one wrapper (``export.binding``)."""
+        every target that binds inputs by name goes through this one wrapper (``export.binding``). Where the
+        pre-flight fixed the exported graph (``graph_fixed``), it wraps that graph's module, so that a converter
+        which traces again (LiteRT) converts the fixed program, not the module it came from."""
         if "named_module" not in self._derived:
             from slimx.export.binding import NamedInputs
 
-            self._derived["named_module"] = NamedInputs(self.module, self.input_names)
+            self._derived["named_module"] = NamedInputs(self.traced_module(), self.input_names)
         return self._derived["named_module"]
+
+    def traced_module(self):
+        """What a converter that re-traces should trace: the deployment module, or the fixed exported graph's
+        module (``graph_fixed``; parity still compares against ``module``, the user's own)."""
+        if self.graph_fixed and self.exported is not None:
+            return self.graph_module()
+        return self.module
+
+    def graph_module(self):
+        """The exported graph as a module (a new one each call; it shares the program's tensors)."""
+        import types
+
+        # without the guard check: with a symbolic axis it names symbols a second trace cannot resolve
+        module = self.exported.module(check_guards=False)
+        # an exported graph's module refuses .train()/.eval(), which converters call; it was exported in eval mode
+        # (dropout and batch norm already fixed in the graph), so both have nothing left to change
+        module.train = types.MethodType(lambda self, mode=True: self, module)
+        module.eval = types.MethodType(lambda self: self, module)
+        return module
 
     def as_kwargs(self, batch: tuple) -> dict:
         """One batch of inputs (in call order) keyed by the spec's input names."""

@@ -43,8 +43,11 @@ def executorch_fp16(program, cfg: QuantConfig, ctx: QuantContext):
     from slimx.export.program import export_program
     from slimx.export.shapes import export_example
 
-    module = copy.deepcopy(program.module).half().eval()
-    kept = _layer_norms_in_fp32(module)
+    # the exported graph in half precision: it carries the pre-flight's fixes (fp16-safe constants, rescaled norms),
+    # and its explicit casts to fp32 become casts to fp16 (a copy: the graph shares the module's tensors)
+    module = copy.deepcopy(program.graph_module()).half()
+    _half_casts(module)
+    kept = _graph_layer_norms_in_fp32(module)
     example = tuple(x.half() if x.is_floating_point() else x for x in export_example(program.inputs))
     return export_program(module, example, program.inputs), {
         "method": "the model in half precision (torch.float16 weights, activations and float I/O), XNNPACK fp16 "
@@ -58,26 +61,38 @@ FP32_LAYER_NORM_WHY = ("LayerNorm is computed in fp32 between casts: XNNPACK doe
                        "NaN)")
 
 
-def _layer_norms_in_fp32(module) -> list[str]:
-    """Every ``nn.LayerNorm`` of a half-precision ``module`` computed in fp32 (its input cast up, its result cast
-    back); returns their paths."""
+def _half_casts(gm) -> None:
+    """A half-precision graph's explicit casts to fp32 (``mask.float()``) cast to fp16 instead, as the module's code
+    would have in half precision (else fp32 leaks into fp16 matmuls)."""
     import torch
 
-    class Fp32Norm(torch.nn.Module):
-        def __init__(self, norm):
-            super().__init__()
-            self.norm = norm.float()
+    for n in gm.graph.nodes:
+        if n.op == "call_function":
+            n.args = tuple(torch.float16 if a is torch.float32 else a for a in n.args)
+            if n.kwargs.get("dtype") is torch.float32:
+                n.kwargs = {**n.kwargs, "dtype": torch.float16}
+    gm.recompile()
 
-        def forward(self, x):
-            return self.norm(x.float()).to(x.dtype)
 
-    kept = []
-    for path, child in list(module.named_modules()):
-        if isinstance(child, torch.nn.LayerNorm) and path:
-            parent_path, _, name = path.rpartition(".")
-            parent = module.get_submodule(parent_path) if parent_path else module
-            setattr(parent, name, Fp32Norm(child))
-            kept.append(path)
+def _graph_layer_norms_in_fp32(gm) -> list[str]:
+    """Every LayerNorm of a half-precision graph computed in fp32: each ``layer_norm`` node's tensor arguments cast
+    to fp32 and its result back to fp16; returns the modules they came from."""
+    import torch
+
+    from slimx.export.preflight import module_of
+
+    graph, kept = gm.graph, []
+    for n in list(graph.nodes):
+        if n.op != "call_function" or n.target is not torch.ops.aten.layer_norm.default:
+            continue
+        with graph.inserting_before(n):
+            n.args = tuple(graph.call_function(torch.ops.aten._to_copy.default, (a,), {"dtype": torch.float32})
+                           if isinstance(a, torch.fx.Node) else a for a in n.args)
+        with graph.inserting_after(n):
+            back = graph.call_function(torch.ops.aten._to_copy.default, (n,), {"dtype": torch.float16})
+        n.replace_all_uses_with(back, delete_user_cb=lambda user, back=back: user is not back)
+        kept.append(module_of(n).split(" (")[0])
+    gm.recompile()
     return kept
 
 

@@ -415,7 +415,7 @@ def export(model, device: str = "host", *, example_inputs=None, format: str | No
            min_fidelity: float | None = None, max_accuracy_drop: float | None = None, budget_ms: float | None = None,
            parity_inputs: int | None = None, min_cosine: float | None = None, max_rel_err: float | None = None,
            seed: int = 0, calib_samples: int | None = None, truncate: bool = False, reconstruct: bool = True,
-           fp16_fixes: bool = True, progress: Progress | None = None, verbose: bool = False,
+           fp16_fixes: bool = True, fp16_norms: str = "rescale", progress: Progress | None = None, verbose: bool = False,
            command: Iterable[str] = ()) -> ExportResult:
     """Compress (optionally), compile and prove ``model`` for ``device``.
 
@@ -433,7 +433,9 @@ def export(model, device: str = "host", *, example_inputs=None, format: str | No
         reconstruct: after each pass, refit the maps it cut or factorized by least squares on the calibration
             data, layer by layer (``slim.reconstruct``); False keeps the pass's own weights.
         fp16_fixes: fix what the numerical pre-flight finds for an fp16 artifact (mask constants past fp16's range,
-            LayerNorms whose variance overflows kept in fp32); False reports them only (``export.preflight``).
+            LayerNorms whose variance overflows rescaled); False reports them only (``export.preflight``).
+        fp16_norms: ``"rescale"`` (an overflowing LayerNorm's input scaled by a power of two in the graph) or
+            ``"fp32"`` (kept in fp32 through the format's per-op precision where it has one).
         calib: calibration data (text file, image folder, ``.npz``) for int8, passes and parity on data.
         shapes: ``{"seq_len": (1, 128), "batch": (1, 8), "static": False, "buckets": [16, 32, 64],
             "input_shapes": ["1x3x224x224"]}`` (any subset).
@@ -460,6 +462,7 @@ def export(model, device: str = "host", *, example_inputs=None, format: str | No
                              "min_fidelity": min_fidelity, "max_accuracy_drop": max_accuracy_drop,
                              "budget_ms": budget_ms, "no_reconstruct": (not reconstruct) or None,
                              "no_fp16_fixes": (not fp16_fixes) or None,
+                             "fp16_norms": fp16_norms if fp16_norms != "rescale" else None,
                              "parity_inputs": parity_inputs, "min_cosine": min_cosine,
                              "max_rel_err": max_rel_err, "calib_samples": calib_samples, "truncate": truncate or None,
                              "recover": _recover_text(recover), "out": str(out) if out is not None else None}

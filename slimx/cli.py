@@ -112,7 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "estimates of models not yet timed there use it")
     exp.add_argument("--no-fp16-fixes", action="store_true", default=keep,
                      help="keep the fp16 hazards the numerical pre-flight finds as they are (default: fp16-safe mask "
-                          "constants, overflowing LayerNorms kept in fp32; each checked against fp32)")
+                          "constants, overflowing LayerNorms rescaled; each checked against fp32)")
+    exp.add_argument("--fp16-norms", choices=("rescale", "fp32"), default=keep,
+                     help="an fp16 LayerNorm whose variance overflows: rescale its input in the graph (default; the "
+                          "norm stays on the fp16 path) or keep it in fp32 through the format's per-op precision "
+                          "(Core ML ML Program, TensorRT; other formats rescale and say so)")
     exp.add_argument("--recover", default=keep, metavar="K=V,...",
                      help="distill from the original after the passes, e.g. steps=200,lr=5e-5")
     exp.add_argument("--runs", type=int, default=keep, help=f"timed runs, at least 30 (default {d('runs')})")

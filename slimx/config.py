@@ -90,9 +90,15 @@ class CompileConfig:
     precision: str | None = None  # None: the target's default (fp16 for coreml and tensorrt, else fp32)
     opset: int | None = None  # ONNX opset for the formats written through ONNX (None: DEFAULT_OPSET)
     no_fp16_fixes: bool = False  # keep fp16 hazards the pre-flight finds as they are (export.preflight)
+    fp16_norms: str = "rescale"  # an overflowing LayerNorm: rescaled in the graph, or "fp32" (per-op precision)
     # the format's own options by field name ({"dla_core": 0}); the chosen target's options class checks them.
     # Their flags (--dla-core, --no-fuse...) are generated from every target's options class (targets.option_flags)
     format_options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.fp16_norms not in ("rescale", "fp32"):
+            raise UsageError(f"--fp16-norms {self.fp16_norms}", "is not a way to fix an fp16 LayerNorm",
+                             "give rescale (the default) or fp32")
 
 
 @dataclass(frozen=True)
@@ -129,7 +135,7 @@ _FLAT_ORDER = ("model", "target", "format", "out", "weights", "input_shapes", "p
                "calib_samples", "parity_inputs", "min_cosine", "max_rel_err", "warmup", "runs", "threads", "learn",
                "seed", "passes", "recipe", "recover", "seq_len", "batch", "static", "buckets", "max_buckets",
                "truncate", "labels", "min_fidelity", "max_accuracy_drop", "budget_ms", "no_reconstruct",
-               "no_fp16_fixes")
+               "no_fp16_fixes", "fp16_norms")
 
 
 def _option_flags():

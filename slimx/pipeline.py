@@ -8,6 +8,7 @@ CLI call ``run``.
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -321,7 +322,8 @@ def compile_artifact(cfg: ExportConfig, prepared: Prepared, compressed: Compress
         from slimx.export.preflight import summary_line
 
         preflight = run_preflight(program, target.name, prepared.precision, prepared.calib,
-                                  fixes=not cfg.compile.no_fp16_fixes, seed=cfg.model.seed)
+                                  fixes=not cfg.compile.no_fp16_fixes, seed=cfg.model.seed,
+                                  norms=cfg.compile.fp16_norms)
         predicted = preflight.get("predicted_parity")
         if predicted is not None:  # judged by the precision's parity cosine (the relative error is the runtime's)
             from slimx.export.parity import selection_tolerance
@@ -358,10 +360,17 @@ def compile_artifact(cfg: ExportConfig, prepared: Prepared, compressed: Compress
             if real_lengths:  # each sample at its real length: padding does not set the int8 ranges
                 batches = at_real_lengths(batches, program.input_names)
         if (prepared.shapes.get("auto") or {}).get("pending"):
-            from slimx.export.buckets import auto_buckets
+            from slimx.export.buckets import auto_buckets, measured_prices
 
-            rec = auto_buckets(program, prepared.calib, device, prepared.precision,
-                               tuple(prepared.shapes["buckets"]), cfg.model.max_buckets)
+            runner = target.runner(threads=cfg.timing.threads) if device.name == "host" else None
+            with tempfile.TemporaryDirectory(prefix="slimx-buckets-") as work:
+                measure = None
+                if runner is not None:  # the device is this machine: price each candidate in the format's runtime
+                    progress.note(f"pricing the candidate buckets in {runner.name} (the device is this machine)")
+                    measure = measured_prices(program, target, device, prepared.options, runner, work,
+                                              calib_batches=batches, seed=cfg.model.seed)
+                rec = auto_buckets(program, prepared.calib, device, prepared.precision,
+                                   tuple(prepared.shapes["buckets"]), cfg.model.max_buckets, measure=measure)
             prepared.shapes["auto"], prepared.shapes["buckets"] = rec, rec["buckets"]
             prepared.options = dataclasses.replace(prepared.options, buckets=tuple(rec["buckets"]))
             progress.note(f"buckets {', '.join(map(str, rec['buckets']))} (auto: expected {rec['expected_ms']:.3f} "

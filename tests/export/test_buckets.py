@@ -178,3 +178,25 @@ def test_auto_buckets_minimise_the_expected_latency_over_the_data(tmp_path, tiny
     assert "--buckets auto" in capsys.readouterr().err
     assert main(["export", f"hf:{tiny_bert_dir}", "--target", "pixel7", "--max-buckets", "2",
                  "--out", str(tmp_path / "y"), "-q"]) == 2
+
+
+def test_auto_buckets_on_this_machine_are_priced_by_measurement(tmp_path, tiny_bert_dir, capsys):
+    """The device is this machine and LiteRT runs here: each candidate length is timed in LiteRT (one .tflite with
+    a signature per candidate), not estimated; the chosen buckets are among those timed."""
+    pytest.importorskip("ai_edge_litert", reason="LiteRT (ai-edge-litert) not installed")
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(["a short one.", "two words", "one", "a somewhat longer sentence of a few more words",
+                               "short again", "tiny"] * 3) + "\n")
+    out = tmp_path / "auto"
+    assert main(["export", f"hf:{tiny_bert_dir}", "--target", "host", "--format", "tflite", "--buckets", "auto",
+                 "--max-buckets", "2", "--calib", str(text), "--calib-samples", "18", "--out", str(out), "-q"]) == 0
+    capsys.readouterr()
+    report = json.loads((out / "report.json").read_text())
+    auto = report["shapes"]["auto"]
+    assert auto["priced_by"].startswith("measured here in tflite's runtime (litert)"), auto["priced_by"]
+    prices = {int(k): v for k, v in auto["prices_ms"].items()}
+    assert set(auto["buckets"]) <= set(prices) and set(auto["fixed_rule"]["buckets"]) <= set(prices)
+    assert all(v > 0 for v in prices.values())
+    assert auto["expected_ms"] <= auto["fixed_rule"]["expected_ms"]
+    assert report["compile"]["buckets"]["sizes"] == auto["buckets"], "the artifact is built with the chosen set"
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [], "no candidate artifact left"

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from slimx._core.inputs import InputSpec
 from slimx.cli import main
 from slimx.export.preflight import (
     FP16_POLICIES,
@@ -17,6 +18,8 @@ from slimx.export.preflight import (
     predicted_parity,
     preflight,
     rescale_into_norms,
+    run,
+    scale_before_norms,
 )
 from slimx.export.program import Program, export_program
 from tests.models import loud_layer_norm, loud_residual_norm, masked_scores
@@ -25,7 +28,8 @@ from tests.models import loud_layer_norm, loud_residual_norm, masked_scores
 def _program(make):
     model = make()
     example = model.example_inputs()
-    return Program("t", export_program(model, example), model, [], ["y"]), model, example
+    specs = [InputSpec(f"x{i}", tuple(t.shape)) for i, t in enumerate(example)]
+    return Program("t", export_program(model, example), model, specs, ["y"]), model, example
 
 
 def _batches(example, n=3):
@@ -69,6 +73,34 @@ def test_an_overflowing_layer_norm_fed_by_a_linear_alone_is_rescaled():
     assert preflight(program, "coreml", "fp16", batches, True)["findings"] == []
 
 
+def test_an_overflowing_layer_norm_fed_by_a_residual_is_rescaled_by_one_op_before_it():
+    program, model, example = _program(loud_residual_norm)
+    batches = _batches(example)
+    found = preflight(program, "coreml", "fp16", batches, synthetic=True)
+    assert rescale_into_norms(program, found["findings"]) == [], "its input also feeds the residual"
+    (fix,) = scale_before_norms(program, found["findings"])
+    assert fix["module"] == "norm (LayerNorm)" and fix["divided_by"] >= 2
+    assert fix["eps"] == pytest.approx(1e-5 / fix["divided_by"] ** 2), "the eps scaled with the input"
+    fixed = program.exported.module()
+    (scaled,) = [n for n in fixed.graph.nodes if n.target is torch.ops.aten.mul.Tensor
+                 and n.args[1] == 1 / fix["divided_by"]]
+    assert [str(u.target) for u in scaled.users] == ["aten.layer_norm.default"], "only the norm reads it"
+    for b in batches:
+        assert torch.allclose(fixed(*b), model(*b), atol=1e-5), "LN(x / s, eps / s^2) is LN(x, eps)"
+    assert predicted_parity(program, batches, [], target_name="coreml")["cosine"] > 0.9999, "fp16 LayerNorm now"
+    assert preflight(program, "coreml", "fp16", batches, True)["findings"] == []
+
+
+def test_fp32_norms_asked_of_a_format_without_per_op_precision_are_rescaled_and_said_so():
+    program, _, _ = _program(loud_residual_norm)
+    rec = run(program, "onnx", "fp16", None, norms="fp32")
+    assert [f["fix"] for f in rec["fixes"]] == ["rescaled before the LayerNorm"] and program.keep_fp32 == []
+    assert "no per-op precision" in rec["norms_note"]
+    program, _, _ = _program(loud_residual_norm)
+    rec = run(program, "tensorrt", "fp16", None, norms="fp32")
+    assert [f["fix"] for f in rec["fixes"]] == ["kept in fp32"] and program.keep_fp32 == ["layer_norm"]
+
+
 def test_an_overflowing_layer_norm_is_found_and_kept_in_fp32():
     program, _, example = _program(loud_residual_norm)
     batches = _batches(example)
@@ -100,11 +132,16 @@ def test_the_prediction_agrees_with_the_runtimes_here(make, target, tmp_path, ca
     assert predicted["cosine"] == pytest.approx(measured["cosine"], abs=1e-4)
 
 
-@pytest.mark.parametrize("make,target", [(masked_scores, "iphone15pro"), (loud_layer_norm, "iphone15pro"),
-                                         (loud_residual_norm, "jetson-orin-nano")])
-def test_fp16_exports_pass_with_the_fixes_and_fail_without(make, target, tmp_path, capsys):
+@pytest.mark.parametrize("make,target,flags", [(masked_scores, "iphone15pro", []),
+                                               (loud_layer_norm, "iphone15pro", []),
+                                               (loud_residual_norm, "iphone12", []),
+                                               (loud_residual_norm, "jetson-orin-nano", ["--fp16-norms", "fp32"])])
+def test_fp16_exports_pass_with_the_fixes_and_fail_without(make, target, flags, tmp_path, capsys):
+    """iphone12 converts to the neuralnetwork backend, which has no per-op precision: the residual-fed LayerNorm is
+    rescaled in the graph there (the default everywhere); TensorRT keeps it fp32 when asked."""
     name = make.__name__
-    code = main(["export", f"tests.models:{name}", "--target", target, "--out", str(tmp_path / "fixed"), "-q"])
+    code = main(["export", f"tests.models:{name}", "--target", target, "--out", str(tmp_path / "fixed"), "-q",
+                 *flags])
     out = capsys.readouterr().out
     report = json.loads((tmp_path / "fixed" / "report.json").read_text())
     pre = report["preflight"]
@@ -114,6 +151,8 @@ def test_fp16_exports_pass_with_the_fixes_and_fail_without(make, target, tmp_pat
     assert pre["fix_check"]["cosine"] > 0.99999
     if target == "jetson-orin-nano":
         assert "--layerPrecisions=node_layer_norm:fp32" in (tmp_path / "fixed" / "build_engine.sh").read_text()
+    if target == "iphone12":
+        assert [f["fix"] for f in pre["fixes"]] == ["rescaled before the LayerNorm"]
     code = main(["export", f"tests.models:{name}", "--target", target, "--no-fp16-fixes",
                  "--out", str(tmp_path / "unfixed"), "-q"])
     err = capsys.readouterr().err
@@ -123,8 +162,8 @@ def test_fp16_exports_pass_with_the_fixes_and_fail_without(make, target, tmp_pat
 
 def test_a_layer_norm_kept_in_fp32_in_the_core_ml_program(tmp_path, capsys):
     coremltools = pytest.importorskip("coremltools")
-    assert main(["export", "tests.models:loud_residual_norm", "--target", "iphone15pro", "--out",
-                 str(tmp_path / "o"), "-q"]) == 0
+    assert main(["export", "tests.models:loud_residual_norm", "--target", "iphone15pro", "--fp16-norms", "fp32",
+                 "--out", str(tmp_path / "o"), "-q"]) == 0
     capsys.readouterr()
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert report["compile"]["kept_fp32"]["ops"] == ["layer_norm"]
@@ -133,3 +172,18 @@ def test_a_layer_norm_kept_in_fp32_in_the_core_ml_program(tmp_path, capsys):
     dtypes = {op.type: op.outputs[0].type.tensorType.dataType for op in ops if op.type in ("layer_norm", "linear")}
     fp32, fp16 = coremltools.proto.MIL_pb2.FLOAT32, coremltools.proto.MIL_pb2.FLOAT16
     assert dtypes == {"layer_norm": fp32, "linear": fp16}, "the LayerNorm alone stays fp32 in an fp16 program"
+
+
+def test_the_fixed_graph_is_what_litert_converts(tmp_path, capsys):
+    """LiteRT traces a module again: it is given the fixed graph's, so the rescale before the norm is in the .tflite
+    (one MUL more than without the fixes), and parity in LiteRT still compares against the user's own module."""
+    pytest.importorskip("ai_edge_litert", reason="LiteRT (ai-edge-litert) not installed")
+    ops = {}
+    for name, flags in (("fixed", []), ("unfixed", ["--no-fp16-fixes"])):
+        assert main(["export", "tests.models:loud_residual_norm", "--target", "pixel7", "--precision", "fp16",
+                     "--out", str(tmp_path / name), "-q", *flags]) == 0
+        report = json.loads((tmp_path / name / "report.json").read_text())
+        assert report["parity"]["measured"] and report["parity"]["cosine"] > 0.9999
+        ops[name] = report["compile"]["ops"]
+    capsys.readouterr()
+    assert ops["fixed"]["MUL"] == ops["unfixed"]["MUL"] + 1

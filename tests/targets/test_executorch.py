@@ -117,7 +117,7 @@ def test_int8_through_the_xnnpack_quantizer(bert, tmp_path, precision):
 def test_fp16_keeps_layer_norm_in_fp32_where_the_portable_kernel_would_overflow(tmp_path):
     """ExecuTorch's portable layer_norm in fp16 is wrong here: without the fp32 LayerNorm this model fails parity
     with non-finite outputs, which parity scores as a failure (cosine 0), not as a pass."""
-    from slimx.quant.executorch import _layer_norms_in_fp32
+    from slimx.quant.executorch import _graph_layer_norms_in_fp32
 
     specs = [InputSpec("x", (2, 16), dynamic=((0, 1, 4),))]
     program = _program(QuietNorm(), specs)
@@ -131,7 +131,7 @@ def test_fp16_keeps_layer_norm_in_fp32_where_the_portable_kernel_would_overflow(
     import copy
 
     half = copy.deepcopy(program.module).half()
-    assert not _layer_norms_in_fp32(copy.deepcopy(half)) == []  # the helper does find the norm
+    assert _graph_layer_norms_in_fp32(copy.deepcopy(program.graph_module()).half()) == ["norm"]  # it finds it
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
