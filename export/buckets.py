@@ -70,8 +70,9 @@ def auto_buckets(program, calib, device, precision: str, fixed: tuple[int, ...],
                  measure=None) -> dict:
     """Choose the buckets; returns the record the report keeps (histogram, choice, expected latency of both).
 
-    ``measure``: ``lengths -> ({length: ms}, how)``, timing an artifact with a bucket at each length in the
-    format's runtime (``measured_prices``), for a device that is this machine; None prices with the estimator."""
+    ``measure``: ``lengths -> ({length: ms}, how, extra record)``, timing an artifact with a bucket at each length
+    in the format's runtime (``measured_prices``), for a device that is this machine; None prices with the
+    estimator."""
     from slimx.export.shapes import lengths_of, seq_range_of
 
     lo, hi = seq_range_of(program.inputs)
@@ -82,16 +83,34 @@ def auto_buckets(program, calib, device, precision: str, fixed: tuple[int, ...],
         while len(candidates(lengths, lo, hi, step)) > MAX_MEASURED:
             step *= 2
         wanted = candidates(lengths, lo, hi, step)
-        prices, priced_by = measure(sorted(set(wanted) | set(fixed)))
+        prices, priced_by, extra = measure(sorted(set(wanted) | set(fixed)))
     else:
-        step, wanted = STEP, candidates(lengths, lo, hi)
+        step, wanted, extra = STEP, candidates(lengths, lo, hi), {}
         prices, priced_by = estimated_prices(program, device, precision, sorted(set(wanted) | set(fixed)))
     chosen, mean = choose(lengths, {n: prices[n] for n in wanted}, count)
     base = expected_ms(lengths, fixed, prices.__getitem__)
     return {"buckets": chosen, "max_buckets": count, "samples": len(lengths), "histogram": histogram(lengths),
             "expected_ms": round(mean, 4), "fixed_rule": {"buckets": list(fixed), "expected_ms": round(base, 4)},
             "priced_by": priced_by, "candidate_step": step,
-            "prices_ms": {str(k): round(v, 4) for k, v in sorted(prices.items())}}
+            "prices_ms": {str(k): round(v, 4) for k, v in sorted(prices.items())}, **extra}
+
+
+def smooth(lengths: list[int], ms: list[float]) -> list[float]:
+    """Timings of one artifact at several lengths, with the noise of a shared machine taken out: the least-squares
+    quadratic in the length (a fixed cost, the linear layers, attention's square) fitted to relative error, then
+    made non-decreasing (a longer bucket never costs less).
+
+    Example:
+        >>> [round(v, 2) for v in smooth([8, 16, 24, 32, 64], [1.0, 2.3, 2.7, 4.1, 8.0])]
+        [1.02, 2.01, 3.0, 3.99, 7.94]
+    """
+    import numpy as np
+
+    n, y = np.asarray(lengths, dtype=float), np.asarray(ms, dtype=float)
+    if len(n) < 4:
+        return list(np.maximum.accumulate(y))
+    fitted = np.polyval(np.polyfit(n, y, 2, w=1.0 / y), n)
+    return [float(v) for v in np.maximum.accumulate(np.maximum(fitted, 1e-6))]
 
 
 def estimated_prices(program, device, precision: str, lengths: list[int]) -> tuple[dict[int, float], str]:
@@ -118,13 +137,16 @@ def measured_prices(program, target, device, options, runner, work_dir, calib_ba
     def measure(lengths: list[int]) -> tuple[dict[int, float], str]:
         artifact = target.compile(program, device, dataclasses.replace(options, buckets=tuple(lengths)),
                                   Path(work_dir), calib_batches=calib_batches)
-        prices = {}
+        measured = []
         for n in lengths:
             inputs = tuple(x.fill_(1) if s.kind == "mask" else x for s, x in
                            zip(program.inputs, sample_inputs(at_length(program.inputs, n), seed=seed + 7),
                                strict=True))
-            prices[n] = float(runner.time(artifact, inputs, warmup=warmup, runs=runs).median_ms)
+            measured.append(float(runner.time(artifact, inputs, warmup=warmup, runs=runs).median_ms))
+        prices = dict(zip(lengths, smooth(lengths, measured), strict=True))
         return prices, (f"measured here in {target.name}'s runtime ({runner.name}): one artifact with a bucket at "
-                        f"each of the {len(lengths)} lengths, each timed {runs} times (median)")
+                        f"each of the {len(lengths)} lengths, each timed {runs} times (median), smoothed by a "
+                        "quadratic in the length"), {
+            "measured_ms": {str(n): round(v, 4) for n, v in zip(lengths, measured, strict=True)}}
 
     return measure

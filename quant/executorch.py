@@ -46,13 +46,16 @@ def executorch_fp16(program, cfg: QuantConfig, ctx: QuantContext):
     # the exported graph in half precision: it carries the pre-flight's fixes (fp16-safe constants, rescaled norms),
     # and its explicit casts to fp32 become casts to fp16 (a copy: the graph shares the module's tensors)
     module = copy.deepcopy(program.graph_module()).half()
-    _half_casts(module)
+    clamped = _half_casts(module)
     kept = _graph_layer_norms_in_fp32(module)
     example = tuple(x.half() if x.is_floating_point() else x for x in export_example(program.inputs))
     return export_program(module, example, program.inputs), {
         "method": "the model in half precision (torch.float16 weights, activations and float I/O), XNNPACK fp16 "
                   "kernels", "io": "fp16" if any(x.dtype == torch.float16 for x in example) else "unchanged",
-        "kept_fp32": {"modules": kept, "why": FP32_LAYER_NORM_WHY} if kept else None}
+        "kept_fp32": {"modules": kept, "why": FP32_LAYER_NORM_WHY} if kept else None,
+        "clamped_constants": {"count": clamped, "why": "float constants past fp16's range clamped to ±65504 (the "
+                              "runtime refuses them in a half program; the pre-flight's fixes leave none)"}
+        if clamped else None}
 
 
 FP32_LAYER_NORM_WHY = ("LayerNorm is computed in fp32 between casts: XNNPACK does not take it, and ExecuTorch 1.5.1's "
@@ -61,17 +64,33 @@ FP32_LAYER_NORM_WHY = ("LayerNorm is computed in fp32 between casts: XNNPACK doe
                        "NaN)")
 
 
-def _half_casts(gm) -> None:
+def _half_casts(gm) -> int:
     """A half-precision graph's explicit casts to fp32 (``mask.float()``) cast to fp16 instead, as the module's code
-    would have in half precision (else fp32 leaks into fp16 matmuls)."""
+    would have in half precision (else fp32 leaks into fp16 matmuls), and its float constants past fp16's range
+    clamped to ±65504 (ExecuTorch refuses them in a half ``scalar_tensor``; a module whose code asks
+    ``finfo(dtype).min`` would have given -65504 itself). Returns how many constants were clamped."""
+    import math
+
     import torch
+
+    limit = float(torch.finfo(torch.float16).max)
+    clamped = 0
+
+    def half(a):
+        nonlocal clamped
+        if a is torch.float32:
+            return torch.float16
+        if isinstance(a, float) and (math.isinf(a) or abs(a) > limit):
+            clamped += 1
+            return math.copysign(limit, a)
+        return a
 
     for n in gm.graph.nodes:
         if n.op == "call_function":
-            n.args = tuple(torch.float16 if a is torch.float32 else a for a in n.args)
-            if n.kwargs.get("dtype") is torch.float32:
-                n.kwargs = {**n.kwargs, "dtype": torch.float16}
+            n.args = tuple(half(a) for a in n.args)
+            n.kwargs = {k: half(v) for k, v in n.kwargs.items()}
     gm.recompile()
+    return clamped
 
 
 def _graph_layer_norms_in_fp32(gm) -> list[str]:
@@ -79,7 +98,7 @@ def _graph_layer_norms_in_fp32(gm) -> list[str]:
     to fp32 and its result back to fp16; returns the modules they came from."""
     import torch
 
-    from slimx.export.preflight import module_of
+    from slimx.export.program import node_module_path
 
     graph, kept = gm.graph, []
     for n in list(graph.nodes):
@@ -91,7 +110,7 @@ def _graph_layer_norms_in_fp32(gm) -> list[str]:
         with graph.inserting_after(n):
             back = graph.call_function(torch.ops.aten._to_copy.default, (n,), {"dtype": torch.float16})
         n.replace_all_uses_with(back, delete_user_cb=lambda user, back=back: user is not back)
-        kept.append(module_of(n).split(" (")[0])
+        kept.append((node_module_path(n) or "<root>").rsplit(" (", 1)[0].removeprefix("L__self__."))
     gm.recompile()
     return kept
 

@@ -415,8 +415,8 @@ def export(model, device: str = "host", *, example_inputs=None, format: str | No
            min_fidelity: float | None = None, max_accuracy_drop: float | None = None, budget_ms: float | None = None,
            parity_inputs: int | None = None, min_cosine: float | None = None, max_rel_err: float | None = None,
            seed: int = 0, calib_samples: int | None = None, truncate: bool = False, reconstruct: bool = True,
-           fp16_fixes: bool = True, fp16_norms: str = "rescale", progress: Progress | None = None, verbose: bool = False,
-           command: Iterable[str] = ()) -> ExportResult:
+           fp16_fixes: bool = True, fp16_norms: str = "rescale", progress: Progress | None = None,
+           verbose: bool = False, command: Iterable[str] = ()) -> ExportResult:
     """Compress (optionally), compile and prove ``model`` for ``device``.
 
     Args:

@@ -55,7 +55,8 @@ class ExecuTorchTarget(Target):
     estimates_from = ("tflite", TRANSFER_NOTE)
     # fp16: XNNPACK's fp16 kernels and the portable ones compute in fp16; constants are cast as in any half model;
     # LayerNorm runs in fp32 between casts (quant.executorch: the portable fp16 kernel is wrong here)
-    fp16_policy: ClassVar[dict] = {"results": True, "constants": "cast", "layer_norm": "fp32 inside"}
+    # the half program clamps float constants past fp16 (quant.executorch._half_casts) and computes LayerNorm in fp32
+    fp16_policy: ClassVar[dict] = {"results": True, "constants": "clamp", "layer_norm": "fp32 inside"}
 
     @property
     def available(self) -> bool:  # the format needs the optional executorch package to be written at all

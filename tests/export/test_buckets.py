@@ -196,7 +196,8 @@ def test_auto_buckets_on_this_machine_are_priced_by_measurement(tmp_path, tiny_b
     assert auto["priced_by"].startswith("measured here in tflite's runtime (litert)"), auto["priced_by"]
     prices = {int(k): v for k, v in auto["prices_ms"].items()}
     assert set(auto["buckets"]) <= set(prices) and set(auto["fixed_rule"]["buckets"]) <= set(prices)
-    assert all(v > 0 for v in prices.values())
+    assert all(v > 0 for v in prices.values()) and set(auto["measured_ms"]) == set(auto["prices_ms"])
+    assert list(prices.values()) == sorted(prices.values()), "smoothed: a longer bucket never costs less"
     assert auto["expected_ms"] <= auto["fixed_rule"]["expected_ms"]
     assert report["compile"]["buckets"]["sizes"] == auto["buckets"], "the artifact is built with the chosen set"
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [], "no candidate artifact left"

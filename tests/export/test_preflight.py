@@ -187,3 +187,20 @@ def test_the_fixed_graph_is_what_litert_converts(tmp_path, capsys):
         ops[name] = report["compile"]["ops"]
     capsys.readouterr()
     assert ops["fixed"]["MUL"] == ops["unfixed"]["MUL"] + 1
+
+
+def test_executorch_half_program_carries_the_fixes(tmp_path, capsys):
+    """ExecuTorch's fp16 program is built from the fixed exported graph (its `mask.float()` cast made fp16): the
+    finfo.min mask model exports and passes parity in ExecuTorch with the pre-flight's -1e4 (nothing left for the
+    half program to clamp); without the fixes the half program clamps the constant itself, and says so."""
+    pytest.importorskip("executorch", reason="ExecuTorch not installed")
+    records = {}
+    for name, flags in (("fixed", []), ("unfixed", ["--no-fp16-fixes"])):
+        assert main(["export", "tests.models:masked_scores", "--target", "pixel7", "--format", "executorch",
+                     "--precision", "fp16", "--out", str(tmp_path / name), "-q", *flags]) == 0
+        report = json.loads((tmp_path / name / "report.json").read_text())
+        assert report["parity"]["measured"] and report["parity"]["cosine"] > 0.999
+        records[name] = report["compile"]["quantization"]
+    capsys.readouterr()
+    assert records["fixed"]["clamped_constants"] is None
+    assert records["unfixed"]["clamped_constants"]["count"] == 1

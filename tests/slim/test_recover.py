@@ -323,7 +323,7 @@ def test_attention_maps_are_distilled_across_a_head_cut_and_the_taps_leave_nothi
         student(*_sentences(1, 5)[0])
 
 
-class _Blocks(torch.nn.Module):
+class _BranchBlocks(torch.nn.Module):
     def __init__(self, middle=None):
         super().__init__()
         torch.manual_seed(0)
@@ -346,7 +346,7 @@ def test_layerwise_skips_a_block_with_no_weights_left_and_trains_the_others():
 
     from slimx.slim.layerwise import layerwise
 
-    teacher, student = _Blocks(), _Blocks(_Constant())
+    teacher, student = _BranchBlocks(), _BranchBlocks(_Constant())
     with torch.no_grad():
         student.blocks[2].weight.add_(0.5)
     chunks = [(torch.randn(4, 8, generator=torch.Generator().manual_seed(i)),) for i in range(6)]
