@@ -79,21 +79,27 @@ def run_latency(device, target, artifact, program, t: TimingConfig, seed: int = 
 def latency_over_lengths(runner, artifact, specs, calib, t: TimingConfig, seed: int) -> dict | None:
     """A dynamic text artifact timed at several sequence lengths (no padding: every position real), a bucketed
     one at each bucket (``over_lengths``)."""
-    from slimx.export.shapes import at_length, seq_range_of
+    from slimx.export.shapes import seq_range_of
 
     if seq_range_of(specs) is None:
         return None
     runs = max(10, t.runs // 5)
 
     def time_at(length: int) -> dict:
-        inputs = tuple(x.fill_(1) if s.kind == "mask" else x
-                       for s, x in zip(specs, sample_inputs(at_length(specs, length), seed=seed + 7), strict=True))
-        timing = runner.time(artifact, inputs, warmup=max(1, t.warmup), runs=runs)
+        timing = runner.time(artifact, inputs_at_length(specs, length, seed), warmup=max(1, t.warmup), runs=runs)
         return {"median_ms": round(timing.median_ms, 4), "p90_ms": round(timing.p90_ms, 4)}
 
     out = over_lengths(specs, calib, (artifact.meta.get("buckets") or {}).get("sizes"), time_at)
     out["runs_each"] = runs
     return out
+
+
+def inputs_at_length(specs, length: int, seed: int) -> tuple:
+    """Fresh inputs of a text model at ``length`` tokens, every position real (the mask all ones)."""
+    from slimx.export.shapes import at_length
+
+    return tuple(x.fill_(1) if s.kind == "mask" else x
+                 for s, x in zip(specs, sample_inputs(at_length(specs, length), seed=seed + 7), strict=True))
 
 
 def estimate_over_lengths(program, device, setting, calib, buckets) -> dict | None:

@@ -131,17 +131,14 @@ def measured_prices(program, target, device, options, runner, work_dir, calib_ba
     import dataclasses
     from pathlib import Path
 
-    from slimx._core.inputs import sample_inputs
-    from slimx.export.shapes import at_length
+    from slimx.devices.timing import inputs_at_length
 
     def measure(lengths: list[int]) -> tuple[dict[int, float], str]:
         artifact = target.compile(program, device, dataclasses.replace(options, buckets=tuple(lengths)),
                                   Path(work_dir), calib_batches=calib_batches)
         measured = []
         for n in lengths:
-            inputs = tuple(x.fill_(1) if s.kind == "mask" else x for s, x in
-                           zip(program.inputs, sample_inputs(at_length(program.inputs, n), seed=seed + 7),
-                               strict=True))
+            inputs = inputs_at_length(program.inputs, n, seed)
             measured.append(float(runner.time(artifact, inputs, warmup=warmup, runs=runs).median_ms))
         prices = dict(zip(lengths, smooth(lengths, measured), strict=True))
         return prices, (f"measured here in {target.name}'s runtime ({runner.name}): one artifact with a bucket at "

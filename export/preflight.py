@@ -314,6 +314,12 @@ def fix_constants(program, findings: list[dict]) -> list[dict]:
     return done
 
 
+def _norm_overflow(findings: list[dict], node: str) -> dict | None:
+    """The finding of a LayerNorm node whose fp16 variance overflows, if any."""
+    return next((f for f in findings if f["kind"] == "reduction" and f["node"] == node
+                 and f["op"] in ("layer_norm", "native_layer_norm")), None)
+
+
 def rescale_into_norms(program, findings: list[dict]) -> list[dict]:
     """A LayerNorm is blind to the scale of its input (up to its eps): where the overflowing input is a linear
     layer's output that nothing else reads, that layer's weight and bias are divided by a power of two that brings
@@ -326,8 +332,7 @@ def rescale_into_norms(program, findings: list[dict]) -> list[dict]:
     params = dict(ep.graph_signature.inputs_to_parameters)
     done = []
     for n in ep.graph_module.graph.nodes:
-        f = next((f for f in findings if f["kind"] == "reduction" and f["node"] == n.name
-                  and f["op"] in ("layer_norm", "native_layer_norm")), None)
+        f = _norm_overflow(findings, n.name)
         src = n.args[0] if f is not None and n.args and isinstance(n.args[0], torch.fx.Node) else None
         if src is None or _op(src) != "linear" or len(src.users) != 1:
             continue
@@ -360,8 +365,7 @@ def scale_before_norms(program, findings: list[dict], skip: set[str] = frozenset
     gm = program.exported.graph_module
     done = []
     for n in list(gm.graph.nodes):
-        f = next((f for f in findings if f["kind"] == "reduction" and f["node"] == n.name
-                  and f["op"] in ("layer_norm", "native_layer_norm")), None)
+        f = _norm_overflow(findings, n.name)
         if f is None or n.name in skip or not n.args or not isinstance(n.args[0], torch.fx.Node):
             continue
         if not f.get("input_max_abs") or f["input_max_abs"] > FP16_MAX:

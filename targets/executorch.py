@@ -53,9 +53,9 @@ class ExecuTorchTarget(Target):
     dynamic_shapes = True  # bounded symbolic axes: the runtime runs any size up to the bound
     needs_torch = True
     estimates_from = ("tflite", TRANSFER_NOTE)
-    # fp16: XNNPACK's fp16 kernels and the portable ones compute in fp16; constants are cast as in any half model;
-    # LayerNorm runs in fp32 between casts (quant.executorch: the portable fp16 kernel is wrong here)
-    # the half program clamps float constants past fp16 (quant.executorch._half_casts) and computes LayerNorm in fp32
+    # fp16: XNNPACK's fp16 kernels and the portable ones compute in fp16; the half program clamps float constants
+    # past fp16 (quant.executorch._half_casts); LayerNorm runs in fp32 between casts (the portable fp16 kernel is
+    # wrong here)
     fp16_policy: ClassVar[dict] = {"results": True, "constants": "clamp", "layer_norm": "fp32 inside"}
 
     @property
