@@ -31,6 +31,8 @@ def main() -> None:
     ap.add_argument("--keep", default="0.4,0.3")
     ap.add_argument("--axformer", default="0.1,0.2",
                     help="AxFormer tolerances (whole attention / FFN branches removed: op-removing cuts); '' for none")
+    ap.add_argument("--axformer-options", default="",
+                    help="more AxFormer options, e.g. 'units=false' (whole branches only) or 'recover_steps=200'")
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--recover", default="layerwise=600,steps=600,loss=kl,lr=5e-4,batch_size=32,patience=10",
                     help="the recovery after each pass (slimx export --recover)")
@@ -50,8 +52,9 @@ def main() -> None:
         settings.append((f"fisher-prune keep {keep}, refit + {how}",
                          ["--pass", f"fisher-prune:keep={keep}", *recover]))
     for tol in filter(None, args.axformer.split(",")):
-        settings.append((f"AxFormer tolerance {tol}, refit + {how}",
-                         ["--pass", f"axformer:tolerance={tol}", *recover]))
+        extra = f",{args.axformer_options}" if args.axformer_options else ""
+        settings.append((f"AxFormer tolerance {tol}{extra.replace(',', ', ')}, refit + {how}",
+                         ["--pass", f"axformer:tolerance={tol}{extra}", *recover]))
     rows, sessions = {}, {}
     for name, extra in settings:
         started = time.time()
@@ -83,7 +86,8 @@ def main() -> None:
     lines += ["", "Target (issue 28): at least 2x at no more than 1 point of accuracy lost: "
               + (f"met by {met[0]}" if met else "missed")]
     lines += ["", f"Command: `python bench/pruning_digits.py --keep '{args.keep}' --axformer '{args.axformer}' "
-              f"--recover '{args.recover}'`"]
+              f"--recover '{args.recover}'"
+              + (f" --axformer-options '{args.axformer_options}'" if args.axformer_options else "") + "`"]
     write_results(args.out_name, {"trained_accuracy": accuracy, "rows": rows}, "\n".join(lines) + "\n")
 
 

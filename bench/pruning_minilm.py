@@ -1,7 +1,8 @@
 """fisher-prune on MiniLM (real weights): the linear refit, then block-wise distillation, alone and stacked with
 int8, on real English text at real lengths, held-out text from another source.
 
-    python bench/pruning_minilm.py [--fit 4000] [--heldout 256] [--rounds 15] [--settings all|quick]
+    python bench/pruning_minilm.py [--fit 12000] [--heldout 256] [--rounds 15] [--settings all|quick]
+                                   [--keep 0.56] [--layerwise 5000]
 
 Fit text: sentences from the docstrings of the installed packages (``package_sentences``: the passes'
 calibration, of which slimx holds a quarter out for its own fidelity gate); evaluation: standard-library docstring
@@ -42,12 +43,12 @@ SETTINGS = {
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--fit", type=int, default=4000)
+    ap.add_argument("--fit", type=int, default=12000)
     ap.add_argument("--heldout", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--settings", choices=sorted(SETTINGS), default="all")
-    ap.add_argument("--layerwise", type=int, default=3000, help="layer-wise distillation steps per block")
-    ap.add_argument("--keep", type=float, default=0.62, help="fisher-prune's share of the MACs kept")
+    ap.add_argument("--layerwise", type=int, default=5000, help="layer-wise distillation steps per block")
+    ap.add_argument("--keep", type=float, default=0.56, help="fisher-prune's share of the MACs kept")
     ap.add_argument("--out-name", default="pruning_minilm", help="bench/results/NAME.{md,json}")
     ap.add_argument("--then", default="", metavar="SETTINGS",
                     help="end-to-end recovery after the layer-wise phase, e.g. 'steps=300,attention=1' (attention-map "

@@ -15,6 +15,12 @@ Costs are MACs per token at the calibration data's median length: a head its sha
 projections and of the two attention products, an FFN neuron its row of the first linear and column of the
 second. At least one head per attention and ``multiple`` neurons per FFN stay (FFN widths are rounded to that
 multiple).
+
+``rounds`` > 1 scores and cuts in steps (to ``keep ** (r / rounds)`` of the MACs after round ``r``), each round
+scoring the model the rounds before it cut and refit: the diagonal Fisher information ranks units as if each
+were cut alone, and once a layer has lost some of its units the ones left carry more (the iterative re-scoring
+of structured OBS methods such as ZipLM, Kurtic et al. 2023, and of LLM-Pruner). Only the final choice of units
+is kept; run_passes then refits the cut layers of the original from scratch, as for one round.
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ class FisherPruneConfig:
         directions: random output directions per sample for an embedding model (more: a less noisy estimate
             of the output's sensitivity, one backward pass each).
         seed: the random output directions of an embedding model.
+        rounds: score, cut and refit this many times, each round re-scoring what the rounds before it left.
+        refit_samples: calibration samples the refit between rounds uses (at most).
     """
 
     keep: float = 0.6
@@ -54,14 +62,16 @@ class FisherPruneConfig:
     samples: int = 256
     directions: int = 4
     seed: int = 0
+    rounds: int = 1
+    refit_samples: int = 512
 
     def __post_init__(self) -> None:
         if not 0 < self.keep <= 1:
             raise ValueError(f"keep must be in (0, 1], got {self.keep}")
         if self.multiple is not None and self.multiple < 1:
             raise ValueError("multiple must be at least 1")
-        if self.samples < 1 or self.directions < 1:
-            raise ValueError("samples and directions must be at least 1")
+        if self.samples < 1 or self.directions < 1 or self.rounds < 1 or self.refit_samples < 1:
+            raise ValueError("samples, directions, rounds and refit_samples must be at least 1")
         if not (self.heads or self.ffn):
             raise ValueError("heads and ffn cannot both be off")
 
@@ -185,6 +195,50 @@ def _select(groups: list[_Group], scores: dict, keep: float, multiple: int) -> t
                  "macs_kept": round(kept_macs / total, 4) if total else None}
 
 
+def _search(model, groups: list[_Group], cfg: FisherPruneConfig, ctx: PassContext, batches: list[tuple],
+            multiple: int) -> tuple[dict[str, list[int]], dict]:
+    """The units of ``model`` to keep per group (indices into the original layers) and the MACs summary, after
+    ``cfg.rounds`` rounds of scoring and cutting (see the module's docstring)."""
+    labels = ctx.labels[: cfg.samples] if ctx.labels is not None else None
+    total = sum(g.units * g.macs_per_unit for g in groups)
+    kept = {g.mask_at: list(range(g.units)) for g in groups}
+    current, length = model, _median_length(batches, ctx.mask_index)
+    for r in range(1, cfg.rounds + 1):
+        now = _groups(current, cfg, length, multiple) if r > 1 else groups
+        scores = fisher_scores(copy.deepcopy(current), now, batches, ctx.mask_index, labels, cfg.seed + r - 1,
+                               ctx.progress, cfg.directions)
+        remaining = sum(g.units * g.macs_per_unit for g in now)
+        target = cfg.keep ** (r / cfg.rounds) * total
+        chosen, _ = _select(now, scores, min(1.0, target / remaining), multiple)
+        kept = {path: [kept[path][i] for i in chosen[path]] for path in kept}
+        if r < cfg.rounds:
+            if ctx.progress is not None:
+                ctx.progress.note(f"fisher-prune: round {r} of {cfg.rounds}, MACs kept "
+                                  f"{sum(len(kept[g.mask_at]) * g.macs_per_unit for g in groups) / total:.3f}")
+            cut = _cut(current, now, chosen)
+            from slimx.slim.reconstruct import reconstruct
+
+            reconstruct(cut, current, ctx.calib[: cfg.refit_samples], ctx.mask_index,
+                        reference=ctx.teacher if ctx.teacher is not None else model)
+            current = cut
+    kept_macs = sum(len(kept[g.mask_at]) * g.macs_per_unit for g in groups)
+    return kept, {"macs_per_token_before": round(total), "macs_per_token_after": round(kept_macs),
+                  "macs_kept": round(kept_macs / total, 4) if total else None, "rounds": cfg.rounds}
+
+
+def _cut(model, groups: list[_Group], keep: dict[str, list[int]]):
+    """A copy of ``model`` with only the ``keep`` units of each group."""
+    new = copy.deepcopy(model)
+    for g in groups:
+        if len(keep[g.mask_at]) == g.units:
+            continue
+        if g.kind == "heads":
+            prune_heads(new, g.path, keep[g.mask_at])
+        else:
+            next(b for b in blocks(new) if b.path == g.block).ffn.prune(new, keep[g.mask_at])
+    return new
+
+
 def _median_length(batches: list[tuple], mask_index: int | None) -> int:
     if mask_index is None or not batches:
         return 1
@@ -208,11 +262,8 @@ def plan_fisher(model, cfg: FisherPruneConfig, ctx: PassContext) -> list[dict]:
     groups = _groups(model, cfg, _median_length(batches, ctx.mask_index), multiple)
     key = ("fisher", id(model), repr(cfg))
     if key not in ctx.cache:
-        labels = ctx.labels[: cfg.samples] if ctx.labels is not None else None
-        scores = fisher_scores(copy.deepcopy(model), groups, batches, ctx.mask_index, labels, cfg.seed,
-                               ctx.progress, cfg.directions)
-        ctx.cache[key] = (scores, *_select(groups, scores, cfg.keep, multiple))
-    scores, keep, _ = ctx.cache[key]
+        ctx.cache[key] = _search(model, groups, cfg, ctx, batches, multiple)
+    keep, _ = ctx.cache[key]
     return [{"layer": g.path, "block": g.block, "kind": g.kind, "units": g.units, "kept": len(keep[g.mask_at]),
              "keep": keep[g.mask_at], "output_projection": g.mask_at,
              "macs_per_unit_per_token": round(g.macs_per_unit)} for g in groups]
@@ -224,17 +275,10 @@ def plan_fisher(model, cfg: FisherPruneConfig, ctx: PassContext) -> list[dict]:
                test_options={"keep": 0.7, "samples": 8})
 def apply_fisher(model, plan: list[dict], cfg: FisherPruneConfig, ctx: PassContext) -> PassResult:
     """Cut the planned heads and FFN neurons from a copy of ``model`` (run_passes then refits the cut layers)."""
-    new = copy.deepcopy(model)
-    for entry in plan:
-        if entry["kept"] == entry["units"]:
-            continue
-        if entry["kind"] == "heads":
-            prune_heads(new, entry["layer"], entry["keep"])
-        else:
-            view = next(b for b in blocks(new) if b.path == entry["block"]).ffn
-            view.prune(new, entry["keep"])
+    groups = [_Group(e["kind"], e["block"], e["layer"], e["output_projection"], e["units"], 1, 0, 0) for e in plan]
+    new = _cut(model, groups, {e["output_projection"]: e["keep"] for e in plan})
     key = ("fisher", id(model), repr(cfg))
-    summary = dict(ctx.cache[key][2]) if key in ctx.cache else {}
+    summary = dict(ctx.cache[key][1]) if key in ctx.cache else {}
     summary.update({
         "heads_before": sum(e["units"] for e in plan if e["kind"] == "heads"),
         "heads_after": sum(e["kept"] for e in plan if e["kind"] == "heads"),

@@ -8,6 +8,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from slimx._core.errors import UsageError
@@ -50,6 +51,12 @@ class RecoverConfig:
             logits against the calibration data's labels (``--labels``), added to the distillation loss, in the
             training steps and in the held-out loss that early stopping judges (the task fine-tune AxFormer's
             paper ends with, with the original's logits still distilled beside it).
+        mixup: distil on mixed inputs (0: none): each end-to-end batch's float inputs mixed pairwise,
+            ``l x + (1 - l) x[perm]`` with ``l ~ Beta(mixup, mixup)`` per sample, teacher and student given the same
+            mix (function matching: Beyer et al. 2022, "Knowledge distillation: A good teacher is patient and
+            consistent"), so that a few hundred images show the student the teacher's function between them too.
+            Models with token inputs (nothing to mix) skip it, said so in the record; not with ``labels``
+            (a mixed image has no one label).
     """
 
     steps: int = 100
@@ -67,6 +74,7 @@ class RecoverConfig:
     layerwise_lr: float = 3e-4
     attention: float = 0.0
     labels: float = 0.0
+    mixup: float = 0.0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.patience < 1:
@@ -75,8 +83,10 @@ class RecoverConfig:
             raise ValueError("steps and layerwise must be 0 or more, and not both 0")
         if self.layerwise_lr <= 0:
             raise ValueError("layerwise_lr must be positive")
-        if self.attention < 0 or self.labels < 0:
-            raise ValueError("attention and labels (loss weights) must be 0 or more")
+        if self.attention < 0 or self.labels < 0 or self.mixup < 0:
+            raise ValueError("attention and labels (loss weights) and mixup must be 0 or more")
+        if self.mixup and self.labels:
+            raise ValueError("mixup and labels cannot be combined: a mixed input has no one label")
         if self.loss not in ("mse", "kl", "cosine"):
             raise ValueError(f"loss must be mse, kl or cosine, not {self.loss!r}")
         if not 0.0 <= self.holdout < 1.0 or self.lr <= 0:
@@ -128,6 +138,18 @@ class _Batches:
             return [self.train[i] for i in self.order[start:start + self.size]]
         idx = torch.randint(0, len(self.train), (self.size,), generator=self.gen).tolist()
         return [self.train[i] for i in idx]
+
+
+def _mix(inputs: tuple, lam: torch.Tensor, perm: torch.Tensor) -> tuple:
+    """The batch's float inputs mixed pairwise, ``lam x + (1 - lam) x[perm]`` (``lam`` one weight per sample);
+    other inputs as they are."""
+    out = []
+    for t in inputs:
+        if t.is_floating_point():
+            w = lam.to(t.device, t.dtype).reshape(-1, *([1] * (t.dim() - 1)))
+            t = w * t + (1 - w) * t[perm.to(t.device)]
+        out.append(t)
+    return tuple(out)
 
 
 def _loss(student_out, teacher_out, kind: str):
@@ -245,6 +267,8 @@ def recover(student, teacher, batches: list[tuple], cfg: RecoverConfig, progress
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(cfg.steps, 1))))
     draw = _Batches(train, cfg.batch_size, mask_index, cfg.bucket)
+    mixing = bool(cfg.mixup) and mask_index is None and any(t.is_floating_point() for t in train[0])
+    mix_rng = np.random.default_rng(1)
 
     def task(out, y):
         return cfg.labels * torch.nn.functional.cross_entropy(out.float(), y.to(out.device))
@@ -292,6 +316,9 @@ def recover(student, teacher, batches: list[tuple], cfg: RecoverConfig, progress
             student.train()
             drawn = draw.draw()
             inputs = _to(trim_padding(stack_samples(drawn), mask_index), device)
+            if mixing and len(drawn) >= 2:
+                inputs = _mix(inputs, torch.from_numpy(mix_rng.beta(cfg.mixup, cfg.mixup, len(drawn))),
+                              torch.from_numpy(mix_rng.permutation(len(drawn))))
             with torch.no_grad(), autocast():
                 target = teacher(*inputs)
             with autocast():
@@ -340,6 +367,8 @@ def recover(student, teacher, batches: list[tuple], cfg: RecoverConfig, progress
         "steps_run": step, "early_stopped": step < cfg.steps, "hidden_states_matched": len(paths),
         "attention_maps_matched": len(attention_paths(student, teacher)) if cfg.attention else 0,
         "task_loss": f"cross-entropy on the labels, weight {cfg.labels:g}" if cfg.labels else None,
+        "mixup": (f"inputs mixed pairwise, Beta({cfg.mixup:g}, {cfg.mixup:g})" if mixing else
+                  "skipped: no float inputs to mix (token ids)" if cfg.mixup else None),
         "heldout_loss_before": round(start_loss, 6), "heldout_loss_after": round(best, 6), "loss": cfg.loss,
         "train_samples": len(train), "heldout_samples": len(val), "real_tokens_only": mask_index is not None,
         "device": str(device), "mixed_precision": str(amp_dtype).removeprefix("torch.") if amp_dtype else None,
@@ -351,7 +380,7 @@ def _fingerprint(cfg: RecoverConfig, student) -> dict:
     """What a checkpoint must match to be resumed: the student's parameter shapes and the training settings."""
     shapes = {k: list(v.shape) for k, v in student.state_dict().items()}
     settings = {k: getattr(cfg, k) for k in ("steps", "lr", "loss", "batch_size", "holdout", "hidden", "bucket",
-                                             "layerwise", "layerwise_lr", "attention", "labels")}
+                                             "layerwise", "layerwise_lr", "attention", "labels", "mixup")}
     return {"shapes": shapes, "settings": settings}
 
 

@@ -9,7 +9,7 @@ import torch
 from slimx._core.errors import UsageError
 from slimx.slim import PassContext
 from slimx.slim.base import run_pass
-from slimx.slim.fisher import FisherPruneConfig, _groups, fisher_scores
+from slimx.slim.fisher import FisherPruneConfig, _groups, fisher_scores, plan_fisher
 
 
 def _vit():
@@ -59,3 +59,16 @@ def test_labels_rank_by_the_task_loss():
 def test_it_needs_calibration_data():
     with pytest.raises(UsageError, match="calibration data"):
         run_pass("fisher-prune", _vit(), FisherPruneConfig(), PassContext())
+
+
+def test_rounds_rescore_the_cut_model_and_meet_the_same_budget():
+    model = _vit()
+    one = plan_fisher(model, FisherPruneConfig(keep=0.5, samples=8), PassContext(calib=_calib()))
+    cfg = FisherPruneConfig(keep=0.5, samples=8, rounds=3, refit_samples=8)
+    three = plan_fisher(model, cfg, PassContext(calib=_calib(), teacher=model))
+    assert all(0 <= i < e["units"] for e in three for i in e["keep"])  # indices into the original layers
+    assert [e["keep"] for e in three] != [e["keep"] for e in one], "the later rounds re-ranked on the cut model"
+    result = run_pass("fisher-prune", model, cfg, PassContext(calib=_calib(), teacher=model))
+    assert result.summary["rounds"] == 3 and 0.45 <= result.summary["macs_kept"] <= 0.55
+    out = result.model(*_calib(1)[0])
+    assert out.shape == (1, 10) and torch.isfinite(out).all()

@@ -389,3 +389,31 @@ def test_the_task_loss_pulls_the_student_toward_the_labels():
     assert record["task_loss"] == "cross-entropy on the labels, weight 5"
     with pytest.raises(UsageError, match="no labels"):
         recover(_Classifier(), teacher, data, RecoverConfig(steps=5, labels=1.0))
+
+
+def test_mixup_distils_on_mixed_inputs_and_leaves_token_ids_alone():
+    """mixup=A: the teacher and the student see the same pairwise mixes of the batch's float inputs (not the
+    samples themselves); integer inputs are never mixed; with labels it is refused."""
+    import pytest
+
+    from slimx.slim.recover import _mix
+
+    a, b = torch.ones(1, 3), torch.zeros(1, 3)
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    mixed, same = _mix((torch.cat([a, b]), ids), torch.tensor([0.25, 1.0]), torch.tensor([1, 0]))
+    assert torch.equal(mixed, torch.tensor([[0.25] * 3, [0.0] * 3])) and same is ids
+
+    teacher, student = _Classifier(), _Classifier()
+    gen = torch.Generator().manual_seed(4)
+    data = [(torch.randn(1, 8, generator=gen),) for _ in range(40)]
+    seen = []
+    teacher.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
+    student, record = recover(student, teacher, data, RecoverConfig(steps=20, lr=1e-2, loss="kl", mixup=0.4,
+                                                                     batch_size=8, patience=50, hidden=False))
+    assert record["mixup"] == "inputs mixed pairwise, Beta(0.4, 0.4)"
+    rows = torch.cat(seen)  # 20 training batches of mixes, and the unmixed held-out chunk
+    originals = torch.cat([d[0] for d in data])
+    nearest = torch.cdist(rows, originals).min(dim=1).values
+    assert (nearest > 1e-4).float().mean() > 0.5, "most training rows are mixes, not samples"
+    with pytest.raises(ValueError, match="mixup and labels"):
+        RecoverConfig(mixup=0.4, labels=1.0)
