@@ -45,6 +45,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--fit", type=int, default=12000)
     ap.add_argument("--heldout", type=int, default=256)
+    ap.add_argument("--heldout-offset", type=int, default=0,
+                    help="skip this many standard-library sentences first (another held-out sample)")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--settings", choices=sorted(SETTINGS), default="all")
     ap.add_argument("--layerwise", type=int, default=5000, help="layer-wise distillation steps per block")
@@ -62,7 +64,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp())
     fit, held = work / "fit.txt", work / "heldout.txt"
     fit.write_text("\n".join(package_sentences(args.fit, 0, max_words=45)) + "\n")  # <= 128 tokens
-    held.write_text("\n".join(stdlib_sentences(args.heldout, 0)) + "\n")
+    held.write_text("\n".join(stdlib_sentences(args.heldout, args.heldout_offset)) + "\n")
     rows = [{"setting": "uncompressed", "module": "minilm", "compression_s": 0.0}]
     for name, passes, recover in SETTINGS[args.settings]:
         name, passes = name.format(keep=args.keep), [p.format(keep=args.keep) for p in passes]
