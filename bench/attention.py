@@ -215,25 +215,11 @@ def export_digits(work: Path, out: Path, name: str, extra: list[str], x, y, test
     sessions[name] = ort_session(out / "model.onnx")
     pred = np.array([sessions[name].run(None, {"x": x[i:i + 1]})[0].argmax() for i in test])
     passes = report.get("passes") or []
-    recovered = _find(report, "steps_run")
+    recovered = (report.get("compression") or {}).get("recover")
     return {"params": report["model"]["params"], "accuracy": float((pred == y[test]).mean()),
             "summary": passes[0]["summary"] if passes else None,
             "recover_steps": recovered and recovered["steps_run"],
             "recover_heldout_loss": recovered and recovered.get("heldout_loss_after")}
-
-
-def _find(record, key: str) -> dict | None:
-    """The first dict in a report (depth first) that has ``key``."""
-    if isinstance(record, dict):
-        if key in record:
-            return record
-        record = list(record.values())
-    if isinstance(record, list):
-        for value in record:
-            found = _find(value, key)
-            if found is not None:
-                return found
-    return None
 
 
 def run_digits(args, work: Path) -> dict:

@@ -31,6 +31,8 @@ import math
 
 import torch
 
+from slimx.export.program import node_module
+
 FP16_MAX = 65504.0
 SAFE_SENTINEL = 1.0e4  # what a mask sentinel becomes: fp16-safe, and exp(-1e4) is 0 in any precision
 OUTLIER_RATIO = 100.0  # int8: largest magnitude over the 99.9th percentile
@@ -49,11 +51,10 @@ def compute_dtype(target_name: str, precision: str) -> str:
 
 def module_of(node) -> str:
     """``layer.0.attention (BertAttention)``: the innermost module a node came from."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
+    found = node_module(node)
+    if found is None:
         return "(model)"
-    path, cls = list(stack.values())[-1]
-    name = getattr(cls, "__name__", None) or str(cls).rsplit(".", 1)[-1].strip("'>")
+    path, name = found
     return f"{path.removeprefix('L__self__.').replace('_modules.', '') or '(model)'} ({name})"
 
 

@@ -145,13 +145,20 @@ def module_of_op(program, op: str) -> str | None:
     return None
 
 
-def node_module_path(node) -> str | None:
-    """``path (Class)`` of the innermost module a graph node was traced in, from torch.export metadata."""
+def node_module(node) -> tuple[str, str] | None:
+    """``(path, class name)`` of the innermost module a graph node was traced in, from torch.export metadata
+    (None for a node outside every module)."""
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return None
     path, kind = list(stack.values())[-1]
-    return f"{path or '<root>'} ({str(kind).rsplit('.', 1)[-1]})"
+    return path, getattr(kind, "__name__", None) or str(kind).rsplit(".", 1)[-1].strip("'>")
+
+
+def node_module_path(node) -> str | None:
+    """``path (Class)`` of the innermost module a graph node was traced in, from torch.export metadata."""
+    found = node_module(node)
+    return None if found is None else f"{found[0] or '<root>'} ({found[1]})"
 
 
 def _where(exc: BaseException) -> str:

@@ -98,7 +98,7 @@ def _graph_layer_norms_in_fp32(gm) -> list[str]:
     to fp32 and its result back to fp16; returns the modules they came from."""
     import torch
 
-    from slimx.export.program import node_module_path
+    from slimx.export.program import node_module
 
     graph, kept = gm.graph, []
     for n in list(graph.nodes):
@@ -110,7 +110,7 @@ def _graph_layer_norms_in_fp32(gm) -> list[str]:
         with graph.inserting_after(n):
             back = graph.call_function(torch.ops.aten._to_copy.default, (n,), {"dtype": torch.float16})
         n.replace_all_uses_with(back, delete_user_cb=lambda user, back=back: user is not back)
-        kept.append((node_module_path(n) or "<root>").rsplit(" (", 1)[0].removeprefix("L__self__."))
+        kept.append(((node_module(n) or ("",))[0] or "<root>").removeprefix("L__self__."))
     gm.recompile()
     return kept
 

@@ -36,9 +36,8 @@ def run_passes(module, specs: list, batches: list[tuple], *, synthetic: bool, so
     gives, on the calibration samples, what it gave before the pass (``slim.reconstruct``).
 
     ``batches`` are the calibration samples (a quarter held out from eight on, at most ``HELDOUT_CAP``, for
-    fidelity), ``labels`` one task
-    label per sample where given; returns the report's compression record with the compressed ``model`` (in its
-    deployable form) and the fidelity ``gate``.
+    fidelity), ``labels`` one task label per sample where given; returns the report's compression record with the
+    compressed ``model`` (in its deployable form) and the fidelity ``gate``.
     """
     held = min(max(2, len(batches) // 4), HELDOUT_CAP) if len(batches) >= 8 else 0
     fit, heldout = (batches[:-held], batches[-held:]) if held else (batches, batches)

@@ -36,6 +36,7 @@ from slimx._core.config import config_to_dict
 from slimx._core.errors import UsageError
 from slimx.slim.attention import attention_modules, blocks, no_blocks_error, prune_heads
 from slimx.slim.base import PassContext, PassResult, register_pass, token_mask, trim_padding
+from slimx.slim.reconstruct import reconstruct
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,7 @@ def fisher_scores(model, groups: list[_Group], batches: list[tuple], mask_index:
     return scores
 
 
-def _select(groups: list[_Group], scores: dict, keep: float, multiple: int) -> tuple[dict[str, list[int]], dict]:
+def _select(groups: list[_Group], scores: dict, keep: float, multiple: int) -> dict[str, list[int]]:
     """Units to keep per group: cut the least important per MAC, across all groups, until the kept MACs are
     ``keep`` of the total; FFN widths rounded up to ``multiple``."""
     total = sum(g.units * g.macs_per_unit for g in groups)
@@ -190,9 +191,7 @@ def _select(groups: list[_Group], scores: dict, keep: float, multiple: int) -> t
         if g.kind == "ffn":
             count = min(g.units, max(g.minimum, math.ceil(count / multiple) * multiple))
         out[g.mask_at] = sorted(order[:count])
-    kept_macs = sum(len(out[g.mask_at]) * g.macs_per_unit for g in groups)
-    return out, {"macs_per_token_before": round(total), "macs_per_token_after": round(kept_macs),
-                 "macs_kept": round(kept_macs / total, 4) if total else None}
+    return out
 
 
 def _search(model, groups: list[_Group], cfg: FisherPruneConfig, ctx: PassContext, batches: list[tuple],
@@ -203,39 +202,40 @@ def _search(model, groups: list[_Group], cfg: FisherPruneConfig, ctx: PassContex
     total = sum(g.units * g.macs_per_unit for g in groups)
     kept = {g.mask_at: list(range(g.units)) for g in groups}
     current, length = model, _median_length(batches, ctx.mask_index)
+
+    def kept_macs() -> float:
+        return sum(len(kept[g.mask_at]) * g.macs_per_unit for g in groups)
+
     for r in range(1, cfg.rounds + 1):
         now = _groups(current, cfg, length, multiple) if r > 1 else groups
         scores = fisher_scores(copy.deepcopy(current), now, batches, ctx.mask_index, labels, cfg.seed + r - 1,
                                ctx.progress, cfg.directions)
         remaining = sum(g.units * g.macs_per_unit for g in now)
         target = cfg.keep ** (r / cfg.rounds) * total
-        chosen, _ = _select(now, scores, min(1.0, target / remaining), multiple)
+        chosen = _select(now, scores, min(1.0, target / remaining), multiple)
         kept = {path: [kept[path][i] for i in chosen[path]] for path in kept}
         if r < cfg.rounds:
             if ctx.progress is not None:
-                ctx.progress.note(f"fisher-prune: round {r} of {cfg.rounds}, MACs kept "
-                                  f"{sum(len(kept[g.mask_at]) * g.macs_per_unit for g in groups) / total:.3f}")
-            cut = _cut(current, now, chosen)
-            from slimx.slim.reconstruct import reconstruct
-
+                ctx.progress.note(f"fisher-prune: round {r} of {cfg.rounds}, MACs kept {kept_macs() / total:.3f}")
+            cut = _cut(current, [(g.kind, g.block, g.path, chosen[g.mask_at]) for g in now
+                                 if len(chosen[g.mask_at]) < g.units])
             reconstruct(cut, current, ctx.calib[: cfg.refit_samples], ctx.mask_index,
                         reference=ctx.teacher if ctx.teacher is not None else model)
             current = cut
-    kept_macs = sum(len(kept[g.mask_at]) * g.macs_per_unit for g in groups)
-    return kept, {"macs_per_token_before": round(total), "macs_per_token_after": round(kept_macs),
-                  "macs_kept": round(kept_macs / total, 4) if total else None, "rounds": cfg.rounds}
+    after = kept_macs()
+    return kept, {"macs_per_token_before": round(total), "macs_per_token_after": round(after),
+                  "macs_kept": round(after / total, 4) if total else None, "rounds": cfg.rounds}
 
 
-def _cut(model, groups: list[_Group], keep: dict[str, list[int]]):
-    """A copy of ``model`` with only the ``keep`` units of each group."""
+def _cut(model, cuts: list[tuple[str, str, str, list[int]]]):
+    """A copy of ``model`` with, per ``(kind, block, path, keep)``, only the ``keep`` heads of the attention at
+    ``path`` or neurons of the FFN of ``block``."""
     new = copy.deepcopy(model)
-    for g in groups:
-        if len(keep[g.mask_at]) == g.units:
-            continue
-        if g.kind == "heads":
-            prune_heads(new, g.path, keep[g.mask_at])
+    for kind, block, path, keep in cuts:
+        if kind == "heads":
+            prune_heads(new, path, keep)
         else:
-            next(b for b in blocks(new) if b.path == g.block).ffn.prune(new, keep[g.mask_at])
+            next(b for b in blocks(new) if b.path == block).ffn.prune(new, keep)
     return new
 
 
@@ -275,8 +275,7 @@ def plan_fisher(model, cfg: FisherPruneConfig, ctx: PassContext) -> list[dict]:
                test_options={"keep": 0.7, "samples": 8})
 def apply_fisher(model, plan: list[dict], cfg: FisherPruneConfig, ctx: PassContext) -> PassResult:
     """Cut the planned heads and FFN neurons from a copy of ``model`` (run_passes then refits the cut layers)."""
-    groups = [_Group(e["kind"], e["block"], e["layer"], e["output_projection"], e["units"], 1, 0, 0) for e in plan]
-    new = _cut(model, groups, {e["output_projection"]: e["keep"] for e in plan})
+    new = _cut(model, [(e["kind"], e["block"], e["layer"], e["keep"]) for e in plan if e["kept"] < e["units"]])
     key = ("fisher", id(model), repr(cfg))
     summary = dict(ctx.cache[key][1]) if key in ctx.cache else {}
     summary.update({
