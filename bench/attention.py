@@ -165,17 +165,25 @@ def digits_vit():
     return model.eval()
 
 
-def train_digits(epochs: int, work: Path):
+def train_digits(epochs: int, work: Path, fold: int = 0, folds: int = 1, seed: int = 0):
     """The digits ViT trained here on 1100 of scikit-learn's digits, saved to ``work/digits.safetensors``; returns
-    (model, x, y, train, calib, test, test accuracy): 300 calibration digits never trained on, the rest test."""
+    (model, x, y, train, calib, test, test accuracy): 300 calibration digits never trained on, the rest test.
+    With ``folds`` > 1: the test digits are the ``fold``-th of ``folds`` disjoint slices of one shuffled order
+    (every digit is tested in exactly one fold), the first 1100 of the others train, the rest calibrate; ``seed``
+    shuffles that order (0: the order every bench has used)."""
     from safetensors.torch import save_file
     from sklearn.datasets import load_digits
 
     x, y = load_digits(return_X_y=True)
     x = (x.reshape(-1, 1, 8, 8) / 16.0).astype(np.float32)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     order = rng.permutation(len(x))  # training digits, calibration digits (labelled, never trained on), test
-    train, calib, test = order[:1100], order[1100:1400], order[1400:]
+    if folds > 1:
+        cut = np.array_split(np.arange(len(x)), folds)[fold]
+        test, rest = order[cut], np.delete(order, cut)
+        train, calib = rest[:1100], rest[1100:]
+    else:
+        train, calib, test = order[:1100], order[1100:1400], order[1400:]
     model = digits_vit().train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=epochs * -(-len(train) // 64),

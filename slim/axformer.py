@@ -54,6 +54,10 @@ class AxFormerConfig:
             every accepted removal (0: none, as the paper, which fine-tunes once at the end: ``--recover``), so
             that each next decision starts from a recovered model; the rule is then judged on the recovered
             model's losses.
+        speedup: stop the search once the latency model's estimate of the model so far is the original's
+            divided by this or less (None: try every block). A loss allowance stops wherever a split's
+            validation samples let it; this stops at the speed asked for, so that the cut, and what it costs,
+            varies less between calibration sets. Needs the target's latency model.
     """
 
     tolerance: float | None = None
@@ -68,6 +72,7 @@ class AxFormerConfig:
     reconstruct_samples: int = 128
     recover_steps: int = 0
     recover_lr: float = 1e-4
+    speedup: float | None = None
 
     def __post_init__(self) -> None:
         if self.tolerance is not None and not 0 <= self.tolerance <= 1:
@@ -78,6 +83,8 @@ class AxFormerConfig:
             raise ValueError("ffn_groups must be at least 2, narrow at least 1, max_trials at least 1")
         if self.reconstruct_samples < 1:
             raise ValueError("reconstruct_samples must be at least 1")
+        if self.speedup is not None and self.speedup <= 1:
+            raise ValueError(f"speedup must be above 1, got {self.speedup}")
         if self.recover_steps < 0 or self.recover_lr <= 0:
             raise ValueError("recover_steps must not be negative and recover_lr positive")
         for pattern in (*self.include, *self.exclude):
@@ -217,6 +224,11 @@ def apply_axformer(model, plan: list[dict], cfg: AxFormerConfig, ctx: PassContex
     rule = Acceptance(tolerance, float(current_losses.mean()))
     example = trim_padding(ctx.calib[0], ctx.mask_index) if ctx.calib else None
     before = _savings(ctx, current, example)
+    if cfg.speedup is not None and before is None:
+        raise UsageError(f"--pass axformer:speedup={cfg.speedup:g}", "stops at an estimated speed, and this target "
+                         "has no latency model to estimate it", "drop speedup=, or export for a --target/--device "
+                         "with a profile")
+    goal_ms = before["ms"] / cfg.speedup if cfg.speedup is not None else None
     trials: list[dict] = []
     if ctx.progress is not None:
         ctx.progress.note(f"axformer: {len(plan)} blocks, {n_val} validation samples, loss {loss.kind}, "
@@ -259,8 +271,10 @@ def apply_axformer(model, plan: list[dict], cfg: AxFormerConfig, ctx: PassContex
 
     breakdown = before
     for entry in plan:
+        if goal_ms is not None and breakdown["ms"] <= goal_ms:
+            break
         for branch in ("ffn", "attention"):
-            if len(trials) >= cfg.max_trials:
+            if len(trials) >= cfg.max_trials or (goal_ms is not None and breakdown["ms"] <= goal_ms):
                 break
             block = next((b for b in blocks(current) if b.path == entry["layer"]), None)
             if block is None:
@@ -287,6 +301,8 @@ def apply_axformer(model, plan: list[dict], cfg: AxFormerConfig, ctx: PassContex
                "removed_heads": sum(len(v) for v in removed["heads"].values()),
                "removed_ffn_groups": sum(len(v) for v in removed["ffn_groups"].values()),
                "loss": loss.kind, "tolerance": tolerance, "validation_samples": n_val,
+               "speedup_goal": cfg.speedup, "stopped_at_speedup": goal_ms is not None and after is not None
+               and after["ms"] <= goal_ms,
                "validation_loss_before": round(float(loss(model).mean()), 6),
                "validation_loss_after": round(float(current_losses.mean()), 6),
                "params_before": sum(p.numel() for p in model.parameters()),

@@ -103,6 +103,31 @@ def test_axformer_recovers_after_each_accepted_removal():
         AxFormerConfig(recover_steps=-1)
 
 
+def test_axformer_stops_at_the_speed_asked_for():
+    """speedup=X: the search ends once the latency model's estimate is the original's / X, where a loose
+    tolerance alone goes on cutting; without a latency model it is refused in one line."""
+    from slimx._core.errors import UsageError
+    from slimx.devices import load_device
+    from slimx.devices.estimator import EstimatorLatencyModel
+
+    model = vit_factory()
+    ctx = PassContext(calib=_calib(32), teacher=model,
+                      latency_model=EstimatorLatencyModel.for_device(load_device("host"), "fp32"))
+    free = run_pass("axformer", model, AxFormerConfig(tolerance=1.0, units=False), ctx)
+    goal = run_pass("axformer", model, AxFormerConfig(tolerance=1.0, units=False, speedup=1.1), ctx)
+    full = free.summary["latency_before_ms"] / free.summary["latency_after_ms"]
+    assert full > 1.1 and free.summary["accepted"] == len(free.extra["trials"]) == 4, free.summary
+    got = goal.summary["latency_before_ms"] / goal.summary["latency_after_ms"]
+    assert goal.summary["stopped_at_speedup"] and got >= 1.1 and got < full, goal.summary
+    assert len(goal.extra["trials"]) < len(free.extra["trials"])
+    assert not free.summary["stopped_at_speedup"] and free.summary["speedup_goal"] is None
+    with pytest.raises(UsageError, match="no latency model"):
+        run_pass("axformer", model, AxFormerConfig(tolerance=1.0, speedup=1.5), PassContext(calib=_calib(32),
+                                                                                          teacher=model))
+    with pytest.raises(ValueError, match="speedup"):
+        AxFormerConfig(speedup=1.0)
+
+
 def test_axformer_with_labels_judges_task_loss():
     model = vit_factory()
     calib = _calib(32)
