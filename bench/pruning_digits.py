@@ -62,7 +62,7 @@ def main() -> None:
     folds = [run_fold(args, settings, fold) for fold in range(args.folds)]
     rows = folds[0]["rows"] if args.folds == 1 else pooled(folds)
     accuracy = folds[0]["trained_accuracy"] if args.folds == 1 else rows["original"]["accuracy"]
-    tested = len(folds[0]["test"]) if args.folds == 1 else sum(len(f["test"]) for f in folds)
+    tested = sum(len(f["test"]) for f in folds)
     split = ("" if args.folds == 1 else
              f" over {args.folds} folds: each digit tested once, by a ViT trained on 1100 of the others")
     lines = [f"# fisher-prune and AxFormer on the digits ViT (trained here to {accuracy:.4f}; "
@@ -96,7 +96,7 @@ def main() -> None:
            and base - r["accuracy"] <= 0.01]
     lines += ["", "Target (issue 28): at least 2x at no more than 1 point of accuracy lost: "
               + (f"met by {met[0]}" if met else "missed")]
-    epochs = f" --epochs {args.epochs}" if args.epochs != 50 else ""
+    epochs = f" --epochs {args.epochs}" if args.epochs != ap.get_default("epochs") else ""
     lines += ["", f"Command: `python bench/pruning_digits.py{epochs} --keep '{args.keep}' --axformer '{args.axformer}' "
               f"--recover '{args.recover}'"
               + (f" --axformer-options '{args.axformer_options}'" if args.axformer_options else "")
@@ -130,14 +130,13 @@ def pooled(folds: list[dict]) -> dict:
     """The folds' rows as one per setting: accuracy pooled over every fold's test digits, points lost per fold,
     speed as the folds' geometric mean (and lowest), params, ms and seconds as means; a setting that failed in any
     fold keeps its first error."""
-    out = {}
+    out, sizes = {}, [len(f["test"]) for f in folds]
     for name in folds[0]["rows"]:
         rows = [f["rows"][name] for f in folds]
         failed = [r for r in rows if "error" in r]
         if failed:
             out[name] = failed[0]
             continue
-        sizes = [len(f["test"]) for f in folds]
         correct = sum(r["accuracy"] * n for r, n in zip(rows, sizes, strict=True))
         out[name] = {"params": float(np.mean([r["params"] for r in rows])), "summary": rows[0]["summary"],
                      "accuracy": correct / sum(sizes), "ms": float(np.mean([r["ms"] for r in rows])),

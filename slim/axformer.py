@@ -270,11 +270,14 @@ def apply_axformer(model, plan: list[dict], cfg: AxFormerConfig, ctx: PassContex
         return ok, losses
 
     breakdown = before
+    def done() -> bool:
+        return len(trials) >= cfg.max_trials or (goal_ms is not None and breakdown["ms"] <= goal_ms)
+
     for entry in plan:
-        if goal_ms is not None and breakdown["ms"] <= goal_ms:
+        if done():
             break
         for branch in ("ffn", "attention"):
-            if len(trials) >= cfg.max_trials or (goal_ms is not None and breakdown["ms"] <= goal_ms):
+            if done():
                 break
             block = next((b for b in blocks(current) if b.path == entry["layer"]), None)
             if block is None:
