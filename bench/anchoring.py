@@ -51,19 +51,32 @@ def cells_of(data, pred: np.ndarray) -> dict:
     return cells
 
 
-def score(data, pred: np.ndarray, seed: int = 0) -> dict:
-    """Per k: the (cell, draw, row) errors and whether each row fell in its stated interval."""
-    from slimx.devices.anchors import PRIOR_WEIGHT, combine, within_setup_sd
+def densities_of(data) -> np.ndarray:
+    """Each row's op density (``devices.anchors.op_density``: thousands of ops per GMAC, log)."""
+    from slimx.devices.anchors import op_density
+
+    return np.array([op_density(round(o * 1e3), g) for g, o in zip(data.x[:, 0], data.x[:, 2], strict=True)])
+
+
+def score(data, pred: np.ndarray, line: bool = True, seed: int = 0) -> dict:
+    """Per k: the (cell, draw, row) errors and whether each row fell in its stated interval. ``line``: anchored
+    on a line in op density (the scatter and slope spread from the other setups' cells), else one factor."""
+    from slimx.devices.anchors import PRIOR_WEIGHT, combine, setup_spread, within_setup_sd
     from slimx.devices.validation import INTERVAL_COVERAGE, conformal_interval, spearman
 
     rng = np.random.default_rng(seed)
     logr = np.log(data.y / pred)
+    z = densities_of(data)
     cells = cells_of(data, pred)
     out = {k: {"err": [], "w": [], "inside": [], "device": [], "setup": []} for k in KS}
     spearmans = []
     for (u, d), idx in sorted(cells.items()):
         others = {c: v for c, v in cells.items() if c[0] != u}
-        sd0 = within_setup_sd([logr[v] for v in others.values()])
+        if line:
+            spread = setup_spread([(logr[v], z[v]) for v in others.values()])
+            sd0, tau = spread["line_sd"], spread["slope_sd"]
+        else:
+            sd0, tau = within_setup_sd([logr[v] for v in others.values()]), 0.0
         # k = 0: the interval an unseen setup can expect, cut from the other setups' held-out rows
         rest_rows = [i for v in others.values() for i in v]
         lo, hi = conformal_interval(np.exp(logr[rest_rows]), INTERVAL_COVERAGE) if rest_rows else (np.nan, np.nan)
@@ -78,12 +91,13 @@ def score(data, pred: np.ndarray, seed: int = 0) -> dict:
             pairs = []
             for anchors in draws:
                 rest = [i for i in idx if i not in anchors]
-                if k == 0:
-                    f, band = 1.0, (lo, hi)
-                else:
-                    got = combine(list(logr[list(anchors)]), sd0, PRIOR_WEIGHT)
-                    f, band = got["factor"], got["interval_factors"]
                 for i in rest:
+                    if k == 0:
+                        f, band = 1.0, (lo, hi)
+                    else:
+                        got = combine(list(logr[list(anchors)]), sd0, PRIOR_WEIGHT, densities=list(z[list(anchors)]),
+                                      target=float(z[i]), slope_sd=tau)
+                        f, band = got["factor"], got["interval_factors"]
                     ratio = data.y[i] / (pred[i] * f)
                     pairs.append((abs(1 / ratio - 1) * 100, band[0] <= ratio <= band[1]))
             for err, inside in pairs:
@@ -92,10 +106,14 @@ def score(data, pred: np.ndarray, seed: int = 0) -> dict:
                 out[k]["inside"].append(inside)
                 out[k]["device"].append(d)
                 out[k]["setup"].append(u)
+    every = setup_spread([(logr[v], z[v]) for v in cells.values()])
+    seen = z[[i for v in cells.values() for i in v]]
     return {"by_k": out, "within_setup_sd": within_setup_sd([logr[v] for v in cells.values()]),
+            "line_sd": every["line_sd"], "slope_sd": every["slope_sd"],
+            "density_range": [round(float(seen.min()), 2), round(float(seen.max()), 2)],
             "spearman": (sum(s * n for s, n in spearmans) / sum(n for _, n in spearmans)
-                                      if spearmans else float("nan")), "cells": {f"{u} / {d}": len(v)
-                                                                                 for (u, d), v in cells.items()}}
+                         if spearmans else float("nan")),
+            "cells": {f"{u} / {d}": len(v) for (u, d), v in cells.items()}}
 
 
 def summarise(scored: dict) -> dict:
@@ -139,11 +157,14 @@ def run(data_dir: Path = DATA, families: dict | None = None) -> dict:
             entry["why"] = f"one measurement setup in its data ({data.setups[0]}): no setup to leave out"
             out["families"].append(entry)
             continue
-        for method, pred in (("slimx", leave_one_setup_out(data, *structure)),
-                             ("naive", naive_leave_one_setup_out(data))):
-            scored = score(data, pred)
+        slimx = leave_one_setup_out(data, *structure)
+        for method, pred, line in (("slimx", slimx, True), ("slimx_one_factor", slimx, False),
+                                   ("naive", naive_leave_one_setup_out(data), True)):
+            scored = score(data, pred, line)
             entry[method] = {"by_k": summarise(scored), "spearman": round(scored["spearman"], 3),
-                             "cells": scored["cells"], "within_setup_sd": round(scored["within_setup_sd"], 4)}
+                             "cells": scored["cells"], "within_setup_sd": round(scored["within_setup_sd"], 4),
+                             "line_sd": round(scored["line_sd"], 4), "slope_sd": round(scored["slope_sd"], 4),
+                             "density_range": scored["density_range"]}
         out["families"].append(entry)
     return out
 
@@ -153,31 +174,41 @@ def render(result: dict) -> list[str]:
              "Leave-one-setup-out (`bench/anchoring.py`): each measurement setup's rows (every device) are predicted "
              "by a family fit without any of them (k = 0: what a user whose setup is not in the data gets); then, per "
              "device timed in that setup, k of its rows are the anchors (every choice, at most "
-             f"{MAX_DRAWS} random ones) and its other rows of that setup are predicted (`devices/anchors.py`: the mean "
-             "log ratio; the 80% interval from the family's within-setup spread, measured on the other setups only, "
-             f"pooled with the anchors' own at prior weight {result['prior_weight']}). Each (setup, device) cell "
-             "counts equally. Naive: non-negative least squares on GMACs, op count and a constant over the same "
-             "training rows, no specs, anchored the same way. Spearman: within each cell (a constant factor does "
-             "not change it), weighted by the cell's rows. k = 0 coverage: the interval cut from the other setups'"
-             " held-out rows.", "",
-             "| family | setups left out | k | slimx median error | within ±15% | coverage (80% stated) | naive median "
-             "error | naive coverage |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"{MAX_DRAWS} random ones) and its other rows of that setup are predicted (`devices/anchors.py`). "
+             "slimx anchors on a line in op density (log ops per GMAC: a setup's per-layer cost against its cost per "
+             "multiply-accumulate is its own): the anchors' mean log ratio plus a slope shrunk toward 0 by the slope "
+             "spread of the family's other setups, the 80% interval from the scatter around each setup's line "
+             "(both measured on the other setups only), pooled with the anchors' own at prior weight "
+             f"{result['prior_weight']}. `one factor`: the same anchors as one mean log ratio, the interval from the "
+             "one-factor spread (slimx before the line). Each (setup, device) cell counts equally. Naive: "
+             "non-negative least squares on GMACs, op count and a constant over the same training rows, no specs, "
+             "anchored on the same line. Spearman: within each cell (a constant factor does not change it), weighted "
+             "by the cell's rows. k = 0 coverage: the interval cut from the other setups' held-out rows.", "",
+             "| family | setups left out | k | slimx median error | within ±15% | coverage (80% stated) | one factor: "
+             "median error / coverage | naive median error | naive coverage |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for fam in result["families"]:
         if "why" in fam:
-            lines.append(f"| {fam['family']} | - | - | not measurable: {fam['why']} | | | | |")
+            lines.append(f"| {fam['family']} | - | - | not measurable: {fam['why']} | | | | | |")
             continue
         for k in KS:
             s, n = fam["slimx"]["by_k"].get(k), fam["naive"]["by_k"].get(k)
+            one = fam.get("slimx_one_factor", {}).get("by_k", {}).get(k)
             if s is None:
                 continue
             lines.append(f"| {fam['family']} | {len(fam['setups'])} ({s['cells']} cells) | {k} | "
                          f"{s['median_abs_pct']:.1f}% | {s['within_15pct'] * 100:.0f}% | {s['coverage'] * 100:.0f}% | "
+                         + (f"{one['median_abs_pct']:.1f}% / {one['coverage'] * 100:.0f}% | " if one else "- | ")
                          + (f"{n['median_abs_pct']:.1f}% | {n['coverage'] * 100:.0f}% |" if n else "- | - |"))
     lines += ["", "Spearman within a setup (slimx / naive): " + "; ".join(
         f"{f['family']} {f['slimx']['spearman']:.2f} / {f['naive']['spearman']:.2f}" for f in result["families"]
         if "why" not in f) + ". Within-setup spread (sd of log measured/estimated after each cell's own factor, "
         "all setups): " + "; ".join(f"{f['family']} {f['slimx']['within_setup_sd']:.3f}" for f in result["families"]
-                                    if "why" not in f) + ".", "",
+                                    if "why" not in f) + ". Around each setup's own line in op density (scatter / "
+        "slope spread, all setups; `devices/anchoring.toml`): " + "; ".join(
+            f"{f['family']} {f['slimx']['line_sd']:.3f} / {f['slimx']['slope_sd']:.3f} over densities "
+            f"{f['slimx']['density_range'][0]:.2f} to {f['slimx']['density_range'][1]:.2f}" for f in result["families"]
+            if "why" not in f and "line_sd" in f["slimx"]) + ".", "",
               "Per device (slimx; median error / coverage, per k):", ""]
     for fam in result["families"]:
         if "why" in fam:

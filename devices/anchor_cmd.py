@@ -12,12 +12,15 @@ from slimx._core.errors import UsageError
 from slimx.devices.anchors import Anchor, fingerprint, read_anchors, standing, write_anchors
 
 
-def raw_estimate(device, setting, model: str, input_shapes: list[str], weights=None) -> float:
+def raw_estimate(device, setting, model: str, input_shapes: list[str], weights=None) -> dict:
+    """The un-anchored estimate of ``model``: ``estimated_ms`` and the op mix the anchors' line reads (``gmacs``,
+    ``ops``)."""
     from slimx.devices.calibrate import model_op_mix
     from slimx.devices.estimator import estimate_latency
 
     costs = model_op_mix(model, list(input_shapes), weights=weights)
-    return float(estimate_latency(costs, device, setting, top=0, anchored=False)["total_ms"])
+    est = estimate_latency(costs, device, setting, top=0, anchored=False)
+    return {"estimated_ms": float(est["total_ms"]), "gmacs": est["gmacs"], "ops": est["ops"]}
 
 
 def add(device, setting, measurements: list[tuple[str, list[str], float]], source: str, setup: str | None = None,
@@ -41,7 +44,8 @@ def add(device, setting, measurements: list[tuple[str, list[str], float]], sourc
         est = raw_estimate(device, setting, model, shapes)
         anchors = [a for a in anchors if not (a.model == model and a.input_shapes == list(shapes)
                                               and a.setting == setting.key)]
-        anchors.append(Anchor(model, list(shapes), float(ms), est, setting.key, fit, source, today))
+        anchors.append(Anchor(model, list(shapes), float(ms), est["estimated_ms"], setting.key, fit, source, today,
+                              est["gmacs"], est["ops"]))
     path = write_anchors(device.name, setup or state["setup"], anchors)
     return summary(device, setting) | {"path": str(path)}
 
@@ -59,7 +63,8 @@ def refresh(device, progress=None) -> dict:
         setting = settings[a.setting]
         if progress is not None:
             progress.note(f"re-estimating {a.model} ({a.setting})")
-        a.estimated_ms = raw_estimate(device, setting, a.model, a.input_shapes)
+        est = raw_estimate(device, setting, a.model, a.input_shapes)
+        a.estimated_ms, a.gmacs, a.ops = est["estimated_ms"], est["gmacs"], est["ops"]
         a.fit = fingerprint(device, setting)
         out.append(a)
     write_anchors(device.name, state["setup"], out)

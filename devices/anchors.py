@@ -9,6 +9,14 @@ measured leave-one-setup-out, weight ``prior_weight``) with the anchors' own, an
 those degrees of freedom: anchors that agree narrow the interval, anchors that disagree widen it, and a spread
 the family's data cannot explain (a chi-square test at 1%) is said in words.
 
+A setup differs by more than one factor: its runtime's cost per layer, against its cost per multiply-accumulate,
+is its own too, so within one setup the log ratio drifts with a model's op density z = log(ops per GMAC) (on the
+published tables a line in z leaves a third to a half of the one-factor spread). Where the anchors carry their op
+mix, the anchored log ratio is a line l = a + b (z - z_anchors) with b shrunk toward 0 by the slope spread tau the
+family's other setups show (ridge: b = S_zl / (S_zz + s^2 / tau^2)); one anchor, or anchors of one density, leave
+b at 0 and widen the interval of a model far from them in z by (z - z_anchors)^2 var(b). The disagreement test
+then asks whether the anchors' spread is beyond what the family's line-and-scatter allows.
+
 Anchors live in a user layer (``<user profile folder>/anchors/<device>.json``) over the shipped profile, which is
 never edited. Each anchor keeps the raw estimate it was taken against and that estimator's fingerprint, so a
 recalibrated profile does not silently mix old and new (``slimx devices anchor D --refresh`` re-estimates them).
@@ -33,6 +41,13 @@ DEFAULT_SETUP = "your setup"
 # how many degrees of freedom the family's within-setup spread counts for against the anchors' own (set, not
 # fitted: enough that two anchors which happen to agree closely do not claim a razor-thin interval)
 PRIOR_WEIGHT = 6.0
+# the farthest in op density (natural log, a factor of e^3 = 20 in ops per GMAC) a slope is carried from the
+# anchors' mean: beyond it the line is held (the interval still widens), never extrapolated
+MAX_DENSITY_STEP = 3.0
+# op densities the line is believed over: the published tables' models span -6.7 (VGG) to 1.7 (the smallest
+# MobileNets); one unit beyond either end. A model of almost no multiply-accumulates (a test's tiny MLP: 7) counts
+# as the nearest end, so a line never explains a ratio by an op density no measured model had
+DENSITY_RANGE = (-8.0, 3.0)
 
 
 @dataclass
@@ -45,10 +60,26 @@ class Anchor:
     fit: str  # the estimator's fingerprint when it was taken
     source: str  # how it was measured: "given", "agent URL", "learned: slimx profile"
     when: str = ""
+    gmacs: float | None = None  # the model's multiply-accumulates (compute ops), billions; None: an older anchor
+    ops: int | None = None  # the ops priced
 
     @property
     def log_ratio(self) -> float:
         return math.log(self.measured_ms / self.estimated_ms)
+
+    @property
+    def density(self) -> float | None:
+        return None if self.gmacs is None or self.ops is None else op_density(self.ops, self.gmacs)
+
+
+def op_density(ops: int, gmacs: float) -> float:
+    """z = log(thousands of ops priced per GMAC): how much of a model's time its per-layer cost is.
+
+    Example:
+        >>> round(op_density(1000, 1.0), 3), round(op_density(100, 4.0), 3)
+        (0.0, -3.689)
+    """
+    return math.log(max(ops, 1) / 1e3 / max(gmacs, 1e-6))
 
 
 def anchors_dir() -> Path:
@@ -136,7 +167,8 @@ def spread_prior(device: str, setting: str | None = None) -> dict:
     basis = f"the {family.name} family" if table else "the default (no family data for this device and setting)"
     table = table or data["default"]
     return {"sd": float(table["within_setup_log_sd"]), "weight": PRIOR_WEIGHT, "basis": basis,
-            "source": table["within_setup_log_sd_source"]}
+            "source": table["within_setup_log_sd_source"], "line_sd": float(table["line_log_sd"]),
+            "slope_sd": float(table["density_slope_sd"])}
 
 
 def within_setup_sd(groups) -> float:
@@ -158,8 +190,47 @@ def within_setup_sd(groups) -> float:
     return float(1.4826 * np.median(dev)) if dev else float("nan")
 
 
-def combine(log_ratios: list[float], prior_sd: float, prior_weight: float, coverage: float = COVERAGE) -> dict:
-    """The anchored factor and interval from k anchors' log ratios (see the module text).
+def setup_spread(groups) -> dict:
+    """The family's scatter around a line in op density, and the spread of that line's slope, from groups of
+    ``(log_ratios, densities)`` (one setup on one device each; groups of 4 or more rows with densities apart).
+    ``line_sd``: 1.4826 x the median absolute deviation of the residuals of each group's own least-squares line
+    (each scaled by sqrt(n / (n - 2)) for the two fitted numbers); ``slope_sd``: sqrt(mean b^2 - mean var(b)), the
+    slopes' spread less their sampling noise, at least 0.05.
+
+    Example:
+        >>> z = [0.0, 1.0, 2.0, 3.0]
+        >>> got = setup_spread([([0.0, 0.2, 0.4, 0.6], z), ([1.0, 0.9, 0.8, 0.7], z)])
+        >>> round(got["slope_sd"], 3), got["groups"]
+        (0.158, 2)
+    """
+    import numpy as np
+
+    res, slopes, noise = [], [], []
+    for lr, z in groups:
+        lr, z = np.asarray(lr, dtype=float), np.asarray(z, dtype=float)
+        zc = z - z.mean()
+        s_zz = float(np.sum(zc * zc))
+        if len(lr) < 4 or s_zz < 1e-9:
+            continue
+        b = float(np.sum(zc * (lr - lr.mean())) / s_zz)
+        e = lr - lr.mean() - b * zc
+        res += list(np.abs(e - np.median(e)) * math.sqrt(len(lr) / (len(lr) - 2)))
+        slopes.append(b)
+        noise.append(s_zz)
+    if not slopes:
+        return {"line_sd": float("nan"), "slope_sd": float("nan"), "groups": 0}
+    line_sd = float(1.4826 * np.median(res))
+    tau2 = float(np.mean(np.square(slopes)) - np.mean([line_sd ** 2 / s for s in noise]))
+    return {"line_sd": line_sd, "slope_sd": math.sqrt(max(tau2, 0.05 ** 2)), "groups": len(slopes)}
+
+
+def combine(log_ratios: list[float], prior_sd: float, prior_weight: float, coverage: float = COVERAGE,
+            densities: list[float] | None = None, target: float | None = None, slope_sd: float = 0.0,
+            density_range: tuple[float, float] | None = DENSITY_RANGE) -> dict:
+    """The anchored factor and interval from k anchors' log ratios (see the module text). With ``densities``
+    (the anchors' op densities) and ``slope_sd`` > 0, the log ratio is a line in density and ``prior_sd`` the
+    scatter around it; ``target`` is the density of the model estimated (None: the anchors' mean);
+    ``density_range``: outside it a density counts as the nearest end (``DENSITY_RANGE``).
 
     Example:
         >>> got = combine([math.log(0.8), math.log(0.84)], prior_sd=0.1, prior_weight=4)
@@ -169,29 +240,63 @@ def combine(log_ratios: list[float], prior_sd: float, prior_weight: float, cover
         (0.85, 1.18)
         >>> combine([0.0, 1.2], prior_sd=0.1, prior_weight=4)["disagree"]
         True
+        >>> line = combine([0.0, 0.4], 0.1, 6, densities=[-2.0, 0.0], target=0.0, slope_sd=0.2)
+        >>> round(line["factor"], 3), round(line["slope"], 3), line["disagree"]
+        (1.459, 0.178, False)
     """
+    import numpy as np
     from scipy.stats import chi2, t
 
-    k = len(log_ratios)
-    mean = sum(log_ratios) / k
-    ss = sum((v - mean) ** 2 for v in log_ratios)
+    lr = np.asarray(log_ratios, dtype=float)
+    k = len(lr)
+    mean = float(lr.mean())
+    line = slope_sd > 0 and densities is not None
+    z = np.asarray(densities, dtype=float) if line else np.zeros(k)
+    if line and density_range is not None:
+        z = np.clip(z, *density_range)
+        target = None if target is None else min(max(target, density_range[0]), density_range[1])
+    zc = z - z.mean()
+    s_zz = float(np.sum(zc * zc))
+    b = float(np.sum(zc * (lr - mean)) / (s_zz + prior_sd ** 2 / slope_sd ** 2)) if line else 0.0
+    ss = float(np.sum((lr - mean - b * zc) ** 2))
     dof = prior_weight + k - 1
     sd = math.sqrt((prior_weight * prior_sd ** 2 + ss) / dof)
-    half = float(t.ppf(0.5 + coverage / 2, dof)) * sd * math.sqrt(1 + 1 / k)
+    var_b = 1.0 / (s_zz / sd ** 2 + 1.0 / slope_sd ** 2) if line else 0.0
+    step = 0.0 if (target is None or not line) else max(-MAX_DENSITY_STEP, min(MAX_DENSITY_STEP, target - z.mean()))
+    centre = mean + b * step
+    half = float(t.ppf(0.5 + coverage / 2, dof)) * math.sqrt(sd ** 2 * (1 + 1 / k) + step ** 2 * var_b)
     own = math.sqrt(ss / (k - 1)) if k > 1 else None
-    disagree = k > 1 and ss / prior_sd ** 2 > float(chi2.ppf(1 - DISAGREE_P, k - 1))
-    return {"k": k, "factor": math.exp(mean), "interval_factors": [math.exp(-half), math.exp(half)],
-            "sd": sd, "own_sd": own, "disagree": bool(disagree)}
+    disagree = False
+    if k > 1:  # the centred log ratios against what the family's scatter (and slope) allows: chi-square, k - 1
+        cov = prior_sd ** 2 * (np.eye(k) - 1.0 / k) + slope_sd ** 2 * np.outer(zc, zc) * line
+        rc = lr - mean
+        disagree = float(rc @ np.linalg.pinv(cov) @ rc) > float(chi2.ppf(1 - DISAGREE_P, k - 1))
+    return {"k": k, "factor": math.exp(centre), "interval_factors": [math.exp(-half), math.exp(half)],
+            "sd": sd, "own_sd": own, "disagree": bool(disagree), "slope": b if line else None,
+            "density": float(z.mean()) if line else None}
 
 
 # --------------------------------------------------------------------------- applying anchors to an estimate
 
 
-def standing(device, setting, state: dict | None = None) -> dict:
+def answer(used: list[Anchor], prior: dict, target: float | None = None) -> dict:
+    """``combine`` for these anchors: the line in op density where every anchor carries its op mix and the
+    family has a slope spread, else one factor (``spread_prior``'s one-factor spread)."""
+    densities = [a.density for a in used]
+    lr = [a.log_ratio for a in used]
+    if prior["slope_sd"] > 0 and all(d is not None for d in densities):
+        got = combine(lr, prior["line_sd"], prior["weight"], densities=densities, target=target,
+                      slope_sd=prior["slope_sd"])
+        return got | {"prior_sd": prior["line_sd"]}
+    return combine(lr, prior["sd"], prior["weight"]) | {"prior_sd": prior["sd"]}
+
+
+def standing(device, setting, state: dict | None = None, target: float | None = None) -> dict:
     """The anchors of ``device`` for ``setting`` and what they say: ``mine`` (all of them), ``used`` (those taken
     against the current fit), ``got`` (``combine``'s answer for the used ones, or None) and ``record`` (setup,
     count, stale, and where any are used the factor, its interval, the spread and a note when they disagree).
-    ``state``: the anchors file as read (default: the cached one)."""
+    ``state``: the anchors file as read (default: the cached one); ``target``: the op density of the model
+    estimated (None: the factor at the anchors' own mean density)."""
     state = anchors_of(device.name) if state is None else state
     current = fingerprint(device, setting)
     mine = [a for a in state["anchors"] if a.setting == setting.key]
@@ -200,13 +305,17 @@ def standing(device, setting, state: dict | None = None) -> dict:
     got = None
     if used:
         prior = spread_prior(device.name, setting.key)
-        got = combine([a.log_ratio for a in used], prior["sd"], prior["weight"])
+        got = answer(used, prior, target)
         record.update({"factor": round(got["factor"], 4),
                        "interval_factors": [round(v, 4) for v in got["interval_factors"]],
                        "spread_sd": None if got["own_sd"] is None else round(got["own_sd"], 4),
-                       "prior_sd": prior["sd"], "prior_basis": prior["basis"], "disagree": got["disagree"]})
+                       "prior_sd": got["prior_sd"], "prior_basis": prior["basis"], "disagree": got["disagree"],
+                       "density_slope": None if got["slope"] is None else round(got["slope"], 4)})
+        if got["slope"] is None and prior["slope_sd"] > 0:
+            record["one_factor"] = ("an anchor without its op mix (taken by an older slimx): one factor for every "
+                                    f"model (`slimx devices anchor {device.name} --refresh` records it)")
         if got["disagree"]:
-            record["note"] = disagreement(device.name, used, got, prior)
+            record["note"] = disagreement(device.name, used, got, prior | {"sd": got["prior_sd"]})
     return {"current": current, "mine": mine, "used": used, "got": got, "record": record}
 
 
@@ -216,7 +325,8 @@ def apply(est: dict, device, setting) -> dict:
     state = anchors_of(device.name)
     if not any(a.setting == setting.key for a in state["anchors"]):
         return est
-    now = standing(device, setting, state)
+    target = op_density(est["ops"], est["gmacs"]) if est.get("gmacs") is not None else None
+    now = standing(device, setting, state, target)
     record, got = now["record"], now["got"]
     if got is None:
         record["note"] = (f"{record['stale']} anchor(s) of {device.name} were taken against another fit of "

@@ -3,6 +3,8 @@ running agent), list, refresh or clear them (``devices.anchors`` applies them to
 
 from __future__ import annotations
 
+import math
+
 from slimx._core.errors import UsageError
 from slimx.devices.anchor_cmd import add, parse_measured, read_csv, refresh, split_model, summary
 
@@ -101,8 +103,15 @@ def render_summary(result: dict) -> str:
                      f"{a['estimated_ms']:>9.3f} ms  x{a['ratio']:.3f}  ({a['source']})")
     if "factor" in result:
         lo, hi = result["interval_factors"]
-        lines.append(f"  estimates for {result['device']} are now x{result['factor']:.3f} the profile's, 80% interval "
-                     f"x{lo:.2f}-x{hi:.2f} around that (spread prior: {result['prior_basis']})")
+        where = " at the anchors' op density" if result.get("density_slope") is not None else ""
+        lines.append(f"  estimates for {result['device']} are now x{result['factor']:.3f} the profile's{where}, 80% "
+                     f"interval x{lo:.2f}-x{hi:.2f} around that (spread prior: {result['prior_basis']})")
+        if result.get("density_slope") is not None:
+            lines.append(f"  and x{math.exp(result['density_slope']):.3f} more per unit of op density (log thousands "
+                         "of ops per GMAC): this setup's per-layer cost against its compute, from the anchors, shrunk "
+                         "toward the profile's")
+        elif result.get("one_factor"):
+            lines.append(f"  one factor for every model: {result['one_factor']}")
     if result.get("note"):
         lines.append(f"  NOTE {result['note']}")
     if result.get("path"):

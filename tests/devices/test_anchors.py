@@ -43,6 +43,28 @@ def test_agreeing_anchors_narrow_the_interval_and_disagreeing_ones_are_said():
     assert "default" in spread_prior("host")["basis"]
 
 
+def test_a_line_in_op_density_carries_a_setups_per_layer_cost():
+    """A setup whose per-layer cost differs from the profile's: the log ratio drifts with op density. Two anchors
+    of different density put a third model nearer its truth than one factor does; one anchor cannot see a slope
+    (the factor stays its own) but widens the interval of a model far from it in density."""
+    truth = lambda z: 0.3 + 0.25 * z  # noqa: E731  log(measured / estimated) of the setup
+    z = [-4.0, -1.0]
+    line = combine([truth(v) for v in z], 0.15, 6, densities=z, target=0.5, slope_sd=0.2)
+    flat = combine([truth(v) for v in z], 0.25, 6)
+    assert abs(math.log(line["factor"]) - truth(0.5)) < abs(math.log(flat["factor"]) - truth(0.5)) / 2
+    assert 0 < line["slope"] < 0.25, "the slope is shrunk toward 0, not taken whole from two anchors"
+    lo, hi = line["interval_factors"]
+    assert lo < math.exp(truth(0.5)) / line["factor"] < hi
+    one_near = combine([0.3], 0.15, 6, densities=[-1.0], target=-1.0, slope_sd=0.2)
+    one_far = combine([0.3], 0.15, 6, densities=[-1.0], target=2.0, slope_sd=0.2)
+    assert one_near["factor"] == pytest.approx(one_far["factor"]) == pytest.approx(math.exp(0.3))
+    width = lambda got: got["interval_factors"][1] / got["interval_factors"][0]  # noqa: E731
+    assert width(one_far) > width(one_near)
+    # anchors apart by far more than scatter and a plausible slope allow: still said
+    assert combine([0.0, 2.5], 0.15, 6, densities=[-1.0, 0.0], slope_sd=0.2)["disagree"]
+    assert not line["disagree"]
+
+
 def test_anchors_put_later_estimates_on_the_users_setup(capsys, scratch_profiles):
     profile_file = load_device("jetson-nano").raw  # the shipped profile, compared after
     before = profile_json(capsys, CONV, "jetson-nano")
@@ -55,8 +77,13 @@ def test_anchors_put_later_estimates_on_the_users_setup(capsys, scratch_profiles
     after = profile_json(capsys, CONV, "jetson-nano")
     rec = after["anchors"]
     assert rec["count"] == 2 and rec["setup"] == "trtexec, JetPack 6" and after["setup"] == "trtexec, JetPack 6"
-    factor = math.sqrt(state["anchors"][0].measured_ms / state["anchors"][0].estimated_ms * 1.5)
-    assert rec["factor"] == pytest.approx(factor, rel=1e-3)
+    mlp_ratio = state["anchors"][0].measured_ms / state["anchors"][0].estimated_ms
+    assert all(a.gmacs is not None and a.ops for a in state["anchors"]), "each anchor keeps its op mix"
+    assert state["anchors"][0].density != pytest.approx(state["anchors"][1].density)
+    # on the line in op density: between the anchors' geometric mean and CONV's own ratio (1.5), nearer 1.5
+    factor = rec["factor"]
+    assert min(math.sqrt(mlp_ratio * 1.5), 1.5) < factor < max(math.sqrt(mlp_ratio * 1.5), 1.5)
+    assert rec["density_slope"] is not None and "one_factor" not in rec
     assert after["total_ms"] == pytest.approx(before["total_ms"] * factor, rel=1e-3)
     assert after["interval_ms"][0] < after["total_ms"] < after["interval_ms"][1]
     assert "anchored to 'trtexec, JetPack 6' by 2 measurements" in after["label"]
@@ -99,11 +126,19 @@ def test_anchor_refusals_and_housekeeping(capsys, scratch_profiles, tmp_path):
     assert "disagree" in profile_json(capsys, CONV, "jetson-nano")["label"]
     # an anchor taken against another fit (the profile was recalibrated) is left out until refreshed
     data = json.loads(anchors_path("jetson-nano").read_text())
+    fits = [a["fit"] for a in data["anchors"]]
     for a in data["anchors"]:
         a["fit"] = "0" * 12
     anchors_path("jetson-nano").write_text(json.dumps(data))
     assert "--refresh" in profile_json(capsys, CONV, "jetson-nano")["label"]
+    # anchors written by an older slimx (no op mix): one factor for every model, said in the record
+    for a, fit in zip(data["anchors"], fits, strict=True):
+        a.update(fit=fit, gmacs=None, ops=None)
+    anchors_path("jetson-nano").write_text(json.dumps(data))
+    rec = profile_json(capsys, CONV, "jetson-nano")["anchors"]
+    assert rec["count"] == 2 and rec["density_slope"] is None and "--refresh" in rec["one_factor"]
     assert run(capsys, "devices", "anchor", "jetson-nano", "--refresh")[0] == 0
+    assert all(a.gmacs is not None for a in read_anchors("jetson-nano")["anchors"]), "--refresh records the op mix"
     assert profile_json(capsys, CONV, "jetson-nano")["anchors"]["count"] == 2
     assert run(capsys, "devices", "anchor", "jetson-nano", "--clear")[0] == 0
     assert not anchors_path("jetson-nano").exists()
