@@ -4,10 +4,11 @@ For each device family and each measurement setup in its data: the family is fit
 (on any device), which is what a user whose own setup is not in the data gets (k = 0); then, for each device timed
 in that setup, k = 1, 2, 3 of its rows are taken as the user's anchors (every choice of k, or 200 random ones
 where there are more) and the device's other rows of that setup are predicted, anchored (``devices.anchors``:
-the mean log ratio of the anchors, the interval from the family's within-setup spread pooled with the anchors').
-The within-setup spread each interval uses is measured on the *other* setups only (nested). Beside it, a naive
-baseline of the same shape: non-negative least squares of latency on GMACs, op count and a constant over the same
-training rows, anchored the same way.
+the anchors' mean log ratio on a line in op density, its slope shrunk by the family's slope spread; the interval
+from the scatter around each setup's line pooled with the anchors'). The scatter and slope spread each left-out
+setup uses are measured on the *other* setups only (nested). Beside it, the same anchors as one factor (slimx
+before the line), and a naive baseline of the same shape: non-negative least squares of latency on GMACs, op
+count and a constant over the same training rows, anchored on the same line.
 
     python bench/anchoring.py          # also run by bench/estimator_generalization.py; writes into its results
 """

@@ -11,11 +11,12 @@ the family's data cannot explain (a chi-square test at 1%) is said in words.
 
 A setup differs by more than one factor: its runtime's cost per layer, against its cost per multiply-accumulate,
 is its own too, so within one setup the log ratio drifts with a model's op density z = log(ops per GMAC) (on the
-published tables a line in z leaves a third to a half of the one-factor spread). Where the anchors carry their op
-mix, the anchored log ratio is a line l = a + b (z - z_anchors) with b shrunk toward 0 by the slope spread tau the
-family's other setups show (ridge: b = S_zl / (S_zz + s^2 / tau^2)); one anchor, or anchors of one density, leave
-b at 0 and widen the interval of a model far from them in z by (z - z_anchors)^2 var(b). The disagreement test
-then asks whether the anchors' spread is beyond what the family's line-and-scatter allows.
+published tables a line in z takes the one-factor spread of 0.25-0.27 in log units to 0.10-0.20). Where the
+anchors carry their op mix, the anchored log ratio is a line l = a + b (z - z_anchors) with b shrunk toward 0 by
+the slope spread tau the family's other setups show (ridge: b = S_zl / (S_zz + s^2 / tau^2)); one anchor, or
+anchors of one density, leave b at 0 and widen the interval of a model far from them in z by
+(z - z_anchors)^2 var(b). The disagreement test then asks whether the anchors' spread is beyond what the
+family's line-and-scatter allows.
 
 Anchors live in a user layer (``<user profile folder>/anchors/<device>.json``) over the shipped profile, which is
 never edited. Each anchor keeps the raw estimate it was taken against and that estimator's fingerprint, so a
@@ -42,7 +43,7 @@ DEFAULT_SETUP = "your setup"
 # fitted: enough that two anchors which happen to agree closely do not claim a razor-thin interval)
 PRIOR_WEIGHT = 6.0
 # the farthest in op density (natural log, a factor of e^3 = 20 in ops per GMAC) a slope is carried from the
-# anchors' mean: beyond it the line is held (the interval still widens), never extrapolated
+# anchors' mean: beyond it the line and the interval's widening are held, never extrapolated
 MAX_DENSITY_STEP = 3.0
 # op densities the line is believed over: the published tables' models span -6.7 (VGG) to 1.7 (the smallest
 # MobileNets); one unit beyond either end. A model of almost no multiply-accumulates (a test's tiny MLP: 7) counts
@@ -73,7 +74,8 @@ class Anchor:
 
 
 def op_density(ops: int, gmacs: float) -> float:
-    """z = log(thousands of ops priced per GMAC): how much of a model's time its per-layer cost is.
+    """z = log(thousands of ops priced per GMAC): how much of a model's time is per-layer cost rather than
+    arithmetic (high for a small MobileNet, low for a VGG).
 
     Example:
         >>> round(op_density(1000, 1.0), 3), round(op_density(100, 4.0), 3)
@@ -272,8 +274,7 @@ def combine(log_ratios: list[float], prior_sd: float, prior_weight: float, cover
         rc = lr - mean
         disagree = float(rc @ np.linalg.pinv(cov) @ rc) > float(chi2.ppf(1 - DISAGREE_P, k - 1))
     return {"k": k, "factor": math.exp(centre), "interval_factors": [math.exp(-half), math.exp(half)],
-            "sd": sd, "own_sd": own, "disagree": bool(disagree), "slope": b if line else None,
-            "density": float(z.mean()) if line else None}
+            "sd": sd, "own_sd": own, "disagree": bool(disagree), "slope": b if line else None}
 
 
 # --------------------------------------------------------------------------- applying anchors to an estimate
