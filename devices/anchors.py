@@ -326,8 +326,7 @@ def apply(est: dict, device, setting) -> dict:
     state = anchors_of(device.name)
     if not any(a.setting == setting.key for a in state["anchors"]):
         return est
-    target = op_density(est["ops"], est["gmacs"]) if est.get("gmacs") is not None else None
-    now = standing(device, setting, state, target)
+    now = standing(device, setting, state, op_density(est["ops"], est["gmacs"]))
     record, got = now["record"], now["got"]
     if got is None:
         record["note"] = (f"{record['stale']} anchor(s) of {device.name} were taken against another fit of "

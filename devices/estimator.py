@@ -180,8 +180,9 @@ def estimate_latency(costs: list[OpCost], device, setting: Setting | None = None
     total = float(per_op_ms.sum() + fixed_ms)
     from slimx.devices.validation import baseline_features, predict_baseline
 
+    mix = baseline_features(feats)  # [GMACs, op count, GB moved, 1]
     if setting.model == "baseline" and setting.baseline:  # the fit that generalised better: its total
-        base = float(predict_baseline(baseline_features(feats)[None, :], setting.baseline)[0])
+        base = float(predict_baseline(mix[None, :], setting.baseline)[0])
         scale = base / total if total else 1.0  # per-op shares scaled to it
         per_op_ms, fixed_ms, total = per_op_ms * scale, fixed_ms * scale, base
     by_class: dict[str, dict] = {}
@@ -226,7 +227,7 @@ def estimate_latency(costs: list[OpCost], device, setting: Setting | None = None
         "fit": setting.fit,
         "ops": len(costs),
         "gflops": round(sum(c.flops for c in costs) / 1e9, 4),
-        "gmacs": round(float(baseline_features(feats)[0]), 6),  # the op density anchors read
+        "gmacs": round(float(mix[0]), 6),  # the op density anchors read
         "per_op": per_op,
         "per_module": per_module[:top],
         "per_node": [{**r, "gflop": round(r["gflop"], 5), "mbytes": round(r["mbytes"], 4), "ms": round(r["ms"], 5)}
