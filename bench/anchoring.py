@@ -4,11 +4,12 @@ For each device family and each measurement setup in its data: the family is fit
 (on any device), which is what a user whose own setup is not in the data gets (k = 0); then, for each device timed
 in that setup, k = 1, 2, 3 of its rows are taken as the user's anchors (every choice of k, or 200 random ones
 where there are more) and the device's other rows of that setup are predicted, anchored (``devices.anchors``:
-the anchors' mean log ratio on a line in op density, its slope shrunk by the family's slope spread; the interval
-from the scatter around each setup's line pooled with the anchors'). The scatter and slope spread each left-out
-setup uses are measured on the *other* setups only (nested). Beside it, the same anchors as one factor (slimx
-before the line), and a naive baseline of the same shape: non-negative least squares of latency on GMACs, op
-count and a constant over the same training rows, anchored on the same line.
+a factor for each part of the estimate, compute, memory and per-layer work, each shrunk toward the profile's by
+the spread the family's other setups show; the interval from the scatter around each setup's own line and the
+parts' uncertainty). The scatter and the parts' spread each left-out setup uses are measured on the *other*
+setups only (nested). Beside it, the same anchors on a line in op density and as one factor (slimx before), and a
+naive baseline of the same shape: non-negative least squares of latency on GMACs, op count and a constant over
+the same training rows, anchored the same way (its split: the GMACs term, the op and constant terms).
 
     python bench/anchoring.py          # also run by bench/estimator_generalization.py; writes into its results
 """
@@ -28,19 +29,24 @@ MAX_DRAWS = 200
 KS = (0, 1, 2, 3)
 
 
-def naive_leave_one_setup_out(data) -> np.ndarray:
+def naive_leave_one_setup_out(data) -> tuple[np.ndarray, np.ndarray]:
     """The naive baseline: t = a GMACs + b ops + c (non-negative, relative error), fitted on the other setups'
-    rows of every device of the family, no device specs, no setup factors."""
-    from slimx.devices.validation import fit_baseline, predict_baseline
+    rows of every device of the family, no device specs, no setup factors; with its split (compute a GMACs, no
+    memory term, per-layer b ops + c)."""
+    from slimx.devices.validation import BASELINE_TERMS, fit_baseline, predict_baseline
 
     x = np.column_stack([data.x[:, 0], data.x[:, 2], np.zeros(len(data.y)), data.x[:, 3]])  # [G, O, 0, 1]
     pred = np.full(len(data.y), np.nan)
+    parts = np.full((len(data.y), 3), np.nan)
     for u in sorted(set(data.setups)):
         test = np.array([s == u for s in data.setups])
         if (~test).sum() < 5:
             continue
-        pred[test] = predict_baseline(x[test], fit_baseline(x[~test], data.y[~test]))
-    return pred
+        coef = fit_baseline(x[~test], data.y[~test])
+        pred[test] = predict_baseline(x[test], coef)
+        terms = x[test] * np.array([coef[t] for t in BASELINE_TERMS])
+        parts[test] = np.column_stack([terms[:, 0], terms[:, 2], terms[:, 1] + terms[:, 3]])
+    return pred, parts
 
 
 def cells_of(data, pred: np.ndarray) -> dict:
@@ -59,25 +65,35 @@ def densities_of(data) -> np.ndarray:
     return np.array([op_density(round(o * 1e3), g) for g, o in zip(data.x[:, 0], data.x[:, 2], strict=True)])
 
 
-def score(data, pred: np.ndarray, line: bool = True, seed: int = 0) -> dict:
-    """Per k: the (cell, draw, row) errors and whether each row fell in its stated interval. ``line``: anchored
-    on a line in op density (the scatter and slope spread from the other setups' cells), else one factor."""
-    from slimx.devices.anchors import PRIOR_WEIGHT, combine, setup_spread, within_setup_sd
+def shares_of(parts: np.ndarray) -> np.ndarray:
+    """Each row's [compute, memory, per-layer] split as fractions of its prediction."""
+    return parts / parts.sum(axis=1, keepdims=True)
+
+
+def score(data, pred: np.ndarray, how: str = "parts", parts: np.ndarray | None = None, seed: int = 0) -> dict:
+    """Per k: the (cell, draw, row) errors and whether each row fell in its stated interval. ``how``: ``parts``
+    (a factor per part of the estimate, each shrunk by the spread the other setups' cells show; ``parts``: each
+    prediction's split), ``line`` (a line in op density, the scatter and slope spread from the other setups'
+    cells) or ``one`` (one factor)."""
+    from slimx.devices.anchors import PRIOR_WEIGHT, combine, combine_parts, part_spread, setup_spread, within_setup_sd
     from slimx.devices.validation import INTERVAL_COVERAGE, conformal_interval, spearman
 
     rng = np.random.default_rng(seed)
     logr = np.log(data.y / pred)
     z = densities_of(data)
+    shares = shares_of(parts) if parts is not None else None
     cells = cells_of(data, pred)
     out = {k: {"err": [], "w": [], "inside": [], "device": [], "setup": []} for k in KS}
     spearmans = []
     for (u, d), idx in sorted(cells.items()):
         others = {c: v for c, v in cells.items() if c[0] != u}
-        if line:
+        if how == "one":
+            sd0, tau = within_setup_sd([logr[v] for v in others.values()]), 0.0
+        else:
             spread = setup_spread([(logr[v], z[v]) for v in others.values()])
             sd0, tau = spread["line_sd"], spread["slope_sd"]
-        else:
-            sd0, tau = within_setup_sd([logr[v] for v in others.values()]), 0.0
+        if how == "parts":
+            part_sd = part_spread([(logr[v], shares[v]) for v in others.values()], sd0)["part_sd"]
         # k = 0: the interval an unseen setup can expect, cut from the other setups' held-out rows
         rest_rows = [i for v in others.values() for i in v]
         lo, hi = conformal_interval(np.exp(logr[rest_rows]), INTERVAL_COVERAGE) if rest_rows else (np.nan, np.nan)
@@ -95,6 +111,10 @@ def score(data, pred: np.ndarray, line: bool = True, seed: int = 0) -> dict:
                 for i in rest:
                     if k == 0:
                         f, band = 1.0, (lo, hi)
+                    elif how == "parts":
+                        got = combine_parts(list(logr[list(anchors)]), shares[list(anchors)], shares[i], sd0,
+                                            part_sd, PRIOR_WEIGHT)
+                        f, band = got["factor"], got["interval_factors"]
                     else:
                         got = combine(list(logr[list(anchors)]), sd0, PRIOR_WEIGHT, densities=list(z[list(anchors)]),
                                       target=float(z[i]), slope_sd=tau)
@@ -109,8 +129,10 @@ def score(data, pred: np.ndarray, line: bool = True, seed: int = 0) -> dict:
                 out[k]["setup"].append(u)
     every = setup_spread([(logr[v], z[v]) for v in cells.values()])
     seen = z[[i for v in cells.values() for i in v]]
+    every_parts = (part_spread([(logr[v], shares[v]) for v in cells.values()], every["line_sd"])["part_sd"]
+                   if shares is not None else None)
     return {"by_k": out, "within_setup_sd": within_setup_sd([logr[v] for v in cells.values()]),
-            "line_sd": every["line_sd"], "slope_sd": every["slope_sd"],
+            "line_sd": every["line_sd"], "slope_sd": every["slope_sd"], "part_sd": every_parts,
             "density_range": [round(float(seen.min()), 2), round(float(seen.max()), 2)],
             "spearman": (sum(s * n for s, n in spearmans) / sum(n for _, n in spearmans)
                          if spearmans else float("nan")),
@@ -158,13 +180,18 @@ def run(data_dir: Path = DATA, families: dict | None = None) -> dict:
             entry["why"] = f"one measurement setup in its data ({data.setups[0]}): no setup to leave out"
             out["families"].append(entry)
             continue
-        slimx = leave_one_setup_out(data, *structure)
-        for method, pred, line in (("slimx", slimx, True), ("slimx_one_factor", slimx, False),
-                                   ("naive", naive_leave_one_setup_out(data), True)):
-            scored = score(data, pred, line)
+        slimx, parts = leave_one_setup_out(data, *structure, with_parts=True)
+        naive, naive_parts = naive_leave_one_setup_out(data)
+        for method, pred, how, split in (("slimx", slimx, "parts", parts), ("slimx_line", slimx, "line", None),
+                                         ("slimx_one_factor", slimx, "one", None),
+                                         ("naive", naive, "parts", naive_parts)):
+            print(f"anchoring: family {name}, {method} ...", file=sys.stderr)
+            scored = score(data, pred, how, split)
             entry[method] = {"by_k": summarise(scored), "spearman": round(scored["spearman"], 3),
                              "cells": scored["cells"], "within_setup_sd": round(scored["within_setup_sd"], 4),
                              "line_sd": round(scored["line_sd"], 4), "slope_sd": round(scored["slope_sd"], 4),
+                             "part_sd": None if scored["part_sd"] is None else [round(v, 4) for v in
+                                                                                 scored["part_sd"]],
                              "density_range": scored["density_range"]}
         out["families"].append(entry)
     return out
@@ -176,18 +203,22 @@ def render(result: dict) -> list[str]:
              "by a family fit without any of them (k = 0: what a user whose setup is not in the data gets); then, per "
              "device timed in that setup, k of its rows are the anchors (every choice, at most "
              f"{MAX_DRAWS} random ones) and its other rows of that setup are predicted (`devices/anchors.py`). "
-             "slimx anchors on a line in op density (log ops per GMAC: a setup's per-layer cost against its cost per "
-             "multiply-accumulate is its own): the anchors' mean log ratio plus a slope shrunk toward 0 by the slope "
-             "spread of the family's other setups, the 80% interval from the scatter around each setup's line "
-             "(both measured on the other setups only), pooled with the anchors' own at prior weight "
-             f"{result['prior_weight']}. `one factor`: the same anchors as one mean log ratio, the interval from the "
-             "one-factor spread (slimx before the line). Each (setup, device) cell counts equally. Naive: "
-             "non-negative least squares on GMACs, op count and a constant over the same training rows, no specs, "
-             "anchored on the same line. Spearman: within each cell (a constant factor does not change it), weighted "
-             "by the cell's rows. k = 0 coverage: the interval cut from the other setups' held-out rows.", "",
-             "| family | setups left out | k | slimx median error | within ±15% | coverage (80% stated) | one factor: "
-             "median error / coverage | naive median error | naive coverage |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "slimx anchors each part of the estimate (compute, memory, per-layer work, as the fit prices them) with "
+             "a factor of its own: a setup's kernels, memory traffic and per-layer dispatch each cost what they cost "
+             "there; the factors are the anchors' least squares with each part's log factor shrunk toward 0 (the "
+             "profile's) by how far the family's other setups move it, the 80% interval from the scatter around each "
+             "setup's line (both measured on the other setups only; Student's t at prior weight "
+             f"{result['prior_weight']}) and the parts' uncertainty at the model estimated. `line in op density`: "
+             "the same anchors' mean log ratio plus a slope in log ops per GMAC shrunk by the other setups' slope "
+             "spread (slimx before the parts). `one factor`: one mean log ratio (slimx before the line). Each "
+             "(setup, device) cell counts equally. Naive: non-negative least squares on GMACs, op count and a "
+             "constant over the same training rows, no specs, anchored by parts the same way. Spearman: within "
+             "each cell (a constant factor does not change it), weighted by the cell's rows. k = 0 coverage: the "
+             "interval cut from the other setups' held-out rows.", "",
+             "| family | setups left out | k | slimx median error | within ±15% | coverage (80% stated) | line in op "
+             "density: median error / coverage | one factor: median error / coverage | naive median error | naive "
+             "coverage |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for fam in result["families"]:
         if "why" in fam:
             lines.append(f"| {fam['family']} | - | - | not measurable: {fam['why']} | | | | | |")
@@ -195,10 +226,12 @@ def render(result: dict) -> list[str]:
         for k in KS:
             s, n = fam["slimx"]["by_k"].get(k), fam["naive"]["by_k"].get(k)
             one = fam.get("slimx_one_factor", {}).get("by_k", {}).get(k)
+            line = fam.get("slimx_line", {}).get("by_k", {}).get(k)
             if s is None:
                 continue
             lines.append(f"| {fam['family']} | {len(fam['setups'])} ({s['cells']} cells) | {k} | "
                          f"{s['median_abs_pct']:.1f}% | {s['within_15pct'] * 100:.0f}% | {s['coverage'] * 100:.0f}% | "
+                         + (f"{line['median_abs_pct']:.1f}% / {line['coverage'] * 100:.0f}% | " if line else "- | ")
                          + (f"{one['median_abs_pct']:.1f}% / {one['coverage'] * 100:.0f}% | " if one else "- | ")
                          + (f"{n['median_abs_pct']:.1f}% | {n['coverage'] * 100:.0f}% |" if n else "- | - |"))
     lines += ["", "Spearman within a setup (slimx / naive): " + "; ".join(
@@ -209,7 +242,11 @@ def render(result: dict) -> list[str]:
         "slope spread, all setups; `devices/anchoring.toml`): " + "; ".join(
             f"{f['family']} {f['slimx']['line_sd']:.3f} / {f['slimx']['slope_sd']:.3f} over densities "
             f"{f['slimx']['density_range'][0]:.2f} to {f['slimx']['density_range'][1]:.2f}" for f in result["families"]
-            if "why" not in f and "line_sd" in f["slimx"]) + ".", "",
+            if "why" not in f and "line_sd" in f["slimx"]) + ". The parts' spread between setups (sd of each part's "
+        "log factor, compute / memory / per-layer, by expectation-maximisation over all setups' cells; "
+        "`devices/anchoring.toml` part_log_sd): " + "; ".join(
+            f"{f['family']} " + " / ".join(f"{v:.3f}" for v in f["slimx"]["part_sd"]) for f in result["families"]
+            if "why" not in f and f["slimx"].get("part_sd")) + ".", "",
               "Per device (slimx; median error / coverage, per k):", ""]
     for fam in result["families"]:
         if "why" in fam:

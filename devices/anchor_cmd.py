@@ -13,14 +13,15 @@ from slimx.devices.anchors import Anchor, fingerprint, read_anchors, standing, w
 
 
 def raw_estimate(device, setting, model: str, input_shapes: list[str], weights=None) -> dict:
-    """The un-anchored estimate of ``model``: ``estimated_ms`` and the op mix the anchors' line reads (``gmacs``,
-    ``ops``)."""
+    """The un-anchored estimate of ``model``: ``estimated_ms``, the op mix the anchors' line reads (``gmacs``,
+    ``ops``) and its split into compute, memory and per-layer work (``shares``)."""
     from slimx.devices.calibrate import model_op_mix
     from slimx.devices.estimator import estimate_latency
 
     costs = model_op_mix(model, list(input_shapes), weights=weights)
     est = estimate_latency(costs, device, setting, top=0, anchored=False)
-    return {"estimated_ms": float(est["total_ms"]), "gmacs": est["gmacs"], "ops": est["ops"]}
+    return {"estimated_ms": float(est["total_ms"]), "gmacs": est["gmacs"], "ops": est["ops"],
+            "shares": est["shares"]}
 
 
 def add(device, setting, measurements: list[tuple[str, list[str], float]], source: str, setup: str | None = None,
@@ -45,7 +46,7 @@ def add(device, setting, measurements: list[tuple[str, list[str], float]], sourc
         anchors = [a for a in anchors if not (a.model == model and a.input_shapes == list(shapes)
                                               and a.setting == setting.key)]
         anchors.append(Anchor(model, list(shapes), float(ms), est["estimated_ms"], setting.key, fit, source, today,
-                              est["gmacs"], est["ops"]))
+                              est["gmacs"], est["ops"], est["shares"]))
     path = write_anchors(device.name, setup or state["setup"], anchors)
     return summary(device, setting) | {"path": str(path)}
 
@@ -64,7 +65,7 @@ def refresh(device, progress=None) -> dict:
         if progress is not None:
             progress.note(f"re-estimating {a.model} ({a.setting})")
         est = raw_estimate(device, setting, a.model, a.input_shapes)
-        a.estimated_ms, a.gmacs, a.ops = est["estimated_ms"], est["gmacs"], est["ops"]
+        a.estimated_ms, a.gmacs, a.ops, a.shares = est["estimated_ms"], est["gmacs"], est["ops"], est["shares"]
         a.fit = fingerprint(device, setting)
         out.append(a)
     write_anchors(device.name, state["setup"], out)

@@ -145,6 +145,30 @@ def total_ms(features: Features, params: dict, peak: float, fallback_peak: float
     return float(per_op.sum() + params["fixed_overhead_us"] * 1e-3 + features.switches * params["switch_us"] * 1e-3)
 
 
+def split_parts(features: Features, params: dict, peak: float, fallback_peak: float, bw: float,
+                fixed_ms: float) -> np.ndarray:
+    """A per-op estimate's milliseconds split three ways: compute, memory, per-layer (each op's launch cost, the
+    fixed overhead and the unit switches). Each op's roofline time goes to the side that bounds it, and the
+    part of the other side that does not overlap to that side.
+
+    Example:
+        >>> f = Features(np.array([0]), np.array([2e9]), np.array([1e6]), np.array([False]), 0, [])
+        >>> p = {**{f"eff_{c}": 1.0 for c in COMPUTE_CLASSES}, "eff_vector": 1.0, "mem_eff": 1.0,
+        ...      "overlap": 1.0, "op_overhead_us": 10.0}
+        >>> [round(float(v), 3) for v in split_parts(f, p, 1000.0, 1000.0, 100.0, 0.5)]
+        [2.0, 0.0, 0.51]
+    """
+    eff = _class_eff(params)[features.cls]
+    peaks = np.where(features.fallback, fallback_peak, peak)
+    compute = features.flops / (peaks * 1e9 * eff) * 1e3
+    memory = features.bytes / (bw * 1e9 * params["mem_eff"]) * 1e3
+    rest = 1.0 - params["overlap"]
+    bound = compute >= memory
+    return np.array([float(np.sum(np.where(bound, compute, rest * compute))),
+                     float(np.sum(np.where(bound, rest * memory, memory))),
+                     float(len(features.cls) * params["op_overhead_us"] * 1e-3 + fixed_ms)])
+
+
 def rates(device, setting: Setting) -> tuple[float, float, float]:
     peak = peak_gops(device, setting.unit, setting.dtype)
     fallback = peak_gops(device, setting.fallback_unit, "fp32" if setting.dtype == "int8" else setting.dtype) \
@@ -178,13 +202,17 @@ def estimate_latency(costs: list[OpCost], device, setting: Setting | None = None
     per_op_ms = price(feats, params, peak, fallback_peak, bw) if costs else np.zeros(0)
     fixed_ms = params["fixed_overhead_us"] * 1e-3 + feats.switches * params["switch_us"] * 1e-3
     total = float(per_op_ms.sum() + fixed_ms)
-    from slimx.devices.validation import baseline_features, predict_baseline
+    from slimx.devices.validation import BASELINE_TERMS, baseline_features, predict_baseline
 
     mix = baseline_features(feats)  # [GMACs, op count, GB moved, 1]
     if setting.model == "baseline" and setting.baseline:  # the fit that generalised better: its total
         base = float(predict_baseline(mix[None, :], setting.baseline)[0])
         scale = base / total if total else 1.0  # per-op shares scaled to it
         per_op_ms, fixed_ms, total = per_op_ms * scale, fixed_ms * scale, base
+        parts = mix * np.array([setting.baseline[t] for t in BASELINE_TERMS])  # [GMACs, ops, GB, 1] terms
+        parts = np.array([parts[0], parts[2], parts[1] + parts[3]])
+    else:
+        parts = split_parts(feats, params, peak, fallback_peak, bw, fixed_ms)
     by_class: dict[str, dict] = {}
     by_module: dict[str, float] = {}
     rows = []
@@ -228,6 +256,8 @@ def estimate_latency(costs: list[OpCost], device, setting: Setting | None = None
         "ops": len(costs),
         "gflops": round(sum(c.flops for c in costs) / 1e9, 4),
         "gmacs": round(float(mix[0]), 6),  # the op density anchors read
+        # the time's split into compute, memory and per-layer work as this fit prices it (anchors read it)
+        "shares": [round(float(v), 6) for v in parts / max(float(parts.sum()), 1e-12)],
         "per_op": per_op,
         "per_module": per_module[:top],
         "per_node": [{**r, "gflop": round(r["gflop"], 5), "mbytes": round(r["mbytes"], 4), "ms": round(r["ms"], 5)}

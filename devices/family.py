@@ -239,12 +239,16 @@ def family_data(family_name: str, tables: list[tuple[str, list[dict]]], progress
                       [family_of(s.spec) for s in samples], feats, x, y, spec_by)
 
 
-def leave_one_setup_out(data: FamilyData, offsets: bool = False, per_layer: str = PER_LAYER_SPEEDS[0]) -> np.ndarray:
+def leave_one_setup_out(data: FamilyData, offsets: bool = False, per_layer: str = PER_LAYER_SPEEDS[0],
+                        with_parts: bool = False):
     """Each row predicted by a family fit that never saw its measurement setup (on any device): what a user whose
     own setup is not in the data gets before anchoring (the reference setup's scale, the device's factor where
-    its other setups' rows gave it one). NaN where no other setup is left to fit on."""
+    its other setups' rows gave it one). NaN where no other setup is left to fit on. ``with_parts``: also each
+    prediction's [compute, memory, per-layer] milliseconds (the GMACs term, the bytes term, the op and fixed
+    terms; they sum to it), the split anchors read (``estimator.split_parts`` for a per-op fit)."""
     spec = data.spec(per_layer)
     pred = np.full(len(data.y), np.nan)
+    parts = np.full((len(data.y), 3), np.nan)
     for u in sorted(set(data.setups)):
         test = np.array([s == u for s in data.setups])
         train = ~test
@@ -254,7 +258,10 @@ def leave_one_setup_out(data: FamilyData, offsets: bool = False, per_layer: str 
                          [d for d, t in zip(data.devices, train, strict=True) if t],
                          [s for s, t in zip(data.setups, train, strict=True) if t], data.reference, offsets)
         pred[test] = [sub.predict(data.x[i:i + 1], tuple(spec[i]), data.devices[i])[0] for i in np.flatnonzero(test)]
-    return pred
+        for i in np.flatnonzero(test):
+            terms = data.x[i] * sub.terms(tuple(spec[i])) * sub.coef * sub.device_factor.get(data.devices[i], 1.0)
+            parts[i] = [terms[0], terms[1], terms[2] + terms[3]]
+    return (pred, parts) if with_parts else pred
 
 
 def calibrate_family(family_name: str, tables: list[tuple[str, list[dict]]], progress=None,

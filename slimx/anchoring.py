@@ -103,15 +103,23 @@ def render_summary(result: dict) -> str:
                      f"{a['estimated_ms']:>9.3f} ms  x{a['ratio']:.3f}  ({a['source']})")
     if "factor" in result:
         lo, hi = result["interval_factors"]
-        where = " at the anchors' op density" if result.get("density_slope") is not None else ""
+        where = (" for a model split like the anchors'" if result.get("part_factors")
+                 else " at the anchors' op density" if result.get("density_slope") is not None else "")
         lines.append(f"  estimates for {result['device']} are now x{result['factor']:.3f} the profile's{where}, 80% "
                      f"interval x{lo:.2f}-x{hi:.2f} around that (spread prior: {result['prior_basis']})")
-        if result.get("density_slope") is not None:
+        if result.get("part_factors"):
+            parts = ", ".join(f"{name} x{v:.3f}" for name, v in result["part_factors"].items())
+            lines.append(f"  per part of the estimate: {parts} (this setup's own costs, from the anchors, each shrunk "
+                         "toward the profile's by how far the family's setups move it); a model's factor is its "
+                         "parts' factors weighted by its own split")
+        elif result.get("density_slope") is not None:
             lines.append(f"  and x{math.exp(result['density_slope']):.3f} more per unit of op density (log thousands "
                          "of ops per GMAC): this setup's per-layer cost against its compute, from the anchors, shrunk "
                          "toward the profile's")
         elif result.get("one_factor"):
             lines.append(f"  one factor for every model: {result['one_factor']}")
+        if result.get("no_split"):
+            lines.append(f"  {result['no_split']}")
     if result.get("note"):
         lines.append(f"  NOTE {result['note']}")
     if result.get("path"):

@@ -12,7 +12,7 @@ import pytest
 
 from slimx.cli import main
 from slimx.devices import load_device
-from slimx.devices.anchors import anchors_path, combine, read_anchors, spread_prior
+from slimx.devices.anchors import anchors_path, combine, combine_parts, part_spread, read_anchors, spread_prior
 from slimx.devices.estimator import EstimatorLatencyModel, default_setting
 
 MLP = "tests.models:tiny_mlp"
@@ -65,6 +65,36 @@ def test_a_line_in_op_density_carries_a_setups_per_layer_cost():
     assert not line["disagree"]
 
 
+def test_a_factor_per_part_carries_a_setups_own_costs():
+    """A setup whose per-layer work costs 3x the profile's and whose compute costs as priced: two anchors of
+    different splits put a compute-bound model and a dispatch-bound one each near their truth, where one factor
+    (or a line through the anchors' ratios) cannot tell the parts apart; the interval holds the truth; one anchor
+    moves the part with the most room (the per-layer one) without claiming a narrow interval far from it; the
+    family's spread of each part is learnt from setups that differ in one part only."""
+    true = [1.0, 1.0, 3.0]
+    ratio = lambda s: math.log(sum(a * b for a, b in zip(s, true, strict=True)))  # noqa: E731
+    anchors = [[0.7, 0.1, 0.2], [0.3, 0.1, 0.6]]
+    part_sd = [0.3, 0.3, 1.4]
+    for target in ([0.95, 0.03, 0.02], [0.05, 0.05, 0.9]):
+        got = combine_parts([ratio(s) for s in anchors], anchors, target, 0.15, part_sd, 6)
+        one = combine([ratio(s) for s in anchors], 0.25, 6)
+        assert abs(math.log(got["factor"]) - ratio(target)) < 0.1
+        assert abs(math.log(got["factor"]) - ratio(target)) < abs(math.log(one["factor"]) - ratio(target)) / 2
+        lo, hi = got["interval_factors"]
+        assert lo < math.exp(ratio(target)) / got["factor"] < hi and not got["disagree"]
+    assert got["part_factors"][2] > 2.0 and 0.7 < got["part_factors"][0] < 1.3
+    single = combine_parts([ratio(anchors[1])], [anchors[1]], anchors[1], 0.15, part_sd, 6)
+    far = combine_parts([ratio(anchors[1])], [anchors[1]], [0.95, 0.03, 0.02], 0.15, part_sd, 6)
+    assert single["factor"] == pytest.approx(math.exp(ratio(anchors[1])), rel=0.05), "its own model: its own ratio"
+    assert single["part_factors"][2] > single["part_factors"][0], "the per-layer part, the looser prior, moves most"
+    width = lambda g: g["interval_factors"][1] / g["interval_factors"][0]  # noqa: E731
+    assert width(far) > width(single)
+    assert combine_parts([0.0, 2.5], anchors, None, 0.15, [0.3, 0.3, 0.3], 6)["disagree"]
+    splits = [[0.9, 0.05, 0.05], [0.6, 0.1, 0.3], [0.3, 0.1, 0.6], [0.1, 0.1, 0.8]]
+    spread = part_spread([([ratio(s) * f for s in splits], splits) for f in (-1.0, 0.0, 0.5, 1.0)], 0.05)
+    assert spread["groups"] == 4 and spread["part_sd"][2] > 3 * spread["part_sd"][0]
+
+
 def test_anchors_put_later_estimates_on_the_users_setup(capsys, scratch_profiles):
     profile_file = load_device("jetson-nano").raw  # the shipped profile, compared after
     before = profile_json(capsys, CONV, "jetson-nano")
@@ -80,10 +110,11 @@ def test_anchors_put_later_estimates_on_the_users_setup(capsys, scratch_profiles
     mlp_ratio = state["anchors"][0].measured_ms / state["anchors"][0].estimated_ms
     assert all(a.gmacs is not None and a.ops for a in state["anchors"]), "each anchor keeps its op mix"
     assert state["anchors"][0].density != pytest.approx(state["anchors"][1].density)
-    # on the line in op density: between the anchors' geometric mean and CONV's own ratio (1.5), nearer 1.5
+    # a factor per part: between the anchors' geometric mean and CONV's own ratio (1.5)
     factor = rec["factor"]
     assert min(math.sqrt(mlp_ratio * 1.5), 1.5) < factor < max(math.sqrt(mlp_ratio * 1.5), 1.5)
-    assert rec["density_slope"] is not None and "one_factor" not in rec
+    assert all(a.shares and sum(a.shares) == pytest.approx(1, abs=1e-4) for a in state["anchors"])
+    assert set(rec["part_factors"]) == {"compute", "memory", "per-layer"} and "one_factor" not in rec
     assert after["total_ms"] == pytest.approx(before["total_ms"] * factor, rel=1e-3)
     assert after["interval_ms"][0] < after["total_ms"] < after["interval_ms"][1]
     assert "anchored to 'trtexec, JetPack 6' by 2 measurements" in after["label"]
@@ -131,14 +162,22 @@ def test_anchor_refusals_and_housekeeping(capsys, scratch_profiles, tmp_path):
         a["fit"] = "0" * 12
     anchors_path("jetson-nano").write_text(json.dumps(data))
     assert "--refresh" in profile_json(capsys, CONV, "jetson-nano")["label"]
-    # anchors written by an older slimx (no op mix): one factor for every model, said in the record
+    # anchors written by an older slimx: with the op mix and no split, the line in op density; with neither, one
+    # factor for every model; each said in the record
     for a, fit in zip(data["anchors"], fits, strict=True):
-        a.update(fit=fit, gmacs=None, ops=None)
+        a.update(fit=fit, shares=None)
+    anchors_path("jetson-nano").write_text(json.dumps(data))
+    rec = profile_json(capsys, CONV, "jetson-nano")["anchors"]
+    assert rec["density_slope"] is not None and "part_factors" not in rec and "--refresh" in rec["no_split"]
+    for a in data["anchors"]:
+        a.update(gmacs=None, ops=None)
     anchors_path("jetson-nano").write_text(json.dumps(data))
     rec = profile_json(capsys, CONV, "jetson-nano")["anchors"]
     assert rec["count"] == 2 and rec["density_slope"] is None and "--refresh" in rec["one_factor"]
     assert run(capsys, "devices", "anchor", "jetson-nano", "--refresh")[0] == 0
-    assert all(a.gmacs is not None for a in read_anchors("jetson-nano")["anchors"]), "--refresh records the op mix"
+    assert all(a.gmacs is not None and a.shares for a in read_anchors("jetson-nano")["anchors"]), \
+        "--refresh records the op mix and the split"
+    assert "part_factors" in profile_json(capsys, CONV, "jetson-nano")["anchors"]
     assert profile_json(capsys, CONV, "jetson-nano")["anchors"]["count"] == 2
     assert run(capsys, "devices", "anchor", "jetson-nano", "--clear")[0] == 0
     assert not anchors_path("jetson-nano").exists()
@@ -154,8 +193,10 @@ def test_measurements_are_learned_from_profile_and_gate(capsys, scratch_profiles
     assert anchor.source.startswith("learned: slimx profile") and anchor.measured_ms == pytest.approx(
         got["median_ms"])
     est = profile_json(capsys, MLP, "host")
-    assert est["anchors"]["count"] == 1 and est["total_ms"] == pytest.approx(got["median_ms"], rel=1e-3), \
-        "one anchor of the same model: the estimate is its measurement"
+    # one anchor of the same model: the estimate is its measurement, less the little the parts' prior holds back
+    # (the scatter of one setup's models against how far setups move each part)
+    assert est["anchors"]["count"] == 1 and est["total_ms"] == pytest.approx(got["median_ms"], rel=0.05)
+    assert est["interval_ms"][0] < got["median_ms"] < est["interval_ms"][1]
     code, _, err = run(capsys, "profile", MLP, "--device", "host", "--estimate", "--learn")
     assert code == 2 and "--learn" in err
     code, out, _ = run(capsys, "gate", CONV, "--device", "host", "--budget-ms", "10000", "--learn", "--rounds", "3",
