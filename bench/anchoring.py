@@ -33,7 +33,7 @@ def naive_leave_one_setup_out(data) -> tuple[np.ndarray, np.ndarray]:
     """The naive baseline: t = a GMACs + b ops + c (non-negative, relative error), fitted on the other setups'
     rows of every device of the family, no device specs, no setup factors; with its split (compute a GMACs, no
     memory term, per-layer b ops + c)."""
-    from slimx.devices.validation import BASELINE_TERMS, fit_baseline, predict_baseline
+    from slimx.devices.validation import baseline_parts, fit_baseline, predict_baseline
 
     x = np.column_stack([data.x[:, 0], data.x[:, 2], np.zeros(len(data.y)), data.x[:, 3]])  # [G, O, 0, 1]
     pred = np.full(len(data.y), np.nan)
@@ -44,8 +44,7 @@ def naive_leave_one_setup_out(data) -> tuple[np.ndarray, np.ndarray]:
             continue
         coef = fit_baseline(x[~test], data.y[~test])
         pred[test] = predict_baseline(x[test], coef)
-        terms = x[test] * np.array([coef[t] for t in BASELINE_TERMS])
-        parts[test] = np.column_stack([terms[:, 0], terms[:, 2], terms[:, 1] + terms[:, 3]])
+        parts[test] = baseline_parts(x[test], coef)
     return pred, parts
 
 
@@ -85,15 +84,19 @@ def score(data, pred: np.ndarray, how: str = "parts", parts: np.ndarray | None =
     cells = cells_of(data, pred)
     out = {k: {"err": [], "w": [], "inside": [], "device": [], "setup": []} for k in KS}
     spearmans = []
+    spreads: dict = {}  # left-out setup -> what its other setups' cells show (the same for each of its devices)
     for (u, d), idx in sorted(cells.items()):
         others = {c: v for c, v in cells.items() if c[0] != u}
-        if how == "one":
-            sd0, tau = within_setup_sd([logr[v] for v in others.values()]), 0.0
-        else:
-            spread = setup_spread([(logr[v], z[v]) for v in others.values()])
-            sd0, tau = spread["line_sd"], spread["slope_sd"]
-        if how == "parts":
-            part_sd = part_spread([(logr[v], shares[v]) for v in others.values()], sd0)["part_sd"]
+        if u not in spreads:
+            if how == "one":
+                sd0, tau = within_setup_sd([logr[v] for v in others.values()]), 0.0
+            else:
+                spread = setup_spread([(logr[v], z[v]) for v in others.values()])
+                sd0, tau = spread["line_sd"], spread["slope_sd"]
+            part_sd = (part_spread([(logr[v], shares[v]) for v in others.values()], sd0)["part_sd"]
+                       if how == "parts" else None)
+            spreads[u] = sd0, tau, part_sd
+        sd0, tau, part_sd = spreads[u]
         # k = 0: the interval an unseen setup can expect, cut from the other setups' held-out rows
         rest_rows = [i for v in others.values() for i in v]
         lo, hi = conformal_interval(np.exp(logr[rest_rows]), INTERVAL_COVERAGE) if rest_rows else (np.nan, np.nan)

@@ -279,11 +279,12 @@ def fit_parts(log_ratios, shares, sd: float, part_sd, iters: int = 100):
         fitted, jac = parts_log_ratio(p, shares)
         step = np.linalg.solve(jac.T @ jac / sd ** 2 + prec, jac.T @ (lr - fitted) / sd ** 2 - prec @ p)
         scale = 1.0
-        while scale > 1e-4 and objective(p + scale * step) > best:
+        while (value := objective(p + scale * step)) > best:  # halved until it descends, at most to 1e-4
             scale /= 2
-        if scale <= 1e-4:
+            if scale <= 1e-4:
+                break
+        if value > best:
             break
-        value = objective(p + scale * step)
         p, gain, best = p + scale * step, best - value, value
         if gain < 1e-12:
             break

@@ -130,12 +130,16 @@ def _class_eff(params: dict) -> np.ndarray:
     return eff
 
 
-def price(features: Features, params: dict, peak: float, fallback_peak: float, bw: float) -> np.ndarray:
-    """Per-op milliseconds (without the fixed per-inference overhead)."""
+def _sides(features: Features, params: dict, peak: float, fallback_peak: float, bw: float):
+    """Each op's compute time and memory time in seconds, the two sides of its roofline."""
     eff = _class_eff(params)[features.cls]
     peaks = np.where(features.fallback, fallback_peak, peak)
-    compute = features.flops / (peaks * 1e9 * eff)
-    memory = features.bytes / (bw * 1e9 * params["mem_eff"])
+    return features.flops / (peaks * 1e9 * eff), features.bytes / (bw * 1e9 * params["mem_eff"])
+
+
+def price(features: Features, params: dict, peak: float, fallback_peak: float, bw: float) -> np.ndarray:
+    """Per-op milliseconds (without the fixed per-inference overhead)."""
+    compute, memory = _sides(features, params, peak, fallback_peak, bw)
     roof = np.maximum(compute, memory) + (1.0 - params["overlap"]) * np.minimum(compute, memory)
     return (roof + params["op_overhead_us"] * 1e-6) * 1e3
 
@@ -149,7 +153,7 @@ def split_parts(features: Features, params: dict, peak: float, fallback_peak: fl
                 fixed_ms: float) -> np.ndarray:
     """A per-op estimate's milliseconds split three ways: compute, memory, per-layer (each op's launch cost, the
     fixed overhead and the unit switches). Each op's roofline time goes to the side that bounds it, and the
-    part of the other side that does not overlap to that side.
+    non-overlapped part of the other side to that other side.
 
     Example:
         >>> f = Features(np.array([0]), np.array([2e9]), np.array([1e6]), np.array([False]), 0, [])
@@ -158,10 +162,7 @@ def split_parts(features: Features, params: dict, peak: float, fallback_peak: fl
         >>> [round(float(v), 3) for v in split_parts(f, p, 1000.0, 1000.0, 100.0, 0.5)]
         [2.0, 0.0, 0.51]
     """
-    eff = _class_eff(params)[features.cls]
-    peaks = np.where(features.fallback, fallback_peak, peak)
-    compute = features.flops / (peaks * 1e9 * eff) * 1e3
-    memory = features.bytes / (bw * 1e9 * params["mem_eff"]) * 1e3
+    compute, memory = (side * 1e3 for side in _sides(features, params, peak, fallback_peak, bw))
     rest = 1.0 - params["overlap"]
     bound = compute >= memory
     return np.array([float(np.sum(np.where(bound, compute, rest * compute))),
@@ -202,15 +203,14 @@ def estimate_latency(costs: list[OpCost], device, setting: Setting | None = None
     per_op_ms = price(feats, params, peak, fallback_peak, bw) if costs else np.zeros(0)
     fixed_ms = params["fixed_overhead_us"] * 1e-3 + feats.switches * params["switch_us"] * 1e-3
     total = float(per_op_ms.sum() + fixed_ms)
-    from slimx.devices.validation import BASELINE_TERMS, baseline_features, predict_baseline
+    from slimx.devices.validation import baseline_features, baseline_parts, predict_baseline
 
     mix = baseline_features(feats)  # [GMACs, op count, GB moved, 1]
     if setting.model == "baseline" and setting.baseline:  # the fit that generalised better: its total
         base = float(predict_baseline(mix[None, :], setting.baseline)[0])
         scale = base / total if total else 1.0  # per-op shares scaled to it
         per_op_ms, fixed_ms, total = per_op_ms * scale, fixed_ms * scale, base
-        parts = mix * np.array([setting.baseline[t] for t in BASELINE_TERMS])  # [GMACs, ops, GB, 1] terms
-        parts = np.array([parts[0], parts[2], parts[1] + parts[3]])
+        parts = baseline_parts(mix[None, :], setting.baseline)[0]
     else:
         parts = split_parts(feats, params, peak, fallback_peak, bw, fixed_ms)
     by_class: dict[str, dict] = {}

@@ -219,3 +219,16 @@ def fit_baseline(x: np.ndarray, measured: np.ndarray) -> dict:
 def predict_baseline(x: np.ndarray, coef: dict) -> np.ndarray:
     w = np.array([coef[t] for t in BASELINE_TERMS])
     return np.maximum(x @ w, 1e-6)
+
+
+def baseline_parts(x: np.ndarray, coef: dict) -> np.ndarray:
+    """The baseline's milliseconds per row of x = [GMACs, op count, GB, 1] split into [compute, memory, per-layer]:
+    the GMACs term, the bytes term, the op and fixed terms (``devices.anchors.PARTS``).
+
+    Example:
+        >>> coef = {"ms_per_gmac": 2.0, "us_per_op": 0.5, "ms_per_gb": 1.0, "fixed_ms": 0.1}
+        >>> baseline_parts(np.array([[1.0, 2.0, 0.5, 1.0]]), coef).round(2).tolist()
+        [[2.0, 0.5, 1.1]]
+    """
+    terms = x * np.array([coef[t] for t in BASELINE_TERMS])
+    return np.column_stack([terms[:, 0], terms[:, 2], terms[:, 1] + terms[:, 3]])
