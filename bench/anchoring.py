@@ -17,6 +17,7 @@ the same training rows, anchored the same way (its split: the GMACs term, the op
 from __future__ import annotations
 
 import itertools
+import math
 import sys
 from pathlib import Path
 
@@ -69,13 +70,27 @@ def shares_of(parts: np.ndarray) -> np.ndarray:
     return parts / parts.sum(axis=1, keepdims=True)
 
 
-def score(data, pred: np.ndarray, how: str = "parts", parts: np.ndarray | None = None, seed: int = 0) -> dict:
+def score(data, pred: np.ndarray, how: str = "parts", parts: np.ndarray | None = None, seed: int = 0,
+          bands: dict | None = None) -> dict:
     """Per k: the (cell, draw, row) errors and whether each row fell in its stated interval. ``how``: ``parts``
     (a factor per part of the estimate, each shrunk by the spread the other setups' cells show; ``parts``: each
     prediction's split), ``line`` (a line in op density, the scatter and slope spread from the other setups'
-    cells) or ``one`` (one factor)."""
-    from slimx.devices.anchors import PRIOR_WEIGHT, combine, combine_parts, part_spread, setup_spread, within_setup_sd
-    from slimx.devices.validation import INTERVAL_COVERAGE, conformal_interval, spearman
+    cells) or ``one`` (one factor). k = 0: the interval a setup not anchored is stated (``unanchored_interval``),
+    the device's profile interval (``bands``: device -> its shipped interval factors; a device without one: the
+    other setups' within-setup scatter) in quadrature with the other setups' spread between setups."""
+    from scipy.stats import t
+
+    from slimx.devices.anchors import (
+        PRIOR_WEIGHT,
+        between_setup_sd,
+        combine,
+        combine_parts,
+        part_spread,
+        setup_spread,
+        unanchored_interval,
+        within_setup_sd,
+    )
+    from slimx.devices.validation import INTERVAL_COVERAGE, spearman
 
     rng = np.random.default_rng(seed)
     logr = np.log(data.y / pred)
@@ -85,6 +100,7 @@ def score(data, pred: np.ndarray, how: str = "parts", parts: np.ndarray | None =
     out = {k: {"err": [], "w": [], "inside": [], "device": [], "setup": []} for k in KS}
     spearmans = []
     spreads: dict = {}  # left-out setup -> what its other setups' cells show (the same for each of its devices)
+    before = []  # k = 0 under the profile's interval alone: (inside, weight)
     for (u, d), idx in sorted(cells.items()):
         others = {c: v for c, v in cells.items() if c[0] != u}
         if u not in spreads:
@@ -95,11 +111,16 @@ def score(data, pred: np.ndarray, how: str = "parts", parts: np.ndarray | None =
                 sd0, tau = spread["line_sd"], spread["slope_sd"]
             part_sd = (part_spread([(logr[v], shares[v]) for v in others.values()], sd0)["part_sd"]
                        if how == "parts" else None)
-            spreads[u] = sd0, tau, part_sd
-        sd0, tau, part_sd = spreads[u]
-        # k = 0: the interval an unseen setup can expect, cut from the other setups' held-out rows
-        rest_rows = [i for v in others.values() for i in v]
-        lo, hi = conformal_interval(np.exp(logr[rest_rows]), INTERVAL_COVERAGE) if rest_rows else (np.nan, np.nan)
+            groups = [logr[v] for v in others.values()]
+            spreads[u] = (sd0, tau, part_sd, between_setup_sd(groups), within_setup_sd(groups),
+                          len({c[0] for c in others}))
+        sd0, tau, part_sd, setup_sd, scatter, n_setups = spreads[u]
+        # k = 0: what the estimate states for a setup not anchored (devices.anchors.unanchored); before: the
+        # profile's interval alone
+        half = float(t.ppf(0.5 + INTERVAL_COVERAGE / 2, PRIOR_WEIGHT)) * scatter
+        band = (bands or {}).get(d) or [math.exp(-half), math.exp(half)]
+        lo, hi = unanchored_interval(band, setup_sd, n_setups)
+        before += [(band[0] <= math.exp(logr[i]) <= band[1], 1.0 / len(idx)) for i in idx]
         if len(idx) >= 3:
             spearmans.append((spearman(pred[idx], data.y[idx]), len(idx)))
         for k in KS:
@@ -135,6 +156,8 @@ def score(data, pred: np.ndarray, how: str = "parts", parts: np.ndarray | None =
     every_parts = (part_spread([(logr[v], shares[v]) for v in cells.values()], every["line_sd"])["part_sd"]
                    if shares is not None else None)
     return {"by_k": out, "within_setup_sd": within_setup_sd([logr[v] for v in cells.values()]),
+            "setup_sd": between_setup_sd([logr[v] for v in cells.values()]),
+            "k0_coverage_before": sum(i * w for i, w in before) / sum(w for _, w in before) if before else None,
             "line_sd": every["line_sd"], "slope_sd": every["slope_sd"], "part_sd": every_parts,
             "density_range": [round(float(seen.min()), 2), round(float(seen.max()), 2)],
             "spearman": (sum(s * n for s, n in spearmans) / sum(n for _, n in spearmans)
@@ -164,6 +187,25 @@ def summarise(scored: dict) -> dict:
     return rows
 
 
+def profile_bands(family: str, devices: list[str]) -> dict:
+    """Each device's stated interval factors as its shipped profile gives them in the family's setting (what an
+    un-anchored estimate starts from); devices without one are left out."""
+    from slimx._core.errors import UsageError
+    from slimx.devices import load_device
+    from slimx.devices.estimator import settings_of
+    from slimx.devices.setups import FAMILIES
+
+    out = {}
+    for d in devices:
+        try:
+            setting = settings_of(load_device(d)).get(FAMILIES[family].setting)
+        except UsageError:  # a device the profiles do not ship: no band of its own
+            continue
+        if setting is not None and setting.interval is not None:
+            out[d] = [float(v) for v in setting.interval]
+    return out
+
+
 def run(data_dir: Path = DATA, families: dict | None = None) -> dict:
     """``families``: name -> (tables, structure) where ``structure`` is the (setup offsets, per-layer speed) the
     family's calibration chose (default: without offsets, the fp32 peak)."""
@@ -185,17 +227,19 @@ def run(data_dir: Path = DATA, families: dict | None = None) -> dict:
             continue
         slimx, parts = leave_one_setup_out(data, *structure, with_parts=True)
         naive, naive_parts = naive_leave_one_setup_out(data)
+        bands = profile_bands(name, sorted(set(data.devices)))
         for method, pred, how, split in (("slimx", slimx, "parts", parts), ("slimx_line", slimx, "line", None),
                                          ("slimx_one_factor", slimx, "one", None),
                                          ("naive", naive, "parts", naive_parts)):
             print(f"anchoring: family {name}, {method} ...", file=sys.stderr)
-            scored = score(data, pred, how, split)
+            scored = score(data, pred, how, split, bands=None if method == "naive" else bands)
             entry[method] = {"by_k": summarise(scored), "spearman": round(scored["spearman"], 3),
                              "cells": scored["cells"], "within_setup_sd": round(scored["within_setup_sd"], 4),
                              "line_sd": round(scored["line_sd"], 4), "slope_sd": round(scored["slope_sd"], 4),
                              "part_sd": None if scored["part_sd"] is None else [round(v, 4) for v in
                                                                                  scored["part_sd"]],
-                             "density_range": scored["density_range"]}
+                             "density_range": scored["density_range"], "setup_sd": round(scored["setup_sd"], 4),
+                             "k0_coverage_before": scored["k0_coverage_before"]}
         out["families"].append(entry)
     return out
 
@@ -217,7 +261,12 @@ def render(result: dict) -> list[str]:
              "(setup, device) cell counts equally. Naive: non-negative least squares on GMACs, op count and a "
              "constant over the same training rows, no specs, anchored by parts the same way. Spearman: within "
              "each cell (a constant factor does not change it), weighted by the cell's rows. k = 0 coverage: the "
-             "interval cut from the other setups' held-out rows.", "",
+             "interval an estimate states for a setup not anchored (`devices.anchors.unanchored`): the device's "
+             "shipped profile interval (a model family unseen, its setup the profile's) in quadrature with the spread "
+             "between setups (the root mean square of each cell's median log ratio) times Student's t at as many "
+             "degrees of freedom as setups it was measured on, both from the other setups only; the naive "
+             "baseline, which has no profile interval, takes the other setups' within-setup scatter in its place.",
+             "",
              "| family | setups left out | k | slimx median error | within ±15% | coverage (80% stated) | line in op "
              "density: median error / coverage | one factor: median error / coverage | naive median error | naive "
              "coverage |",
@@ -249,7 +298,13 @@ def render(result: dict) -> list[str]:
         "log factor, compute / memory / per-layer, by expectation-maximisation over all setups' cells; "
         "`devices/anchoring.toml` part_log_sd): " + "; ".join(
             f"{f['family']} " + " / ".join(f"{v:.3f}" for v in f["slimx"]["part_sd"]) for f in result["families"]
-            if "why" not in f and f["slimx"].get("part_sd")) + ".", "",
+            if "why" not in f and f["slimx"].get("part_sd")) + ". Between setups (root mean square of each cell's "
+        "median log ratio, all setups; `devices/anchoring.toml` setup_log_sd): " + "; ".join(
+            f"{f['family']} {f['slimx']['setup_sd']:.3f}" for f in result["families"]
+            if "why" not in f and f["slimx"].get("setup_sd") is not None) + ". k = 0 coverage with the profile's "
+        "interval alone (slimx before it stated a setup not anchored): " + "; ".join(
+            f"{f['family']} {f['slimx']['k0_coverage_before'] * 100:.0f}%" for f in result["families"]
+            if "why" not in f and f["slimx"].get("k0_coverage_before") is not None) + ".", "",
               "Per device (slimx; median error / coverage, per k):", ""]
     for fam in result["families"]:
         if "why" in fam:

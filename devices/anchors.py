@@ -25,6 +25,11 @@ anchors with each shrunk toward 0 by how far the family's setups move that part 
 line's median error from 14.9 / 12.6 / 9.7% to 10.4 / 10.6 / 5.6% (Jetson, Apple Neural Engine, Pixel). The line
 and one factor remain for older anchors.
 
+Without anchors, the user's setup is one the fit never saw: ``unanchored`` widens the stated interval by the
+family's spread between setups (``between_setup_sd``, ``anchoring.toml``'s setup_log_sd) in quadrature, Student's
+t at as many degrees of freedom as setups it was measured on. Leave-one-setup-out that takes the coverage of an
+unseen setup's rows from 35 / 50 / 1% to 78 / 82 / 100% (Jetson, Apple Neural Engine, Pixel).
+
 Anchors live in a user layer (``<user profile folder>/anchors/<device>.json``) over the shipped profile, which is
 never edited. Each anchor keeps the raw estimate it was taken against and that estimator's fingerprint, so a
 recalibrated profile does not silently mix old and new (``slimx devices anchor D --refresh`` re-estimates them).
@@ -181,7 +186,9 @@ def spread_prior(device: str, setting: str | None = None) -> dict:
     return {"sd": float(table["within_setup_log_sd"]), "weight": PRIOR_WEIGHT, "basis": basis,
             "source": table["within_setup_log_sd_source"], "line_sd": float(table["line_log_sd"]),
             "slope_sd": float(table["density_slope_sd"]),
-            "part_sd": [float(v) for v in table["part_log_sd"]] if "part_log_sd" in table else None}
+            "part_sd": [float(v) for v in table["part_log_sd"]] if "part_log_sd" in table else None,
+            "setup_sd": float(table["setup_log_sd"]) if "setup_log_sd" in table else None,
+            "setups": float(table.get("setup_count", PRIOR_WEIGHT)), "setup_source": table.get("setup_source")}
 
 
 def within_setup_sd(groups) -> float:
@@ -201,6 +208,44 @@ def within_setup_sd(groups) -> float:
         if len(g) >= 2:
             dev += list(np.abs(g - np.median(g)))
     return float(1.4826 * np.median(dev)) if dev else float("nan")
+
+
+def between_setup_sd(groups) -> float:
+    """How far a setup's own factor sits from the profile's: the root mean square of each group's median log ratio
+    (groups: one setup on one device, each row predicted by a fit that never saw that setup; each group counts
+    once). ``within_setup_sd`` is the spread about those medians, so the two add in quadrature to what a user
+    whose setup is not anchored can expect.
+
+    Example:
+        >>> round(between_setup_sd([[0.0, 0.2], [1.0, 1.2, 1.4], [-0.5]]), 3)
+        0.753
+    """
+    import numpy as np
+
+    meds = [float(np.median(np.asarray(g, dtype=float))) for g in groups if len(g)]
+    return math.sqrt(float(np.mean(np.square(meds)))) if meds else float("nan")
+
+
+def unanchored_interval(interval_factors, setup_sd: float, setups: float = PRIOR_WEIGHT,
+                        coverage: float = COVERAGE) -> list[float]:
+    """The stated interval of a setup not anchored: each side of the profile's interval (a model unseen, its setup
+    the profile's) put in quadrature with the family's spread between setups (``between_setup_sd``) times
+    Student's t quantile at ``setups`` degrees of freedom, the number of setups that spread was measured on (a new
+    setup's factor predicted from the factors of a few: the textbook predictive interval of a spread about a known
+    centre).
+
+    Example:
+        >>> [round(v, 3) for v in unanchored_interval([0.8, 1.25], 0.5, setups=6)]
+        [0.471, 2.125]
+        >>> [round(v, 3) for v in unanchored_interval([0.8, 1.25], 0.5, setups=2)]
+        [0.38, 2.635]
+    """
+    from scipy.stats import t
+
+    h = float(t.ppf(0.5 + coverage / 2, setups)) * setup_sd
+    lo, hi = interval_factors
+    lo_h = math.sqrt(math.log(1 / max(lo, 1e-9)) ** 2 + h * h) if lo > 0 else math.inf
+    return [math.exp(-lo_h), math.exp(math.sqrt(math.log(max(hi, 1e-9)) ** 2 + h * h))]
 
 
 def setup_spread(groups) -> dict:
@@ -482,14 +527,14 @@ def apply(est: dict, device, setting) -> dict:
     setting: the total, the per-op figures and the interval, with an ``anchors`` record saying so."""
     state = anchors_of(device.name)
     if not any(a.setting == setting.key for a in state["anchors"]):
-        return est
+        return unanchored(est, device, setting)
     now = standing(device, setting, state, op_density(est["ops"], est["gmacs"]), est.get("shares"))
     record, got = now["record"], now["got"]
     if got is None:
         record["note"] = (f"{record['stale']} anchor(s) of {device.name} were taken against another fit of "
                           f"{setting.key}: not used (run `slimx devices anchor {device.name} --refresh`)")
         est["anchors"] = record
-        return est
+        return unanchored(est, device, setting)
     f = got["factor"]
     total = est["total_ms"] * f
     lo, hi = got["interval_factors"]
@@ -508,6 +553,26 @@ def apply(est: dict, device, setting) -> dict:
         entry["ms"] = round(entry["ms"] * f, 4)
     for entry in est.get("per_node", []):
         entry["ms"] = round(entry["ms"] * f, 5)
+    return est
+
+
+def unanchored(est: dict, device, setting) -> dict:
+    """An estimate no anchor of its setting puts on the user's setup: its stated interval is widened by how far
+    the family's setups sit from the profile's (``unanchored_interval``, the family's ``setup_log_sd``), since
+    the user's setup is, until anchored, one the fit never saw; the profile's own setup's interval is kept in the
+    ``unanchored`` record. The measured host is left as it is: its setup is slimx's own runner and runtime, the
+    one its fit was calibrated with."""
+    if est.get("interval_ms") is None or not est.get("total_ms") or getattr(device, "measured", False):
+        return est
+    prior = spread_prior(device.name, setting.key)
+    if prior["setup_sd"] is None:
+        return est
+    total = est["total_ms"]
+    lo, hi = unanchored_interval([v / total for v in est["interval_ms"]], prior["setup_sd"], prior["setups"])
+    est["unanchored"] = {"setup_sd": prior["setup_sd"], "setups": prior["setups"], "basis": prior["basis"],
+                         "source": prior["setup_source"],
+                         "profile_setup_interval_ms": est["interval_ms"]}
+    est["interval_ms"] = [round(total * lo, 4), round(total * hi, 4)]
     return est
 
 

@@ -16,6 +16,7 @@ cross-validated error, which the estimate quotes as its expected error.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -359,6 +360,12 @@ def describe(est: dict, device) -> str:
     elif interval and error is not None:
         cv = est.get("cv_method") or "held-out rows"
         err = f"80% interval {interval[0]:.3f}-{interval[1]:.3f} ms, expected error ±{error:.0f}% ({cv})"
+        if est.get("unanchored"):  # the interval is for a setup the fit never saw (devices.anchors.unanchored)
+            u = est["unanchored"]
+            own = u["profile_setup_interval_ms"]
+            err = (f"80% interval {interval[0]:.3f}-{interval[1]:.3f} ms for a setup not anchored (a setup's own "
+                   f"factor: x{math.exp(u['setup_sd']):.2f} either way, 1 sd, in {u['basis']}), "
+                   f"{own[0]:.3f}-{own[1]:.3f} ms in the profile's own setup, expected error ±{error:.0f}% ({cv})")
     how = f", scaled from {est['scaled_from']} by peak rates" if est.get("scaled_from") else ""
     if est.get("setup"):
         how += f"; for the setup {est['setup'][:70]}" + (

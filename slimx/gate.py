@@ -359,6 +359,8 @@ def _estimated_entry(plan: GatePlan, entry: GateEntry, device, stored: dict, out
     anchors = est.get("anchors") or {}
     if anchors.get("count"):
         out["candidate"]["anchors"] = {k: anchors[k] for k in ("count", "setup", "factor", "interval_factors")}
+    if est.get("unanchored"):  # the interval is for a setup not anchored; the profile's own setup's beside it
+        out["candidate"]["unanchored"] = est["unanchored"]
     out["warnings"].append(f"estimated, not measured: no {device.name} here (give --remote URL for a device agent)"
                            + (f"; anchored to {anchors['setup']!r} by {anchors['count']} measurement(s)"
                               if anchors.get("count") else ""))

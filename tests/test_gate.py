@@ -110,11 +110,17 @@ def test_a_device_not_at_hand_is_estimated_and_fails_only_past_its_interval(caps
     assert any("estimated, not measured" in w for w in entry["warnings"])
     est, (lo, hi) = entry["candidate"]["estimate_ms"], entry["candidate"]["interval_ms"]
     assert lo < est < hi
-    inside = (lo + est) / 2  # below the estimate, above its interval's lower end
+    # no anchor: the interval is for a setup the profile never saw, wider than the profile's own setup's
+    own = entry["candidate"]["unanchored"]["profile_setup_interval_ms"]
+    assert lo < own[0] < est < own[1] < hi
+    from slimx.devices import load_device
+    from slimx.devices.estimator import device_floor_ms
+
+    floor = device_floor_ms(load_device("iphone12"))
+    inside = (max(lo, floor * 1.05) + est) / 2  # below the estimate, above its interval's lower end and the floor
     assert main([*model, "--budget-ms", f"{inside}"]) == 0, "inside the interval: not a failure"
     assert main([*model, "--budget-ms", f"{inside}", "--strict"]) == 1, "--strict judges the point estimate"
-    floor = 0.5  # iphone12's calibrated fixed overhead is about this: a budget between it and lo fails outright
-    if lo * 0.95 > floor * 1.05:
+    if lo * 0.95 > floor * 1.05:  # a budget between the device's floor and lo fails outright
         assert main([*model, "--budget-ms", f"{lo * 0.95}"]) == 1
     capsys.readouterr()
 

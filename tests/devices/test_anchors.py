@@ -43,6 +43,27 @@ def test_agreeing_anchors_narrow_the_interval_and_disagreeing_ones_are_said():
     assert "default" in spread_prior("host")["basis"]
 
 
+def test_a_setup_not_anchored_states_the_spread_between_setups():
+    """Without anchors the user's setup is one the fit never saw: the interval adds the family's spread between
+    setups, more so where it was measured on fewer setups; the measured host (slimx's own runner) is left alone."""
+    from slimx.devices.anchors import unanchored, unanchored_interval
+
+    lo, hi = unanchored_interval([0.8, 1.25], 0.5, setups=4)
+    assert lo < 0.8 and hi > 1.25 and math.log(hi) == pytest.approx(-math.log(lo), rel=0.05)
+    assert unanchored_interval([0.8, 1.25], 0.0, setups=4) == pytest.approx([0.8, 1.25])
+    few = unanchored_interval([0.8, 1.25], 0.5, setups=2)
+    assert few[0] < lo and few[1] > hi, "a spread measured on fewer setups: a wider interval"
+    est = {"total_ms": 2.0, "interval_ms": [1.6, 2.5]}
+    host = load_device("host")
+    assert host.measured and unanchored(dict(est), host, default_setting(host)) == est
+    nano = load_device("jetson-nano")
+    got = unanchored(dict(est), nano, default_setting(nano, "fp16"))
+    assert got["interval_ms"][0] < 1.6 and got["interval_ms"][1] > 2.5
+    assert got["unanchored"]["profile_setup_interval_ms"] == [1.6, 2.5] and got["unanchored"]["setups"] == 3
+    assert unanchored({"total_ms": 2.0, "interval_ms": None}, nano, default_setting(nano, "fp16"))["interval_ms"] \
+        is None, "no interval (not calibrated): nothing to widen"
+
+
 def test_a_line_in_op_density_carries_a_setups_per_layer_cost():
     """A setup whose per-layer cost differs from the profile's: the log ratio drifts with op density. Two anchors
     of different density put a third model nearer its truth than one factor does; one anchor cannot see a slope
@@ -99,6 +120,12 @@ def test_anchors_put_later_estimates_on_the_users_setup(capsys, scratch_profiles
     profile_file = load_device("jetson-nano").raw  # the shipped profile, compared after
     before = profile_json(capsys, CONV, "jetson-nano")
     assert "anchors" not in before
+    # no anchor: the interval is for a setup the profile never saw (the family's spread between setups in
+    # quadrature with the profile's own interval, which is kept beside it)
+    own, stated = before["unanchored"]["profile_setup_interval_ms"], before["interval_ms"]
+    assert stated[0] < own[0] < before["total_ms"] < own[1] < stated[1]
+    assert before["unanchored"]["setup_sd"] == spread_prior("jetson-nano", "tensorrt-gpu-fp16")["setup_sd"] > 0
+    assert "for a setup not anchored" in before["label"] and "slimx devices anchor jetson-nano" in before["label"]
     code, out, _ = run(capsys, "devices", "anchor", "jetson-nano", "--setup", "trtexec, JetPack 6",
                        "--measured", f"{MLP}=0.9", "--measured", f"{CONV}={before['total_ms'] * 1.5:.6f}")
     assert code == 0 and "2 anchor(s)" in out and "trtexec, JetPack 6" in out, out
@@ -117,6 +144,9 @@ def test_anchors_put_later_estimates_on_the_users_setup(capsys, scratch_profiles
     assert set(rec["part_factors"]) == {"compute", "memory", "per-layer"} and "one_factor" not in rec
     assert after["total_ms"] == pytest.approx(before["total_ms"] * factor, rel=1e-3)
     assert after["interval_ms"][0] < after["total_ms"] < after["interval_ms"][1]
+    assert "unanchored" not in after, "anchored: the anchors' interval, not the unseen setup's"
+    width = lambda e: e["interval_ms"][1] / e["interval_ms"][0]  # noqa: E731
+    assert width(after) < width(before)
     assert "anchored to 'trtexec, JetPack 6' by 2 measurements" in after["label"]
     assert load_device("jetson-nano").raw == profile_file, "the shipped profile is never edited"
     # every estimating caller reads the same: latency-slim's latency model, and so sweeps and the gate
