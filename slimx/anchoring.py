@@ -93,8 +93,11 @@ def anchor_command(args) -> int:
 
 def render_summary(result: dict) -> str:
     if not result["anchors"]:
+        between = result.get("between_setups")
+        why = (f" (until then its estimates state their interval for a setup not anchored: a setup's own factor is "
+               f"x{math.exp(between['setup_sd']):.2f} either way, 1 sd, in {between['basis']})" if between else "")
         return (f"{result['device']} ({result['setting']}): no anchors; add your own timings with "
-                f"`slimx devices anchor {result['device']} --measured MODEL=MS`")
+                f"`slimx devices anchor {result['device']} --measured MODEL=MS`{why}")
     lines = [f"{result['device']} ({result['setting']}), setup {result['setup']!r}: {result['count']} anchor(s)"
              + (f", {result['stale']} taken against an older fit (--refresh)" if result["stale"] else "")]
     for a in result["anchors"]:

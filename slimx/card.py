@@ -50,6 +50,8 @@ def _latency_rows(report: dict) -> list[str]:
         elif lat.get("kind") == "estimated":
             lo, hi = (lat.get("interval_ms") or [None, None])[:2]
             interval = f"80% interval {lo:.3f}-{hi:.3f} ms" if lo is not None else "no interval"
+            if lat.get("unanchored"):  # no anchor: the interval is for a setup the profile never saw
+                interval += " for a setup not anchored"
             anchors = lat.get("anchors") or {}
             setup = (f"anchored to {anchors['setup']!r} by {anchors['count']} measurement(s)" if anchors.get("count")
                      else f"setup: {lat['setup']}" if lat.get("setup") else "")

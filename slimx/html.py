@@ -175,13 +175,24 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 # --------------------------------------------------------------------------- pieces shared by the pages
 
 
+def _unanchored_note(lat: dict) -> str:
+    """For an estimate no anchor puts on the user's setup: that its interval is for a setup not anchored, and the
+    profile's own setup's beside it."""
+    u = lat.get("unanchored")
+    if not u:
+        return ""
+    lo, hi = u["profile_setup_interval_ms"]
+    return (f" for a setup not anchored ({fmt(lo)}-{fmt(hi)} ms in the profile's own setup; "
+            f"<code>slimx devices anchor {esc(lat.get('device', 'DEVICE'))}</code> narrows it)")
+
+
 def _latency_card(lat: dict | None, title: str) -> str:
     if not lat:
         return ""
     if lat.get("kind") == "estimated":
         lo, hi = lat.get("interval_ms") or (None, None)
         rows = [["kind", "estimated (not measured: no device here)"], ["total", f"{fmt(lat.get('total_ms'))} ms"],
-                ["80% interval", f"{fmt(lo)}-{fmt(hi)} ms" if lo is not None else "-"],
+                ["80% interval", (f"{fmt(lo)}-{fmt(hi)} ms" if lo is not None else "-") + _unanchored_note(lat)],
                 ["expected error", f"±{fmt(lat.get('expected_error_pct'), 0)}% ({esc(lat.get('cv_method') or '')})"],
                 ["setting", esc(lat.get("setting"))], ["setup", esc(lat.get("setup") or "-")]]
     elif lat.get("measured"):

@@ -84,6 +84,7 @@ def test_profile_writes_html_with_the_estimate(tmp_path, capsys):
     _check(page)
     text = page.read_text()
     assert "estimated (not measured: no device here)" in text and "80% interval" in text and "per module" in text
+    assert "for a setup not anchored" in text and "slimx devices anchor iphone12" in text
     assert main(["profile", "tests.models:tiny_mlp", "--html", str(tmp_path / "no" / "p.html")]) == 2
 
 

@@ -168,6 +168,8 @@ def test_anchors_put_later_estimates_on_the_users_setup(capsys, scratch_profiles
 
 
 def test_anchor_refusals_and_housekeeping(capsys, scratch_profiles, tmp_path):
+    code, out, _ = run(capsys, "devices", "anchor", "jetson-nano")
+    assert code == 0 and "no anchors" in out and "for a setup not anchored" in out and "jetson family" in out
     assert run(capsys, "devices", "anchor", "jetson-nano", "--measured", f"{MLP}=-3")[0] == 2
     assert run(capsys, "devices", "anchor", "jetson-nano", "--measured", "no-equals-sign")[0] == 2
     assert run(capsys, "devices", "anchor", "jetson-nano", "--models", "timm:resnet18")[0] == 2
@@ -191,7 +193,8 @@ def test_anchor_refusals_and_housekeeping(capsys, scratch_profiles, tmp_path):
     for a in data["anchors"]:
         a["fit"] = "0" * 12
     anchors_path("jetson-nano").write_text(json.dumps(data))
-    assert "--refresh" in profile_json(capsys, CONV, "jetson-nano")["label"]
+    stale = profile_json(capsys, CONV, "jetson-nano")
+    assert "--refresh" in stale["label"] and "unanchored" in stale, "no anchor used: a setup not anchored"
     # anchors written by an older slimx: with the op mix and no split, the line in op density; with neither, one
     # factor for every model; each said in the record
     for a, fit in zip(data["anchors"], fits, strict=True):
