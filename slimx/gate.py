@@ -363,7 +363,10 @@ def _estimated_entry(plan: GatePlan, entry: GateEntry, device, stored: dict, out
         out["candidate"]["unanchored"] = est["unanchored"]
     out["warnings"].append(f"estimated, not measured: no {device.name} here (give --remote URL for a device agent)"
                            + (f"; anchored to {anchors['setup']!r} by {anchors['count']} measurement(s)"
-                              if anchors.get("count") else ""))
+                              if anchors.get("count") else "")
+                           + ("; its interval is for a setup not anchored, as wide as setups differ (time two "
+                              f"models there and `slimx devices anchor {device.name}` to narrow it)"
+                              if est.get("unanchored") else ""))
     if anchors.get("note"):
         out["warnings"].append(anchors["note"])
     if update:
