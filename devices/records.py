@@ -196,6 +196,10 @@ class Latency:
             if d.get("interval_ms") and err is not None:
                 lo, hi = d["interval_ms"]
                 err_text = f"80% interval {lo:.3f}-{hi:.3f} ms, {err_text}"
+                if d.get("unanchored"):  # no anchor: the interval is for a setup the profile never saw
+                    own = d["unanchored"]["profile_setup_interval_ms"]
+                    err_text = (f"80% interval {lo:.3f}-{hi:.3f} ms for a setup not anchored, {own[0]:.3f}-"
+                                f"{own[1]:.3f} ms in the profile's own setup, ±{err:.0f}%")
             return (f"{self.device} estimated: {self.ms:.3f} ms ({err_text}, {d.get('setting')}; "
                     f"not measured: no device here)")
         if self.kind == "none":

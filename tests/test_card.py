@@ -29,6 +29,7 @@ def test_the_card_carries_metadata_figures_hashes_and_the_way_to_reproduce(expor
     est = report["latency"]
     assert est["kind"] == "estimated" and f"{est['total_ms']:.3f} ms" in text and "80% interval" in text
     assert est["unanchored"] and "for a setup not anchored" in text, "no anchor: the interval says whose setup"
+    assert "for a setup not anchored" in exported.latency.line() and "profile's own setup" in exported.latency.line()
     assert "| host | measured |" in text
     assert "slimx.export('tests.models:tiny_mlp', 'pixel7', format='onnx', precision='fp32')" in text
     assert not list(exported.out.glob(".*.partial"))
