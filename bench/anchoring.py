@@ -244,6 +244,13 @@ def run(data_dir: Path = DATA, families: dict | None = None) -> dict:
     return out
 
 
+def at_k(method: dict, k: int) -> dict | None:
+    """A method's summary at k anchors, whether the result is fresh (integer keys) or read back from its JSON
+    (string keys)."""
+    by_k = method.get("by_k", {})
+    return by_k.get(k, by_k.get(str(k)))
+
+
 def render(result: dict) -> list[str]:
     lines = ["", "## Anchoring: a setup the fit never saw, and k of its own rows as anchors", "",
              "Leave-one-setup-out (`bench/anchoring.py`): each measurement setup's rows (every device) are predicted "
@@ -276,9 +283,8 @@ def render(result: dict) -> list[str]:
             lines.append(f"| {fam['family']} | - | - | not measurable: {fam['why']} | | | | | |")
             continue
         for k in KS:
-            s, n = fam["slimx"]["by_k"].get(k), fam["naive"]["by_k"].get(k)
-            one = fam.get("slimx_one_factor", {}).get("by_k", {}).get(k)
-            line = fam.get("slimx_line", {}).get("by_k", {}).get(k)
+            s, n = at_k(fam["slimx"], k), at_k(fam["naive"], k)
+            one, line = at_k(fam.get("slimx_one_factor", {}), k), at_k(fam.get("slimx_line", {}), k)
             if s is None:
                 continue
             lines.append(f"| {fam['family']} | {len(fam['setups'])} ({s['cells']} cells) | {k} | "
@@ -313,7 +319,7 @@ def render(result: dict) -> list[str]:
         for d in devices:
             cells = []
             for k in KS:
-                part = fam["slimx"]["by_k"].get(k, {}).get("per_device", {}).get(d)
+                part = (at_k(fam["slimx"], k) or {}).get("per_device", {}).get(d)
                 if part:
                     cells.append(f"k={k} {part['median_abs_pct']:.1f}% / {part['coverage'] * 100:.0f}%")
             lines.append(f"- {fam['family']} / {d}: " + "; ".join(cells))
