@@ -74,14 +74,11 @@ def refresh(device, progress=None) -> dict:
 
 def summary(device, setting) -> dict:
     """Where the anchors of a device stand for one setting: each anchor's ratio, the factor, the interval."""
-    from slimx.devices.anchors import spread_prior
+    from slimx.devices.anchors import between_setups
 
     now = standing(device, setting, read_anchors(device.name))
-    prior = spread_prior(device.name, setting.key)
-    between = None if getattr(device, "measured", False) or prior["setup_sd"] is None else {
-        "setup_sd": prior["setup_sd"], "setups": prior["setups"], "basis": prior["basis"],
-        "source": prior["setup_source"]}
-    return {"device": device.name, "setting": setting.key, **now["record"], "between_setups": between,
+    return {"device": device.name, "setting": setting.key, **now["record"],
+            "between_setups": between_setups(device, setting),
             "anchors": [{"model": a.model, "input_shapes": a.input_shapes, "measured_ms": a.measured_ms,
                          "estimated_ms": round(a.estimated_ms, 4), "ratio": round(a.measured_ms / a.estimated_ms, 4),
                          "source": a.source, "when": a.when, "current": a.fit == now["current"]}

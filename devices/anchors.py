@@ -556,22 +556,30 @@ def apply(est: dict, device, setting) -> dict:
     return est
 
 
-def unanchored(est: dict, device, setting) -> dict:
-    """An estimate no anchor of its setting puts on the user's setup: its stated interval is widened by how far
-    the family's setups sit from the profile's (``unanchored_interval``, the family's ``setup_log_sd``), since
-    the user's setup is, until anchored, one the fit never saw; the profile's own setup's interval is kept in the
-    ``unanchored`` record. The measured host is left as it is: its setup is slimx's own runner and runtime, the
-    one its fit was calibrated with."""
-    if est.get("interval_ms") is None or not est.get("total_ms") or getattr(device, "measured", False):
-        return est
+def between_setups(device, setting) -> dict | None:
+    """How far a setup's own factor moves for ``device`` in ``setting`` (its family's ``setup_log_sd``, the count
+    of setups it was measured on, where that comes from), or None where an estimate is not widened for it: the
+    measured host, whose setup is slimx's own runner and runtime, the one its fit was calibrated with."""
+    if getattr(device, "measured", False):
+        return None
     prior = spread_prior(device.name, setting.key)
     if prior["setup_sd"] is None:
+        return None
+    return {"setup_sd": prior["setup_sd"], "setups": prior["setups"], "basis": prior["basis"],
+            "source": prior["setup_source"]}
+
+
+def unanchored(est: dict, device, setting) -> dict:
+    """An estimate no anchor of its setting puts on the user's setup: its stated interval is widened by how far
+    the family's setups sit from the profile's (``unanchored_interval``, ``between_setups``), since the user's
+    setup is, until anchored, one the fit never saw; the profile's own setup's interval is kept in the
+    ``unanchored`` record."""
+    between = between_setups(device, setting)
+    if between is None or est.get("interval_ms") is None or not est.get("total_ms"):
         return est
     total = est["total_ms"]
-    lo, hi = unanchored_interval([v / total for v in est["interval_ms"]], prior["setup_sd"], prior["setups"])
-    est["unanchored"] = {"setup_sd": prior["setup_sd"], "setups": prior["setups"], "basis": prior["basis"],
-                         "source": prior["setup_source"],
-                         "profile_setup_interval_ms": est["interval_ms"]}
+    lo, hi = unanchored_interval([v / total for v in est["interval_ms"]], between["setup_sd"], between["setups"])
+    est["unanchored"] = between | {"profile_setup_interval_ms": est["interval_ms"]}
     est["interval_ms"] = [round(total * lo, 4), round(total * hi, 4)]
     return est
 
