@@ -104,14 +104,14 @@ def score(data, pred: np.ndarray, how: str = "parts", parts: np.ndarray | None =
     for (u, d), idx in sorted(cells.items()):
         others = {c: v for c, v in cells.items() if c[0] != u}
         if u not in spreads:
+            groups = [logr[v] for v in others.values()]
             if how == "one":
-                sd0, tau = within_setup_sd([logr[v] for v in others.values()]), 0.0
+                sd0, tau = within_setup_sd(groups), 0.0
             else:
                 spread = setup_spread([(logr[v], z[v]) for v in others.values()])
                 sd0, tau = spread["line_sd"], spread["slope_sd"]
             part_sd = (part_spread([(logr[v], shares[v]) for v in others.values()], sd0)["part_sd"]
                        if how == "parts" else None)
-            groups = [logr[v] for v in others.values()]
             spreads[u] = (sd0, tau, part_sd, between_setup_sd(groups), within_setup_sd(groups),
                           len({c[0] for c in others}))
         sd0, tau, part_sd, setup_sd, scatter, n_setups = spreads[u]
@@ -152,11 +152,12 @@ def score(data, pred: np.ndarray, how: str = "parts", parts: np.ndarray | None =
                 out[k]["device"].append(d)
                 out[k]["setup"].append(u)
     every = setup_spread([(logr[v], z[v]) for v in cells.values()])
+    every_groups = [logr[v] for v in cells.values()]
     seen = z[[i for v in cells.values() for i in v]]
     every_parts = (part_spread([(logr[v], shares[v]) for v in cells.values()], every["line_sd"])["part_sd"]
                    if shares is not None else None)
-    return {"by_k": out, "within_setup_sd": within_setup_sd([logr[v] for v in cells.values()]),
-            "setup_sd": between_setup_sd([logr[v] for v in cells.values()]),
+    return {"by_k": out, "within_setup_sd": within_setup_sd(every_groups),
+            "setup_sd": between_setup_sd(every_groups),
             "k0_coverage_before": sum(i * w for i, w in before) / sum(w for _, w in before) if before else None,
             "line_sd": every["line_sd"], "slope_sd": every["slope_sd"], "part_sd": every_parts,
             "density_range": [round(float(seen.min()), 2), round(float(seen.max()), 2)],
